@@ -1,0 +1,59 @@
+"""Capturing into a ``torch.cuda.CUDAGraph`` the way a server needs it.
+
+``torch.cuda.graph`` runs ``gc.collect()`` and ``torch.cuda.empty_cache()`` on every entry. A runner
+captures dozens of buckets in a row, so that costs seconds per startup and, worse, hands cached blocks back
+to the driver between captures that share a pool. This session does only what a capture needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# "thread_local" rejects unsafe CUDA calls made by this thread during capture but leaves other threads
+# alone: a server's background threads (NCCL watchdog, tokenizer workers touching CUDA) must not invalidate
+# a capture they have nothing to do with, which the default "global" mode would do.
+CAPTURE_ERROR_MODE = "thread_local"
+
+
+class CudaCaptureSession:
+    """Context manager: everything issued on this thread inside is recorded into ``graph``."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, pool: Any, stream: torch.cuda.Stream | None) -> None:
+        self._graph = graph
+        self._pool = pool
+        self._stream = stream if stream is not None else torch.cuda.Stream()
+        self._stream_context: Any = None
+
+    def __enter__(self) -> torch.cuda.CUDAGraph:
+        # Work queued before the capture (static-input copies, warm-up) must finish first: the capture
+        # stream does not wait on other streams by itself.
+        torch.cuda.synchronize(self._stream.device)
+        self._stream_context = torch.cuda.stream(self._stream)
+        self._stream_context.__enter__()
+        try:
+            self._graph.capture_begin(pool=self._pool, capture_error_mode=CAPTURE_ERROR_MODE)
+        except BaseException:
+            self._stream_context.__exit__(None, None, None)
+            raise
+        return self._graph
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
+        try:
+            self._graph.capture_end()
+        except Exception:
+            if exc_type is None:
+                self._discard()
+                raise
+            # The body already failed, which usually invalidated the capture too; its error is the one
+            # that explains what happened, so let it propagate and drop this one.
+        finally:
+            self._stream_context.__exit__(None, None, None)
+        if exc_type is not None:
+            self._discard()
+
+    def _discard(self) -> None:
+        """Free what a failed capture recorded so nothing half-captured survives."""
+        self._graph.reset()
+        torch.cuda.synchronize(self._stream.device)

@@ -1,0 +1,1 @@
+"""The ``graphhal`` command line: ``graphhal demo`` (capture and run the reference model)."""

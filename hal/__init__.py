@@ -1,0 +1,59 @@
+"""graphhal's hardware abstraction layer: the device-graph contract and the facade runners use.
+
+    import hal
+    device = hal.get_device("cuda:0")
+    graph = device.make_graph("full")
+    with device.capture_session(graph, pool=device.graph_pool()):
+        out = step(static_inputs)
+    device.replay(graph)        # out now holds the result; the next replay overwrites it
+
+Device plugins implement the hooks in ``hal.hookspecs`` with ``@hal.hookimpl`` and register under the
+entry-point group ``graphhal.devices``.
+"""
+
+from hal.device import EAGER_MODE, Device
+from hal.device_id import DeviceId
+from hal.errors import (
+    CaptureError,
+    DeviceUnavailableError,
+    GraphHalError,
+    StaticAddressError,
+    UnknownDeviceError,
+    UnsupportedModeError,
+)
+from hal.markers import ENTRY_POINT_GROUP, PROJECT_NAME, hookimpl, hookspec
+from hal.memory_stats import MIB, MemoryStats
+from hal.registry import (
+    BrokenPlugin,
+    DeviceRegistry,
+    PluginLoadWarning,
+    best_available_device,
+    default_registry,
+    get_device,
+    reload_plugins,
+)
+
+__all__ = [
+    "EAGER_MODE",
+    "ENTRY_POINT_GROUP",
+    "MIB",
+    "PROJECT_NAME",
+    "BrokenPlugin",
+    "CaptureError",
+    "Device",
+    "DeviceId",
+    "DeviceRegistry",
+    "DeviceUnavailableError",
+    "GraphHalError",
+    "MemoryStats",
+    "PluginLoadWarning",
+    "StaticAddressError",
+    "UnknownDeviceError",
+    "UnsupportedModeError",
+    "best_available_device",
+    "default_registry",
+    "get_device",
+    "hookimpl",
+    "hookspec",
+    "reload_plugins",
+]

@@ -1,0 +1,58 @@
+"""What the registry binds when the owning plugin leaves an optional hook unimplemented."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from hal.device_id import DeviceId
+from hal.errors import GraphHalError
+from hal.memory_stats import MemoryStats
+
+REQUIRED_HOOKS = (
+    "hal_device_types",
+    "hal_is_available",
+    "hal_graph_modes",
+    "hal_make_graph",
+    "hal_capture_session",
+    "hal_replay",
+    "hal_synchronize",
+)
+
+
+def hal_torch_device(device: DeviceId) -> torch.device:
+    return torch.device(device.type, device.index)
+
+
+def hal_needs_graph_update(device: DeviceId) -> bool:
+    return False
+
+
+def hal_update(graph: Any, params: Mapping[str, Any]) -> bool:
+    raise GraphHalError(
+        "this device bakes no host-side values into its graphs (hal_needs_graph_update is False); "
+        "there is nothing to update"
+    )
+
+
+def hal_graph_pool(device: DeviceId) -> None:
+    return None
+
+
+def hal_capture_stream(device: DeviceId) -> None:
+    return None
+
+
+def hal_memory_stats(device: DeviceId, pool: Any) -> MemoryStats:
+    return MemoryStats()
+
+
+OPTIONAL_HOOK_DEFAULTS = {
+    "hal_torch_device": hal_torch_device,
+    "hal_needs_graph_update": hal_needs_graph_update,
+    "hal_update": hal_update,
+    "hal_graph_pool": hal_graph_pool,
+    "hal_capture_stream": hal_capture_stream,
+    "hal_memory_stats": hal_memory_stats,
+}

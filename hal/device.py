@@ -1,0 +1,103 @@
+"""The ``Device`` facade: what runners and servers hold instead of a plugin.
+
+A ``Device`` is created once per device name by the registry, with the owning plugin's hook
+implementations already bound. Calls go straight to those functions: the hot path (``replay``) costs one
+Python call into the plugin, never a search over plugins.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any, Callable, Mapping
+
+import torch
+
+from hal.device_id import DeviceId
+from hal.errors import GraphHalError, UnsupportedModeError
+from hal.memory_stats import MemoryStats
+
+# Eager execution through the runner API; every device offers it, no plugin declares it.
+EAGER_MODE = "disabled"
+
+
+class Device:
+    """One device as a runner sees it: graph factory, capture session, replay, update, plumbing."""
+
+    def __init__(self, device_id: DeviceId, plugin_name: str, hooks: Mapping[str, Callable[..., Any]]) -> None:
+        self.id = device_id
+        self.plugin_name = plugin_name
+        self._hooks = dict(hooks)
+        self.torch_device: torch.device = hooks["hal_torch_device"](device_id)
+        self.graph_modes: tuple[str, ...] = tuple(hooks["hal_graph_modes"](device_id) or ())
+        self.needs_graph_update: bool = bool(hooks["hal_needs_graph_update"](device_id))
+        self.capture_stream: Any = hooks["hal_capture_stream"](device_id)
+        # Bound once so replay and update are plain attribute calls.
+        self._replay = hooks["hal_replay"]
+        self._update = hooks["hal_update"]
+
+    # --- identity ---------------------------------------------------------------------------------------
+
+    @property
+    def type(self) -> str:
+        return self.id.type
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """Every mode a runner may ask for here: the device's graph modes plus ``disabled`` (eager)."""
+        return (*self.graph_modes, EAGER_MODE)
+
+    def __str__(self) -> str:
+        return str(self.id)
+
+    def __repr__(self) -> str:
+        return f"Device({str(self.id)!r}, plugin={self.plugin_name!r}, modes={self.modes})"
+
+    # --- graphs -----------------------------------------------------------------------------------------
+
+    def check_mode(self, mode: str) -> None:
+        """Raise ``UnsupportedModeError`` listing the supported modes unless ``mode`` is one of them."""
+        if mode not in self.modes:
+            raise UnsupportedModeError(
+                f"device {self.id} does not support graph mode {mode!r}; supported modes: {', '.join(self.modes)}"
+            )
+
+    def make_graph(self, mode: str) -> Any:
+        """A fresh, empty graph for ``mode`` (one of ``graph_modes``)."""
+        if mode not in self.graph_modes:
+            self.check_mode(mode)  # names the supported modes
+            raise UnsupportedModeError(f"mode {mode!r} runs eagerly on {self.id}: there is no graph to make")
+        graph = self._hooks["hal_make_graph"](self.id, mode)
+        if graph is None:
+            raise GraphHalError(f"plugin {self.plugin_name!r} made no graph for {self.id} in mode {mode!r}")
+        return graph
+
+    def capture_session(self, graph: Any, pool: Any = None) -> AbstractContextManager[Any]:
+        """Context manager recording the work issued inside into ``graph``, allocating from ``pool``.
+
+        Tensors produced inside hold valid values only after ``replay``, and they live in the pool: the
+        next replay of any graph of that pool may overwrite them.
+        """
+        session = self._hooks["hal_capture_session"](graph, pool, self.capture_stream)
+        if session is None:
+            raise GraphHalError(f"plugin {self.plugin_name!r} does not recognise graph {graph!r} as its own")
+        return session
+
+    def replay(self, graph: Any) -> None:
+        """Launch ``graph``. Asynchronous where the device queues work."""
+        self._replay(graph)
+
+    def update(self, graph: Any, params: Mapping[str, Any]) -> None:
+        """Refresh host-side values baked into ``graph`` before its next replay (``needs_graph_update``)."""
+        self._update(graph, params)
+
+    # --- plumbing ---------------------------------------------------------------------------------------
+
+    def graph_pool(self) -> Any:
+        """A new memory pool that several graphs can share."""
+        return self._hooks["hal_graph_pool"](self.id)
+
+    def synchronize(self) -> None:
+        self._hooks["hal_synchronize"](self.id)
+
+    def memory_stats(self, pool: Any = None) -> MemoryStats:
+        return self._hooks["hal_memory_stats"](self.id, pool) or MemoryStats()

@@ -1,0 +1,36 @@
+"""Errors graphhal raises. Each message says what was wrong and what is allowed instead."""
+
+from __future__ import annotations
+
+
+class GraphHalError(Exception):
+    """Base of every graphhal error."""
+
+
+class UnknownDeviceError(GraphHalError, LookupError):
+    """No plugin serves the requested device type."""
+
+
+class DeviceUnavailableError(GraphHalError, RuntimeError):
+    """A plugin serves the type, but the device is not usable on this machine."""
+
+
+class UnsupportedModeError(GraphHalError, ValueError):
+    """The device cannot capture graphs in the requested mode."""
+
+
+class CaptureError(GraphHalError, RuntimeError):
+    """Capturing one graph failed. The capture was ended; the device remains usable.
+
+    Carries ``bucket``, ``mode`` and ``device`` so a server log says which shape failed where.
+    """
+
+    def __init__(self, message: str, *, bucket: int, mode: str, device: str) -> None:
+        super().__init__(message)
+        self.bucket = bucket
+        self.mode = mode
+        self.device = device
+
+
+class StaticAddressError(GraphHalError, RuntimeError):
+    """A tensor a graph reads moved after capture, so replaying would read stale memory."""

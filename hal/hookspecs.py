@@ -1,0 +1,164 @@
+"""The device contract: every hook a graphhal device plugin implements.
+
+A plugin is a module or object with functions marked ``@hal.hookimpl`` and named like the specs below. It
+serves one or more device types (``hal_device_types``). The registry decides once, at discovery, which
+plugin owns each device type, and the ``Device`` facade binds that plugin's implementations when it is
+created; after that, a call such as ``Device.replay`` goes straight to the owner's function, with no search
+over plugins. So a plugin is only ever asked about devices it serves and graphs it made.
+
+Every per-device hook is ``firstresult``, and returning ``None`` means "not mine": that keeps the hooks
+meaningful when called through ``pm.hook`` by tools that bypass the facade.
+
+Required hooks: ``hal_device_types``, ``hal_is_available``, ``hal_graph_modes``, ``hal_make_graph``,
+``hal_capture_session``, ``hal_replay``, ``hal_synchronize``. The rest have defaults, stated per hook.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ContextManager, Mapping, Sequence
+
+from hal.markers import hookspec
+
+if TYPE_CHECKING:
+    import torch
+
+    from hal.device_id import DeviceId
+    from hal.memory_stats import MemoryStats
+
+
+# --- discovery ------------------------------------------------------------------------------------------
+
+
+@hookspec
+def hal_device_types() -> Sequence[str]:
+    """Return the device types this plugin serves, e.g. ``["cuda"]``.
+
+    Called once per plugin when the registry loads it. Not firstresult: every plugin answers. A type served
+    by two plugins goes to the one loaded later (entry points load after the built-in devices, so a vendor
+    package can replace a built-in device); two entry-point plugins claiming one type make the second one
+    broken.
+    """
+
+
+@hookspec(firstresult=True)
+def hal_is_available(device: "DeviceId") -> bool | None:
+    """Return whether ``device`` can be used on this machine right now.
+
+    Called by ``get_device`` before it hands out a facade, and by ``available_devices``. ``device.index`` is
+    None for the bare type ("cuda"): answer for the default index. Must not raise when the vendor runtime
+    is missing: answer False. None: not a device of this plugin.
+    """
+
+
+@hookspec(firstresult=True)
+def hal_graph_modes(device: "DeviceId") -> Sequence[str] | None:
+    """Return the graph modes this device can capture, e.g. ``("full",)``.
+
+    Called once when the facade is created. ``"disabled"`` (eager) is implicit and needs no listing.
+    None: not a device of this plugin.
+    """
+
+
+@hookspec(firstresult=True)
+def hal_torch_device(device: "DeviceId") -> "torch.device | None":
+    """Return the torch device that tensors for ``device`` live on.
+
+    Called once when the facade is created; runners allocate their static buffers there. Default (no
+    plugin answers): ``torch.device(device.type, device.index)``, which only works for types torch knows.
+    """
+
+
+# --- graphs ---------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def hal_make_graph(device: "DeviceId", mode: str) -> Any:
+    """Return a fresh, empty graph object for ``device`` in ``mode``.
+
+    Called once per captured shape, before ``hal_capture_session``. ``mode`` is one of the modes from
+    ``hal_graph_modes`` (the facade checks that first). The object is opaque to graphhal: it is only ever
+    handed back to this plugin's hooks. None: not a device of this plugin.
+    """
+
+
+@hookspec(firstresult=True)
+def hal_capture_session(graph: Any, pool: Any, stream: Any) -> ContextManager[Any] | None:
+    """Return a context manager that records the device work issued inside it into ``graph``.
+
+    ``pool`` is a handle from ``hal_graph_pool`` (or None for a private pool): every allocation made during
+    the capture must come from it, so that all graphs of one runner share memory. ``stream`` is from
+    ``hal_capture_stream`` (or None: choose one). The session must never run ``gc.collect()`` or empty the
+    allocator cache: runners capture dozens of shapes in a row and freeze the collector themselves.
+
+    Work is recorded, not meant to be relied on as executed: tensors produced inside hold valid values only
+    after ``hal_replay``. When the body raises, the session must end the capture (leave no stream
+    capturing), drop what was partially recorded and re-raise, so the device stays usable for eager work
+    and for the next capture. None: not a graph of this plugin.
+    """
+
+
+@hookspec(firstresult=True)
+def hal_replay(graph: Any) -> bool | None:
+    """Launch the work recorded in ``graph``; return True.
+
+    This is the hot path: called on every step. Asynchronous on devices that queue work. The outputs of
+    the graph live in its pool and are overwritten by the next replay of any graph of that pool.
+    None: not a graph of this plugin.
+    """
+
+
+@hookspec(firstresult=True)
+def hal_needs_graph_update(device: "DeviceId") -> bool | None:
+    """Return True when graphs of this device bake host-side values that must be refreshed by ``hal_update``.
+
+    Called once when the facade is created. Runners call ``hal_update`` before every replay only on devices
+    that answer True (Ascend NPU attention takes sequence lengths as host lists). Default: False.
+    """
+
+
+@hookspec(firstresult=True)
+def hal_update(graph: Any, params: Mapping[str, Any]) -> bool | None:
+    """Refresh host-side values captured in ``graph`` for its next replay; return True.
+
+    ``params`` maps a parameter name (e.g. ``"seq_lens"``) to its new host value for the live batch,
+    padded to the graph's shape. The update may be asynchronous, but the device must order it so that the
+    next ``hal_replay`` of ``graph`` sees these values and no earlier replay does. Only called on devices
+    whose ``hal_needs_graph_update`` is True. None: not a graph of this plugin.
+    """
+
+
+# --- plumbing -------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def hal_graph_pool(device: "DeviceId") -> Any:
+    """Return a new memory pool handle that several graphs can capture into.
+
+    Called once per runner (or once per group of runners that never replay at once). Default: None, which
+    ``hal_capture_session`` reads as "a private pool per graph".
+    """
+
+
+@hookspec(firstresult=True)
+def hal_capture_stream(device: "DeviceId") -> Any:
+    """Return the stream captures run on: a side stream, never the default one (CUDA forbids capturing the
+    legacy default stream).
+
+    Called once when the facade is created. Default: None (devices without streams).
+    """
+
+
+@hookspec(firstresult=True)
+def hal_synchronize(device: "DeviceId") -> bool | None:
+    """Block the host until all work queued on ``device`` has finished; return True.
+
+    Called after warm-up runs and around captures. None: not a device of this plugin.
+    """
+
+
+@hookspec(firstresult=True)
+def hal_memory_stats(device: "DeviceId", pool: Any) -> "MemoryStats | None":
+    """Return the memory in use on ``device``; with ``pool`` given, also the bytes held by that graph pool.
+
+    Called after captures, for the capture report. Default: all zeros (``MemoryStats()``).
+    """

@@ -1,0 +1,31 @@
+"""A small Llama-style decoder with a paged KV cache: the model graphhal's runners are tested and benchmarked on.
+
+It plays an inference server's part: ``LlamaDecoder(...).decode_forward(kv_cache)`` is the forward callable,
+``decode_input_slots`` describes its inputs, and ``DecodeWorkload`` makes batches of live requests.
+Importing this package needs neither triton nor CUDA; the Triton kernel is imported on the first CUDA call.
+"""
+
+from refmodel.attention_op import decode_attention
+from refmodel.attention_reference import decode_attention_reference
+from refmodel.block_allocator import NULL_BLOCK, BlockAllocator, OutOfBlocksError
+from refmodel.config import ModelConfig
+from refmodel.decode_inputs import decode_input_slots
+from refmodel.kv_cache import NULL_SLOT, PagedKVCache, write_kv_cache
+from refmodel.model import DecodeStep, LlamaDecoder
+from refmodel.workload import DecodeWorkload
+
+__all__ = [
+    "NULL_BLOCK",
+    "NULL_SLOT",
+    "BlockAllocator",
+    "DecodeStep",
+    "DecodeWorkload",
+    "LlamaDecoder",
+    "ModelConfig",
+    "OutOfBlocksError",
+    "PagedKVCache",
+    "decode_attention",
+    "decode_attention_reference",
+    "decode_input_slots",
+    "write_kv_cache",
+]

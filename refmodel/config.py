@@ -1,0 +1,78 @@
+"""The shape of the reference decoder: every size the model, its KV cache and its inputs are built from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of a Llama-style decoder with grouped-query attention and a paged KV cache.
+
+    The defaults are the demo/benchmark model (about 110M parameters): big enough that a decode step is
+    dominated by real work on a GPU, small enough that a float32 step at batch 64 stays well under a second
+    on a 2-core CPU. ``ModelConfig.tiny()`` is the unit-test model.
+    """
+
+    vocab_size: int = 8192
+    hidden_size: int = 1024
+    num_layers: int = 8
+    num_heads: int = 16
+    num_kv_heads: int = 8
+    head_dim: int = 64
+    intermediate_size: int = 2816
+    block_size: int = 16  # tokens per KV-cache page
+    max_seq_len: int = 2048  # longest sequence RoPE tables and block tables are sized for
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+
+    @classmethod
+    def tiny(cls) -> "ModelConfig":
+        """A model that runs a decode step in milliseconds on a CPU, for unit tests."""
+        return cls(
+            vocab_size=256,
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            intermediate_size=128,
+            block_size=4,
+            max_seq_len=64,
+        )
+
+    def __post_init__(self) -> None:
+        positive = (
+            "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+            "intermediate_size", "block_size", "max_seq_len",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads}): each KV head serves a whole group of query heads"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim ({self.head_dim}) must be even: RoPE rotates pairs of dims")
+        if self.max_seq_len % self.block_size:
+            raise ValueError(
+                f"ModelConfig.max_seq_len ({self.max_seq_len}) must be a multiple of block_size "
+                f"({self.block_size}) so a full block table covers it exactly"
+            )
+        if not self.rope_theta > 0:
+            raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+        if not self.rms_eps > 0:
+            raise ValueError(f"ModelConfig.rms_eps must be > 0, got {self.rms_eps!r}")
+
+    @property
+    def queries_per_kv_head(self) -> int:
+        """How many query heads share one KV head (the GQA group size)."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        """Block-table width that covers ``max_seq_len`` tokens."""
+        return self.max_seq_len // self.block_size

@@ -1,0 +1,31 @@
+"""The decode step's inputs as named runner slots, with the fill each padded row gets."""
+
+from __future__ import annotations
+
+import torch
+
+from refmodel.block_allocator import NULL_BLOCK
+from refmodel.config import ModelConfig
+from refmodel.kv_cache import NULL_SLOT
+from runners.input_slots import InputSlot
+
+
+def decode_input_slots(config: ModelConfig, max_blocks_per_seq: int | None = None) -> list[InputSlot]:
+    """The slots of ``DecodeStep``: one row per request, ``max_blocks_per_seq`` block-table columns per row.
+
+    Fills make a padded row a harmless no-op: it embeds token 0 at position 0, attends to nothing
+    (``seq_len`` 0 gives zeros, never NaN), and writes its K/V into the null block that no request owns.
+    ``max_blocks_per_seq`` defaults to enough blocks for ``config.max_seq_len`` tokens; it must match the
+    width of the block tables the server (or ``DecodeWorkload``) builds.
+    """
+    if max_blocks_per_seq is None:
+        max_blocks_per_seq = config.max_blocks_per_seq
+    if max_blocks_per_seq <= 0:
+        raise ValueError(f"max_blocks_per_seq must be positive, got {max_blocks_per_seq}")
+    return [
+        InputSlot("input_ids", torch.int64, fill=0),
+        InputSlot("positions", torch.int64, fill=0),
+        InputSlot("seq_lens", torch.int32, fill=0),
+        InputSlot("block_tables", torch.int32, row_shape=(max_blocks_per_seq,), fill=NULL_BLOCK),
+        InputSlot("slot_mapping", torch.int64, fill=NULL_SLOT),
+    ]

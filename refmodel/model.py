@@ -1,0 +1,174 @@
+"""A Llama-style decoder with random, seeded weights: the model the runners are tested and benchmarked on.
+
+Only the decode step exists: one new token per row, attending over that row's paged KV cache. The step is
+written to be captured as a device graph:
+- every input is a device tensor, and nothing read from the batch reaches the host (no ``.item()``, no
+  data-dependent shapes); shapes depend only on the batch size;
+- rows are independent: row ``i``'s logits depend only on row ``i``'s inputs and the cache, so padded rows
+  cannot change live rows;
+- the cache is written with ``refmodel::write_kv_cache`` at ``slot_mapping`` and read with
+  ``refmodel::decode_attention``, whose kernels take sequence lengths and block tables from device memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from refmodel import attention_op  # noqa: F401  (registers refmodel::decode_attention)
+from refmodel.config import ModelConfig
+from refmodel.kv_cache import PagedKVCache, write_kv_cache
+from refmodel.rms_norm import RMSNorm
+from refmodel.rotary import RotaryEmbedding
+
+
+class _SeededInit:
+    """Draws every weight from one CPU generator in float32, then moves it to the device and dtype.
+
+    Drawing on the CPU makes the weights for a seed the same on every device, so a CUDA run and a CPU run
+    of one seed compute the same model.
+    """
+
+    def __init__(self, seed: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.device = device
+        self.dtype = dtype
+
+    def normal(self, *shape: int, std: float) -> torch.nn.Parameter:
+        weight = torch.randn(shape, generator=self.generator) * std
+        return torch.nn.Parameter(weight.to(self.device, self.dtype), requires_grad=False)
+
+
+class DecoderLayer(torch.nn.Module):
+    """Pre-norm attention block then pre-norm SwiGLU MLP block, each added to the residual stream."""
+
+    def __init__(self, config: ModelConfig, init: _SeededInit) -> None:
+        super().__init__()
+        self.config = config
+        hidden, inter = config.hidden_size, config.intermediate_size
+        q_size = config.num_heads * config.head_dim
+        kv_size = config.num_kv_heads * config.head_dim
+        self.q_size, self.kv_size = q_size, kv_size
+        # Fan-in scaled weights keep each projection's output near unit variance; the two projections that
+        # feed the residual stream are further shrunk by sqrt(2 * layers), so the stream's variance grows
+        # only to about 2x over the whole stack and bf16 never overflows.
+        residual_shrink = 1.0 / math.sqrt(2 * config.num_layers)
+        self.input_norm = RMSNorm(hidden, config.rms_eps, init.device, init.dtype)
+        self.qkv_proj = init.normal(q_size + 2 * kv_size, hidden, std=hidden**-0.5)
+        self.o_proj = init.normal(hidden, q_size, std=q_size**-0.5 * residual_shrink)
+        self.post_attention_norm = RMSNorm(hidden, config.rms_eps, init.device, init.dtype)
+        self.gate_up_proj = init.normal(2 * inter, hidden, std=hidden**-0.5)
+        self.down_proj = init.normal(hidden, inter, std=inter**-0.5 * residual_shrink)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        rotary: RotaryEmbedding,
+    ) -> torch.Tensor:
+        batch = hidden.shape[0]
+        cfg = self.config
+
+        q, k, v = F.linear(self.input_norm(hidden), self.qkv_proj).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = rotary(q.reshape(batch, cfg.num_heads, cfg.head_dim), positions)
+        k = rotary(k.reshape(batch, cfg.num_kv_heads, cfg.head_dim), positions)
+        v = v.reshape(batch, cfg.num_kv_heads, cfg.head_dim)
+
+        # The new token's K/V go into the cache first: the token attends to itself (seq_lens counts it).
+        write_kv_cache(k, v, key_cache, value_cache, slot_mapping)
+        attn = torch.empty_like(q)
+        torch.ops.refmodel.decode_attention(q, key_cache, value_cache, block_tables, seq_lens, cfg.head_dim**-0.5, attn)
+        hidden = hidden + F.linear(attn.reshape(batch, self.q_size), self.o_proj)
+
+        gate, up = F.linear(self.post_attention_norm(hidden), self.gate_up_proj).chunk(2, dim=-1)
+        return hidden + F.linear(F.silu(gate) * up, self.down_proj)
+
+
+class LlamaDecoder(torch.nn.Module):
+    """Embedding, ``num_layers`` decoder layers, final norm and LM head, with weights drawn from ``seed``.
+
+    ``forward`` takes the KV cache as an argument; ``decode_forward(kv_cache)`` binds one and returns the
+    callable a runner wants: keyword arguments exactly the decode input slots, logits out.
+    """
+
+    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+        super().__init__()
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        init = _SeededInit(seed, self.device, dtype)
+        self.embed_tokens = init.normal(config.vocab_size, config.hidden_size, std=1.0)
+        self.layers = torch.nn.ModuleList(DecoderLayer(config, init) for _ in range(config.num_layers))
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_eps, self.device, dtype)
+        self.lm_head = init.normal(config.vocab_size, config.hidden_size, std=config.hidden_size**-0.5)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta, self.device)
+        self.device = self.embed_tokens.device  # "cuda" resolved to "cuda:0", so device checks compare equal
+
+    def forward(
+        self,
+        *,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_cache: PagedKVCache,
+    ) -> torch.Tensor:
+        """One decode step for ``batch`` rows; returns logits [batch, vocab_size] in the model's dtype.
+
+        input_ids [batch] int64, positions [batch] int64 (where the new token sits, = cached tokens before
+        it), seq_lens [batch] int32 (tokens attended to, new one included; 0 = padded row), block_tables
+        [batch, max_blocks] int32, slot_mapping [batch] int64 (cache slot the new token's K/V go to).
+        Writes each row's new K/V into ``kv_cache``.
+        """
+        hidden = F.embedding(input_ids, self.embed_tokens)
+        for layer, key_cache, value_cache in zip(self.layers, kv_cache.key_caches, kv_cache.value_caches):
+            hidden = layer(hidden, positions, seq_lens, block_tables, slot_mapping, key_cache, value_cache, self.rotary)
+        return F.linear(self.final_norm(hidden), self.lm_head)
+
+    def decode_forward(self, kv_cache: PagedKVCache) -> "DecodeStep":
+        """The decode step with ``kv_cache`` bound: call it as ``step(**batch)``."""
+        return DecodeStep(self, kv_cache)
+
+
+class DecodeStep(torch.nn.Module):
+    """A decoder with its KV cache bound, called with exactly the decode input slots as keywords.
+
+    This is the forward callable to hand a runner (its inputs are ``refmodel.decode_input_slots``).
+    """
+
+    def __init__(self, model: LlamaDecoder, kv_cache: PagedKVCache) -> None:
+        super().__init__()
+        if kv_cache.config != model.config:
+            raise ValueError("the KV cache was built for a different ModelConfig than the model")
+        if kv_cache.device != model.device or kv_cache.dtype != model.dtype:
+            raise ValueError(
+                f"the KV cache is {kv_cache.dtype} on {kv_cache.device}, the model {model.dtype} on {model.device}"
+            )
+        self.model = model
+        self.kv_cache = kv_cache
+
+    def forward(
+        self,
+        *,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> torch.Tensor:
+        return self.model(
+            input_ids=input_ids,
+            positions=positions,
+            seq_lens=seq_lens,
+            block_tables=block_tables,
+            slot_mapping=slot_mapping,
+            kv_cache=self.kv_cache,
+        )

@@ -1,0 +1,90 @@
+"""The runner's static input buffers: the only tensors a captured graph reads its inputs from."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from runners.input_slots import InputSlot
+
+
+class StaticInputs:
+    """One buffer per slot, ``(capacity, *row_shape)``, allocated once on the device.
+
+    A graph captured at bucket ``b`` reads rows ``[:b]`` of every buffer; ``load`` writes a live batch into
+    them and refills the padded rows, and ``views`` gives the tensors a forward is captured with.
+    """
+
+    def __init__(self, slots: Sequence[InputSlot], capacity: int, device: torch.device) -> None:
+        names = [slot.name for slot in slots]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"input slots must have unique names; repeated: {', '.join(duplicates)}")
+        if not slots:
+            raise ValueError("a runner needs at least one input slot (every slot's first dimension is the batch)")
+        self.slots = tuple(slots)
+        self.capacity = capacity
+        self.device = device
+        self.buffers: dict[str, torch.Tensor] = {
+            slot.name: torch.full((capacity, *slot.row_shape), slot.fill, dtype=slot.dtype, device=device)
+            for slot in slots
+        }
+        self._expected_names = frozenset(names)
+
+    def check(self, batch: Mapping[str, torch.Tensor]) -> int:
+        """Validate a live batch against the slots; return its row count. ValueError names the bad slot."""
+        names = batch.keys()
+        if names != self._expected_names:
+            missing = sorted(self._expected_names - names)
+            extra = sorted(names - self._expected_names)
+            raise ValueError(
+                "batch does not match the runner's input slots"
+                + (f"; missing: {', '.join(missing)}" if missing else "")
+                + (f"; unexpected: {', '.join(extra)}" if extra else "")
+                + f"; expected exactly: {', '.join(sorted(self._expected_names))}"
+            )
+        rows = None
+        for slot in self.slots:
+            tensor = batch[slot.name]
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"input slot {slot.name!r}: expected a tensor, got {type(tensor).__name__}")
+            if tensor.dtype != slot.dtype:
+                raise ValueError(f"input slot {slot.name!r}: dtype {tensor.dtype}, expected {slot.dtype}")
+            if tensor.device != self.device:
+                raise ValueError(f"input slot {slot.name!r}: tensor is on {tensor.device}, expected {self.device}")
+            if tensor.dim() != 1 + len(slot.row_shape) or tuple(tensor.shape[1:]) != slot.row_shape:
+                raise ValueError(
+                    f"input slot {slot.name!r}: shape {tuple(tensor.shape)}, expected (rows, {', '.join(map(str, slot.row_shape))})"
+                    if slot.row_shape
+                    else f"input slot {slot.name!r}: shape {tuple(tensor.shape)}, expected (rows,)"
+                )
+            if rows is None:
+                rows = tensor.shape[0]
+            elif tensor.shape[0] != rows:
+                raise ValueError(
+                    f"input slot {slot.name!r} has {tensor.shape[0]} rows but {self.slots[0].name!r} has {rows}; "
+                    "every slot needs one row per request"
+                )
+        assert rows is not None
+        if rows < 1:
+            raise ValueError("batch has no rows; a step needs at least one request")
+        return rows
+
+    def load(self, batch: Mapping[str, torch.Tensor], rows: int, bucket: int) -> None:
+        """Copy the live rows in and refill rows ``[rows:bucket]`` with each slot's fill, on every call:
+        a padded row left over from a previous, larger batch would point attention at a live request's
+        cache or at freed blocks."""
+        for slot in self.slots:
+            buffer = self.buffers[slot.name]
+            buffer[:rows].copy_(batch[slot.name], non_blocking=True)
+            if bucket > rows:
+                buffer[rows:bucket].fill_(slot.fill)
+
+    def fill_padding(self, bucket: int) -> None:
+        """Every row of the bucket set to the slot fill: the inputs warm-up and capture run with."""
+        for slot in self.slots:
+            self.buffers[slot.name][:bucket].fill_(slot.fill)
+
+    def views(self, bucket: int) -> dict[str, torch.Tensor]:
+        return {name: buffer[:bucket] for name, buffer in self.buffers.items()}

@@ -1,0 +1,113 @@
+"""The cpu device's graphs behave like captured device graphs, pitfalls included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hal
+from devices.cpu.recorded_graph import HostSyncDuringCaptureError
+
+pytestmark = pytest.mark.cpu
+
+
+@pytest.fixture
+def cpu() -> hal.Device:
+    return hal.get_device("cpu")
+
+
+def capture(device: hal.Device, step, *args):
+    graph = device.make_graph("full")
+    with device.capture_session(graph, device.graph_pool()):
+        out = step(*args)
+    return graph, out
+
+
+def test_replay_reads_the_captured_input_tensors_and_refills_the_captured_outputs(cpu):
+    x = torch.randn(4, 3)
+    w = torch.randn(3, 2)
+    graph, out = capture(cpu, lambda: torch.softmax(x @ w, dim=-1))
+    x.copy_(torch.randn(4, 3))
+    cpu.replay(graph)
+    torch.testing.assert_close(out, torch.softmax(x @ w, dim=-1))
+
+
+def test_a_python_value_read_at_capture_is_baked_in(cpu):
+    x = torch.zeros(3)
+    scale = {"value": 2.0}
+    graph, out = capture(cpu, lambda: x * scale["value"])
+    x.fill_(1.0)
+    scale["value"] = 10.0  # a new host value: the graph does not see it, as on a GPU
+    cpu.replay(graph)
+    assert torch.equal(out, torch.full((3,), 2.0))
+
+
+def test_a_new_tensor_passed_after_capture_is_not_read(cpu):
+    inputs = {"x": torch.ones(2)}
+    graph, out = capture(cpu, lambda: inputs["x"] + 1)
+    inputs["x"] = torch.full((2,), 7.0)  # rebinding is invisible to the graph; only copy_ into x is seen
+    cpu.replay(graph)
+    assert torch.equal(out, torch.full((2,), 2.0))
+
+
+def test_reading_a_device_value_on_the_host_during_capture_fails(cpu):
+    x = torch.ones(3)
+    graph = cpu.make_graph("full")
+    with pytest.raises(HostSyncDuringCaptureError, match=r"_local_scalar_dense.*not permitted while a device graph"):
+        with cpu.capture_session(graph, None):
+            _ = x.sum().item()
+    with pytest.raises(RuntimeError, match="never captured"):
+        cpu.replay(graph)  # nothing half-captured survives
+
+
+def test_data_dependent_shapes_fail_during_capture(cpu):
+    x = torch.tensor([0.0, 1.0, 2.0])
+    graph = cpu.make_graph("full")
+    with pytest.raises(HostSyncDuringCaptureError, match="nonzero"):
+        with cpu.capture_session(graph, None):
+            torch.nonzero(x)
+
+
+def test_in_place_writes_are_repeated_on_every_replay(cpu):
+    cache = torch.zeros(6)
+    slots = torch.tensor([1])
+    values = torch.tensor([5.0])
+    graph, _ = capture(cpu, lambda: cache.index_copy_(0, slots, values))
+    slots.fill_(4)
+    values.fill_(9.0)
+    cpu.replay(graph)
+    assert cache.tolist() == [0.0, 5.0, 0.0, 0.0, 9.0, 0.0]
+
+
+def test_views_of_recorded_tensors_follow_them(cpu):
+    x = torch.arange(6.0)
+    graph, out = capture(cpu, lambda: (x * 2).view(2, 3)[1])
+    x.fill_(1.0)
+    cpu.replay(graph)
+    assert out.tolist() == [2.0, 2.0, 2.0]
+
+
+def test_outputs_are_overwritten_by_the_next_replay(cpu):
+    x = torch.ones(2)
+    graph, out = capture(cpu, lambda: x + 1)
+    cpu.replay(graph)
+    first = out
+    x.fill_(10.0)
+    cpu.replay(graph)
+    assert first is out and first.tolist() == [11.0, 11.0]
+
+
+def test_the_pool_counts_the_memory_graphs_keep(cpu):
+    x = torch.ones(1024)
+    pool = cpu.graph_pool()
+    graph = cpu.make_graph("full")
+    with cpu.capture_session(graph, pool):
+        _ = x * 2
+    assert cpu.memory_stats(pool).pool_bytes == 1024 * 4
+
+
+def test_a_graph_is_captured_once(cpu):
+    graph, _ = capture(cpu, lambda: torch.ones(1) + 1)
+    with pytest.raises(RuntimeError, match="already captured"):
+        with cpu.capture_session(graph, None):
+            pass

@@ -1,0 +1,251 @@
+"""DecodeRunner's contract with a small forward, on every device with full graphs (cpu, cuda).
+
+The reference-model tests (test_decode_reference_model.py) cover a real decoder; these pin each rule.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import hal
+from runners import DecodeConfig, DecodeRunner, InputSlot, default_decode_buckets
+
+SLOTS = [InputSlot("x", torch.float32, (4,)), InputSlot("pos", torch.int64, fill=0)]
+
+
+class TinyStep:
+    """Row-wise model step; remembers the batch sizes it ran at and whether the collector was frozen."""
+
+    def __init__(self, device: torch.device) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.weight = torch.randn(4, 4, generator=generator).to(device)
+        self.calls: list[tuple[int, bool]] = []
+
+    def __call__(self, *, x: torch.Tensor, pos: torch.Tensor) -> dict:
+        self.calls.append((x.shape[0], gc.isenabled()))
+        hidden = torch.tanh(x @ self.weight) + pos.unsqueeze(-1).float()
+        return {"hidden": hidden, "aux": (hidden.sum(-1), None)}
+
+
+def make_batch(rows: int, device: torch.device, seed: int = 1) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(rows, 4, generator=generator).to(device),
+        "pos": torch.randint(0, 100, (rows,), generator=generator).to(device),
+    }
+
+
+def assert_same(actual: dict, expected: dict) -> None:
+    torch.testing.assert_close(actual["hidden"], expected["hidden"])
+    torch.testing.assert_close(actual["aux"][0], expected["aux"][0])
+    assert actual["aux"][1] is None
+
+
+def make_runner(graph_device: str, step=None, **config) -> tuple[DecodeRunner, TinyStep]:
+    device = hal.get_device(graph_device)
+    step = step or TinyStep(device.torch_device)
+    config.setdefault("show_progress", False)
+    return DecodeRunner(step, SLOTS, device, DecodeConfig(**config)), step
+
+
+# --- buckets and config -----------------------------------------------------------------------------------
+
+
+def test_default_buckets_are_dense_small_then_step_8_capped_at_max_bs():
+    assert default_decode_buckets(256) == [1, 2, 4, 8, 12, *range(16, 257, 8)]
+    assert default_decode_buckets(20) == [1, 2, 4, 8, 12, 16, 20]
+    assert default_decode_buckets(3) == [1, 2, 3]
+    assert DecodeConfig().buckets == default_decode_buckets(256)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"buckets": [4, 2, 8]}, "strictly increasing"),
+        ({"buckets": [0, 2]}, "positive"),
+        ({"buckets": [1, 2, 4], "max_bs": 8}, r"largest bucket \(4\) must equal max_bs \(8\)"),
+        ({"max_bs": 0}, "max_bs must be a positive integer"),
+        ({"buckets": []}, "must not be empty"),
+        ({"warmup_runs": 0}, "warmup_runs must be at least 1"),
+    ],
+)
+def test_bad_config_is_rejected_with_the_reason(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DecodeConfig(**kwargs)
+
+
+# --- capture and run --------------------------------------------------------------------------------------
+
+
+def test_every_bucket_equals_eager(graph_device):
+    runner, step = make_runner(graph_device, max_bs=16)
+    report = runner.capture()
+    assert report.buckets == (16, 12, 8, 4, 2, 1)
+    for rows in range(1, 17):
+        batch = make_batch(rows, runner.device.torch_device, seed=rows)
+        assert runner.can_run(batch)
+        assert_same(runner.run(batch), step(**batch))
+
+
+def test_capture_goes_largest_first_with_an_eager_warmup_before_each_capture_and_gc_frozen(graph_device):
+    runner, step = make_runner(graph_device, max_bs=4, warmup_runs=2)
+    runner.capture()
+    sizes = [rows for rows, _ in step.calls]
+    assert sizes == [4, 4, 4, 2, 2, 2, 1, 1, 1]  # two warm-ups then the capture, per bucket, largest first
+    assert not any(gc_enabled for _, gc_enabled in step.calls)
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # restored after the loop
+
+
+def test_padded_tail_is_refilled_on_every_run(graph_device):
+    def step(*, x, pos):
+        # Not row-wise on purpose: the sum over the whole bucket exposes what padded rows hold.
+        return {"hidden": x + x.sum() + pos.sum(), "aux": (x[:, 0], None)}
+
+    device = hal.get_device(graph_device)
+    runner = DecodeRunner(step, SLOTS, device, DecodeConfig(buckets=[4], show_progress=False))
+    runner.capture()
+    runner.run(make_batch(4, device.torch_device, seed=5))  # fills all four rows with live data
+    batch = make_batch(2, device.torch_device, seed=6)
+    out = runner.run(batch)
+    # Rows 2 and 3 must hold the fill (x=0, pos=0), not the previous batch's rows.
+    torch.testing.assert_close(out["hidden"], batch["x"] + batch["x"].sum() + batch["pos"].sum())
+    assert torch.equal(runner.static_inputs.buffers["x"][2:], torch.zeros(2, 4, device=device.torch_device))
+
+
+def test_outputs_are_views_into_graph_memory_overwritten_by_the_next_run(graph_device):
+    runner, step = make_runner(graph_device, max_bs=4)
+    runner.capture()
+    first = runner.run(make_batch(3, runner.device.torch_device, seed=1))["hidden"]
+    second_batch = make_batch(3, runner.device.torch_device, seed=2)
+    runner.run(second_batch)
+    torch.testing.assert_close(first, step(**second_batch)["hidden"])
+
+
+def test_batch_over_max_bs_runs_eagerly_or_raises_without_fallback(graph_device):
+    runner, step = make_runner(graph_device, max_bs=4)
+    runner.capture()
+    big = make_batch(9, runner.device.torch_device)
+    assert not runner.can_run(big) and not runner.can_run(9)
+    assert_same(runner.run(big), step(**big))
+
+    strict, _ = make_runner(graph_device, max_bs=4, eager_fallback=False)
+    strict.capture()
+    with pytest.raises(ValueError, match=r"9 rows exceeds max_bs 4 and eager fallback is off"):
+        strict.run(big)
+
+
+def test_disabled_mode_runs_eagerly_through_the_same_api(graph_device):
+    runner, step = make_runner(graph_device, mode="disabled", max_bs=4)
+    report = runner.capture()
+    assert report.buckets == () and "runs eagerly" in report.summary()
+    batch = make_batch(3, runner.device.torch_device)
+    assert not runner.can_run(batch)
+    assert_same(runner.run(batch), step(**batch))
+
+
+def test_capture_report_names_buckets_time_and_pool(graph_device):
+    runner, _ = make_runner(graph_device, max_bs=8)
+    summary = runner.capture().summary()
+    assert summary.startswith(f"graphhal: captured 4 decode graphs (full, {graph_device}) for sizes 8..1 in ")
+    assert summary.endswith(" MiB")
+
+
+def test_run_before_capture_is_an_error(graph_device):
+    runner, _ = make_runner(graph_device, max_bs=2)
+    with pytest.raises(RuntimeError, match=r"call capture\(\) before run\(\)"):
+        runner.run(make_batch(1, runner.device.torch_device))
+
+
+# --- bad input --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda b: b.pop("pos"), r"missing: pos"),
+        (lambda b: b.update(extra=torch.zeros(2)), r"unexpected: extra"),
+        (lambda b: b.update(pos=b["pos"].int()), r"input slot 'pos': dtype torch.int32, expected torch.int64"),
+        (lambda b: b.update(x=torch.zeros(2, 5)), r"input slot 'x': shape \(2, 5\), expected \(rows, 4\)"),
+        (lambda b: b.update(x=torch.zeros(2, 4, device="meta")), r"input slot 'x': tensor is on meta, expected cpu"),
+        (lambda b: b.update(pos=torch.zeros(3, dtype=torch.int64)), r"'pos' has 3 rows but 'x' has 2"),
+        (lambda b: b.update(x=[[0.0] * 4] * 2), r"input slot 'x': expected a tensor, got list"),
+    ],
+)
+def test_bad_batches_name_the_slot(change, message):
+    runner, _ = make_runner("cpu", max_bs=4)
+    runner.capture()
+    batch = make_batch(2, torch.device("cpu"))
+    change(batch)
+    with pytest.raises(ValueError, match=message):
+        runner.run(batch)
+
+
+def test_a_failing_forward_during_capture_names_bucket_mode_and_device_and_leaves_the_device_usable(graph_device):
+    device = hal.get_device(graph_device)
+    healthy = TinyStep(device.torch_device)
+
+    class FailsWhenCapturingBucket2(TinyStep):
+        def __call__(self, *, x, pos):
+            self.calls.append((x.shape[0], gc.isenabled()))
+            if [rows for rows, _ in self.calls].count(2) == 2:  # bucket 2's warm-up passes, its capture fails
+                raise RuntimeError("kernel launch failed")
+            return healthy(x=x, pos=pos)
+
+    runner = DecodeRunner(
+        FailsWhenCapturingBucket2(device.torch_device), SLOTS, device, DecodeConfig(max_bs=4, show_progress=False)
+    )
+    with pytest.raises(hal.CaptureError, match=rf"bucket 2 \(mode full\) on {graph_device} failed: RuntimeError: kernel launch failed") as info:
+        runner.capture()
+    assert (info.value.bucket, info.value.mode, info.value.device) == (2, "full", graph_device)
+    assert not runner.captured and not runner.can_run(1)  # bucket 4's graph was dropped too
+
+    # The device still runs eagerly and captures again.
+    batch = make_batch(3, device.torch_device)
+    expected = healthy(**batch)
+    again, _ = make_runner(graph_device, step=healthy, max_bs=4)
+    again.capture()
+    assert_same(again.run(batch), expected)
+
+
+def test_a_host_sync_inside_the_forward_fails_capture_cleanly(graph_device):
+    device = hal.get_device(graph_device)
+    healthy = TinyStep(device.torch_device)
+
+    def syncs(*, x, pos):
+        if x.sum().item() > float("inf"):  # reading a device value on the host: illegal in a capture
+            pass
+        return healthy(x=x, pos=pos)
+
+    runner = DecodeRunner(syncs, SLOTS, device, DecodeConfig(max_bs=2, show_progress=False))
+    with pytest.raises(hal.CaptureError, match=rf"bucket 2 \(mode full\) on {graph_device} failed"):
+        runner.capture()
+    again, _ = make_runner(graph_device, step=healthy, max_bs=2)
+    again.capture()
+    batch = make_batch(2, device.torch_device)
+    assert_same(again.run(batch), healthy(**batch))
+
+
+def test_outputs_without_a_batch_dimension_are_rejected_at_capture(graph_device):
+    def step(*, x, pos):
+        return {"hidden": x, "total": x.sum()}
+
+    runner, _ = make_runner(graph_device, step=step, max_bs=2)
+    with pytest.raises(hal.CaptureError, match=r"output\['total'\] has shape \(\); every output tensor needs the batch"):
+        runner.capture()
+
+
+def test_a_watched_tensor_moved_after_capture_is_caught_on_first_replay(graph_device):
+    device = hal.get_device(graph_device)
+    step = TinyStep(device.torch_device)
+    runner = DecodeRunner(
+        step, SLOTS, device, DecodeConfig(max_bs=2, show_progress=False), watched_tensors={"weight": step.weight}
+    )
+    runner.capture()
+    runner.run(make_batch(2, device.torch_device))  # bucket 2 checked and fine
+    step.weight.data = torch.randn(4, 4, device=device.torch_device)  # e.g. a weight reload done wrong
+    with pytest.raises(hal.StaticAddressError, match=r"watched tensor 'weight' moved since the decode graph for bucket 1"):
+        runner.run(make_batch(1, device.torch_device))

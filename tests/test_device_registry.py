@@ -1,0 +1,224 @@
+"""The device registry: built-in plugins, entry-point discovery, isolation of broken plugins, the facade."""
+
+from __future__ import annotations
+
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import hal
+from runners import DecodeConfig, DecodeRunner, InputSlot
+
+# A third-party device plugin, as a vendor would ship it: its own module, its own device type ("replaydev"),
+# tensors on the cpu, graphs from graphhal's recording graph.
+THIRD_PARTY_PLUGIN = '''
+import torch
+import hal
+from devices.cpu.recorded_graph import RecordedGraph, RecordingPool
+
+@hal.hookimpl
+def hal_device_types():
+    return ["replaydev"]
+
+@hal.hookimpl
+def hal_is_available(device):
+    return True if device.type == "replaydev" else None
+
+@hal.hookimpl
+def hal_graph_modes(device):
+    return ("full",) if device.type == "replaydev" else None
+
+@hal.hookimpl
+def hal_torch_device(device):
+    return torch.device("cpu") if device.type == "replaydev" else None
+
+@hal.hookimpl
+def hal_make_graph(device, mode):
+    return ReplayDevGraph() if device.type == "replaydev" else None
+
+@hal.hookimpl
+def hal_capture_session(graph, pool):   # a subset of the spec's arguments is allowed
+    return graph.record(pool) if isinstance(graph, ReplayDevGraph) else None
+
+@hal.hookimpl
+def hal_replay(graph):
+    if not isinstance(graph, ReplayDevGraph):
+        return None
+    REPLAYS.append(graph)
+    graph.replay()
+    return True
+
+@hal.hookimpl
+def hal_graph_pool(device):
+    return RecordingPool() if device.type == "replaydev" else None
+
+@hal.hookimpl
+def hal_synchronize(device):
+    return True if device.type == "replaydev" else None
+
+class ReplayDevGraph(RecordedGraph):
+    pass
+
+REPLAYS = []
+'''
+
+
+def install_distribution(site: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
+    """Lay out an installed distribution the way pip does: a module plus a .dist-info with entry_points.txt."""
+    info = site / f"{dist}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    lines = "\n".join(f"{name} = {target}" for name, target in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[{hal.ENTRY_POINT_GROUP}]\n{lines}\n")
+    for module, source in modules.items():
+        (site / f"{module}.py").write_text(textwrap.dedent(source))
+
+
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory on sys.path that importlib.metadata scans for distributions, like site-packages."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_builtin_devices_are_registered():
+    registry = hal.DeviceRegistry(load_entry_points=False)
+    assert registry.device_types() == {"cpu": "devices.cpu", "cuda": "devices.cuda", "npu": "devices.npu"}
+    assert registry.broken == {}
+    assert "cpu" in registry.available_device_types()
+
+
+@pytest.mark.cpu
+def test_get_device_returns_one_facade_per_name_with_modes():
+    registry = hal.DeviceRegistry(load_entry_points=False)
+    device = registry.get_device("cpu")
+    assert registry.get_device("cpu") is device
+    assert device.modes == ("full", "disabled")
+    assert device.torch_device == torch.device("cpu")
+    assert not device.needs_graph_update
+
+
+def test_unknown_device_lists_known_types():
+    registry = hal.DeviceRegistry(load_entry_points=False)
+    with pytest.raises(hal.UnknownDeviceError, match=r"'tpu'.*known device types: cpu, cuda, npu"):
+        registry.get_device("tpu:0")
+
+
+def test_bad_device_name_says_the_allowed_form():
+    with pytest.raises(ValueError, match=r"index after ':' must be a non-negative integer"):
+        hal.DeviceId.parse("cuda:zero")
+    with pytest.raises(ValueError, match=r"'type' or 'type:index'"):
+        hal.DeviceId.parse(":1")
+
+
+def test_npu_skeleton_is_registered_but_unavailable_without_ascend():
+    registry = hal.DeviceRegistry(load_entry_points=False)
+    with pytest.raises(hal.DeviceUnavailableError, match=r"npu.*served by plugin 'devices.npu'.*not available"):
+        registry.get_device("npu")
+
+
+@pytest.mark.cpu
+def test_unsupported_mode_lists_supported_modes():
+    device = hal.DeviceRegistry(load_entry_points=False).get_device("cpu")
+    with pytest.raises(hal.UnsupportedModeError, match=r"'piecewise'.*supported modes: full, disabled"):
+        device.make_graph("piecewise")
+    with pytest.raises(hal.UnsupportedModeError, match=r"supported modes: full, disabled"):
+        DecodeRunner(lambda x: x, [InputSlot("x", torch.float32)], device, DecodeConfig(mode="breakable"))
+
+
+@pytest.mark.cpu
+def test_update_on_a_device_without_host_parameters_is_an_error():
+    device = hal.DeviceRegistry(load_entry_points=False).get_device("cpu")
+    with pytest.raises(hal.GraphHalError, match="nothing to update"):
+        device.update(device.make_graph("full"), {"seq_lens": [1]})
+
+
+@pytest.mark.cpu
+def test_replay_calls_the_owner_directly_without_searching_plugins(monkeypatch: pytest.MonkeyPatch):
+    registry = hal.DeviceRegistry(load_entry_points=False)
+    device = registry.get_device("cpu")
+    x = torch.ones(3)
+    graph = device.make_graph("full")
+    with device.capture_session(graph, device.graph_pool()):
+        y = x * 2
+
+    def searched(*args, **kwargs):
+        raise AssertionError("replay went through pluggy's hook dispatch")
+
+    monkeypatch.setattr(registry.plugin_manager.hook, "hal_replay", searched)
+    x.fill_(5)
+    device.replay(graph)
+    assert torch.equal(y, torch.full((3,), 10.0))
+
+
+@pytest.mark.cpu
+def test_third_party_plugin_from_entry_point_runs_decode_runner_unchanged(site: Path):
+    install_distribution(site, "replaydev_plugin", {"replaydev": "replaydev_impl"}, {"replaydev_impl": THIRD_PARTY_PLUGIN})
+    registry = hal.DeviceRegistry()
+    assert registry.device_types()["replaydev"] == "replaydev"
+    device = registry.get_device("replaydev")
+
+    weight = torch.randn(4, 4)
+
+    def forward(*, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ weight) + 1
+
+    runner = DecodeRunner(forward, [InputSlot("x", torch.float32, (4,))], device, DecodeConfig(max_bs=8, show_progress=False))
+    report = runner.capture()
+    assert report.device == "replaydev" and report.buckets == (8, 4, 2, 1)
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, 4)
+        torch.testing.assert_close(runner.run({"x": x}), forward(x=x))
+
+    import replaydev_impl
+
+    assert len(replaydev_impl.REPLAYS) == 3  # the runs went through the plugin's graphs, not eagerly
+
+
+def test_plugin_that_fails_to_import_is_isolated_and_listed(site: Path):
+    install_distribution(
+        site,
+        "broken_plugin",
+        {"brokendev": "brokendev_impl"},
+        {"brokendev_impl": "raise ImportError('libvendor.so: cannot open shared object file')\n"},
+    )
+    with pytest.warns(hal.PluginLoadWarning, match=r"'brokendev'.*libvendor\.so"):
+        registry = hal.DeviceRegistry()
+    assert registry.broken["brokendev"].reason == "ImportError: libvendor.so: cannot open shared object file"
+    assert "cpu" in registry.available_device_types()  # the rest keep working
+    with pytest.raises(hal.UnknownDeviceError, match=r"failed to load: brokendev .*libvendor\.so"):
+        registry.get_device("brokendev")
+
+
+def test_plugin_missing_a_required_hook_is_isolated(site: Path):
+    source = "import hal\n@hal.hookimpl\ndef hal_device_types():\n    return ['halfdev']\n"
+    install_distribution(site, "half_plugin", {"halfdev": "halfdev_impl"}, {"halfdev_impl": source})
+    with pytest.warns(hal.PluginLoadWarning, match=r"does not implement required hook.*hal_replay"):
+        registry = hal.DeviceRegistry()
+    assert "halfdev" not in registry.device_types()
+
+
+def test_plugin_with_a_misspelled_hook_is_isolated(site: Path):
+    source = "import hal\n@hal.hookimpl\ndef hal_replay_graph(graph):\n    return True\n"
+    install_distribution(site, "typo_plugin", {"typodev": "typodev_impl"}, {"typodev_impl": source})
+    with pytest.warns(hal.PluginLoadWarning, match=r"hal_replay_graph"):
+        registry = hal.DeviceRegistry()
+    assert "typodev" in registry.broken
+
+
+def test_two_entry_point_plugins_cannot_serve_one_type(site: Path):
+    install_distribution(site, "first_plugin", {"first": "first_impl"}, {"first_impl": THIRD_PARTY_PLUGIN})
+    install_distribution(site, "second_plugin", {"second": "second_impl"}, {"second_impl": THIRD_PARTY_PLUGIN})
+    with pytest.warns(hal.PluginLoadWarning, match=r"'replaydev' is already served by plugin"):
+        registry = hal.DeviceRegistry()
+    assert registry.device_types()["replaydev"] in {"first", "second"}
+    assert len(registry.broken) == 1
+
+
+def test_no_warning_when_every_plugin_loads():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hal.DeviceRegistry()

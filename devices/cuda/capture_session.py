@@ -7,6 +7,7 @@ to the driver between captures that share a pool. This session does only what a 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -41,7 +42,10 @@ class CudaCaptureSession:
 
     def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
         try:
-            self._graph.capture_end()
+            with warnings.catch_warnings():
+                if exc_type is not None:  # torch warns that a capture cut short is empty: we know, we drop it
+                    warnings.simplefilter("ignore", UserWarning)
+                self._graph.capture_end()
         except Exception:
             if exc_type is None:
                 self._discard()

@@ -11,6 +11,9 @@ Device plugins implement the hooks in ``hal.hookspecs`` with ``@hal.hookimpl`` a
 entry-point group ``graphhal.devices``.
 """
 
+from hal.break_points import BreakInFullGraphError, BreakPoint, break_graph, break_point
+from hal.break_results import BreakResultMismatchError
+from hal.breakable_graph import BREAKABLE_MODE, BreakableGraph, SegmentEndError
 from hal.device import EAGER_MODE, Device
 from hal.device_id import DeviceId
 from hal.errors import (
@@ -34,10 +37,15 @@ from hal.registry import (
 )
 
 __all__ = [
+    "BREAKABLE_MODE",
     "EAGER_MODE",
     "ENTRY_POINT_GROUP",
     "MIB",
     "PROJECT_NAME",
+    "BreakInFullGraphError",
+    "BreakPoint",
+    "BreakResultMismatchError",
+    "BreakableGraph",
     "BrokenPlugin",
     "CaptureError",
     "Device",
@@ -47,10 +55,13 @@ __all__ = [
     "GraphHalError",
     "MemoryStats",
     "PluginLoadWarning",
+    "SegmentEndError",
     "StaticAddressError",
     "UnknownDeviceError",
     "UnsupportedModeError",
     "best_available_device",
+    "break_graph",
+    "break_point",
     "default_registry",
     "get_device",
     "hookimpl",

@@ -12,6 +12,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from hal.breakable_graph import BREAKABLE_MODE, BreakableGraph
+from hal.capture_state import ActiveCapture, tracked_session
 from hal.device_id import DeviceId
 from hal.errors import GraphHalError, UnsupportedModeError
 from hal.memory_stats import MemoryStats
@@ -43,8 +45,10 @@ class Device:
 
     @property
     def modes(self) -> tuple[str, ...]:
-        """Every mode a runner may ask for here: the device's graph modes plus ``disabled`` (eager)."""
-        return (*self.graph_modes, EAGER_MODE)
+        """Every mode a runner may ask for here: the device's own graph modes, ``breakable`` (built by hal on
+        top of full graphs, so every device with full graphs has it), and ``disabled`` (eager)."""
+        strategies = (BREAKABLE_MODE,) if "full" in self.graph_modes else ()
+        return (*self.graph_modes, *strategies, EAGER_MODE)
 
     def __str__(self) -> str:
         return str(self.id)
@@ -62,7 +66,9 @@ class Device:
             )
 
     def make_graph(self, mode: str) -> Any:
-        """A fresh, empty graph for ``mode`` (one of ``graph_modes``)."""
+        """A fresh, empty graph for ``mode`` (any of ``modes`` but ``disabled``)."""
+        if mode == BREAKABLE_MODE and mode in self.modes:
+            return BreakableGraph(self)
         if mode not in self.graph_modes:
             self.check_mode(mode)  # names the supported modes
             raise UnsupportedModeError(f"mode {mode!r} runs eagerly on {self.id}: there is no graph to make")
@@ -77,6 +83,13 @@ class Device:
         Tensors produced inside hold valid values only after ``replay``, and they live in the pool: the
         next replay of any graph of that pool may overwrite them.
         """
+        if isinstance(graph, BreakableGraph):
+            return graph.capture(pool)
+        # The plugin graph modes are all "full" today; a break point reached inside must know it.
+        return tracked_session(self.plugin_capture_session(graph, pool), ActiveCapture(str(self.id), "full"))
+
+    def plugin_capture_session(self, graph: Any, pool: Any) -> AbstractContextManager[Any]:
+        """The owning plugin's capture session for one of its own graphs, as is (for graph strategies)."""
         session = self._hooks["hal_capture_session"](graph, pool, self.capture_stream)
         if session is None:
             raise GraphHalError(f"plugin {self.plugin_name!r} does not recognise graph {graph!r} as its own")
@@ -84,6 +97,17 @@ class Device:
 
     def replay(self, graph: Any) -> None:
         """Launch ``graph``. Asynchronous where the device queues work."""
+        self.replayer(graph)()
+
+    def replayer(self, graph: Any) -> Callable[[], Any]:
+        """A zero-argument callable that replays ``graph``: bind it once per graph, call it every step."""
+        if isinstance(graph, BreakableGraph):
+            return graph.replay
+        replay_plugin_graph = self._replay
+        return lambda: replay_plugin_graph(graph)
+
+    def replay_plugin_graph(self, graph: Any) -> None:
+        """Replay one of the plugin's own graphs (a full graph, or a breakable graph's segment)."""
         self._replay(graph)
 
     def update(self, graph: Any, params: Mapping[str, Any]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import hal
 from refmodel.attention_reference import decode_attention_reference
 
 
@@ -69,3 +70,11 @@ def _decode_attention_cuda(q, key_cache, value_cache, block_tables, seq_lens, sc
     from refmodel.triton_decode_attention import paged_decode_attention
 
     paged_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, scale, out)
+
+
+# What the model calls. In a breakable capture the attention is the break: it runs eagerly between captured
+# segments. In a full capture it is captured inline (required=False): the kernels read lengths and block
+# tables from device memory, so the op is graph-safe.
+decode_attention_break = hal.break_point(
+    torch.ops.refmodel.decode_attention.default, name="refmodel.decode_attention", required=False
+)

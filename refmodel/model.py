@@ -7,7 +7,9 @@ written to be captured as a device graph:
 - rows are independent: row ``i``'s logits depend only on row ``i``'s inputs and the cache, so padded rows
   cannot change live rows;
 - the cache is written with ``refmodel::write_kv_cache`` at ``slot_mapping`` and read with
-  ``refmodel::decode_attention``, whose kernels take sequence lengths and block tables from device memory.
+  ``refmodel::decode_attention``, whose kernels take sequence lengths and block tables from device memory;
+- that attention is an optional break point: captured inline in full graphs, run eagerly between segments in
+  breakable graphs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from refmodel import attention_op  # noqa: F401  (registers refmodel::decode_attention)
+from refmodel.attention_op import decode_attention_break
 from refmodel.config import ModelConfig
 from refmodel.kv_cache import PagedKVCache, write_kv_cache
 from refmodel.rms_norm import RMSNorm
@@ -84,7 +86,7 @@ class DecoderLayer(torch.nn.Module):
         # The new token's K/V go into the cache first: the token attends to itself (seq_lens counts it).
         write_kv_cache(k, v, key_cache, value_cache, slot_mapping)
         attn = torch.empty_like(q)
-        torch.ops.refmodel.decode_attention(q, key_cache, value_cache, block_tables, seq_lens, cfg.head_dim**-0.5, attn)
+        decode_attention_break(q, key_cache, value_cache, block_tables, seq_lens, cfg.head_dim**-0.5, attn)
         hidden = hidden + F.linear(attn.reshape(batch, self.q_size), self.o_proj)
 
         gate, up = F.linear(self.post_attention_norm(hidden), self.gate_up_proj).chunk(2, dim=-1)

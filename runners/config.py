@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from runners.buckets import DEFAULT_MAX_BATCH_SIZE, check_buckets, default_decode_buckets
+
+BREAKABLE_DEBUG_ENV = "GRAPHHAL_BREAKABLE_DEBUG"
 
 
 @dataclass
@@ -20,6 +23,9 @@ class DecodeConfig:
     warmup_runs:     eager runs of the forward per bucket before its capture (lazy init, autotuning and
                      allocator warm-up must not happen inside a capture).
     show_progress:   a progress bar over the buckets while capturing.
+    breakable_debug: in mode ``breakable``, capture the whole forward as one eager step, run through the same
+                     capture and replay path: if results go right this way and wrong with real segments, the
+                     bug is in the graph, not the model. Also switched on by GRAPHHAL_BREAKABLE_DEBUG=1.
     """
 
     mode: str = "full"
@@ -28,6 +34,7 @@ class DecodeConfig:
     eager_fallback: bool = True
     warmup_runs: int = 1
     show_progress: bool = True
+    breakable_debug: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, str) or not self.mode:
@@ -47,5 +54,7 @@ class DecodeConfig:
             if self.max_bs is None:
                 self.max_bs = DEFAULT_MAX_BATCH_SIZE
             self.buckets = default_decode_buckets(self.max_bs)
+        if os.environ.get(BREAKABLE_DEBUG_ENV, "") not in ("", "0"):
+            self.breakable_debug = True
         if self.warmup_runs < 1:
             raise ValueError(f"warmup_runs must be at least 1 (capture needs a warmed-up forward), got {self.warmup_runs}")

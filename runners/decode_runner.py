@@ -37,6 +37,7 @@ PHASE = "decode"
 @dataclass
 class _CapturedBucket:
     graph: Any
+    replay: Callable[[], Any]
     outputs: GraphOutputs
     addresses: dict[str, int]  # data_ptr of every tensor the graph reads by address, at capture
     addresses_checked: bool = False
@@ -126,13 +127,16 @@ class DecodeRunner:
         device, mode = self.device, self.config.mode
         self.static_inputs.fill_padding(bucket)
         inputs = self.static_inputs.views(bucket)
+        forward = self.forward
+        if mode == hal.BREAKABLE_MODE and self.config.breakable_debug:
+            forward = hal.break_point(self.forward, name="the whole forward (breakable debug mode)")
         try:
             for _ in range(self.config.warmup_runs):
                 self.forward(**inputs)
             device.synchronize()
             graph = device.make_graph(mode)
             with device.capture_session(graph, self.pool):
-                outputs = self.forward(**inputs)
+                outputs = forward(**inputs)
             captured_outputs = GraphOutputs(outputs, bucket)
         except Exception as exc:
             raise hal.CaptureError(
@@ -142,7 +146,7 @@ class DecodeRunner:
                 mode=mode,
                 device=str(device),
             ) from exc
-        return _CapturedBucket(graph, captured_outputs, self._addresses())
+        return _CapturedBucket(graph, device.replayer(graph), captured_outputs, self._addresses())
 
     def _addresses(self) -> dict[str, int]:
         addresses = {f"input slot {name!r}": t.data_ptr() for name, t in self.static_inputs.buffers.items()}
@@ -179,7 +183,7 @@ class DecodeRunner:
         self.static_inputs.load(batch, rows, bucket)
         if not captured.addresses_checked:
             self._check_addresses(bucket, captured)
-        self.device.replay(captured.graph)
+        captured.replay()
         return captured.outputs.live_rows(rows)
 
     def _run_eager(self, batch: Mapping[str, torch.Tensor]) -> Any:

@@ -1,0 +1,140 @@
+"""Breakable graphs: one graph per shape, cut into segments at break points, built only on the device contract.
+
+Capture records segment, eager step, segment, ...; every segment is an ordinary full-mode graph of the
+device, captured into the same pool. Replay walks the same list: replay a segment, run an eager step (its
+fresh result copied into the tensors the next segment reads), replay the next segment.
+
+Every tensor that crosses a break (the step's arguments and its captured result) is held by the step, per
+graph, for the graph's lifetime. Weak references are not enough: once the last Python reference to a tensor
+allocated in the pool dies, a later, smaller bucket's capture reuses its memory, and replaying the larger
+bucket then reads the smaller one's data (sglang issue 37606).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Union
+
+from hal.break_results import copy_back
+from hal.capture_state import ActiveCapture, capture_scope
+from hal.errors import GraphHalError
+
+if TYPE_CHECKING:
+    from hal.break_points import BreakPoint
+    from hal.device import Device
+
+BREAKABLE_MODE = "breakable"
+
+
+class SegmentEndError(GraphHalError, RuntimeError):
+    """A captured segment could not be ended at a break (typically a side stream left un-joined)."""
+
+
+@dataclass
+class _Segment:
+    graph: Any
+    replay_graph: Callable[[Any], Any]
+
+    def replay(self) -> None:
+        self.replay_graph(self.graph)
+
+
+@dataclass
+class _EagerStep:
+    point: "BreakPoint"
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    result: Any  # what the function returned at capture; segments after the break read these tensors
+
+    def replay(self) -> None:
+        copy_back(self.result, self.point.function(*self.args, **self.kwargs), f"break point {self.point.name!r}")
+
+
+class BreakableGraph:
+    """The graph object of mode ``breakable``; made, captured and replayed through its ``Device``."""
+
+    def __init__(self, device: "Device") -> None:
+        self.device = device
+        self.steps: list[Union[_Segment, _EagerStep]] = []
+        self.captured = False
+
+    @property
+    def num_breaks(self) -> int:
+        return sum(isinstance(step, _EagerStep) for step in self.steps)
+
+    def capture(self, pool: Any) -> "BreakableCapture":
+        if self.captured or self.steps:
+            raise RuntimeError("this breakable graph is already captured; make a new graph per capture")
+        return BreakableCapture(self, pool)
+
+    def replay(self) -> None:
+        if not self.captured:
+            raise RuntimeError("replay of a breakable graph that was never captured (or whose capture failed)")
+        for step in self.steps:
+            step.replay()
+
+
+class BreakableCapture:
+    """Context manager for one breakable capture: segments open and close around each break reached."""
+
+    def __init__(self, graph: BreakableGraph, pool: Any) -> None:
+        self._graph = graph
+        self._device = graph.device
+        self._pool = pool
+        self._session: Any = None
+        self._scope: Any = None
+
+    def __enter__(self) -> BreakableGraph:
+        self._scope = capture_scope(ActiveCapture(str(self._device), BREAKABLE_MODE, self))
+        self._scope.__enter__()
+        try:
+            self._open_segment()
+        except BaseException:
+            self._scope.__exit__(None, None, None)
+            raise
+        return self._graph
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
+        try:
+            if self._session is not None:
+                self._close_segment(exc_type, exc, tb, where="at the end of the capture")
+        except BaseException:
+            self._graph.steps.clear()
+            raise
+        finally:
+            self._scope.__exit__(None, None, None)
+        if exc_type is not None:
+            self._graph.steps.clear()  # nothing half-captured survives
+            return
+        self._graph.captured = True
+
+    def cut(self, point: "BreakPoint", args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Called by a break point: end the segment, run the function eagerly, open the next segment."""
+        self._close_segment(None, None, None, where=f"before break point {point.name!r}")
+        with capture_scope(None):  # break points inside the eager function are plain calls
+            result = point.function(*args, **kwargs)
+        self._graph.steps.append(_EagerStep(point, args, kwargs, result))
+        self._open_segment()
+        return result
+
+    def _open_segment(self) -> None:
+        graph = self._device.make_graph("full")
+        self._session = self._device.plugin_capture_session(graph, self._pool)
+        self._session.__enter__()
+        self._graph.steps.append(_Segment(graph, self._device.replay_plugin_graph))
+
+    def _close_segment(self, exc_type, exc, tb, *, where: str) -> None:  # type: ignore[no-untyped-def]
+        session, self._session = self._session, None
+        try:
+            with warnings.catch_warnings():
+                # A segment between two adjacent breaks is legitimately empty; devices warn about empty graphs.
+                warnings.filterwarnings("ignore", message=".*[Gg]raph is empty.*")
+                session.__exit__(exc_type, exc, tb)
+        except Exception as error:
+            if exc_type is not None:
+                return  # the body's own error is the one to report
+            raise SegmentEndError(
+                f"ending the captured segment {where} on {self._device} failed: {type(error).__name__}: {error}. "
+                "If the segment forked work onto a side stream, join it back (wait_stream) before the break."
+            ) from error

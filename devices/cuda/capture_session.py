@@ -47,15 +47,38 @@ class CudaCaptureSession:
                     warnings.simplefilter("ignore", UserWarning)
                 self._graph.capture_end()
         except Exception:
+            self._recover_from_failed_end()
+            self._discard()
             if exc_type is None:
-                self._discard()
                 raise
             # The body already failed, which usually invalidated the capture too; its error is the one
             # that explains what happened, so let it propagate and drop this one.
+            return
         finally:
             self._stream_context.__exit__(None, None, None)
         if exc_type is not None:
             self._discard()
+
+    def _recover_from_failed_end(self) -> None:
+        """Undo what a capture_end that raised left behind, so the device stays usable.
+
+        When the driver refuses to end a capture (unjoined side-stream work, an invalidated capture),
+        torch's capture_end raises before it stops routing this stream's allocations into the pool and
+        before it takes the RNG generators out of capture mode; the next eager ``torch.randn`` would then
+        fail with "Offset increment outside graph capture". Ending the pool routing and running one empty
+        capture on the same stream restores both.
+        """
+        device_index = self._stream.device.index
+        try:
+            torch._C._cuda_endAllocateToPool(device_index, self._graph.pool())
+        except Exception:  # already ended: nothing to undo
+            pass
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the empty-graph warning
+            settle = torch.cuda.CUDAGraph()
+            settle.capture_begin(capture_error_mode=CAPTURE_ERROR_MODE)
+            settle.capture_end()
+            settle.reset()
 
     def _discard(self) -> None:
         """Free what a failed capture recorded so nothing half-captured survives."""

@@ -50,6 +50,10 @@ class BreakPoint:
             )
         return self.function(*args, **kwargs)
 
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        """Bind like a function when used on a method (``self`` first)."""
+        return self if instance is None else functools.partial(self, instance)
+
     def __repr__(self) -> str:
         return f"BreakPoint({self.name!r}, required={self.required}, enabled={self.enabled})"
 
@@ -73,9 +77,10 @@ def _no_work() -> None:
     return None
 
 
-_FORCED_CUT = BreakPoint(_no_work, name="break_graph()")
+# Not required: with nothing to run at the cut, a full capture can simply go on through it.
+_FORCED_CUT = BreakPoint(_no_work, name="break_graph()", required=False)
 
 
 def break_graph() -> None:
-    """Cut the current breakable capture here (nothing runs eagerly at the cut); a no-op outside captures."""
+    """Cut the current breakable capture here (nothing runs eagerly at the cut); a no-op elsewhere."""
     _FORCED_CUT()

@@ -15,8 +15,8 @@ class BreakResultMismatchError(GraphHalError, RuntimeError):
 
 def copy_back(captured: Any, fresh: Any, where: str) -> None:
     """Write ``fresh`` into ``captured``: tensors in place, dicts per key, sequences per item, other objects
-    by their tensor attributes. Anything else (None, ints, strings) was returned as is at capture and needs
-    nothing: the segments after the break never read it from device memory."""
+    by their attributes. Anything else (None, ints, strings) was returned as is at capture and may have been
+    baked into the segments after the break, so it must come back unchanged."""
     if isinstance(captured, torch.Tensor):
         if not isinstance(fresh, torch.Tensor):
             raise BreakResultMismatchError(f"{where}: returned a tensor at capture but {type(fresh).__name__} at replay")
@@ -38,7 +38,12 @@ def copy_back(captured: Any, fresh: Any, where: str) -> None:
             raise BreakResultMismatchError(f"{where}: returned a sequence of another length at replay than at capture")
         for index, (old, new) in enumerate(zip(captured, fresh)):
             copy_back(old, new, f"{where}[{index}]")
-    elif hasattr(captured, "__dict__"):
+    elif hasattr(captured, "__dict__") and not callable(captured):
         for attribute, value in vars(captured).items():
-            if isinstance(value, torch.Tensor):
-                copy_back(value, getattr(fresh, attribute, None), f"{where}.{attribute}")
+            copy_back(value, getattr(fresh, attribute, None), f"{where}.{attribute}")
+    elif fresh != captured:
+        # The segments after the break were captured with the old value baked in (a length, a flag).
+        raise BreakResultMismatchError(
+            f"{where}: returned {fresh!r} at replay but {captured!r} at capture; the captured segments after the "
+            "break used the capture-time value. Return host values that change per batch as device tensors."
+        )

@@ -112,6 +112,11 @@ class BreakableCapture:
     def cut(self, point: "BreakPoint", args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Called by a break point: end the segment, run the function eagerly, open the next segment."""
         self._close_segment(None, None, None, where=f"before break point {point.name!r}")
+        if not self._device.capture_executes_work:
+            # The segment was only recorded: run it once so the break computes on real values (lengths,
+            # indices) rather than on uninitialised pool memory, which could fault or change shapes.
+            self._graph.steps[-1].replay()
+            self._device.synchronize()
         with capture_scope(None):  # break points inside the eager function are plain calls
             result = point.function(*args, **kwargs)
         self._graph.steps.append(_EagerStep(point, args, kwargs, result))
@@ -120,8 +125,9 @@ class BreakableCapture:
 
     def _open_segment(self) -> None:
         graph = self._device.make_graph("full")
-        self._session = self._device.plugin_capture_session(graph, self._pool)
-        self._session.__enter__()
+        session = self._device.plugin_capture_session(graph, self._pool)
+        session.__enter__()
+        self._session = session  # only a session that began capturing is ever ended
         self._graph.steps.append(_Segment(graph, self._device.replay_plugin_graph))
 
     def _close_segment(self, exc_type, exc, tb, *, where: str) -> None:  # type: ignore[no-untyped-def]

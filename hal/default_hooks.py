@@ -29,6 +29,10 @@ def hal_needs_graph_update(device: DeviceId) -> bool:
     return False
 
 
+def hal_capture_executes_work(device: DeviceId) -> bool:
+    return False
+
+
 def hal_update(graph: Any, params: Mapping[str, Any]) -> bool:
     raise GraphHalError(
         "this device bakes no host-side values into its graphs (hal_needs_graph_update is False); "
@@ -51,6 +55,7 @@ def hal_memory_stats(device: DeviceId, pool: Any) -> MemoryStats:
 OPTIONAL_HOOK_DEFAULTS = {
     "hal_torch_device": hal_torch_device,
     "hal_needs_graph_update": hal_needs_graph_update,
+    "hal_capture_executes_work": hal_capture_executes_work,
     "hal_update": hal_update,
     "hal_graph_pool": hal_graph_pool,
     "hal_capture_stream": hal_capture_stream,

@@ -32,6 +32,7 @@ class Device:
         self.torch_device: torch.device = hooks["hal_torch_device"](device_id)
         self.graph_modes: tuple[str, ...] = tuple(hooks["hal_graph_modes"](device_id) or ())
         self.needs_graph_update: bool = bool(hooks["hal_needs_graph_update"](device_id))
+        self.capture_executes_work: bool = bool(hooks["hal_capture_executes_work"](device_id))
         self.capture_stream: Any = hooks["hal_capture_stream"](device_id)
         # Bound once so replay and update are plain attribute calls.
         self._replay = hooks["hal_replay"]
@@ -103,12 +104,12 @@ class Device:
         """A zero-argument callable that replays ``graph``: bind it once per graph, call it every step."""
         if isinstance(graph, BreakableGraph):
             return graph.replay
-        replay_plugin_graph = self._replay
-        return lambda: replay_plugin_graph(graph)
+        return lambda: self.replay_plugin_graph(graph)
 
     def replay_plugin_graph(self, graph: Any) -> None:
         """Replay one of the plugin's own graphs (a full graph, or a breakable graph's segment)."""
-        self._replay(graph)
+        if self._replay(graph) is None:  # "not mine": replaying nothing would hand back stale outputs
+            raise GraphHalError(f"plugin {self.plugin_name!r} does not recognise graph {graph!r} as its own")
 
     def update(self, graph: Any, params: Mapping[str, Any]) -> None:
         """Refresh host-side values baked into ``graph`` before its next replay (``needs_graph_update``)."""

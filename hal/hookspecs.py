@@ -108,6 +108,17 @@ def hal_replay(graph: Any) -> bool | None:
 
 
 @hookspec(firstresult=True)
+def hal_capture_executes_work(device: "DeviceId") -> bool | None:
+    """Return True when work issued inside a capture also runs then (a recording device), False when it is
+    only recorded (CUDA, NPU: tensors made inside hold garbage until the first replay).
+
+    Called once when the facade is created. A breakable capture replays each finished segment before it runs
+    the break eagerly on a device that answers False, so the break sees real values, not garbage. Default:
+    False.
+    """
+
+
+@hookspec(firstresult=True)
 def hal_needs_graph_update(device: "DeviceId") -> bool | None:
     """Return True when graphs of this device bake host-side values that must be refreshed by ``hal_update``.
 

@@ -134,6 +134,15 @@ class DecodeRunner:
             for _ in range(self.config.warmup_runs):
                 self.forward(**inputs)
             device.synchronize()
+        except Exception as exc:
+            raise hal.CaptureError(
+                f"the eager warm-up of the {PHASE} forward for bucket {bucket} on {device} failed, before any "
+                f"capture (a model error, not a graph error): {type(exc).__name__}: {exc}",
+                bucket=bucket,
+                mode=mode,
+                device=str(device),
+            ) from exc
+        try:
             graph = device.make_graph(mode)
             with device.capture_session(graph, self.pool):
                 outputs = forward(**inputs)

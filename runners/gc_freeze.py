@@ -15,6 +15,8 @@ def frozen_gc() -> Iterator[None]:
     per capture) and can free tensors whose memory the capture is about to reuse. Freezing moves the
     survivors out of the collector's sight, so the single collection here is the only one the loop pays.
     """
+    # gc.unfreeze() thaws everything, including what the server froze itself: only thaw if nothing was.
+    server_froze = gc.get_freeze_count() > 0
     gc.collect()
     gc.freeze()
     was_enabled = gc.isenabled()
@@ -22,6 +24,7 @@ def frozen_gc() -> Iterator[None]:
     try:
         yield
     finally:
-        gc.unfreeze()
+        if not server_froze:
+            gc.unfreeze()
         if was_enabled:
             gc.enable()

@@ -78,6 +78,67 @@ def test_a_disabled_break_point_is_captured_inline(graph_device):
     torch.testing.assert_close(out, torch.full_like(x, 5.0))
 
 
+def test_the_break_sees_real_values_at_capture(graph_device):
+    """On devices that only record during capture the segment is run before the break, not read as garbage."""
+    device = hal.get_device(graph_device)
+    x = torch.arange(4.0, device=device.torch_device)
+    seen = []
+
+    @hal.break_point
+    def record_host_sum(t):
+        seen.append(t.sum().item())
+        return t
+
+    capture(device, lambda: record_host_sum(x + 1) * 2)
+    assert seen == [10.0]
+
+
+def test_a_break_point_can_be_a_method(graph_device):
+    device = hal.get_device(graph_device)
+
+    class Attention:
+        scale = 3.0
+
+        @hal.break_point
+        def attend(self, q):
+            return q * self.scale
+
+    x = torch.ones(2, device=device.torch_device)
+    graph, out = capture(device, lambda: Attention().attend(x) + 1)
+    assert graph.num_breaks == 1
+    x.fill_(2.0)
+    device.replay(graph)
+    assert out.tolist() == [7.0, 7.0]
+
+
+def test_a_host_value_returned_by_a_break_must_not_change_at_replay(graph_device):
+    device = hal.get_device(graph_device)
+    length = [3]
+
+    @hal.break_point(name="current_length")
+    def current_length():
+        return length[0]
+
+    x = torch.ones(2, device=device.torch_device)
+    graph, _ = capture(device, lambda: x * current_length())
+    length[0] = 5  # the segment after the break baked in 3
+    with pytest.raises(hal.BreakResultMismatchError, match=r"break point 'current_length': returned 5 at replay but 3"):
+        device.replay(graph)
+
+
+def test_break_graph_in_a_full_capture_is_a_no_op(graph_device):
+    device = hal.get_device(graph_device)
+    x = torch.ones(2, device=device.torch_device)
+    graph = device.make_graph("full")
+    with device.capture_session(graph, device.graph_pool()):
+        y = x * 2
+        hal.break_graph()
+        out = y + 1
+    x.fill_(2.0)
+    device.replay(graph)
+    assert out.tolist() == [5.0, 5.0]
+
+
 def test_break_points_outside_a_capture_are_plain_calls():
     CALLS.clear()
     x = torch.tensor([1.0, -3.0])

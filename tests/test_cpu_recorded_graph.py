@@ -87,6 +87,20 @@ def test_views_of_recorded_tensors_follow_them(cpu):
     assert out.tolist() == [2.0, 2.0, 2.0]
 
 
+def test_in_place_metadata_changes_are_not_replayed(cpu):
+    x = torch.ones(4)
+
+    def step():
+        y = x + 1
+        y.unsqueeze_(0)  # changes only shape and strides: a device graph never replays that
+        return y
+
+    graph, out = capture(cpu, step)
+    cpu.replay(graph)
+    cpu.replay(graph)
+    assert out.shape == (1, 4) and out.tolist() == [[2.0, 2.0, 2.0, 2.0]]
+
+
 def test_outputs_are_overwritten_by_the_next_replay(cpu):
     x = torch.ones(2)
     graph, out = capture(cpu, lambda: x + 1)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import hal
+from hal.capture_state import current_capture
 from runners import DecodeConfig, DecodeRunner, InputSlot, default_decode_buckets
 
 SLOTS = [InputSlot("x", torch.float32, (4,)), InputSlot("pos", torch.int64, fill=0)]
@@ -22,10 +23,12 @@ class TinyStep:
     def __init__(self, device: torch.device) -> None:
         generator = torch.Generator().manual_seed(0)
         self.weight = torch.randn(4, 4, generator=generator).to(device)
-        self.calls: list[tuple[int, bool]] = []
+        self.calls: list[tuple[int, bool]] = []  # (rows, inside a capture)
+        self.gc_states: list[tuple[bool, bool]] = []  # (collector enabled, objects frozen)
 
     def __call__(self, *, x: torch.Tensor, pos: torch.Tensor) -> dict:
-        self.calls.append((x.shape[0], gc.isenabled()))
+        self.calls.append((x.shape[0], current_capture() is not None))
+        self.gc_states.append((gc.isenabled(), gc.get_freeze_count() > 0))
         hidden = torch.tanh(x @ self.weight) + pos.unsqueeze(-1).float()
         return {"hidden": hidden, "aux": (hidden.sum(-1), None)}
 
@@ -93,10 +96,21 @@ def test_every_bucket_equals_eager(graph_device):
 def test_capture_goes_largest_first_with_an_eager_warmup_before_each_capture_and_gc_frozen(graph_device):
     runner, step = make_runner(graph_device, max_bs=4, warmup_runs=2)
     runner.capture()
-    sizes = [rows for rows, _ in step.calls]
-    assert sizes == [4, 4, 4, 2, 2, 2, 1, 1, 1]  # two warm-ups then the capture, per bucket, largest first
-    assert not any(gc_enabled for _, gc_enabled in step.calls)
+    # Two eager warm-ups, then the capture, per bucket, largest first.
+    assert step.calls == [(4, False), (4, False), (4, True), (2, False), (2, False), (2, True), (1, False), (1, False), (1, True)]
+    assert set(step.gc_states) == {(False, True)}  # collector paused and survivors frozen throughout
     assert gc.isenabled() and gc.get_freeze_count() == 0  # restored after the loop
+
+
+def test_capture_keeps_what_the_server_froze_itself_frozen(graph_device):
+    runner, _ = make_runner(graph_device, max_bs=2)
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        runner.capture()
+        assert gc.get_freeze_count() >= frozen > 0
+    finally:
+        gc.unfreeze()
 
 
 def test_padded_tail_is_refilled_on_every_run(graph_device):
@@ -190,8 +204,8 @@ def test_a_failing_forward_during_capture_names_bucket_mode_and_device_and_leave
 
     class FailsWhenCapturingBucket2(TinyStep):
         def __call__(self, *, x, pos):
-            self.calls.append((x.shape[0], gc.isenabled()))
-            if [rows for rows, _ in self.calls].count(2) == 2:  # bucket 2's warm-up passes, its capture fails
+            self.calls.append((x.shape[0], current_capture() is not None))
+            if (2, True) in self.calls:  # bucket 2's warm-up passes, its capture fails
                 raise RuntimeError("kernel launch failed")
             return healthy(x=x, pos=pos)
 
@@ -209,6 +223,15 @@ def test_a_failing_forward_during_capture_names_bucket_mode_and_device_and_leave
     again, _ = make_runner(graph_device, step=healthy, max_bs=4)
     again.capture()
     assert_same(again.run(batch), expected)
+
+
+def test_a_failing_warmup_is_reported_as_a_model_error(graph_device):
+    def step(*, x, pos):
+        raise IndexError("token id out of range")
+
+    runner, _ = make_runner(graph_device, step=step, max_bs=2)
+    with pytest.raises(hal.CaptureError, match=r"eager warm-up .* bucket 2 .*before any capture.*IndexError"):
+        runner.capture()
 
 
 def test_a_host_sync_inside_the_forward_fails_capture_cleanly(graph_device):

@@ -130,6 +130,13 @@ def test_unsupported_mode_lists_supported_modes():
 
 
 @pytest.mark.cpu
+def test_replaying_a_graph_the_plugin_does_not_own_is_an_error():
+    device = hal.DeviceRegistry(load_entry_points=False).get_device("cpu")
+    with pytest.raises(hal.GraphHalError, match="does not recognise graph"):
+        device.replay(object())
+
+
+@pytest.mark.cpu
 def test_update_on_a_device_without_host_parameters_is_an_error():
     device = hal.DeviceRegistry(load_entry_points=False).get_device("cpu")
     with pytest.raises(hal.GraphHalError, match="nothing to update"):

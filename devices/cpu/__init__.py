@@ -68,6 +68,11 @@ def hal_replay(graph: Any) -> bool | None:
 
 
 @hookimpl
+def hal_capture_executes_work(device: DeviceId) -> bool | None:
+    return True if _mine(device) else None  # the recorder runs each op as it records it
+
+
+@hookimpl
 def hal_graph_pool(device: DeviceId) -> RecordingPool | None:
     return RecordingPool() if _mine(device) else None
 

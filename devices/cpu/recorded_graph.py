@@ -72,7 +72,8 @@ class _RecordedOp:
     def replay(self) -> None:
         result = self.func(*self.args, **self.kwargs)
         if self.outputs:
-            for target, value in zip(self.outputs, tree_leaves(result)):
+            fresh = [leaf for leaf in tree_leaves(result) if isinstance(leaf, torch.Tensor)]
+            for target, value in zip(self.outputs, fresh):
                 target.copy_(value)
 
 
@@ -92,8 +93,10 @@ class _OpRecorder(TorchDispatchMode):
                 "Keep the value on the device, or move the op out of the captured region."
             )
         result = func(*args, **kwargs)
-        if func.is_view or func in _UNINITIALISED_FACTORIES:
-            return result  # a view aliases memory the other ops refresh; uninitialised memory needs nothing
+        if func.is_view or torch.Tag.inplace_view in func.tags or func in _UNINITIALISED_FACTORIES:
+            # A view aliases memory the other ops refresh; an in-place view (unsqueeze_, t_) changes only
+            # metadata, which a device graph never replays; uninitialised memory needs nothing.
+            return result
         if func._schema.is_mutable:
             self._ops.append(_RecordedOp(func, args, kwargs))
         else:

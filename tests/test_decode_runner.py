@@ -95,11 +95,16 @@ def test_every_bucket_equals_eager(graph_device):
 
 def test_capture_goes_largest_first_with_an_eager_warmup_before_each_capture_and_gc_frozen(graph_device):
     runner, step = make_runner(graph_device, max_bs=4, warmup_runs=2)
+    frozen_before = gc.get_freeze_count()  # a library in this process may have frozen objects already
     runner.capture()
     # Two eager warm-ups, then the capture, per bucket, largest first.
     assert step.calls == [(4, False), (4, False), (4, True), (2, False), (2, False), (2, True), (1, False), (1, False), (1, True)]
     assert set(step.gc_states) == {(False, True)}  # collector paused and survivors frozen throughout
-    assert gc.isenabled() and gc.get_freeze_count() == 0  # restored after the loop
+    assert gc.isenabled()
+    if frozen_before == 0:
+        assert gc.get_freeze_count() == 0  # what the loop froze is thawed again
+    else:
+        assert gc.get_freeze_count() >= frozen_before  # never thaw what someone else froze
 
 
 def test_capture_keeps_what_the_server_froze_itself_frozen(graph_device):

@@ -135,27 +135,25 @@ class DecodeRunner:
                 self.forward(**inputs)
             device.synchronize()
         except Exception as exc:
-            raise hal.CaptureError(
+            what = (
                 f"the eager warm-up of the {PHASE} forward for bucket {bucket} on {device} failed, before any "
-                f"capture (a model error, not a graph error): {type(exc).__name__}: {exc}",
-                bucket=bucket,
-                mode=mode,
-                device=str(device),
-            ) from exc
+                "capture (a model error, not a graph error)"
+            )
+            raise self._capture_error(what, bucket, exc) from exc
         try:
             graph = device.make_graph(mode)
             with device.capture_session(graph, self.pool):
                 outputs = forward(**inputs)
             captured_outputs = GraphOutputs(outputs, bucket)
         except Exception as exc:
-            raise hal.CaptureError(
-                f"capturing the {PHASE} graph for bucket {bucket} (mode {mode}) on {device} failed: "
-                f"{type(exc).__name__}: {exc}",
-                bucket=bucket,
-                mode=mode,
-                device=str(device),
-            ) from exc
+            what = f"capturing the {PHASE} graph for bucket {bucket} (mode {mode}) on {device} failed"
+            raise self._capture_error(what, bucket, exc) from exc
         return _CapturedBucket(graph, device.replayer(graph), captured_outputs, self._addresses())
+
+    def _capture_error(self, what: str, bucket: int, cause: Exception) -> hal.CaptureError:
+        return hal.CaptureError(
+            f"{what}: {type(cause).__name__}: {cause}", bucket=bucket, mode=self.config.mode, device=str(self.device)
+        )
 
     def _addresses(self) -> dict[str, int]:
         addresses = {f"input slot {name!r}": t.data_ptr() for name, t in self.static_inputs.buffers.items()}

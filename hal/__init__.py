@@ -14,6 +14,7 @@ entry-point group ``graphhal.devices``.
 from hal.break_points import BreakInFullGraphError, BreakPoint, break_graph, break_point
 from hal.break_results import BreakResultMismatchError
 from hal.breakable_graph import BREAKABLE_MODE, BreakableGraph, SegmentEndError
+from hal.conventions import DeviceConventions, SlotRole
 from hal.device import EAGER_MODE, Device
 from hal.device_id import DeviceId
 from hal.errors import (
@@ -49,6 +50,7 @@ __all__ = [
     "BrokenPlugin",
     "CaptureError",
     "Device",
+    "DeviceConventions",
     "DeviceId",
     "DeviceRegistry",
     "DeviceUnavailableError",
@@ -56,6 +58,7 @@ __all__ = [
     "MemoryStats",
     "PluginLoadWarning",
     "SegmentEndError",
+    "SlotRole",
     "StaticAddressError",
     "UnknownDeviceError",
     "UnsupportedModeError",

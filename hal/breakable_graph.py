@@ -60,6 +60,11 @@ class BreakableGraph:
         self.captured = False
 
     @property
+    def segment_graphs(self) -> list[Any]:
+        """The device's own graphs this graph replays between its breaks, in order."""
+        return [step.graph for step in self.steps if isinstance(step, _Segment)]
+
+    @property
     def num_breaks(self) -> int:
         return sum(isinstance(step, _EagerStep) for step in self.steps)
 

@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 import torch
 
+from hal.conventions import DeviceConventions
 from hal.device_id import DeviceId
 from hal.errors import GraphHalError
 from hal.memory_stats import MemoryStats
@@ -48,6 +49,10 @@ def hal_capture_stream(device: DeviceId) -> None:
     return None
 
 
+def hal_conventions(device: DeviceId) -> DeviceConventions:
+    return DeviceConventions()
+
+
 def hal_memory_stats(device: DeviceId, pool: Any) -> MemoryStats:
     return MemoryStats()
 
@@ -60,4 +65,5 @@ OPTIONAL_HOOK_DEFAULTS = {
     "hal_graph_pool": hal_graph_pool,
     "hal_capture_stream": hal_capture_stream,
     "hal_memory_stats": hal_memory_stats,
+    "hal_conventions": hal_conventions,
 }

@@ -14,6 +14,7 @@ import torch
 
 from hal.breakable_graph import BREAKABLE_MODE, BreakableGraph
 from hal.capture_state import ActiveCapture, tracked_session
+from hal.conventions import DeviceConventions
 from hal.device_id import DeviceId
 from hal.errors import GraphHalError, UnsupportedModeError
 from hal.memory_stats import MemoryStats
@@ -34,6 +35,7 @@ class Device:
         self.needs_graph_update: bool = bool(hooks["hal_needs_graph_update"](device_id))
         self.capture_executes_work: bool = bool(hooks["hal_capture_executes_work"](device_id))
         self.capture_stream: Any = hooks["hal_capture_stream"](device_id)
+        self.conventions: DeviceConventions = hooks["hal_conventions"](device_id) or DeviceConventions()
         # Bound once so replay and update are plain attribute calls.
         self._replay = hooks["hal_replay"]
         self._update = hooks["hal_update"]
@@ -112,8 +114,16 @@ class Device:
             raise GraphHalError(f"plugin {self.plugin_name!r} does not recognise graph {graph!r} as its own")
 
     def update(self, graph: Any, params: Mapping[str, Any]) -> None:
-        """Refresh host-side values baked into ``graph`` before its next replay (``needs_graph_update``)."""
-        self._update(graph, params)
+        """Refresh host-side values baked into ``graph`` before its next replay (``needs_graph_update``).
+
+        ``params`` maps a slot role (``hal.SlotRole.SEQ_LENS``) to the live host values padded to the graph's
+        shape. A breakable graph passes them to each of its segments: a segment is a full graph of the device.
+        """
+        if isinstance(graph, BreakableGraph):
+            for segment_graph in graph.segment_graphs:
+                self._update(segment_graph, params)
+        else:
+            self._update(graph, params)
 
     # --- plumbing ---------------------------------------------------------------------------------------
 

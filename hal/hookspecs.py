@@ -22,6 +22,7 @@ from hal.markers import hookspec
 if TYPE_CHECKING:
     import torch
 
+    from hal.conventions import DeviceConventions
     from hal.device_id import DeviceId
     from hal.memory_stats import MemoryStats
 
@@ -139,6 +140,16 @@ def hal_update(graph: Any, params: Mapping[str, Any]) -> bool | None:
 
 
 # --- plumbing -------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def hal_conventions(device: "DeviceId") -> "DeviceConventions | None":
+    """Return the dtypes and pad fills this device's kernels expect for role slots (``hal.SlotRole``).
+
+    Called once when the facade is created; runners read it through ``Device.conventions`` to type and pad
+    slots that declare a role (cache locations, sequence lengths) instead of hard-coding one vendor's choice.
+    Default: ``DeviceConventions()`` (int64 cache locations, int32 lengths padded with 0).
+    """
 
 
 @hookspec(firstresult=True)

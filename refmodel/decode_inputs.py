@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from hal.conventions import SlotRole
 from refmodel.block_allocator import NULL_BLOCK
 from refmodel.config import ModelConfig
 from refmodel.kv_cache import NULL_SLOT
@@ -17,6 +18,9 @@ def decode_input_slots(config: ModelConfig, max_blocks_per_seq: int | None = Non
     (``seq_len`` 0 gives zeros, never NaN), and writes its K/V into the null block that no request owns.
     ``max_blocks_per_seq`` defaults to enough blocks for ``config.max_seq_len`` tokens; it must match the
     width of the block tables the server (or ``DecodeWorkload``) builds.
+
+    ``seq_lens`` and ``slot_mapping`` declare their roles: a runner gives them the dtype (and the lengths
+    their fill) the device's conventions ask for, which is what these defaults are on cpu and cuda.
     """
     if max_blocks_per_seq is None:
         max_blocks_per_seq = config.max_blocks_per_seq
@@ -25,7 +29,7 @@ def decode_input_slots(config: ModelConfig, max_blocks_per_seq: int | None = Non
     return [
         InputSlot("input_ids", torch.int64, fill=0),
         InputSlot("positions", torch.int64, fill=0),
-        InputSlot("seq_lens", torch.int32, fill=0),
+        InputSlot("seq_lens", torch.int32, fill=0, role=SlotRole.SEQ_LENS),
         InputSlot("block_tables", torch.int32, row_shape=(max_blocks_per_seq,), fill=NULL_BLOCK),
-        InputSlot("slot_mapping", torch.int64, fill=NULL_SLOT),
+        InputSlot("slot_mapping", torch.int64, fill=NULL_SLOT, role=SlotRole.CACHE_LOCATIONS),
     ]

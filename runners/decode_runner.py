@@ -76,7 +76,14 @@ class DecodeRunner:
         self.device.check_mode(self.config.mode)
         assert self.config.max_bs is not None and self.config.buckets is not None  # resolved by DecodeConfig
         self.buckets = BucketPolicy(self.config.buckets)
-        self.static_inputs = StaticInputs(slots, self.buckets.max_size, self.device.torch_device)
+        # Role slots (cache locations, sequence lengths) take their dtype and fill from the device.
+        self.slots = tuple(slot.for_device(self.device.conventions) for slot in slots)
+        self.static_inputs = StaticInputs(self.slots, self.buckets.max_size, self.device.torch_device)
+        # On devices that bake host values into graphs (NPU attention lengths), these slots' live values go
+        # to Device.update before every replay.
+        self._updated_slots = (
+            [slot for slot in self.slots if slot.role == hal.SlotRole.SEQ_LENS] if self.device.needs_graph_update else []
+        )
         self.pool = pool
         self.watched_tensors = dict(watched_tensors or {})
         self._graphs: dict[int, _CapturedBucket] = {}
@@ -190,8 +197,19 @@ class DecodeRunner:
         self.static_inputs.load(batch, rows, bucket)
         if not captured.addresses_checked:
             self._check_addresses(bucket, captured)
+        if self._updated_slots:
+            self._update_graph(captured.graph, batch, rows, bucket)
         captured.replay()
         return captured.outputs.live_rows(rows)
+
+    def _update_graph(self, graph: Any, batch: Mapping[str, torch.Tensor], rows: int, bucket: int) -> None:
+        # A fresh host list per run: the device may apply it asynchronously, so the runner must never hand
+        # over a buffer it will mutate for the next step while this one may still be read.
+        params = {}
+        for slot in self._updated_slots:
+            values = batch[slot.name].tolist()
+            params[slot.role] = values + [slot.fill] * (bucket - rows)
+        self.device.update(graph, params)
 
     def _run_eager(self, batch: Mapping[str, torch.Tensor]) -> Any:
         with torch.no_grad():

@@ -16,6 +16,8 @@ from hal.break_results import BreakResultMismatchError
 from hal.breakable_graph import BREAKABLE_MODE, BreakableGraph, SegmentEndError
 from hal.conventions import DeviceConventions, SlotRole
 from hal.device import EAGER_MODE, Device
+from hal.piecewise_backend import PIECE_COMPILERS, PIECEWISE_MODE, PiecewiseBackend
+from hal.piecewise_forward import PiecewiseForward
 from hal.device_id import DeviceId
 from hal.errors import (
     CaptureError,
@@ -27,6 +29,7 @@ from hal.errors import (
 )
 from hal.markers import ENTRY_POINT_GROUP, PROJECT_NAME, hookimpl, hookspec
 from hal.memory_stats import MIB, MemoryStats
+from hal.splitting_ops import SplittingOpError, register_splitting_op, registered_splitting_ops, unregister_splitting_op
 from hal.registry import (
     BrokenPlugin,
     DeviceRegistry,
@@ -42,6 +45,8 @@ __all__ = [
     "EAGER_MODE",
     "ENTRY_POINT_GROUP",
     "MIB",
+    "PIECEWISE_MODE",
+    "PIECE_COMPILERS",
     "PROJECT_NAME",
     "BreakInFullGraphError",
     "BreakPoint",
@@ -56,9 +61,12 @@ __all__ = [
     "DeviceUnavailableError",
     "GraphHalError",
     "MemoryStats",
+    "PiecewiseBackend",
+    "PiecewiseForward",
     "PluginLoadWarning",
     "SegmentEndError",
     "SlotRole",
+    "SplittingOpError",
     "StaticAddressError",
     "UnknownDeviceError",
     "UnsupportedModeError",
@@ -69,5 +77,8 @@ __all__ = [
     "get_device",
     "hookimpl",
     "hookspec",
+    "register_splitting_op",
+    "registered_splitting_ops",
     "reload_plugins",
+    "unregister_splitting_op",
 ]

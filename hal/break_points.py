@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, TypeVar, overload
 
+import torch
+
 from hal.capture_state import current_capture
 from hal.errors import GraphHalError
 
@@ -38,6 +40,10 @@ class BreakPoint:
         functools.update_wrapper(self, function, updated=())  # a Module's __dict__ must not be copied over
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            # Traced by torch.compile: the call becomes an ordinary node of the FX graph (where a piecewise
+            # backend can split at it); the capture bookkeeping below must not be traced into the graph.
+            return self.function(*args, **kwargs)
         active = current_capture()
         if active is None or not self.enabled:
             return self.function(*args, **kwargs)

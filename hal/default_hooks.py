@@ -49,6 +49,10 @@ def hal_capture_stream(device: DeviceId) -> None:
     return None
 
 
+def hal_captures_compiled_kernels(device: DeviceId) -> bool:
+    return True
+
+
 def hal_conventions(device: DeviceId) -> DeviceConventions:
     return DeviceConventions()
 
@@ -66,4 +70,5 @@ OPTIONAL_HOOK_DEFAULTS = {
     "hal_capture_stream": hal_capture_stream,
     "hal_memory_stats": hal_memory_stats,
     "hal_conventions": hal_conventions,
+    "hal_captures_compiled_kernels": hal_captures_compiled_kernels,
 }

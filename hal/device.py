@@ -17,6 +17,7 @@ from hal.capture_state import ActiveCapture, tracked_session
 from hal.conventions import DeviceConventions
 from hal.device_id import DeviceId
 from hal.errors import GraphHalError, UnsupportedModeError
+from hal.piecewise_backend import PIECEWISE_MODE
 from hal.memory_stats import MemoryStats
 
 # Eager execution through the runner API; every device offers it, no plugin declares it.
@@ -35,6 +36,7 @@ class Device:
         self.needs_graph_update: bool = bool(hooks["hal_needs_graph_update"](device_id))
         self.capture_executes_work: bool = bool(hooks["hal_capture_executes_work"](device_id))
         self.capture_stream: Any = hooks["hal_capture_stream"](device_id)
+        self.captures_compiled_kernels: bool = bool(hooks["hal_captures_compiled_kernels"](device_id))
         self.conventions: DeviceConventions = hooks["hal_conventions"](device_id) or DeviceConventions()
         # Bound once so replay and update are plain attribute calls.
         self._replay = hooks["hal_replay"]
@@ -48,9 +50,9 @@ class Device:
 
     @property
     def modes(self) -> tuple[str, ...]:
-        """Every mode a runner may ask for here: the device's own graph modes, ``breakable`` (built by hal on
-        top of full graphs, so every device with full graphs has it), and ``disabled`` (eager)."""
-        strategies = (BREAKABLE_MODE,) if "full" in self.graph_modes else ()
+        """Every mode a runner may ask for here: the device's own graph modes, ``breakable`` and ``piecewise``
+        (built by hal on top of full graphs, so every device with full graphs has them), and ``disabled``."""
+        strategies = (BREAKABLE_MODE, PIECEWISE_MODE) if "full" in self.graph_modes else ()
         return (*self.graph_modes, *strategies, EAGER_MODE)
 
     def __str__(self) -> str:
@@ -72,6 +74,11 @@ class Device:
         """A fresh, empty graph for ``mode`` (any of ``modes`` but ``disabled``)."""
         if mode == BREAKABLE_MODE and mode in self.modes:
             return BreakableGraph(self)
+        if mode == PIECEWISE_MODE and mode in self.modes:
+            raise UnsupportedModeError(
+                "a piecewise graph is not one graph object: compile the forward with hal.PiecewiseBackend "
+                "(runners do this for mode 'piecewise'), which captures each piece as a full graph"
+            )
         if mode not in self.graph_modes:
             self.check_mode(mode)  # names the supported modes
             raise UnsupportedModeError(f"mode {mode!r} runs eagerly on {self.id}: there is no graph to make")

@@ -143,6 +143,16 @@ def hal_update(graph: Any, params: Mapping[str, Any]) -> bool | None:
 
 
 @hookspec(firstresult=True)
+def hal_captures_compiled_kernels(device: "DeviceId") -> bool | None:
+    """Return False when this device's graphs cannot record kernels that bypass torch's dispatcher.
+
+    Called once when the facade is created. torch.compile with Inductor emits fused kernels that are
+    launched directly, not as torch ops; a device whose graphs record torch ops (rather than the device's
+    own work queue) would replay without them, so runners refuse ``compiler: inductor`` there. Default: True.
+    """
+
+
+@hookspec(firstresult=True)
 def hal_conventions(device: "DeviceId") -> "DeviceConventions | None":
     """Return the dtypes and pad fills this device's kernels expect for role slots (``hal.SlotRole``).
 

@@ -96,7 +96,7 @@ def test_get_device_returns_one_facade_per_name_with_modes():
     registry = hal.DeviceRegistry(load_entry_points=False)
     device = registry.get_device("cpu")
     assert registry.get_device("cpu") is device
-    assert device.modes == ("full", "breakable", "disabled")
+    assert device.modes == ("full", "breakable", "piecewise", "disabled")
     assert device.torch_device == torch.device("cpu")
     assert not device.needs_graph_update
 
@@ -123,9 +123,11 @@ def test_npu_skeleton_is_registered_but_unavailable_without_ascend():
 @pytest.mark.cpu
 def test_unsupported_mode_lists_supported_modes():
     device = hal.DeviceRegistry(load_entry_points=False).get_device("cpu")
-    with pytest.raises(hal.UnsupportedModeError, match=r"'piecewise'.*supported modes: full, breakable, disabled"):
+    with pytest.raises(hal.UnsupportedModeError, match=r"'fast'.*supported modes: full, breakable, piecewise, disabled"):
+        device.make_graph("fast")
+    with pytest.raises(hal.UnsupportedModeError, match=r"piecewise graph is not one graph object.*PiecewiseBackend"):
         device.make_graph("piecewise")
-    with pytest.raises(hal.UnsupportedModeError, match=r"'fast'.*supported modes: full, breakable, disabled"):
+    with pytest.raises(hal.UnsupportedModeError, match=r"'fast'.*supported modes: full, breakable, piecewise, disabled"):
         DecodeRunner(lambda x: x, [InputSlot("x", torch.float32)], device, DecodeConfig(mode="fast"))
 
 

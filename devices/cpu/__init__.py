@@ -73,6 +73,13 @@ def hal_capture_executes_work(device: DeviceId) -> bool | None:
 
 
 @hookimpl
+def hal_captures_compiled_kernels(device: DeviceId) -> bool | None:
+    # The recorder sees torch ops only; Inductor's fused C++ kernels run without passing the dispatcher,
+    # so a recorded graph would replay without them.
+    return False if _mine(device) else None
+
+
+@hookimpl
 def hal_graph_pool(device: DeviceId) -> RecordingPool | None:
     return RecordingPool() if _mine(device) else None
 

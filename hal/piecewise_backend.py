@@ -1,0 +1,161 @@
+"""The piecewise strategy: a torch.compile backend that captures a model piece by piece.
+
+    backend = PiecewiseBackend(device, pool, buckets=[8, 16, 32])
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)  # see piecewise_compile
+
+torch.compile hands the backend the model's FX graph once, with the token dimension symbolic. The backend
+cuts it at the splitting ops (attention), compiles every other piece (``eager``: as traced; ``inductor``:
+fused kernels), and puts a ``PiecewisePiece`` in each piece's place. Calling the compiled model at a bucket
+the first time warms up and captures every piece into the shared pool, each as a full graph of the device;
+later calls at that bucket replay the pieces and run the splitting ops eagerly between them. One compile
+serves every bucket: the token count is a symbol, not a constant (``compile_count`` stays at one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import torch
+
+from hal.errors import GraphHalError
+from hal.piecewise_piece import PieceCaptures, PiecewisePiece, ShapeKey
+from hal.piecewise_split import split_at_ops
+from hal.splitting_ops import resolve_splitting_ops
+
+if TYPE_CHECKING:
+    from hal.device import Device
+
+PIECEWISE_MODE = "piecewise"
+PIECE_COMPILERS = ("eager", "inductor")
+
+
+class PiecewiseBackend:
+    """A torch.compile backend splitting at ``splitting_ops`` (default: every registered one).
+
+    device, pool:  where the pieces are captured: one pool shared by every piece and bucket.
+    buckets:       the token counts to capture; any other count runs the compiled pieces without graphs.
+    compiler:      how each piece is compiled: ``eager`` (as traced) or ``inductor``.
+    capture:       False makes pieces never capture (for a whole-forward graph around the compiled model).
+    """
+
+    def __init__(
+        self,
+        device: "Device",
+        pool: Any,
+        buckets: Iterable[int],
+        *,
+        compiler: str = "eager",
+        warmup_runs: int = 1,
+        splitting_ops: Iterable[Any] | None = None,
+        capture: bool = True,
+    ) -> None:
+        if compiler not in PIECE_COMPILERS:
+            raise ValueError(f"unknown piece compiler {compiler!r}; choose one of: {', '.join(PIECE_COMPILERS)}")
+        self.compiler = compiler
+        self.splitting_ops = resolve_splitting_ops(splitting_ops)
+        self.captures = PieceCaptures(device, pool, frozenset(buckets), warmup_runs, capture)
+        self.compile_count = 0
+        self.pieces: list[PiecewisePiece] = []
+        self.num_splits = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+        self.compile_count += 1
+        split = split_at_ops(gm, self.splitting_ops)
+        # Dynamo's fake mode remembers the fake (symbolic-shaped) twin of every real example input.
+        fake_mode = torch._guards.detect_fake_mode(example_inputs)
+        fake_inputs = [
+            fake_mode.from_tensor(value) if fake_mode is not None and isinstance(value, torch.Tensor) else value
+            for value in example_inputs
+        ]
+        token_symbol = _token_symbol(fake_inputs)
+        compiler = _PieceCompiler(split.module, set(split.pieces), self, token_symbol)
+        with fake_mode if fake_mode is not None else contextlib.nullcontext():
+            compiler.run(*fake_inputs)
+        for name, piece in compiler.compiled.items():
+            split.module.__dict__[name] = piece  # shadows the submodule: the split graph calls the piece
+        self.pieces.extend(compiler.compiled.values())
+        self.num_splits += len(split.splits)
+        return split.module
+
+    def drop_graphs(self) -> None:
+        """Forget every captured piece graph (after a failed capture): the next call captures again."""
+        for piece in self.pieces:
+            piece.drop_graphs()
+
+    @property
+    def captures_enabled(self) -> bool:
+        return self.captures.enabled
+
+    @captures_enabled.setter
+    def captures_enabled(self, value: bool) -> None:
+        self.captures.enabled = value
+
+
+class _PieceCompiler(torch.fx.Interpreter):
+    """Runs the split graph on fake inputs, compiling each piece with the (symbolic) arguments it gets."""
+
+    def __init__(self, module: torch.fx.GraphModule, pieces: set[str], backend: PiecewiseBackend, token_symbol: Any) -> None:
+        super().__init__(module)
+        self.pieces = pieces
+        self.backend = backend
+        self.token_symbol = token_symbol
+        self.compiled: dict[str, PiecewisePiece] = {}
+        self.arg_names = {
+            node.target: [str(arg) for arg in node.args] for node in module.graph.nodes if node.op == "call_module"
+        }
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        outputs = super().call_module(target, args, kwargs)
+        if target in self.pieces:
+            submodule = self.fetch_attr(target)
+            compiled = _compile_piece(submodule, list(args), self.backend.compiler)
+            self.compiled[target] = PiecewisePiece(
+                target,
+                len(self.compiled),
+                compiled,
+                _shape_key(args, self.token_symbol),
+                self.backend.captures,
+                self.arg_names[target],
+            )
+        return outputs
+
+
+def _compile_piece(submodule: torch.fx.GraphModule, fake_args: list[Any], compiler: str) -> Any:
+    if compiler == "eager":
+        return submodule
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(submodule, fake_args)
+
+
+def _symbol(value: Any) -> Any:
+    return value.node.expr if isinstance(value, torch.SymInt) else None
+
+
+def _token_symbol(fake_inputs: Sequence[Any]) -> Any:
+    """The symbol of the token dimension: the first symbolic size among the graph's inputs."""
+    for value in fake_inputs:
+        if isinstance(value, torch.SymInt):
+            return _symbol(value)
+        if isinstance(value, torch.Tensor):
+            for size in value.shape:
+                if isinstance(size, torch.SymInt):
+                    return _symbol(size)
+    raise GraphHalError(
+        "the piecewise backend got a graph with no dynamic dimension: one compile must serve every token-count "
+        "bucket, so compile with the token dimension marked dynamic (hal.piecewise_compile does this)"
+    )
+
+
+def _shape_key(args: Sequence[Any], token_symbol: Any) -> ShapeKey | None:
+    """Where this piece reads the token count at run time; None for a piece that does not depend on it."""
+    for index, value in enumerate(args):
+        if _symbol(value) == token_symbol:
+            return ShapeKey(index)
+    for index, value in enumerate(args):
+        if isinstance(value, torch.Tensor):
+            for dim, size in enumerate(value.shape):
+                if _symbol(size) == token_symbol:
+                    return ShapeKey(index, dim)
+    return None

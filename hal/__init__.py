@@ -17,7 +17,7 @@ from hal.breakable_graph import BREAKABLE_MODE, BreakableGraph, SegmentEndError
 from hal.conventions import DeviceConventions, SlotRole
 from hal.device import EAGER_MODE, Device
 from hal.piecewise_backend import PIECE_COMPILERS, PIECEWISE_MODE, PiecewiseBackend
-from hal.piecewise_forward import PiecewiseForward
+from hal.compiled_forward import CompiledForward, InductorBackend
 from hal.device_id import DeviceId
 from hal.errors import (
     CaptureError,
@@ -44,6 +44,7 @@ __all__ = [
     "BREAKABLE_MODE",
     "EAGER_MODE",
     "ENTRY_POINT_GROUP",
+    "InductorBackend",
     "MIB",
     "PIECEWISE_MODE",
     "PIECE_COMPILERS",
@@ -54,6 +55,7 @@ __all__ = [
     "BreakableGraph",
     "BrokenPlugin",
     "CaptureError",
+    "CompiledForward",
     "Device",
     "DeviceConventions",
     "DeviceId",
@@ -62,7 +64,6 @@ __all__ = [
     "GraphHalError",
     "MemoryStats",
     "PiecewiseBackend",
-    "PiecewiseForward",
     "PluginLoadWarning",
     "SegmentEndError",
     "SlotRole",

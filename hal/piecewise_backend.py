@@ -1,7 +1,7 @@
 """The piecewise strategy: a torch.compile backend that captures a model piece by piece.
 
     backend = PiecewiseBackend(device, pool, buckets=[8, 16, 32])
-    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)  # see piecewise_compile
+    compiled = hal.CompiledForward(model, backend, token_inputs=["input_ids", "positions"])
 
 torch.compile hands the backend the model's FX graph once, with the token dimension symbolic. The backend
 cuts it at the splitting ops (attention), compiles every other piece (``eager``: as traced; ``inductor``:
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
+from hal.break_points import BreakPoint
 from hal.errors import GraphHalError
 from hal.piecewise_piece import PieceCaptures, PiecewisePiece, ShapeKey
 from hal.piecewise_split import split_at_ops
@@ -36,7 +37,9 @@ class PiecewiseBackend:
     device, pool:  where the pieces are captured: one pool shared by every piece and bucket.
     buckets:       the token counts to capture; any other count runs the compiled pieces without graphs.
     compiler:      how each piece is compiled: ``eager`` (as traced) or ``inductor``.
-    capture:       False makes pieces never capture (for a whole-forward graph around the compiled model).
+    capture:       False: pieces never capture, and each splitting op becomes a break point instead, so
+                   a breakable graph around the compiled forward cuts there (``compiler: inductor`` in
+                   breakable mode: fused kernels in the segments, the splitting ops eager between them).
     """
 
     def __init__(
@@ -74,6 +77,10 @@ class PiecewiseBackend:
             compiler.run(*fake_inputs)
         for name, piece in compiler.compiled.items():
             split.module.__dict__[name] = piece  # shadows the submodule: the split graph calls the piece
+        if not self.captures.enabled:
+            for name in split.splits:
+                op = split.ops[name]
+                split.module.__dict__[name] = BreakPoint(getattr(split.module, name), name=str(op), required=False)
         self.pieces.extend(compiler.compiled.values())
         self.num_splits += len(split.splits)
         return split.module
@@ -83,13 +90,6 @@ class PiecewiseBackend:
         for piece in self.pieces:
             piece.drop_graphs()
 
-    @property
-    def captures_enabled(self) -> bool:
-        return self.captures.enabled
-
-    @captures_enabled.setter
-    def captures_enabled(self, value: bool) -> None:
-        self.captures.enabled = value
 
 
 class _PieceCompiler(torch.fx.Interpreter):
@@ -144,7 +144,7 @@ def _token_symbol(fake_inputs: Sequence[Any]) -> Any:
                     return _symbol(size)
     raise GraphHalError(
         "the piecewise backend got a graph with no dynamic dimension: one compile must serve every token-count "
-        "bucket, so compile with the token dimension marked dynamic (hal.piecewise_compile does this)"
+        "bucket, so compile with the token dimension marked dynamic (hal.CompiledForward does this)"
     )
 
 

@@ -12,11 +12,13 @@ from hal.splitting_ops import SplittingOpError
 
 @dataclass(frozen=True)
 class SplitGraph:
-    """``module`` calls its submodules in order; ``pieces`` name the capturable ones, ``splits`` the ops."""
+    """``module`` calls its submodules in order; ``pieces`` name the capturable ones, ``splits`` the ops
+    (``ops``: which splitting op each of those submodules calls)."""
 
     module: torch.fx.GraphModule
     pieces: tuple[str, ...]
     splits: tuple[str, ...]
+    ops: dict[str, torch._ops.OpOverload]
 
 
 def split_at_ops(gm: torch.fx.GraphModule, splitting_ops: frozenset[torch._ops.OpOverload]) -> SplitGraph:
@@ -26,7 +28,7 @@ def split_at_ops(gm: torch.fx.GraphModule, splitting_ops: frozenset[torch._ops.O
     piece a fresh tensor instead of writing into one the previous piece allocated.
     """
     partition_of: dict[torch.fx.Node, int] = {}
-    split_partitions: set[int] = set()
+    split_partitions: dict[int, torch._ops.OpOverload] = {}
     partition = 0
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
@@ -39,15 +41,19 @@ def split_at_ops(gm: torch.fx.GraphModule, splitting_ops: frozenset[torch._ops.O
                 )
             partition += 1
             partition_of[node] = partition
-            split_partitions.add(partition)
+            split_partitions[partition] = node.target
             partition += 1
         else:
             partition_of[node] = partition
 
     split = split_module(gm, None, lambda node: partition_of[node], keep_original_order=True)
-    pieces, splits = [], []
+    pieces, splits, ops = [], [], {}
     for node in split.graph.nodes:
         if node.op == "call_module":
             index = int(node.target.rsplit("_", 1)[1])
-            (splits if index in split_partitions else pieces).append(node.target)
-    return SplitGraph(split, tuple(pieces), tuple(splits))
+            if index in split_partitions:
+                splits.append(node.target)
+                ops[node.target] = split_partitions[index]
+            else:
+                pieces.append(node.target)
+    return SplitGraph(split, tuple(pieces), tuple(splits), ops)

@@ -154,6 +154,13 @@ class DeviceRegistry:
             return False
         return bool(self._impl(owner, "hal_is_available")(device_id))  # type: ignore[misc]
 
+    def graph_modes_of(self, device_type: str) -> tuple[str, ...]:
+        """The graph modes the plugin serving ``device_type`` declares, whether or not the device is present."""
+        owner = self._owner_by_type.get(device_type)
+        if owner is None:
+            return ()
+        return tuple(self._impl(owner, "hal_graph_modes")(DeviceId(device_type, None)) or ())  # type: ignore[misc]
+
     def available_device_types(self) -> list[str]:
         return [t for t in self._owner_by_type if self.is_available(t)]
 

@@ -3,11 +3,13 @@
 A server imports this package and ``hal`` for device names; nothing here names a device.
 """
 
-from runners.buckets import BucketPolicy, default_decode_buckets
+from runners.buckets import BucketPolicy, default_decode_buckets, default_prefill_buckets
 from runners.capture_report import CaptureReport
-from runners.config import DecodeConfig
+from runners.config import DecodeConfig, PhaseConfig, PrefillConfig
 from runners.decode_runner import DecodeRunner
+from runners.graph_config import GraphConfig
 from runners.input_slots import InputSlot
+from runners.prefill_runner import PrefillRunner
 from runners.static_inputs import StaticInputs
 
 __all__ = [
@@ -15,7 +17,12 @@ __all__ = [
     "CaptureReport",
     "DecodeConfig",
     "DecodeRunner",
+    "GraphConfig",
     "InputSlot",
+    "PhaseConfig",
+    "PrefillConfig",
+    "PrefillRunner",
     "StaticInputs",
     "default_decode_buckets",
+    "default_prefill_buckets",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 DEFAULT_MAX_BATCH_SIZE = 256
+DEFAULT_MAX_TOKENS = 4096
 
 
 def default_decode_buckets(max_bs: int) -> list[int]:
@@ -19,6 +20,25 @@ def default_decode_buckets(max_bs: int) -> list[int]:
     candidates = [1, 2, 4, 8, 12, *range(16, DEFAULT_MAX_BATCH_SIZE + 1, 8)]
     buckets = [b for b in candidates if b < max_bs]
     return [*buckets, max_bs]
+
+
+def default_prefill_buckets(max_tokens: int) -> list[int]:
+    """4..32 step 4, 48..256 step 16, 288..512 step 32, 576..1024 step 64, 1280..4096 step 256, capped at
+    ``max_tokens``; ``max_tokens`` always included.
+
+    Padding costs a prefill in proportion to the padded tokens, so steps grow with the token count: the
+    padding stays under about 1/4 of a bucket, and capture time and pool memory stay bounded.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens}")
+    candidates = [
+        *range(4, 33, 4),
+        *range(48, 257, 16),
+        *range(288, 513, 32),
+        *range(576, 1025, 64),
+        *range(1280, DEFAULT_MAX_TOKENS + 1, 256),
+    ]
+    return [*(b for b in candidates if b < max_tokens), max_tokens]
 
 
 def check_buckets(buckets: Sequence[int], what: str = "buckets") -> list[int]:

@@ -1,60 +1,205 @@
-"""Per-phase graph configuration."""
+"""Per-phase graph configuration: how each runner captures and runs.
+
+``DecodeConfig`` and ``PrefillConfig`` hold one phase each; ``GraphConfig`` (in ``runners.graph_config``)
+holds both and builds them from a dict, JSON or server flags. Everything that can be checked without a
+device is checked here, when the config is built; ``check_device`` adds what depends on the device.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
-from runners.buckets import DEFAULT_MAX_BATCH_SIZE, check_buckets, default_decode_buckets
+import hal
+from runners.buckets import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_TOKENS,
+    check_buckets,
+    default_decode_buckets,
+    default_prefill_buckets,
+)
 
 BREAKABLE_DEBUG_ENV = "GRAPHHAL_BREAKABLE_DEBUG"
 
+FULL_MODE = "full"
+STANDARD_MODES = (FULL_MODE, hal.BREAKABLE_MODE, hal.PIECEWISE_MODE, hal.EAGER_MODE)
+
+# How the forward is compiled before graphhal captures it, per mode. "none": the forward as written.
+# "eager"/"inductor" in piecewise: how each piece between splitting ops is compiled (torch.compile always
+# traces a piecewise forward, to split it). "inductor" in full/breakable: the forward compiled once, with a
+# dynamic batch dimension and without Inductor's own CUDA graphs, then captured per bucket by graphhal.
+COMPILERS_BY_MODE = {
+    FULL_MODE: ("none", "inductor"),
+    hal.BREAKABLE_MODE: ("none", "inductor"),
+    hal.PIECEWISE_MODE: ("eager", "inductor"),
+    hal.EAGER_MODE: ("none",),
+}
+
 
 @dataclass
-class DecodeConfig:
-    """How a ``DecodeRunner`` captures and runs.
+class PhaseConfig:
+    """Fields every phase has. Use ``DecodeConfig`` or ``PrefillConfig``.
 
-    mode:            a graph mode the device offers (``"full"``), or ``"disabled"`` to run eagerly through
-                     the same API (to tell a graph bug from a model bug, or on devices without graphs).
-    max_bs:          the largest live batch that runs on a graph; defaults to the largest bucket, or 256.
-    buckets:         padded batch sizes to capture, strictly increasing; the last must equal ``max_bs``.
-                     Default: ``default_decode_buckets(max_bs)``.
-    eager_fallback:  run batches larger than ``max_bs`` eagerly (True) or raise (False).
-    warmup_runs:     eager runs of the forward per bucket before its capture (lazy init, autotuning and
-                     allocator warm-up must not happen inside a capture).
+    mode:            a graph mode the device offers, or ``"disabled"`` to run eagerly through the same API
+                     (to tell a graph bug from a model bug, or on devices without graphs).
+    buckets:         padded sizes to capture, strictly increasing; the last must equal the phase maximum.
+    compiler:        ``none``, ``eager`` or ``inductor`` (see ``COMPILERS_BY_MODE``); default: ``eager`` for
+                     piecewise, ``none`` otherwise.
+    eager_fallback:  run batches larger than the maximum eagerly (True) or raise (False).
+    warmup_runs:     eager runs per bucket before its capture (lazy init, autotuning and allocator warm-up
+                     must not happen inside a capture).
     show_progress:   a progress bar over the buckets while capturing.
-    breakable_debug: in mode ``breakable``, capture the whole forward as one eager step, run through the same
+    breakable_debug: in mode ``breakable``, capture the whole forward as one eager step through the same
                      capture and replay path: if results go right this way and wrong with real segments, the
                      bug is in the graph, not the model. Also switched on by GRAPHHAL_BREAKABLE_DEBUG=1.
     """
 
-    mode: str = "full"
-    max_bs: int | None = None
+    phase: ClassVar[str] = ""
+    size_field: ClassVar[str] = ""  # the field holding the phase maximum (max_bs, max_tokens)
+
+    mode: str = FULL_MODE
     buckets: list[int] | None = None
+    compiler: str | None = None
     eager_fallback: bool = True
     warmup_runs: int = 1
     show_progress: bool = True
     breakable_debug: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.mode, str) or not self.mode:
-            raise ValueError(f"mode must be a non-empty string, got {self.mode!r}")
-        if self.max_bs is not None and (not isinstance(self.max_bs, int) or self.max_bs < 1):
-            raise ValueError(f"max_bs must be a positive integer, got {self.max_bs!r}")
-        if self.buckets is not None:
-            self.buckets = check_buckets(self.buckets)
-            if self.max_bs is None:
-                self.max_bs = self.buckets[-1]
-            elif self.buckets[-1] != self.max_bs:
-                raise ValueError(
-                    f"the largest bucket ({self.buckets[-1]}) must equal max_bs ({self.max_bs}): "
-                    "every batch size up to max_bs needs a bucket, and none may exceed it"
-                )
-        else:
-            if self.max_bs is None:
-                self.max_bs = DEFAULT_MAX_BATCH_SIZE
-            self.buckets = default_decode_buckets(self.max_bs)
+        if self.mode not in known_modes():
+            raise ValueError(
+                f"{self.phase}: unknown graph mode {self.mode!r}; known modes: {', '.join(known_modes())}"
+            )
+        self._check_compiler()
+        self._resolve_buckets()
         if os.environ.get(BREAKABLE_DEBUG_ENV, "") not in ("", "0"):
             self.breakable_debug = True
-        if self.warmup_runs < 1:
-            raise ValueError(f"warmup_runs must be at least 1 (capture needs a warmed-up forward), got {self.warmup_runs}")
+        if not isinstance(self.warmup_runs, int) or self.warmup_runs < 1:
+            raise ValueError(
+                f"{self.phase}: warmup_runs must be at least 1 (capture needs a warmed-up forward), got {self.warmup_runs!r}"
+            )
+
+    @property
+    def max_size(self) -> int:
+        return getattr(self, self.size_field)
+
+    def _check_compiler(self) -> None:
+        allowed = COMPILERS_BY_MODE.get(self.mode, ("none",))
+        if self.compiler is None:
+            self.compiler = allowed[0]
+        if self.compiler not in allowed:
+            raise ValueError(
+                f"{self.phase}: compiler {self.compiler!r} does not go with mode {self.mode!r}; "
+                f"mode {self.mode!r} takes: {', '.join(allowed)}"
+            )
+
+    def _resolve_buckets(self) -> None:
+        name = self.size_field
+        maximum = getattr(self, name)
+        if maximum is not None and (not isinstance(maximum, int) or isinstance(maximum, bool) or maximum < 1):
+            raise ValueError(f"{self.phase}: {name} must be a positive integer, got {maximum!r}")
+        if self.buckets is not None:
+            self.buckets = check_buckets(self.buckets, f"{self.phase} buckets")
+            if maximum is None:
+                setattr(self, name, self.buckets[-1])
+            elif self.buckets[-1] != maximum:
+                raise ValueError(
+                    f"{self.phase}: the largest bucket ({self.buckets[-1]}) must equal {name} ({maximum}): every "
+                    f"size up to {name} needs a bucket, and none may exceed it"
+                )
+        else:
+            if maximum is None:
+                setattr(self, name, self.default_max_size())
+            self.buckets = self.default_buckets(getattr(self, name))
+
+    def default_max_size(self) -> int:
+        raise NotImplementedError
+
+    def default_buckets(self, maximum: int) -> list[int]:
+        raise NotImplementedError
+
+    def check_device(self, device: "hal.Device") -> None:
+        """Raise when ``device`` cannot run this config (a mode it does not offer, a compiler it cannot record)."""
+        if self.mode not in device.modes:
+            raise hal.UnsupportedModeError(
+                f"{self.phase}: device {device} does not offer graph mode {self.mode!r}; supported modes: "
+                f"{', '.join(device.modes)}"
+            )
+        if self.compiler == "inductor" and self.mode != hal.EAGER_MODE and not device.captures_compiled_kernels:
+            raise hal.UnsupportedModeError(
+                f"{self.phase}: device {device} cannot capture Inductor-compiled kernels (its graphs record torch "
+                "ops, and Inductor's fused kernels bypass them); use compiler "
+                f"{COMPILERS_BY_MODE[self.mode][0]!r} on this device"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class DecodeConfig(PhaseConfig):
+    """How a ``DecodeRunner`` captures and runs; ``max_bs`` is the largest batch run on a graph.
+
+    Default buckets: ``default_decode_buckets(max_bs)``; default ``max_bs``: the largest bucket, or 256.
+    """
+
+    phase: ClassVar[str] = "decode"
+    size_field: ClassVar[str] = "max_bs"
+
+    max_bs: int | None = None
+
+    def default_max_size(self) -> int:
+        return DEFAULT_MAX_BATCH_SIZE
+
+    def default_buckets(self, maximum: int) -> list[int]:
+        return default_decode_buckets(maximum)
+
+
+DEFAULT_MAX_REQUESTS = 64
+
+
+@dataclass
+class PrefillConfig(PhaseConfig):
+    """How a ``PrefillRunner`` captures and runs.
+
+    max_tokens:   the largest packed token count run on graphs (default: the largest bucket, or 4096).
+    max_requests: the most requests one packed batch may hold; per-request inputs are padded to it.
+    Mode ``full`` is refused: a prefill batch of one token count splits into requests differently every
+    time, and attention over that split cannot be baked into one graph.
+    """
+
+    phase: ClassVar[str] = "prefill"
+    size_field: ClassVar[str] = "max_tokens"
+
+    mode: str = hal.PIECEWISE_MODE
+    max_tokens: int | None = None
+    max_requests: int = DEFAULT_MAX_REQUESTS
+
+    def __post_init__(self) -> None:
+        if self.mode == FULL_MODE:
+            raise ValueError(
+                "prefill: mode 'full' cannot capture prefill: attention over a packed batch depends on how its "
+                "tokens split into requests, which changes from batch to batch at the same token count, so no "
+                "single graph serves a bucket. Use 'piecewise' (attention runs eagerly between captured pieces) "
+                "or 'breakable' (attention is the break between captured segments)."
+            )
+        super().__post_init__()
+        if not isinstance(self.max_requests, int) or isinstance(self.max_requests, bool) or self.max_requests < 1:
+            raise ValueError(f"prefill: max_requests must be a positive integer, got {self.max_requests!r}")
+
+    def default_max_size(self) -> int:
+        return DEFAULT_MAX_TOKENS
+
+    def default_buckets(self, maximum: int) -> list[int]:
+        return default_prefill_buckets(maximum)
+
+
+def known_modes() -> tuple[str, ...]:
+    """The standard modes, plus any other graph mode an installed device plugin offers."""
+    extra: list[str] = []
+    registry = hal.default_registry()
+    for device_type in registry.device_types():
+        modes = registry.graph_modes_of(device_type)
+        extra.extend(m for m in modes if m not in STANDARD_MODES and m not in extra)
+    return (*STANDARD_MODES, *extra)

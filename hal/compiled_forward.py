@@ -1,4 +1,8 @@
-"""A forward compiled for piecewise capture: one torch.compile with the token dimension dynamic."""
+"""A forward compiled once for every bucket: torch.compile with the token (batch) dimension dynamic.
+
+Used for piecewise capture (with ``PiecewiseBackend``) and for ``compiler: inductor`` in full and breakable
+modes (with ``InductorBackend``): either way one compile serves every bucket, and graphhal captures it.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,23 @@ import torch
 import torch.fx.experimental._config as fx_config
 
 from hal.errors import GraphHalError
-from hal.piecewise_backend import PiecewiseBackend
 
 
-class PiecewiseForward:
-    """``forward`` compiled with ``backend``; call it with the same keywords as ``forward``.
+class InductorBackend:
+    """Inductor, without its own CUDA graphs (graphhal captures the compiled forward), counting compiles."""
+
+    def __init__(self) -> None:
+        self.compile_count = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        from torch._inductor.compile_fx import compile_fx
+
+        self.compile_count += 1
+        return compile_fx(gm, example_inputs)
+
+
+class CompiledForward:
+    """``forward`` compiled with ``backend`` (anything with a ``compile_count``); call it like ``forward``.
 
     The first call compiles, with dim 0 of every tensor named in ``token_inputs`` marked dynamic and
     size-oblivious: without that, Dynamo would specialise on the first size and on sizes 0 and 1, and
@@ -21,7 +37,7 @@ class PiecewiseForward:
     would hide ops from the split) into errors.
     """
 
-    def __init__(self, forward: Callable[..., Any], backend: PiecewiseBackend, token_inputs: Iterable[str]) -> None:
+    def __init__(self, forward: Callable[..., Any], backend: Any, token_inputs: Iterable[str]) -> None:
         self.forward = forward
         self.backend = backend
         self.token_inputs = tuple(token_inputs)
@@ -38,7 +54,7 @@ class PiecewiseForward:
             outputs = self._compiled(**inputs)
         if not self.backend.compile_count:
             raise GraphHalError(
-                "torch.compile ran the forward without calling the piecewise backend (its recompile limit for "
+                "torch.compile ran the forward without calling its backend (its recompile limit for "
                 "this code may be exhausted, or compilation is disabled), so nothing would be captured"
             )
         return outputs

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 from torch.fx.passes.split_module import split_module
 
-from hal.splitting_ops import SplittingOpError
 
 
 @dataclass(frozen=True)
@@ -24,8 +23,8 @@ class SplitGraph:
 def split_at_ops(gm: torch.fx.GraphModule, splitting_ops: frozenset[torch._ops.OpOverload]) -> SplitGraph:
     """Give every splitting-op call a submodule of its own and the runs of nodes between them one each.
 
-    Raises ``SplittingOpError`` when a splitting op's return value is used: the op would be handing the next
-    piece a fresh tensor instead of writing into one the previous piece allocated.
+    The ops were checked to return nothing (``check_writes_into_output``), so no piece can read a tensor a
+    splitting op allocated: everything crossing a split was allocated by a piece, in the pool.
     """
     partition_of: dict[torch.fx.Node, int] = {}
     split_partitions: dict[int, torch._ops.OpOverload] = {}
@@ -33,15 +32,11 @@ def split_at_ops(gm: torch.fx.GraphModule, splitting_ops: frozenset[torch._ops.O
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
-        if node.op == "call_function" and node.target in splitting_ops:
-            if node.users:
-                raise SplittingOpError(
-                    f"the compiled graph uses the result of splitting op {node.target} (node {node.name}); a "
-                    "splitting op must write into an output argument allocated before it and return nothing"
-                )
+        op = _as_overload(node, splitting_ops) if node.op == "call_function" else None
+        if op is not None:
             partition += 1
             partition_of[node] = partition
-            split_partitions[partition] = node.target
+            split_partitions[partition] = op
             partition += 1
         else:
             partition_of[node] = partition
@@ -57,3 +52,14 @@ def split_at_ops(gm: torch.fx.GraphModule, splitting_ops: frozenset[torch._ops.O
             else:
                 pieces.append(node.target)
     return SplitGraph(split, tuple(pieces), tuple(splits), ops)
+
+
+def _as_overload(node: torch.fx.Node, splitting_ops: frozenset[torch._ops.OpOverload]) -> torch._ops.OpOverload | None:
+    """The splitting op a call node runs, if any. Dynamo records ``torch.ops.ns.op(...)`` as a call of the
+    packet, not of one overload: a packet counts when one of its overloads was registered."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target if target in splitting_ops else None
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return next((getattr(target, n) for n in target.overloads() if getattr(target, n) in splitting_ops), None)
+    return None

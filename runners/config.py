@@ -200,6 +200,9 @@ def known_modes() -> tuple[str, ...]:
     extra: list[str] = []
     registry = hal.default_registry()
     for device_type in registry.device_types():
-        modes = registry.graph_modes_of(device_type)
+        try:
+            modes = registry.graph_modes_of(device_type)
+        except hal.GraphHalError:  # a plugin whose device is absent may not know its modes
+            continue
         extra.extend(m for m in modes if m not in STANDARD_MODES and m not in extra)
     return (*STANDARD_MODES, *extra)

@@ -1,0 +1,185 @@
+"""The piecewise strategy in hal: splitting ops, one compile for every bucket, per-piece capture and replay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hal
+from hal.piecewise_piece import PiecewisePiece
+
+
+@torch.library.custom_op("graphhal_test::scaled_by_host_sum", mutates_args=("out",))
+def scaled_by_host_sum(x: torch.Tensor, out: torch.Tensor) -> None:
+    """Reads a value on the host, so it can only run eagerly: inside a capture it would be an error."""
+    out.copy_(x * (1.0 / (1.0 + abs(x.sum().item()))))
+
+
+@scaled_by_host_sum.register_fake
+def _(x, out) -> None:
+    return None
+
+
+@torch.library.custom_op("graphhal_test::fresh_result", mutates_args=())
+def fresh_result(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@fresh_result.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class TwoPieceStep(torch.nn.Module):
+    """linear -> splitting op (eager, host read) -> elementwise: two captured pieces around one split."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.randn(8, 8, generator=generator).to(device), requires_grad=False)
+
+    def forward(self, *, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        hidden = torch.nn.functional.linear(x, self.weight)
+        scaled = torch.empty_like(hidden)  # allocated by the piece before the op: a pool address
+        torch.ops.graphhal_test.scaled_by_host_sum(hidden, scaled)
+        return torch.relu(scaled) + pos[:, None]
+
+
+def make_inputs(rows: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(rows, 8, generator=generator).to(device),
+        "pos": torch.randint(0, 5, (rows,), generator=generator).float().to(device),
+    }
+
+
+def compile_piecewise(device: hal.Device, buckets, compiler: str = "eager"):
+    torch._dynamo.reset()
+    step = TwoPieceStep(device.torch_device)
+    backend = hal.PiecewiseBackend(
+        device, device.graph_pool(), buckets, compiler=compiler, splitting_ops=[torch.ops.graphhal_test.scaled_by_host_sum]
+    )
+    return step, backend, hal.CompiledForward(step, backend, token_inputs=["x", "pos"])
+
+
+# --- splitting ops ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cpu
+def test_an_op_returning_a_fresh_tensor_is_refused_at_registration():
+    with pytest.raises(hal.SplittingOpError, match=r"returns Tensor.*_with_output.*mutates_args=\('out',\)"):
+        hal.register_splitting_op(torch.ops.graphhal_test.fresh_result)
+    assert torch.ops.graphhal_test.fresh_result.default not in hal.registered_splitting_ops()
+
+
+@pytest.mark.cpu
+def test_an_op_returning_a_fresh_tensor_is_refused_by_the_backend_too():
+    device = hal.get_device("cpu")
+    with pytest.raises(hal.SplittingOpError, match=r"graphhal_test.fresh_result.*cannot be a splitting op"):
+        hal.PiecewiseBackend(device, None, [4], splitting_ops=[torch.ops.graphhal_test.fresh_result])
+
+
+@pytest.mark.cpu
+def test_a_plain_python_function_cannot_be_a_splitting_op():
+    with pytest.raises(hal.SplittingOpError, match=r"not a torch operator.*torch.library"):
+        hal.register_splitting_op(lambda x: x)
+
+
+@pytest.mark.cpu
+def test_registration_covers_every_overload_and_can_be_undone():
+    hal.register_splitting_op(torch.ops.graphhal_test.scaled_by_host_sum)
+    try:
+        assert torch.ops.graphhal_test.scaled_by_host_sum.default in hal.registered_splitting_ops()
+    finally:
+        hal.unregister_splitting_op(torch.ops.graphhal_test.scaled_by_host_sum)
+    assert torch.ops.graphhal_test.scaled_by_host_sum.default not in hal.registered_splitting_ops()
+
+
+@pytest.mark.cpu
+def test_the_reference_models_attention_ops_are_registered_by_default():
+    import refmodel  # noqa: F401  (registers its ops on import)
+
+    assert torch.ops.refmodel.decode_attention.default in hal.registered_splitting_ops()
+
+
+# --- capture and replay ---------------------------------------------------------------------------------
+
+
+def test_pieces_capture_per_bucket_largest_first_and_replay_equal_eager(graph_device):
+    device = hal.get_device(graph_device)
+    step, backend, compiled = compile_piecewise(device, [8, 4, 1])
+    with torch.no_grad():
+        static = {rows: make_inputs(rows, device.torch_device, seed=rows) for rows in (8, 4, 1)}
+        for rows in (8, 4, 1):  # capture calls, largest first, as a runner makes them
+            torch.testing.assert_close(compiled(**static[rows]), step(**static[rows]))
+        assert backend.compile_count == 1  # one compile, three buckets (one of them a single token)
+        assert len(backend.pieces) == 2 and backend.num_splits == 1
+        assert all(sorted(piece.graphs) == [1, 4, 8] for piece in backend.pieces)
+        for seed in range(3):  # replays with new data in the same static tensors
+            for rows in (1, 8, 4):
+                fresh = make_inputs(rows, device.torch_device, seed=100 + seed)
+                for name, tensor in static[rows].items():
+                    tensor.copy_(fresh[name])
+                expected = step(**fresh)
+                torch.testing.assert_close(compiled(**static[rows]), expected)
+        assert backend.compile_count == 1
+
+
+def test_a_token_count_outside_the_buckets_runs_the_compiled_pieces_without_graphs(graph_device):
+    device = hal.get_device(graph_device)
+    step, backend, compiled = compile_piecewise(device, [8, 4])
+    with torch.no_grad():
+        compiled(**make_inputs(8, device.torch_device, seed=0))
+        odd = make_inputs(3, device.torch_device, seed=1)
+        torch.testing.assert_close(compiled(**odd), step(**odd))
+    assert all(3 not in piece.graphs for piece in backend.pieces)
+    assert backend.compile_count == 1
+
+
+def test_an_input_at_a_new_address_on_a_buckets_first_replay_is_refused(graph_device):
+    device = hal.get_device(graph_device)
+    _, _, compiled = compile_piecewise(device, [4])
+    with torch.no_grad():
+        compiled(**make_inputs(4, device.torch_device, seed=0))  # capture
+        moved = make_inputs(4, device.torch_device, seed=1)  # same shapes, new tensors: new addresses
+        with pytest.raises(hal.StaticAddressError, match=r"piece 0 .*bucket 4.*l_x_.*splitting op must write"):
+            compiled(**moved)
+
+
+def test_a_failed_piece_capture_can_be_dropped_and_captured_again(graph_device):
+    device = hal.get_device(graph_device)
+    step, backend, compiled = compile_piecewise(device, [4])
+    inputs = make_inputs(4, device.torch_device, seed=0)
+    with torch.no_grad():
+        compiled(**inputs)
+        backend.drop_graphs()
+        assert all(not piece.graphs for piece in backend.pieces)
+        torch.testing.assert_close(compiled(**inputs), step(**inputs))
+    assert all(sorted(piece.graphs) == [4] for piece in backend.pieces)
+
+
+@pytest.mark.cpu
+def test_the_cpu_device_refuses_inductor_pieces_it_could_not_record():
+    from runners import DecodeConfig
+
+    device = hal.get_device("cpu")
+    assert device.captures_compiled_kernels is False
+    with pytest.raises(hal.UnsupportedModeError, match=r"cannot capture Inductor-compiled kernels.*'eager'"):
+        DecodeConfig(mode="piecewise", compiler="inductor").check_device(device)
+
+
+@pytest.mark.cuda
+def test_inductor_pieces_replay_equal_eager_on_cuda():
+    device = hal.get_device("cuda")
+    step, backend, compiled = compile_piecewise(device, [8, 2], compiler="inductor")
+    with torch.no_grad():
+        static = {rows: make_inputs(rows, device.torch_device, seed=rows) for rows in (8, 2)}
+        for rows in (8, 2):
+            compiled(**static[rows])
+        for rows in (2, 8):
+            fresh = make_inputs(rows, device.torch_device, seed=50 + rows)
+            for name, tensor in static[rows].items():
+                tensor.copy_(fresh[name])
+            torch.testing.assert_close(compiled(**static[rows]), step(**fresh))
+    assert backend.compile_count == 1
+    assert all(isinstance(piece, PiecewisePiece) and sorted(piece.graphs) == [2, 8] for piece in backend.pieces)

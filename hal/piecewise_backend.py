@@ -64,6 +64,13 @@ class PiecewiseBackend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
         self.compile_count += 1
+        if self.compile_count > 1:
+            raise GraphHalError(
+                "torch.compile is compiling the piecewise forward a second time: a guard of the first compile "
+                "failed (grad mode differs from the first call, an input changed dtype or rank, a module "
+                "attribute changed...). One compile must serve every bucket; run with TORCH_LOGS=recompiles "
+                "to see which guard failed."
+            )
         split = split_at_ops(gm, self.splitting_ops)
         # Dynamo's fake mode remembers the fake (symbolic-shaped) twin of every real example input.
         fake_mode = torch._guards.detect_fake_mode(example_inputs)

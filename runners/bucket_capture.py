@@ -92,7 +92,12 @@ class PiecewiseCapture:
     def capture(self, bucket: int, inputs: Mapping[str, torch.Tensor]) -> CapturedBucket:
         forward = self.forward
         outputs = forward(**inputs)  # compiles on the first (largest) bucket, then captures every piece
-        return CapturedBucket(lambda: forward(**inputs), None, outputs)
+
+        def run() -> Any:
+            with torch.no_grad():  # as at capture: the compiled code is guarded on the grad mode
+                return forward(**inputs)
+
+        return CapturedBucket(run, None, outputs)
 
     def drop(self) -> None:
         if self.backend is not None:

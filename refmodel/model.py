@@ -1,20 +1,24 @@
 """A Llama-style decoder with random, seeded weights: the model the runners are tested and benchmarked on.
 
-Only the decode step exists: one new token per row, attending over that row's paged KV cache. The step is
-written to be captured as a device graph:
-- every input is a device tensor, and nothing read from the batch reaches the host (no ``.item()``, no
-  data-dependent shapes); shapes depend only on the batch size;
-- rows are independent: row ``i``'s logits depend only on row ``i``'s inputs and the cache, so padded rows
-  cannot change live rows;
-- the cache is written with ``refmodel::write_kv_cache`` at ``slot_mapping`` and read with
-  ``refmodel::decode_attention``, whose kernels take sequence lengths and block tables from device memory;
-- that attention is an optional break point: captured inline in full graphs, run eagerly between segments in
-  breakable graphs.
+Two steps share every layer's projections and MLP and differ only in their attention:
+- decode: one new token per row, attending over that row's paged KV cache (``decode_forward``);
+- prefill: a packed batch of several requests' new tokens, each attending causally over its request's cached
+  context and the new tokens before it (``prefill_forward``).
+
+Both are written to be captured as device graphs, or split around their attention:
+- every input is a device tensor, and nothing read from the batch reaches the host outside the attention ops
+  (no ``.item()``, no data-dependent shapes); shapes depend only on the batch's token (and request) count;
+- a row's logits depend only on its own request's inputs and the cache, so padded rows cannot change live rows;
+- the cache is written with ``refmodel::write_kv_cache`` at ``slot_mapping`` before attention reads it;
+- decode attention (``refmodel::decode_attention``) is an optional break point: captured inline in full
+  graphs, run eagerly between segments in breakable graphs. Prefill attention
+  (``refmodel::prefill_attention``) reads lengths on the host, so it is a required break point.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 from refmodel.attention_op import decode_attention_break
 from refmodel.config import ModelConfig
 from refmodel.kv_cache import PagedKVCache, write_kv_cache
+from refmodel.prefill_attention_op import prefill_attention_break
 from refmodel.rms_norm import RMSNorm
 from refmodel.rotary import RotaryEmbedding
 
@@ -68,36 +73,47 @@ class DecoderLayer(torch.nn.Module):
         self,
         hidden: torch.Tensor,
         positions: torch.Tensor,
-        seq_lens: torch.Tensor,
-        block_tables: torch.Tensor,
         slot_mapping: torch.Tensor,
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
         rotary: RotaryEmbedding,
+        attention: "Attention",
     ) -> torch.Tensor:
-        batch = hidden.shape[0]
+        """One layer over ``tokens`` rows: hidden [tokens, hidden_size], positions and slot_mapping [tokens].
+
+        ``attention`` is the step's attention (decode or prefill) with that step's lengths and block tables
+        bound; everything else is the same for both steps.
+        """
+        tokens = hidden.shape[0]
         cfg = self.config
 
         q, k, v = F.linear(self.input_norm(hidden), self.qkv_proj).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rotary(q.reshape(batch, cfg.num_heads, cfg.head_dim), positions)
-        k = rotary(k.reshape(batch, cfg.num_kv_heads, cfg.head_dim), positions)
-        v = v.reshape(batch, cfg.num_kv_heads, cfg.head_dim)
+        q = rotary(q.reshape(tokens, cfg.num_heads, cfg.head_dim), positions)
+        k = rotary(k.reshape(tokens, cfg.num_kv_heads, cfg.head_dim), positions)
+        v = v.reshape(tokens, cfg.num_kv_heads, cfg.head_dim)
 
-        # The new token's K/V go into the cache first: the token attends to itself (seq_lens counts it).
+        # The new tokens' K/V go into the cache first: a token attends to itself (the lengths count it).
         write_kv_cache(k, v, key_cache, value_cache, slot_mapping)
         attn = torch.empty_like(q)
-        decode_attention_break(q, key_cache, value_cache, block_tables, seq_lens, cfg.head_dim**-0.5, attn)
-        hidden = hidden + F.linear(attn.reshape(batch, self.q_size), self.o_proj)
+        attention(q, key_cache, value_cache, attn)
+        hidden = hidden + F.linear(attn.reshape(tokens, self.q_size), self.o_proj)
 
         gate, up = F.linear(self.post_attention_norm(hidden), self.gate_up_proj).chunk(2, dim=-1)
         return hidden + F.linear(F.silu(gate) * up, self.down_proj)
 
 
+# What a layer calls to attend: (q, key_cache, value_cache, out) -> None, writing attention of q [tokens,
+# num_heads, head_dim] over one layer's cache into out. The step builds it with its lengths and block tables
+# bound, so the layer never sees which phase it is in.
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
 class LlamaDecoder(torch.nn.Module):
     """Embedding, ``num_layers`` decoder layers, final norm and LM head, with weights drawn from ``seed``.
 
-    ``forward`` takes the KV cache as an argument; ``decode_forward(kv_cache)`` binds one and returns the
-    callable a runner wants: keyword arguments exactly the decode input slots, logits out.
+    ``forward`` (decode) and ``prefill`` take the KV cache as an argument; ``decode_forward(kv_cache)`` and
+    ``prefill_forward(kv_cache)`` bind one and return the callable a runner wants: keyword arguments exactly
+    the step's input slots, logits out.
     """
 
     def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
@@ -130,21 +146,64 @@ class LlamaDecoder(torch.nn.Module):
         [batch, max_blocks] int32, slot_mapping [batch] int64 (cache slot the new token's K/V go to).
         Writes each row's new K/V into ``kv_cache``.
         """
-        hidden = F.embedding(input_ids, self.embed_tokens)
-        for layer, key_cache, value_cache in zip(self.layers, kv_cache.key_caches, kv_cache.value_caches):
-            hidden = layer(hidden, positions, seq_lens, block_tables, slot_mapping, key_cache, value_cache, self.rotary)
-        return F.linear(self.final_norm(hidden), self.lm_head)
+        scale = self.config.head_dim**-0.5
+
+        def attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor) -> None:
+            decode_attention_break(q, key_cache, value_cache, block_tables, seq_lens, scale, out)
+
+        return self._logits(input_ids, positions, slot_mapping, kv_cache, attention)
+
+    def prefill(
+        self,
+        *,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        query_lens: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        kv_cache: PagedKVCache,
+    ) -> torch.Tensor:
+        """One prefill step over ``T`` packed tokens of up to ``R`` requests; returns logits [T, vocab_size].
+
+        Token inputs, [T] int64 each: input_ids, positions (a token's place in its request: context_len + j
+        for its j-th new token), slot_mapping (cache slot its K/V go to; ``NULL_SLOT`` for padded tokens).
+        Request inputs: query_lens [R] int32 (new tokens, packed in request order; 0 = padding request),
+        seq_lens [R] int32 (cached context + new tokens), block_tables [R, max_blocks] int32. Rows at or past
+        ``sum(query_lens)`` are padded tokens: their logits are finite and meaningless. Writes every token's
+        K/V into ``kv_cache``.
+        """
+        scale = self.config.head_dim**-0.5
+
+        def attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor) -> None:
+            prefill_attention_break(q, key_cache, value_cache, block_tables, query_lens, seq_lens, scale, out)
+
+        return self._logits(input_ids, positions, slot_mapping, kv_cache, attention)
 
     def decode_forward(self, kv_cache: PagedKVCache) -> "DecodeStep":
         """The decode step with ``kv_cache`` bound: call it as ``step(**batch)``."""
         return DecodeStep(self, kv_cache)
 
+    def prefill_forward(self, kv_cache: PagedKVCache) -> "PrefillStep":
+        """The prefill step with ``kv_cache`` bound: call it as ``step(**batch)``."""
+        return PrefillStep(self, kv_cache)
 
-class DecodeStep(torch.nn.Module):
-    """A decoder with its KV cache bound, called with exactly the decode input slots as keywords.
+    def _logits(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_cache: PagedKVCache,
+        attention: Attention,
+    ) -> torch.Tensor:
+        hidden = F.embedding(input_ids, self.embed_tokens)
+        for layer, key_cache, value_cache in zip(self.layers, kv_cache.key_caches, kv_cache.value_caches):
+            hidden = layer(hidden, positions, slot_mapping, key_cache, value_cache, self.rotary, attention)
+        return F.linear(self.final_norm(hidden), self.lm_head)
 
-    This is the forward callable to hand a runner (its inputs are ``refmodel.decode_input_slots``).
-    """
+
+class _BoundStep(torch.nn.Module):
+    """A decoder with a KV cache bound that was built for it (same config, device and dtype)."""
 
     def __init__(self, model: LlamaDecoder, kv_cache: PagedKVCache) -> None:
         super().__init__()
@@ -156,6 +215,13 @@ class DecodeStep(torch.nn.Module):
             )
         self.model = model
         self.kv_cache = kv_cache
+
+
+class DecodeStep(_BoundStep):
+    """A decoder with its KV cache bound, called with exactly the decode input slots as keywords.
+
+    This is the forward callable to hand a runner (its inputs are ``refmodel.decode_input_slots``).
+    """
 
     def forward(
         self,
@@ -172,5 +238,33 @@ class DecodeStep(torch.nn.Module):
             seq_lens=seq_lens,
             block_tables=block_tables,
             slot_mapping=slot_mapping,
+            kv_cache=self.kv_cache,
+        )
+
+
+class PrefillStep(_BoundStep):
+    """A decoder with its KV cache bound, called with exactly the prefill input slots as keywords.
+
+    Its inputs are ``refmodel.prefill_token_slots`` (one row per packed token) followed by
+    ``refmodel.prefill_request_slots`` (one row per request); see ``LlamaDecoder.prefill``.
+    """
+
+    def forward(
+        self,
+        *,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        query_lens: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+    ) -> torch.Tensor:
+        return self.model.prefill(
+            input_ids=input_ids,
+            positions=positions,
+            slot_mapping=slot_mapping,
+            query_lens=query_lens,
+            seq_lens=seq_lens,
+            block_tables=block_tables,
             kv_cache=self.kv_cache,
         )

@@ -183,3 +183,31 @@ def test_inductor_pieces_replay_equal_eager_on_cuda():
             torch.testing.assert_close(compiled(**static[rows]), step(**fresh))
     assert backend.compile_count == 1
     assert all(isinstance(piece, PiecewisePiece) and sorted(piece.graphs) == [2, 8] for piece in backend.pieces)
+
+
+@pytest.mark.cuda
+def test_without_piece_capture_the_splitting_ops_become_the_breaks_of_a_breakable_graph():
+    # What compiler "inductor" in breakable mode builds: compiled pieces inside the segments, the splitting
+    # ops eager between them. Pieces compiled "eager" here; cuda only, because torch.compile refuses to run
+    # under the cpu recorder's dispatch mode.
+    device = hal.get_device("cuda")
+    torch._dynamo.reset()
+    step = TwoPieceStep(device.torch_device)
+    backend = hal.PiecewiseBackend(
+        device, None, (), splitting_ops=[torch.ops.graphhal_test.scaled_by_host_sum], capture=False
+    )
+    compiled = hal.CompiledForward(step, backend, token_inputs=["x", "pos"])
+    static = make_inputs(4, device.torch_device, seed=0)
+    pool = device.graph_pool()
+    with torch.no_grad():
+        compiled(**static)  # compile outside the capture, as a runner's warm-up does
+        graph = device.make_graph("breakable")
+        with device.capture_session(graph, pool):
+            outputs = compiled(**static)
+        assert graph.num_breaks == 1
+        fresh = make_inputs(4, device.torch_device, seed=9)
+        for name, tensor in static.items():
+            tensor.copy_(fresh[name])
+        device.replay(graph)
+        torch.testing.assert_close(outputs, step(**fresh))
+    assert all(not piece.graphs for piece in backend.pieces)

@@ -35,8 +35,11 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Bucket:
     captured: CapturedBucket
-    outputs: GraphOutputs | None  # None: outputs come back from each replay (piecewise)
+    outputs: GraphOutputs  # the outputs as captured
     addresses: dict[str, int]  # data_ptr of every tensor the graph reads by address, at capture
+    # Whether every replay hands back the captured output tensors. True for one device graph; a piecewise
+    # forward returns what its last piece returns, checked on the first replay.
+    outputs_static: bool
     addresses_checked: bool = False
 
     @property
@@ -150,7 +153,7 @@ class BucketedRunner:
         except Exception as exc:
             what = f"capturing the {self.phase} graph for bucket {bucket} (mode {self.config.mode}) on {self.device} failed"
             raise self._capture_error(what, bucket, exc) from exc
-        return _Bucket(captured, outputs if captured.graph is not None else None, self._addresses())
+        return _Bucket(captured, outputs, self._addresses(), outputs_static=captured.graph is not None)
 
     def _views(self, bucket: int) -> dict[str, torch.Tensor]:
         views = self.static_inputs.views(bucket)
@@ -227,9 +230,11 @@ class BucketedRunner:
         if self._updated_slots and captured.graph is not None:
             self._update_graph(captured.graph, batch, rows, bucket, fixed_rows)
         outputs = captured.captured.run()
-        if captured.outputs is not None:
+        if captured.outputs_static:
             return captured.outputs.live_rows(rows)
-        return GraphOutputs(outputs, bucket).live_rows(rows)
+        replayed = GraphOutputs(outputs, bucket)
+        captured.outputs_static = replayed.same_tensors(captured.outputs)
+        return replayed.live_rows(rows)
 
     def _describe_misfit(self, rows: int, fixed_rows: int) -> str:
         if not self.buckets.fits(rows):

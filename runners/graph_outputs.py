@@ -33,6 +33,10 @@ class GraphOutputs:
         self._leaves = leaves
         self._single = isinstance(outputs, torch.Tensor)
 
+    def same_tensors(self, other: "GraphOutputs") -> bool:
+        """Whether both hold the very same tensors, leaf for leaf (same structure, same memory)."""
+        return self._spec == other._spec and all(a is b for a, b in zip(self._leaves, other._leaves))
+
     def live_rows(self, rows: int) -> Any:
         """Views of the first ``rows`` rows of every output (views into graph memory, not copies)."""
         if self._single:

@@ -92,10 +92,15 @@ class PiecewiseBackend:
         self.num_splits += len(split.splits)
         return split.module
 
-    def drop_graphs(self) -> None:
-        """Forget every captured piece graph (after a failed capture): the next call captures again."""
+    def drop_graphs(self, pool: Any) -> None:
+        """Forget every captured piece graph (after a failed capture); the next calls capture into ``pool``.
+
+        Pass a new pool unless other graphs still live in the old one: a device may release a pool when its
+        last graph dies (CUDA does), and capturing into the released handle fails.
+        """
         for piece in self.pieces:
             piece.drop_graphs()
+        self.captures.pool = pool
 
 
 

@@ -100,8 +100,7 @@ class PiecewiseCapture:
         return CapturedBucket(run, None, outputs)
 
     def drop(self) -> None:
-        if self.backend is not None:
-            self.backend.drop_graphs()
+        self.backend = self.forward = None  # the next capture() prepares a new backend, pool and compile
 
 
 def bucket_capture(forward: Callable[..., Any], device: "hal.Device", config: PhaseConfig, token_inputs: Sequence[str]) -> Any:

@@ -114,7 +114,8 @@ class BucketedRunner:
             self.report = CaptureReport(phase, mode, str(device), (), 0.0, 0)
             logger.info(self.report.summary())
             return self.report
-        if self.pool is None:
+        owns_pool = self.pool is None
+        if owns_pool:
             self.pool = device.graph_pool()
         started = time.perf_counter()
         order = self.buckets.capture_order()
@@ -126,6 +127,10 @@ class BucketedRunner:
         except BaseException:
             self._graphs.clear()
             self._capture.drop()
+            if owns_pool:
+                # With its last graph gone a device may release a private pool (CUDA does): a retry must
+                # start from a new one rather than capture into the released handle.
+                self.pool = None
             raise
         pool_stats = device.memory_stats(self.pool)
         self.report = CaptureReport(

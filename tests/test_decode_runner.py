@@ -230,6 +230,25 @@ def test_a_failing_forward_during_capture_names_bucket_mode_and_device_and_leave
     assert_same(again.run(batch), expected)
 
 
+def test_the_same_runner_captures_again_after_a_failed_capture(graph_device):
+    device = hal.get_device(graph_device)
+    healthy = TinyStep(device.torch_device)
+    failures = {"left": 1}
+
+    def flaky(*, x, pos):
+        if current_capture() is not None and x.shape[0] == 2 and failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("transient launch failure")
+        return healthy(x=x, pos=pos)
+
+    runner, _ = make_runner(graph_device, step=flaky, max_bs=4)
+    with pytest.raises(hal.CaptureError, match="transient launch failure"):
+        runner.capture()
+    runner.capture()  # into a new pool: the old one may have been released with its last graph
+    batch = make_batch(3, device.torch_device)
+    assert_same(runner.run(batch), healthy(**batch))
+
+
 def test_a_failing_warmup_is_reported_as_a_model_error(graph_device):
     def step(*, x, pos):
         raise IndexError("token id out of range")

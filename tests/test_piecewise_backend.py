@@ -153,7 +153,7 @@ def test_a_failed_piece_capture_can_be_dropped_and_captured_again(graph_device):
     inputs = make_inputs(4, device.torch_device, seed=0)
     with torch.no_grad():
         compiled(**inputs)
-        backend.drop_graphs()
+        backend.drop_graphs(device.graph_pool())
         assert all(not piece.graphs for piece in backend.pieces)
         torch.testing.assert_close(compiled(**inputs), step(**inputs))
     assert all(sorted(piece.graphs) == [4] for piece in backend.pieces)

@@ -12,7 +12,8 @@ import argparse
 import torch
 
 import hal
-from graphhal_cli.step_timer import time_per_step
+from graphhal_cli.bench.timing import StepTimer, TimerSettings
+from graphhal_cli.device_description import describe_device
 from refmodel import DecodeWorkload, LlamaDecoder, ModelConfig, PagedKVCache
 from runners import DecodeConfig, DecodeRunner
 
@@ -47,11 +48,13 @@ def run(args: argparse.Namespace) -> int:
 
     print(
         f"graphhal demo: reference decoder ({config.num_layers} layers, hidden {config.hidden_size}, "
-        f"{str(dtype).removeprefix('torch.')}) on {device} ({describe(device)}), torch {torch.__version__}"
+        f"{str(dtype).removeprefix('torch.')}) on {device} ({describe_device(device)}), torch {torch.__version__}"
     )
     runner = DecodeRunner(step, workload.input_slots(), device, DecodeConfig(max_bs=max_bs))
     print(runner.capture().summary())
 
+    # Fixed steps and repeats: the demo is a quick look; `graphhal bench` repeats until the median is stable.
+    timer = StepTimer(device, TimerSettings(steps_per_repeat=steps, min_repeats=args.repeats, max_repeats=args.repeats))
     print(f"{'batch':>5}  {'eager ms/step':>13}  {'graph ms/step':>13}  {'speedup':>7}  {'max |graph - eager|':>19}")
     for batch_size in batch_sizes:
         batch = workload.batch(batch_size)
@@ -59,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
             eager_logits = step(**batch).float()
         graph_logits = runner.run(batch).float()
         difference = (graph_logits - eager_logits).abs().max().item()
-        eager = time_per_step(lambda: runner.forward(**batch), device, steps=steps, repeats=args.repeats)
-        graph = time_per_step(lambda: runner.run(batch), device, steps=steps, repeats=args.repeats)
+        with torch.no_grad():
+            eager = timer.time(lambda: runner.forward(**batch)).median_s
+        graph = timer.time(lambda: runner.run(batch)).median_s
         note = "" if runner.can_run(batch) else "  (over max_bs: ran eagerly)"
         print(f"{batch_size:>5}  {eager * 1e3:>13.3f}  {graph * 1e3:>13.3f}  {eager / graph:>6.2f}x  {difference:>19.3g}{note}")
     print(f"(median of {args.repeats} repeats of {steps} steps each)")
@@ -71,9 +75,3 @@ def run(args: argparse.Namespace) -> int:
         )
     return 0
 
-
-def describe(device: hal.Device) -> str:
-    if device.torch_device.type == "cuda":
-        properties = torch.cuda.get_device_properties(device.torch_device)
-        return f"{properties.name}, {properties.total_memory / 2**30:.0f} GiB"
-    return device.plugin_name

@@ -5,20 +5,35 @@ from __future__ import annotations
 import argparse
 import sys
 
-from graphhal_cli import demo
+import hal
+from graphhal_cli import demo, info
+from graphhal_cli.bench import command as bench
+from graphhal_cli.bench.plot import PlotUnavailableError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="graphhal", description="Device graphs for LLM inference.")
     commands = parser.add_subparsers(dest="command", required=True)
+    info.add_arguments(
+        commands.add_parser("info", help="devices, their modes, plugins that failed to load, versions, GPUs")
+    )
+    bench.add_arguments(
+        commands.add_parser(
+            "bench",
+            help="compare eager, graphhal's modes, a hand-written graph floor and torch.compile on the reference model",
+        )
+    )
     demo.add_arguments(
         commands.add_parser("demo", help="capture the reference decoder and compare graph and eager step times")
     )
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        return demo.run(args)
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+    run = {"info": info.run, "bench": bench.run, "demo": demo.run}[args.command]
+    try:
+        return run(args)
+    except (hal.GraphHalError, ValueError, PlotUnavailableError) as exc:
+        # A bad device name, an unavailable device, a model that does not fit: say it in one line.
+        print(f"graphhal {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

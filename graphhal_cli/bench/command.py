@@ -1,0 +1,156 @@
+"""``graphhal bench``: compare eager, graphhal's modes, a hand-written floor and torch.compile in one run.
+
+Defaults depend on the device: on CPU a tiny model and three batch sizes, so the whole run takes well under
+two minutes on a laptop-class machine; on an accelerator the default-size reference model, the batch sizes
+a server serves, and every contender.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+import hal
+from graphhal_cli.bench.contenders import DECODE_CONTENDERS, FULL_INDUCTOR, REDUCE_OVERHEAD
+from graphhal_cli.bench.prefill import PREFILL_MODES
+from graphhal_cli.bench.suite import BenchPlan, run_bench
+from graphhal_cli.bench.table import render
+from graphhal_cli.bench.timing import TimerSettings
+from graphhal_cli.bench.workload import PrefillShape
+from refmodel import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODELS = {"tiny": ModelConfig.tiny, "default": ModelConfig}
+
+
+class _Defaults:
+    """What a run measures when the command line does not say: small on CPU, a server's view on a GPU."""
+
+    def __init__(self, on_cpu: bool) -> None:
+        self.model = "tiny" if on_cpu else "default"
+        self.dtype = torch.float32 if on_cpu else torch.bfloat16
+        self.batch_sizes = [1, 4, 16] if on_cpu else [1, 4, 16, 64, 256]
+        self.context_len = 32 if on_cpu else 512
+        self.tokens = [16, 64] if on_cpu else [16, 64, 256, 1024]
+        # Compiling for CPU takes minutes with a C++ toolchain and says nothing about graphs; ask for it by name.
+        self.decode_modes = [m for m in DECODE_CONTENDERS if not (on_cpu and m in (FULL_INDUCTOR, REDUCE_OVERHEAD))]
+        self.budget_s = 1.0 if on_cpu else 3.0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _name_list(known: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        names = [part.strip() for part in text.split(",") if part.strip()]
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+        return names
+
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="device name (cuda:0, cpu, ...); default: the best one present")
+    parser.add_argument("--model", choices=sorted(MODELS), help="reference model size; default: tiny on cpu, default elsewhere")
+    parser.add_argument("--layers", type=int, help="override the model's number of decoder layers")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on cpu, bfloat16 elsewhere")
+    parser.add_argument("--batch-sizes", type=_int_list, help="decode batch sizes; default: 1,4,16 on cpu, 1,4,16,64,256 elsewhere")
+    parser.add_argument("--context-len", type=int, help="longest cached context per decode request; default: 32 on cpu, 512 elsewhere")
+    parser.add_argument(
+        "--modes",
+        type=_name_list(DECODE_CONTENDERS),
+        help=f"decode contenders besides eager, from {', '.join(DECODE_CONTENDERS)}; default: all "
+        f"(on cpu all but {FULL_INDUCTOR} and {REDUCE_OVERHEAD})",
+    )
+    parser.add_argument(
+        "--prefill-modes", type=_name_list(PREFILL_MODES), default=list(PREFILL_MODES),
+        help=f"prefill runner modes, from {', '.join(PREFILL_MODES)}; default: all",
+    )
+    parser.add_argument("--tokens", type=_int_list, help="prefill token counts; default: 16,64 on cpu, 16,64,256,1024 elsewhere")
+    parser.add_argument("--requests", type=_int_list, default=[1, 4], help="prefill request counts per token count; default: 1,4")
+    parser.add_argument("--no-prefill", action="store_true", help="skip the prefill benchmark")
+    parser.add_argument("--capture-max-bs", type=int, default=256, help="largest bucket of the capture-only benchmark; default: 256")
+    parser.add_argument("--no-capture-cost", action="store_true", help="skip the capture-only benchmark")
+    parser.add_argument("--target-error", type=float, default=0.01, help="repeat until the median's standard error is under this fraction; default: 0.01")
+    parser.add_argument("--min-repeats", type=int, default=5, help="fewest timing repeats per measurement; default: 5")
+    parser.add_argument("--max-repeats", type=int, default=50, help="most timing repeats per measurement; default: 50")
+    parser.add_argument("--time-budget", type=float, help="seconds per measurement after which it stops at min-repeats; default: 1 on cpu, 3 elsewhere")
+    parser.add_argument(
+        "--threads", type=int,
+        help="torch intra-op threads on cpu; default: 1 (the tiny model's ops gain nothing from more, and a "
+        "parallel op stalls whenever another process holds one of its threads' cores)",
+    )
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--plot", type=Path, metavar="PATH", help="also plot step time and speedup vs batch size to a PNG (needs matplotlib)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def plan_from_arguments(args: argparse.Namespace) -> BenchPlan:
+    device = hal.get_device(args.device) if args.device else hal.best_available_device()
+    defaults = _Defaults(on_cpu=device.type == "cpu")
+    config = MODELS[args.model or defaults.model]()
+    if args.layers is not None:
+        config = dataclasses.replace(config, num_layers=args.layers)
+    tokens = args.tokens or defaults.tokens
+    prefill_shapes = [] if args.no_prefill else [PrefillShape(t, r) for t in tokens for r in args.requests if r <= t]
+    return BenchPlan(
+        device=device,
+        config=config,
+        dtype=DTYPES[args.dtype] if args.dtype else defaults.dtype,
+        context_len=args.context_len or defaults.context_len,
+        batch_sizes=args.batch_sizes or defaults.batch_sizes,
+        decode_modes=args.modes if args.modes is not None else defaults.decode_modes,
+        prefill_modes=[] if args.no_prefill else args.prefill_modes,
+        prefill_shapes=prefill_shapes,
+        capture_max_bs=None if args.no_capture_cost else args.capture_max_bs,
+        timer=TimerSettings(
+            target_rel_error=args.target_error,
+            min_repeats=args.min_repeats,
+            max_repeats=args.max_repeats,
+            budget_s=args.time_budget if args.time_budget is not None else defaults.budget_s,
+        ),
+        show_progress=not args.no_progress,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.plot is not None:  # fail before minutes of measuring, not after
+        from graphhal_cli.bench.plot import require_matplotlib
+
+        require_matplotlib()
+    plan = plan_from_arguments(args)
+    threads = torch.get_num_threads()
+    try:
+        if plan.device.type == "cpu":
+            # Measured with another process busy on one of two cores: the tiny model's step went from 1.5 ms
+            # at 1 thread to 84 ms at 2, its parallel ops waiting for a descheduled thread every time.
+            torch.set_num_threads(args.threads or 1)
+        result = run_bench(plan)
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside a larger process (tests, notebooks)
+    print(render(result))
+    if args.json is not None:
+        result.write_json(args.json)
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        from graphhal_cli.bench.plot import write_plot
+
+        write_plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    if result.failed:
+        print(f"graphhal bench: {len(result.failed)} measurement(s) failed (listed above)", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,146 @@
+"""What a bench run found, as plain dataclasses: the table, the JSON file and the plot all read these."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from graphhal_cli.bench.timing import Timing
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Row:
+    """One contender at one size. ``batch_size`` is set for decode rows, ``tokens`` and ``requests`` for
+    prefill rows. Ratios are None where their reference (eager, floor) did not run at that size."""
+
+    phase: str
+    mode: str
+    batch_size: int | None = None
+    tokens: int | None = None
+    requests: int | None = None
+    median_ms: float = math.nan
+    repeats: int = 0
+    steps_per_repeat: int = 0
+    rel_error: float = math.nan  # estimated standard error of the median, relative to it
+    setup_s: float | None = None  # compile + warm-up + capture; None for eager
+    pool_bytes: int | None = None
+    max_abs_diff: float | None = None  # largest |output - eager output|; None for eager itself
+    speedup_vs_eager: float | None = None  # eager time / this time
+    ratio_to_floor: float | None = None  # this time / floor time (1.0 = no runner overhead at all)
+
+    def set_timing(self, timing: Timing) -> None:
+        self.median_ms = timing.median_s * 1e3
+        self.repeats = timing.repeats
+        self.steps_per_repeat = timing.steps_per_repeat
+        self.rel_error = timing.rel_error
+
+    @property
+    def size_label(self) -> str:
+        if self.batch_size is not None:
+            return str(self.batch_size)
+        return f"{self.tokens} tok x{self.requests}"
+
+    def same_size(self, other: "Row") -> bool:
+        return (self.phase, self.batch_size, self.tokens, self.requests) == (
+            other.phase, other.batch_size, other.tokens, other.requests,
+        )
+
+
+@dataclass
+class Skipped:
+    phase: str
+    mode: str
+    reason: str
+
+
+@dataclass
+class Failed:
+    """A contender that raised while setting up or running; the run goes on and exits non-zero."""
+
+    phase: str
+    mode: str
+    size: str
+    error: str
+
+
+@dataclass
+class CaptureCost:
+    """Capture-only measurements: what a server pays at startup, and the price of one break."""
+
+    max_bs: int
+    num_buckets: int
+    capture_s: float  # every default decode bucket up to max_bs, mode full, one pool
+    pool_bytes_all: int
+    pool_bytes_largest: int  # the largest bucket captured alone
+    breaks: int | None = None  # break points in one breakable decode step
+    full_bs1_ms: float | None = None
+    breakable_bs1_ms: float | None = None
+    note: str = ""
+
+    @property
+    def pool_ratio(self) -> float | None:
+        """Pool of all buckets over the largest alone: about 1 when smaller buckets reuse the largest's memory."""
+        return self.pool_bytes_all / self.pool_bytes_largest if self.pool_bytes_largest else None
+
+    @property
+    def break_cost_us(self) -> float | None:
+        """(breakable - full) step time at batch 1, per break, in microseconds."""
+        if not self.breaks or self.full_bs1_ms is None or self.breakable_bs1_ms is None:
+            return None
+        return (self.breakable_bs1_ms - self.full_bs1_ms) * 1e3 / self.breaks
+
+
+@dataclass
+class Header:
+    device: str
+    device_name: str
+    torch_version: str
+    dtype: str
+    model: dict[str, Any]
+    context_len: int
+    clock: str
+    timer: dict[str, Any]
+    description: str = ""
+    modes: dict[str, str] = field(default_factory=dict)  # decode contender -> what exactly it runs
+
+
+@dataclass
+class BenchResult:
+    header: Header
+    rows: list[Row] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    failed: list[Failed] = field(default_factory=list)
+    capture_cost: CaptureCost | None = None
+    notes: list[str] = field(default_factory=list)
+    wall_s: float = 0.0  # the whole run: model, setups, timings, capture cost
+
+    def phase_rows(self, phase: str) -> list[Row]:
+        return [row for row in self.rows if row.phase == phase]
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"schema_version": SCHEMA_VERSION, **dataclasses.asdict(self)}
+        if self.capture_cost is not None:  # derived values, so readers need not recompute them
+            data["capture_cost"]["pool_ratio"] = self.capture_cost.pool_ratio
+            data["capture_cost"]["break_cost_us"] = self.capture_cost.break_cost_us
+        return _finite(data)
+
+    def write_json(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities as null: JSON has no spelling for them (an unstable timing's error is inf, a
+    broken output's difference NaN), and strict parsers reject Python's."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value

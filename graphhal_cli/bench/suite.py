@@ -1,0 +1,239 @@
+"""The bench run: every contender at every size, eager first, then the capture-only measurements.
+
+Contenders are measured one at a time and released before the next, so each pool measurement sees only its
+own graphs and no contender runs with another's memory still held. Each size's eager output is the
+reference every other contender's output is checked against. A contender that raises is recorded as failed
+and the run goes on: one broken mode must not cost the other measurements.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+import hal
+from graphhal_cli.bench import capture_cost, prefill
+from graphhal_cli.bench.agreement import detached_copy, max_abs_difference
+from graphhal_cli.bench.contenders import EAGER, FLOOR, Prepared, RunnerMode, decode_contenders, release_memory
+from graphhal_cli.bench.results import BenchResult, CaptureCost, Failed, Header, Row, Skipped
+from graphhal_cli.bench.timing import StepTimer, TimerSettings
+from graphhal_cli.bench.workload import BenchModel, PrefillShape, build_bench_model
+from graphhal_cli.device_description import describe_device
+from refmodel import ModelConfig
+
+DECODE, PREFILL = "decode", "prefill"
+CPU_NOTE = (
+    "the cpu device is graphhal's reference device: its graphs re-issue recorded ops for faithful semantics, "
+    "not speed, so no graph mode is expected to beat eager there. Run on a GPU for real speedups."
+)
+
+
+@dataclass
+class BenchPlan:
+    """Everything one run measures; ``capture_max_bs`` None skips the capture-only measurements."""
+
+    device: hal.Device
+    config: ModelConfig
+    dtype: torch.dtype
+    context_len: int
+    batch_sizes: list[int]
+    decode_modes: list[str]
+    prefill_modes: list[str] = field(default_factory=list)
+    prefill_shapes: list[PrefillShape] = field(default_factory=list)
+    capture_max_bs: int | None = 256
+    timer: TimerSettings = field(default_factory=TimerSettings)
+    show_progress: bool = True
+    seed: int = 0
+
+
+def run_bench(plan: BenchPlan) -> BenchResult:
+    started = time.perf_counter()
+    device = plan.device
+    bench = build_bench_model(
+        device,
+        plan.config,
+        plan.dtype,
+        max_batch_size=max(plan.batch_sizes),
+        context_len=plan.context_len,
+        prefill_shapes=plan.prefill_shapes,
+        seed=plan.seed,
+    )
+    timer = StepTimer(device, plan.timer)
+    result = BenchResult(header=_header(plan, bench, timer))
+    if device.type == "cpu":
+        result.notes.append(CPU_NOTE)
+
+    decode = [c for c in decode_contenders(plan.decode_modes, device) if not _skipped(result, DECODE, c.name, c.skip_reason(device))]
+    result.header.modes = {c.name: c.detail for c in decode}
+    prefill_modes = _runnable_prefill_modes(plan, result)
+    prefill_shapes = [s for s in plan.prefill_shapes if _prefill_shape_fits(s, plan.config, result)] if prefill_modes else []
+    cases = len(decode) * len(plan.batch_sizes) + len(prefill_modes) * len(prefill_shapes)
+    with torch.no_grad(), tqdm(total=cases, unit="case", disable=not plan.show_progress, leave=False) as bar:
+        session = _Session(plan, bench, result, timer, bar)
+        for batch_size in plan.batch_sizes:
+            batch = bench.decode.batch(batch_size)
+            expected = None
+            for contender in decode:
+                _, first = session.measure(
+                    DECODE, contender.name, {"batch_size": batch_size}, partial(contender.prepare, bench, batch), expected
+                )
+                if contender.name == EAGER:
+                    expected = first
+        for shape in prefill_shapes:
+            session.measure_prefill(shape, prefill_modes)
+        if plan.capture_max_bs is not None:
+            bar.set_description_str("capture cost")
+            result.capture_cost = session.capture_cost(plan.capture_max_bs)
+    _fill_ratios(result.rows)
+    result.wall_s = time.perf_counter() - started
+    return result
+
+
+class _Session:
+    """One run's shared state: the model, the timer, the progress bar, and the result being filled in."""
+
+    def __init__(self, plan: BenchPlan, bench: BenchModel, result: BenchResult, timer: StepTimer, bar: tqdm) -> None:
+        self.plan = plan
+        self.bench = bench
+        self.result = result
+        self.timer = timer
+        self.bar = bar
+
+    def measure(
+        self,
+        phase: str,
+        mode: str,
+        size: dict[str, int],
+        prepare: Callable[[], Prepared],
+        expected: Any,
+        *,
+        record: bool = True,
+    ) -> tuple[Row | None, Any]:
+        """Set up one contender, check its first output against ``expected``, time it, release it.
+
+        Returns its row (appended to the result unless ``record`` is off) and a copy of its first output
+        (eager's is the reference for the others); (None, None) when it failed.
+        """
+        row = Row(phase, mode, **size)
+        label = f"{phase} {mode} @ {row.size_label}"
+        prepared = None
+        try:
+            self.bar.set_description_str(f"{label}: setting up")
+            prepared = prepare()
+            first = detached_copy(prepared.run())
+            row.max_abs_diff = None if expected is None else max_abs_difference(first, expected)
+            self.bar.set_description_str(f"{label}: timing")
+            row.set_timing(self.timer.time(prepared.run))
+            row.setup_s, row.pool_bytes = prepared.setup_s, prepared.pool_bytes
+        except Exception as exc:  # recorded and printed; the command exits non-zero
+            self.result.failed.append(Failed(phase, mode, row.size_label, f"{type(exc).__name__}: {exc}"))
+            return None, None
+        finally:
+            del prepared
+            release_memory(self.plan.device)
+            if record:
+                self.bar.update(1)
+        if record:
+            self.result.rows.append(row)
+        return row, first
+
+    def measure_prefill(self, shape: PrefillShape, modes: list[str]) -> None:
+        size = {"tokens": shape.tokens, "requests": shape.requests}
+        try:
+            case = prefill.PrefillCase(self.bench, shape, seed=self.plan.seed)
+        except Exception as exc:
+            self.result.failed.append(Failed(PREFILL, "(workload)", shape.label, f"{type(exc).__name__}: {exc}"))
+            self.bar.update(len(modes))
+            return
+        try:
+            expected = None
+            for mode in modes:
+                if mode == EAGER:
+                    _, expected = self.measure(PREFILL, mode, size, partial(prefill.eager_prefill, case), None)
+                else:
+                    self.measure(PREFILL, mode, size, partial(prefill.runner_prefill, case, mode, self.plan.device), expected)
+        finally:
+            case.release()
+
+    def capture_cost(self, max_bs: int) -> CaptureCost | None:
+        device = self.plan.device
+        try:
+            cost = capture_cost.capture_all_buckets(self.bench, max_bs, self.plan.show_progress)
+        except Exception as exc:
+            self.result.failed.append(Failed(DECODE, "capture cost", f"buckets up to {max_bs}", f"{type(exc).__name__}: {exc}"))
+            return None
+        if "breakable" not in device.modes:
+            cost.note = f"no one-break cost: device {device} has no breakable mode"
+            return cost
+        try:
+            cost.breaks = capture_cost.count_breaks(self.bench)
+        except Exception as exc:
+            self.result.failed.append(Failed(DECODE, "break count", "1", f"{type(exc).__name__}: {exc}"))
+            return cost
+        cost.full_bs1_ms = self._bs1_ms("full")
+        cost.breakable_bs1_ms = self._bs1_ms("breakable")
+        return cost
+
+    def _bs1_ms(self, mode: str) -> float | None:
+        """The step time of ``mode`` at batch 1: from the table when it was measured, else measured now."""
+        for row in self.result.rows:
+            if row.phase == DECODE and row.mode == mode and row.batch_size == 1:
+                return row.median_ms
+        batch = self.bench.decode.batch(1)
+        contender = RunnerMode(mode)
+        row, _ = self.measure(DECODE, mode, {"batch_size": 1}, partial(contender.prepare, self.bench, batch), None, record=False)
+        return None if row is None else row.median_ms
+
+
+def _skipped(result: BenchResult, phase: str, mode: str, reason: str | None) -> bool:
+    if reason is not None:
+        result.skipped.append(Skipped(phase, mode, reason))
+    return reason is not None
+
+
+def _runnable_prefill_modes(plan: BenchPlan, result: BenchResult) -> list[str]:
+    if not plan.prefill_modes or not plan.prefill_shapes:
+        return []
+    modes = [m for m in plan.prefill_modes if not _skipped(result, PREFILL, m, prefill.prefill_skip_reason(m, plan.device))]
+    return [EAGER, *modes] if modes else []
+
+
+def _prefill_shape_fits(shape: PrefillShape, config: ModelConfig, result: BenchResult) -> bool:
+    longest = max(shape.query_lens())
+    if longest > config.max_seq_len:
+        result.skipped.append(
+            Skipped(PREFILL, shape.label, f"{longest} tokens per request exceed the model's max_seq_len {config.max_seq_len}")
+        )
+        return False
+    return True
+
+
+def _fill_ratios(rows: list[Row]) -> None:
+    """Speedup over eager and ratio to the floor, against the rows of the same phase and size."""
+    for row in rows:
+        for reference in rows:
+            if not reference.same_size(row):
+                continue
+            if reference.mode == EAGER:
+                row.speedup_vs_eager = reference.median_ms / row.median_ms
+            elif reference.mode == FLOOR:
+                row.ratio_to_floor = row.median_ms / reference.median_ms
+
+
+def _header(plan: BenchPlan, bench: BenchModel, timer: StepTimer) -> Header:
+    return Header(
+        device=str(plan.device),
+        device_name=describe_device(plan.device),
+        torch_version=torch.__version__,
+        dtype=str(plan.dtype).removeprefix("torch."),
+        model={name: getattr(plan.config, name) for name in plan.config.__dataclass_fields__},
+        context_len=plan.context_len,
+        clock=timer.clock_name,
+        timer={name: getattr(plan.timer, name) for name in plan.timer.__dataclass_fields__},
+        description=bench.describe(),
+    )

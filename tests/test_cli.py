@@ -1,0 +1,312 @@
+"""The ``graphhal`` command line: ``info`` reports every device and every broken plugin, ``bench`` measures and
+writes its table, JSON and plot, ``demo`` still runs. Everything here runs on the cpu device in seconds."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import hal
+from graphhal_cli.bench import contenders
+from graphhal_cli.main import main
+from refmodel import ModelConfig
+
+BROKEN_PLUGIN = "raise ImportError('libvendor.so: cannot open shared object file')\n"
+
+# A plugin that loads, but raises when asked whether its device is there (a vendor runtime failing at probe).
+RAISING_PLUGIN = """
+import hal
+
+@hal.hookimpl
+def hal_device_types():
+    return ["flakydev"]
+
+@hal.hookimpl
+def hal_is_available(device):
+    if device.type == "flakydev":
+        raise RuntimeError("driver version mismatch")
+
+@hal.hookimpl
+def hal_graph_modes(device):
+    return ("full",) if device.type == "flakydev" else None
+
+@hal.hookimpl
+def hal_make_graph(device, mode):
+    return None
+
+@hal.hookimpl
+def hal_capture_session(graph, pool, stream):
+    return None
+
+@hal.hookimpl
+def hal_replay(graph):
+    return None
+
+@hal.hookimpl
+def hal_synchronize(device):
+    return None
+"""
+
+
+def install_distribution(site: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
+    """An installed distribution as pip lays it out: its modules plus a .dist-info with entry_points.txt."""
+    info = site / f"{dist}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    lines = "\n".join(f"{name} = {target}" for name, target in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[{hal.ENTRY_POINT_GROUP}]\n{lines}\n")
+    for module, source in modules.items():
+        (site / f"{module}.py").write_text(textwrap.dedent(source))
+
+
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A directory on sys.path that importlib.metadata scans for distributions, like site-packages."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# --- info ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cpu
+def test_info_lists_builtin_devices_their_availability_modes_and_versions(capsys):
+    code, out, _ = run_cli(capsys, "info")
+    assert code == 0
+    lines = out.splitlines()
+    cpu = next(line for line in lines if line.strip().startswith("cpu "))
+    assert "available; modes: full, breakable" in cpu and "[devices.cpu, built-in]" in cpu
+    assert any(line.strip().startswith("cuda ") and "[devices.cuda, built-in]" in line for line in lines)
+    npu = next(line for line in lines if line.strip().startswith("npu "))
+    assert "not available" in npu and "[devices.npu, built-in]" in npu
+    for name in ("torch", "triton", "pluggy", "torch-npu"):
+        assert any(line.split()[:1] == [name] for line in lines), f"no version line for {name}"
+    assert "plugins that failed to load: none" in out
+
+
+def test_info_probes_torch_npu_without_importing_it(capsys):
+    already_imported = "torch_npu" in sys.modules
+    code, out, _ = run_cli(capsys, "info", "--json")
+    assert code == 0
+    assert "torch-npu" in json.loads(out)["versions"]
+    assert ("torch_npu" in sys.modules) == already_imported
+
+
+def test_info_lists_a_plugin_that_fails_to_import_in_text_and_json(site: Path, capsys):
+    install_distribution(site, "broken_plugin", {"brokendev": "brokendev_impl"}, {"brokendev_impl": BROKEN_PLUGIN})
+
+    code, out, _ = run_cli(capsys, "info")
+    assert code == 0
+    assert "plugins that failed to load:" in out
+    assert (
+        "brokendev (entry point brokendev = brokendev_impl (broken_plugin)): "
+        "ImportError: libvendor.so: cannot open shared object file"
+    ) in out
+    assert "cpu      available" in out  # the others are still listed and usable
+
+    code, out, _ = run_cli(capsys, "info", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["broken_plugins"] == [
+        {
+            "name": "brokendev",
+            "origin": "entry point brokendev = brokendev_impl (broken_plugin)",
+            "reason": "ImportError: libvendor.so: cannot open shared object file",
+        }
+    ]
+    devices = {device["type"]: device for device in data["devices"]}
+    assert {"cpu", "cuda", "npu"} <= devices.keys() and "brokendev" not in devices
+    assert devices["cpu"]["available"] and "full" in devices["cpu"]["modes"]
+    assert devices["npu"]["available"] is False and devices["npu"]["modes"] is None
+
+
+def test_info_reports_a_plugin_that_raises_when_probed_and_lists_the_rest(site: Path, capsys):
+    install_distribution(site, "flaky_plugin", {"flakydev": "flakydev_impl"}, {"flakydev_impl": RAISING_PLUGIN})
+    code, out, _ = run_cli(capsys, "info", "--json")
+    assert code == 0
+    devices = {device["type"]: device for device in json.loads(out)["devices"]}
+    assert devices["flakydev"]["available"] is False
+    assert devices["flakydev"]["error"] == "RuntimeError: driver version mismatch"
+    assert devices["flakydev"]["origin"] == "entry point flakydev = flakydev_impl (flaky_plugin)"
+    assert devices["cpu"]["available"]
+
+
+# --- bench --------------------------------------------------------------------------------------------------
+
+TINY_BENCH = (
+    "bench", "--device", "cpu", "--model", "tiny", "--batch-sizes", "1,2", "--modes", "floor,full,breakable",
+    "--prefill-modes", "breakable", "--tokens", "8", "--requests", "2", "--capture-max-bs", "4",
+    # Few, short repeats: these tests check what is reported, not how precisely.
+    "--time-budget", "0.02", "--min-repeats", "3", "--max-repeats", "5", "--no-progress",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One tiny bench run shared by the tests below: exit code, terminal output, JSON, and the PNG path if
+    matplotlib is installed."""
+    out_dir = tmp_path_factory.mktemp("bench")
+    json_path, png_path = out_dir / "bench.json", out_dir / "bench.png"
+    argv = [*TINY_BENCH, "--json", str(json_path)]
+    try:
+        import matplotlib  # noqa: F401
+
+        argv += ["--plot", str(png_path)]
+    except ImportError:
+        png_path = None
+    threads_before = torch.get_num_threads()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # capsys is per test; this output is shared by several
+        code = main(argv)
+    return {"code": code, "threads_before": threads_before, "out": out.getvalue(), "json": json.loads(json_path.read_text()), "png": png_path}
+
+
+@pytest.mark.cpu
+def test_bench_prints_a_table_of_every_mode_at_every_batch_size(tiny_bench):
+    assert tiny_bench["code"] == 0, tiny_bench["out"]
+    assert torch.get_num_threads() == tiny_bench["threads_before"]  # the bench's 1 thread was given back
+    out = tiny_bench["out"]
+    assert out.startswith("graphhal bench on cpu (devices.cpu, 1 thread), torch ")
+    assert "batch  mode" in out and "ms/step  vs eager  / floor  setup s  pool MiB" in out
+    table = [line.split() for line in out.splitlines()]
+    for batch_size in ("1", "2"):
+        modes = [cells[1] for cells in table if len(cells) > 2 and cells[0] == batch_size]
+        assert modes[:4] == ["eager", "floor", "full", "breakable"], modes
+    assert "capture: 3 decode buckets up to 4 (full, one pool)" in out  # buckets 4, 2, 1
+    assert "one break:" in out
+
+
+@pytest.mark.cpu
+def test_bench_json_holds_every_row_with_ratios_against_eager_and_the_floor(tiny_bench):
+    data = tiny_bench["json"]
+    assert data["schema_version"] == 1
+    assert data["header"]["device"] == "cpu" and data["header"]["clock"] == "perf_counter + synchronize"
+    assert data["header"]["model"] == ModelConfig.tiny().__dict__
+    decode = [row for row in data["rows"] if row["phase"] == "decode"]
+    assert {(row["mode"], row["batch_size"]) for row in decode} == {
+        (mode, size) for mode in ("eager", "floor", "full", "breakable") for size in (1, 2)
+    }
+    for row in decode:
+        assert row["median_ms"] > 0 and 3 <= row["repeats"] <= 5 and row["steps_per_repeat"] >= 1
+        eager = next(r for r in decode if r["mode"] == "eager" and r["batch_size"] == row["batch_size"])
+        floor = next(r for r in decode if r["mode"] == "floor" and r["batch_size"] == row["batch_size"])
+        assert row["speedup_vs_eager"] == pytest.approx(eager["median_ms"] / row["median_ms"])
+        assert row["ratio_to_floor"] == pytest.approx(row["median_ms"] / floor["median_ms"])
+        if row["mode"] == "eager":
+            assert row["setup_s"] is None and row["max_abs_diff"] is None
+        else:  # graphs were built, and they compute what eager computes
+            assert row["setup_s"] > 0 and row["pool_bytes"] > 0
+            assert row["max_abs_diff"] < 1e-4
+    assert data["failed"] == []
+
+
+@pytest.mark.cpu
+def test_bench_json_capture_cost_compares_all_buckets_with_the_largest_and_prices_one_break(tiny_bench):
+    cost = tiny_bench["json"]["capture_cost"]
+    assert cost["max_bs"] == 4 and cost["num_buckets"] == 3 and cost["capture_s"] > 0
+    assert cost["pool_ratio"] == pytest.approx(cost["pool_bytes_all"] / cost["pool_bytes_largest"])
+    assert cost["breaks"] == ModelConfig.tiny().num_layers  # the attention of every layer is a break point
+    rows = {row["mode"]: row for row in tiny_bench["json"]["rows"] if row["batch_size"] == 1}
+    assert cost["full_bs1_ms"] == rows["full"]["median_ms"]  # taken from the table, not measured twice
+    expected = (rows["breakable"]["median_ms"] - rows["full"]["median_ms"]) * 1e3 / cost["breaks"]
+    assert cost["break_cost_us"] == pytest.approx(expected)
+
+
+@pytest.mark.cpu
+def test_bench_prefill_runs_eager_and_each_runner_mode_at_each_shape(tiny_bench):
+    prefill = [row for row in tiny_bench["json"]["rows"] if row["phase"] == "prefill"]
+    assert [(row["mode"], row["tokens"], row["requests"]) for row in prefill] == [("eager", 8, 2), ("breakable", 8, 2)]
+    breakable = prefill[1]
+    assert breakable["setup_s"] > 0 and breakable["pool_bytes"] > 0
+    assert breakable["max_abs_diff"] < 1e-4
+    assert breakable["ratio_to_floor"] is None  # no floor for prefill
+
+
+@pytest.mark.cpu
+def test_bench_writes_a_png_plot(tiny_bench):
+    pytest.importorskip("matplotlib")
+    png = tiny_bench["png"]
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {png}" in tiny_bench["out"]
+
+
+@pytest.mark.cpu
+def test_bench_plot_without_matplotlib_fails_before_measuring(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+
+    def measured(*args, **kwargs):
+        raise AssertionError("the bench ran before finding matplotlib missing")
+
+    monkeypatch.setattr("graphhal_cli.bench.command.run_bench", measured)
+    code, _, err = run_cli(capsys, "bench", "--device", "cpu", "--plot", str(tmp_path / "x.png"))
+    assert code == 2
+    assert "pip install 'graphhal[plot]'" in err
+
+
+@pytest.mark.cpu
+def test_bench_lists_contenders_the_device_cannot_run_as_skipped(capsys):
+    code, out, _ = run_cli(
+        capsys, "bench", "--device", "cpu", "--batch-sizes", "1", "--modes", "reduce-overhead,full+inductor",
+        "--no-prefill", "--no-capture-cost", "--time-budget", "0", "--min-repeats", "1", "--max-repeats", "1",
+        "--no-progress",
+    )
+    assert code == 0
+    skipped = out[out.index("skipped:"):]
+    assert "decode reduce-overhead: n/a: reduce-overhead records CUDA graphs (CUDA only)" in skipped
+    assert "decode full+inductor: " in skipped  # cpu graphs cannot capture Inductor kernels (or no compiler option)
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("    1  ")] == ["eager"]
+
+
+@pytest.mark.cpu
+def test_bench_reports_a_failing_mode_keeps_the_others_and_exits_nonzero(monkeypatch, capsys, tmp_path):
+    def broken_prepare(self, bench, batch):
+        raise RuntimeError("capture went wrong")
+
+    monkeypatch.setattr(contenders.RunnerMode, "prepare", broken_prepare)
+    json_path = tmp_path / "bench.json"
+    code, out, err = run_cli(
+        capsys, "bench", "--device", "cpu", "--batch-sizes", "1", "--modes", "floor,full", "--no-prefill",
+        "--no-capture-cost", "--time-budget", "0", "--min-repeats", "1", "--max-repeats", "1", "--no-progress",
+        "--json", str(json_path),
+    )
+    assert code == 1
+    assert "FAILED:\n  decode full @ 1: RuntimeError: capture went wrong" in out
+    assert "1 measurement(s) failed" in err
+    data = json.loads(json_path.read_text())
+    assert [row["mode"] for row in data["rows"]] == ["eager", "floor"]
+    assert data["failed"] == [{"phase": "decode", "mode": "full", "size": "1", "error": "RuntimeError: capture went wrong"}]
+
+
+def test_bench_rejects_an_unknown_mode_by_name(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--modes", "full,fastest"])
+    assert exit_info.value.code == 2
+    assert "unknown fastest; choose from floor, full, breakable, piecewise" in capsys.readouterr().err
+
+
+# --- demo ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cpu
+def test_demo_still_runs_and_reports_graph_and_eager_agreeing(capsys):
+    code, out, _ = run_cli(
+        capsys, "demo", "--device", "cpu", "--layers", "1", "--batch-sizes", "1,2", "--context-len", "16",
+        "--steps", "1", "--repeats", "1",
+    )
+    assert code == 0
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["2"])]
+    assert len(rows) == 2
+    assert all(float(cells[-1]) < 1e-3 for cells in rows)  # max |graph - eager|

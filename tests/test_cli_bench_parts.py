@@ -1,0 +1,143 @@
+"""The pieces of ``graphhal bench`` on their own: the timer's stopping rule, output agreement, the ratios, and a
+JSON file that strict parsers accept whatever the measurements were."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+import torch
+
+import hal
+from graphhal_cli.bench.agreement import max_abs_difference
+from graphhal_cli.bench.results import BenchResult, CaptureCost, Header, Row
+from graphhal_cli.bench.suite import _fill_ratios
+from graphhal_cli.bench.table import render
+from graphhal_cli.bench.timing import StepTimer, TimerSettings, median_rel_error
+from graphhal_cli.bench.workload import PrefillShape
+
+pytestmark = pytest.mark.cpu
+
+
+@pytest.fixture
+def cpu() -> hal.Device:
+    return hal.get_device("cpu")
+
+
+class CountingStep:
+    def __init__(self, sleeps: list[float] | None = None) -> None:
+        self.calls = 0
+        self.sleeps = sleeps or [0.0]
+
+    def __call__(self) -> None:
+        time.sleep(self.sleeps[self.calls % len(self.sleeps)])
+        self.calls += 1
+
+
+# --- timing -------------------------------------------------------------------------------------------------
+
+
+def test_median_rel_error_is_the_robust_standard_error_of_the_median():
+    assert median_rel_error([2.0, 2.0, 2.0]) == 0.0
+    # median 2, MAD 1: sigma ~ 1.4826, standard error of the median ~ 1.2533 * sigma / sqrt(3)
+    assert median_rel_error([1.0, 2.0, 3.0]) == pytest.approx(1.2533 * 1.4826 / math.sqrt(3) / 2)
+    assert median_rel_error([1.0, 2.0, 3.0, 2.0, 1000.0]) < median_rel_error([1.0, 2.0, 3.0])  # outliers barely count
+    assert median_rel_error([1.0]) == math.inf  # one sample says nothing about its spread
+
+
+def test_timer_stops_at_min_repeats_once_the_median_is_stable(cpu):
+    step = CountingStep()
+    timing = StepTimer(cpu, TimerSettings(target_rel_error=1.0, min_repeats=4, steps_per_repeat=3, warmup_steps=2)).time(step)
+    assert (timing.repeats, timing.steps_per_repeat) == (4, 3)
+    assert step.calls == 2 + 4 * 3  # warm-up, then the samples; no calibration with fixed steps
+    assert len(timing.samples_s) == 4 and timing.median_s >= 0
+
+
+def test_timer_repeats_an_unstable_step_up_to_max_repeats(cpu):
+    step = CountingStep(sleeps=[0.001, 0.002, 0.003, 0.004])  # spread over 1..4 ms: never within 1 %
+    settings = TimerSettings(min_repeats=3, max_repeats=8, steps_per_repeat=1, warmup_steps=0, budget_s=60)
+    timing = StepTimer(cpu, settings).time(step)
+    assert timing.repeats == 8
+    assert timing.rel_error > 0.01
+
+
+def test_timer_stops_at_the_time_budget_with_min_repeats_done(cpu):
+    step = CountingStep(sleeps=[0.001, 0.002, 0.003, 0.004])
+    settings = TimerSettings(min_repeats=3, max_repeats=50, steps_per_repeat=1, warmup_steps=0, budget_s=0)
+    assert StepTimer(cpu, settings).time(step).repeats == 3
+
+
+def test_timer_picks_steps_per_repeat_so_a_sample_lasts_min_sample_s(cpu):
+    step = CountingStep(sleeps=[0.002])
+    settings = TimerSettings(target_rel_error=1.0, min_repeats=1, min_sample_s=0.02, warmup_steps=0)
+    timing = StepTimer(cpu, settings).time(step)
+    assert 4 <= timing.steps_per_repeat <= 10  # 20 ms of 2 ms steps (sleep overshoots, never undershoots)
+    assert timing.median_s == pytest.approx(0.002, rel=1.0)
+
+
+def test_timer_settings_refuse_impossible_repeat_counts():
+    with pytest.raises(ValueError, match="min_repeats"):
+        TimerSettings(min_repeats=5, max_repeats=4)
+
+
+# --- agreement ----------------------------------------------------------------------------------------------
+
+
+def test_max_abs_difference_walks_nested_outputs_and_never_hides_a_nan():
+    expected = {"logits": torch.zeros(2, 3), "extra": (torch.ones(2),)}
+    got = {"logits": torch.tensor([[0.0, 0.5, 0.0], [0.0, 0.0, -0.25]]), "extra": (torch.ones(2),)}
+    assert max_abs_difference(got, expected) == 0.5
+    got["extra"] = (torch.tensor([1.0, math.nan]),)
+    assert math.isnan(max_abs_difference(got, expected))
+    with pytest.raises(ValueError, match="shape"):
+        max_abs_difference(torch.zeros(2), torch.zeros(3))
+
+
+# --- results ------------------------------------------------------------------------------------------------
+
+
+def _header() -> Header:
+    return Header("cpu", "devices.cpu", torch.__version__, "float32", {}, 32, "perf_counter", {
+        "target_rel_error": 0.01, "max_repeats": 50, "budget_s": 1.0,
+    })
+
+
+def test_ratios_compare_each_row_with_eager_and_the_floor_of_its_own_size():
+    rows = [
+        Row("decode", "eager", batch_size=1, median_ms=4.0),
+        Row("decode", "floor", batch_size=1, median_ms=1.0),
+        Row("decode", "full", batch_size=1, median_ms=2.0),
+        Row("decode", "eager", batch_size=8, median_ms=8.0),
+        Row("decode", "full", batch_size=8, median_ms=2.0),  # no floor at this size
+    ]
+    _fill_ratios(rows)
+    assert [r.speedup_vs_eager for r in rows] == [1.0, 4.0, 2.0, 1.0, 4.0]
+    assert [r.ratio_to_floor for r in rows] == [4.0, 1.0, 2.0, None, None]
+
+
+def test_json_turns_nan_and_infinity_into_null_so_strict_parsers_accept_it(tmp_path):
+    result = BenchResult(_header())
+    result.rows.append(Row("decode", "full", batch_size=1, median_ms=1.0, rel_error=math.inf, max_abs_diff=math.nan))
+    result.capture_cost = CaptureCost(max_bs=4, num_buckets=3, capture_s=0.1, pool_bytes_all=300, pool_bytes_largest=0)
+    path = tmp_path / "bench.json"
+    result.write_json(path)
+    data = json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert data["rows"][0]["rel_error"] is None and data["rows"][0]["max_abs_diff"] is None
+    assert data["capture_cost"]["pool_ratio"] is None  # no largest-bucket pool to divide by
+    assert data["capture_cost"]["break_cost_us"] is None
+
+
+def test_table_shows_a_dash_where_a_value_does_not_apply():
+    result = BenchResult(_header())
+    result.rows.append(Row("prefill", "eager", tokens=64, requests=4, median_ms=1.5, repeats=5, steps_per_repeat=9, rel_error=0.004))
+    text = render(result)
+    line = next(line for line in text.splitlines() if line.lstrip().startswith("64"))
+    assert line.split() == ["64", "4", "eager", "1.500", "-", "-", "-", "-", "-", "5x9", "±0.4%"]
+
+
+def test_prefill_shapes_split_tokens_as_evenly_as_possible():
+    assert PrefillShape(16, 4).query_lens() == [4, 4, 4, 4]
+    assert PrefillShape(10, 4).query_lens() == [3, 3, 2, 2]
+    assert sum(PrefillShape(1024, 3).query_lens()) == 1024

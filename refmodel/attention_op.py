@@ -4,8 +4,10 @@ It writes into a caller-provided ``out`` instead of returning a tensor (vLLM's "
 a graph strategy can then cut the compiled graph at this op, run it eagerly between captured pieces, and the
 pieces still find the result in a buffer they own.
 
-Kernels: CUDA runs the Triton kernel; CPU runs the math row by row over only the tokens each row uses; any
-other device runs the full-width reference, which is slow but has no data-dependent shapes.
+Kernels: CUDA runs the Triton kernel; CPU runs the math row by row over only the tokens each row uses; NPU
+runs torch_npu's fused infer-attention op (``refmodel.npu_attention``, which the model reaches without going
+through the custom op, so an NPU graph capture can update its host lengths); any other device runs the
+full-width reference, which is slow but has no data-dependent shapes.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import hal
+from refmodel import npu_attention
 from refmodel.attention_reference import decode_attention_reference
 
 
@@ -72,9 +75,17 @@ def _decode_attention_cuda(q, key_cache, value_cache, block_tables, seq_lens, sc
     paged_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, scale, out)
 
 
+npu_attention.register(decode_attention)
+
 # What the model calls. In a breakable capture the attention is the break: it runs eagerly between captured
 # segments. In a full capture it is captured inline (required=False): the kernels read lengths and block
-# tables from device memory, so the op is graph-safe.
+# tables from device memory, so the op is graph-safe (on npu the lengths are host values the device updates
+# before every replay).
 decode_attention_break = hal.break_point(
-    torch.ops.refmodel.decode_attention.default, name="refmodel.decode_attention", required=False
+    npu_attention.calls_npu_directly(torch.ops.refmodel.decode_attention.default),
+    name="refmodel.decode_attention",
+    required=False,
 )
+
+# Piecewise graphs split at this op: it writes into `out`, so the pieces around it keep fixed addresses.
+hal.register_splitting_op(torch.ops.refmodel.decode_attention.default)

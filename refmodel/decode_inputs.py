@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from hal.conventions import SlotRole
+from hal.conventions import DeviceConventions, SlotRole
 from refmodel.block_allocator import NULL_BLOCK
 from refmodel.config import ModelConfig
 from refmodel.kv_cache import NULL_SLOT
 from runners.input_slots import InputSlot
 
 
-def decode_input_slots(config: ModelConfig, max_blocks_per_seq: int | None = None) -> list[InputSlot]:
+def decode_input_slots(
+    config: ModelConfig, max_blocks_per_seq: int | None = None, conventions: DeviceConventions | None = None
+) -> list[InputSlot]:
     """The slots of ``DecodeStep``: one row per request, ``max_blocks_per_seq`` block-table columns per row.
 
     Fills make a padded row a harmless no-op: it embeds token 0 at position 0, attends to nothing
@@ -20,16 +22,18 @@ def decode_input_slots(config: ModelConfig, max_blocks_per_seq: int | None = Non
     width of the block tables the server (or ``DecodeWorkload``) builds.
 
     ``seq_lens`` and ``slot_mapping`` declare their roles: a runner gives them the dtype (and the lengths
-    their fill) the device's conventions ask for, which is what these defaults are on cpu and cuda.
+    their fill) the device's conventions ask for. With ``conventions`` (``Device.conventions``) the slots
+    returned already carry them; without, they carry the defaults (what cpu and cuda use).
     """
     if max_blocks_per_seq is None:
         max_blocks_per_seq = config.max_blocks_per_seq
     if max_blocks_per_seq <= 0:
         raise ValueError(f"max_blocks_per_seq must be positive, got {max_blocks_per_seq}")
-    return [
+    slots = [
         InputSlot("input_ids", torch.int64, fill=0),
         InputSlot("positions", torch.int64, fill=0),
         InputSlot("seq_lens", torch.int32, fill=0, role=SlotRole.SEQ_LENS),
         InputSlot("block_tables", torch.int32, row_shape=(max_blocks_per_seq,), fill=NULL_BLOCK),
         InputSlot("slot_mapping", torch.int64, fill=NULL_SLOT, role=SlotRole.CACHE_LOCATIONS),
     ]
+    return [slot.for_device(conventions) for slot in slots] if conventions is not None else slots

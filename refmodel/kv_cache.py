@@ -26,14 +26,16 @@ def write_kv_cache(
     A slot is ``block * block_size + offset``. The slot mapping is a device tensor and the write is one
     ``index_copy_``, so a captured graph rewrites it per replay with no host value baked in. Padded rows all
     point at ``NULL_SLOT``; several rows writing the same slot leave an unspecified one of them there, which
-    is harmless because nobody reads the null block's contents as real context.
+    is harmless because nobody reads the null block's contents as real context. The slot mapping may be int32
+    (what the npu device's conventions ask for) or int64.
 
     A custom op rather than inline ``index_copy_`` so torch.compile sees one opaque in-place write of the
     cache, instead of functionalizing it into an out-of-place copy of the whole cache.
     """
     num_kv_heads, head_dim = key_cache.shape[-2:]
-    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
-    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+    slots = slot_mapping.long()  # index_copy_ takes int64 indices only; a no-op when they already are
+    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, key)
+    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, value)
 
 
 @write_kv_cache.register_fake

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from hal.conventions import DeviceConventions
 from refmodel.block_allocator import NULL_BLOCK
 from refmodel.decode_inputs import decode_input_slots
 from refmodel.kv_cache import PagedKVCache
@@ -23,6 +24,10 @@ class DecodeWorkload:
     position ``context_len[i]``, goes to the cache slot right after its context, and attends to
     ``context_len[i] + 1`` tokens. Running the same batch twice rewrites the same slots with the same values,
     so a batch can be replayed for benchmarks; ``advance`` moves requests on by one token.
+
+    ``conventions`` (``Device.conventions``) types the role inputs the way the device's kernels want them
+    (the npu takes int32 cache slots): batches and ``input_slots()`` agree on every dtype. Default: the
+    dtypes cpu and cuda use.
     """
 
     def __init__(
@@ -34,10 +39,12 @@ class DecodeWorkload:
         min_context_len: int = 1,
         max_blocks_per_seq: int | None = None,
         seed: int = 0,
+        conventions: DeviceConventions | None = None,
     ) -> None:
         config = kv_cache.config
         self.kv_cache = kv_cache
         self.config = config
+        self.conventions = conventions
         self.max_blocks_per_seq = config.max_blocks_per_seq if max_blocks_per_seq is None else max_blocks_per_seq
         self._capacity = min(self.max_blocks_per_seq * config.block_size, config.max_seq_len)
         if num_requests <= 0:
@@ -69,8 +76,8 @@ class DecodeWorkload:
         return len(self.context_lens)
 
     def input_slots(self) -> list[InputSlot]:
-        """The runner slots matching this workload's block-table width."""
-        return decode_input_slots(self.config, self.max_blocks_per_seq)
+        """The runner slots matching this workload's block-table width and dtypes."""
+        return decode_input_slots(self.config, self.max_blocks_per_seq, self.conventions)
 
     def batch(self, n: int | None = None) -> dict[str, torch.Tensor]:
         """Decode-step inputs for the first ``n`` requests (all by default), on the cache's device.
@@ -146,10 +153,11 @@ class DecodeWorkload:
             for context_len, blocks in zip(self.context_lens, self.blocks)
         ]
         device = self.kv_cache.device
+        dtypes = {slot.name: slot.dtype for slot in self.input_slots()}
         self._full_batch = {
-            "input_ids": torch.tensor(self.next_tokens, dtype=torch.int64, device=device),
-            "positions": torch.tensor(self.context_lens, dtype=torch.int64, device=device),
-            "seq_lens": torch.tensor(self.context_lens, dtype=torch.int32, device=device) + 1,
-            "block_tables": tables.to(device),
-            "slot_mapping": torch.tensor(new_token_slots, dtype=torch.int64, device=device),
+            "input_ids": torch.tensor(self.next_tokens, dtype=dtypes["input_ids"], device=device),
+            "positions": torch.tensor(self.context_lens, dtype=dtypes["positions"], device=device),
+            "seq_lens": torch.tensor([n + 1 for n in self.context_lens], dtype=dtypes["seq_lens"], device=device),
+            "block_tables": tables.to(device, dtypes["block_tables"]),
+            "slot_mapping": torch.tensor(new_token_slots, dtype=dtypes["slot_mapping"], device=device),
         }

@@ -1,38 +1,47 @@
-"""The npu device (Ascend, through torch_npu): registration and availability only, for now.
+"""The npu device (Ascend, through torch_npu): full graphs on ``torch.npu.NPUGraph``, host lengths updated per run.
 
-This module must import cleanly where torch_npu is absent or broken: without Ascend's CANN libraries,
-importing torch_npu raises, so it is probed with ``find_spec`` and imported only inside a guarded call.
-It serves the ``npu`` type so that ``graphhal`` lists it, reports it unavailable here, and offers no graph
-modes yet: NPUGraph capture and the async update of host-side parameters arrive with the NPU plugin work.
+Ascend attention kernels take per-request lengths as host lists, and a captured NPU graph bakes them in. The
+plugin captures with torch_npu's ``auto_dispatch_capture`` (its handlers bracket each fused-attention launch
+in a task group gated by an ExternalEvent) and brackets ops without a handler itself; ``hal_update`` then
+re-issues those launches with the live lengths on an update stream, ordered after the graph's previous replay,
+and the replay's gated tasks wait for it (``npu_graph`` explains the order).
+
+Supported: torch_npu 2.6 and newer; the plugin follows the NPUGraph API of torch_npu 2.14 and refuses older
+versions with ``TorchNpuVersionError`` (``runtime``). Conventions the runners ask for rather than
+hard-code: int32 cache locations, int32 lengths padded with 0.
+
+This module imports cleanly where torch_npu is absent or broken: torch_npu is only imported, guarded, when a
+hook first needs it. Where npu tensors live is the ``placement`` seam (``torch.device("npu", i)`` on
+hardware); tests run the plugin against a CPU simulator of torch_npu through it (tests/support).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
+from contextlib import AbstractContextManager
+from typing import Any, Mapping
 
-from hal import DeviceId, hookimpl
+import torch
+
+from devices.npu import placement
+from devices.npu.capture_session import NpuCaptureSession
+from devices.npu.graph_update import update_graph
+from devices.npu.npu_graph import NpuGraph
+from devices.npu.runtime import find_torch_npu, torch_npu_runtime
+from hal import DeviceConventions, DeviceId, MemoryStats, hookimpl
 
 DEVICE_TYPE = "npu"
-GRAPH_MODES: tuple[str, ...] = ()  # NPUGraph support is not implemented yet
+GRAPH_MODES = ("full",)
+NPU_CONVENTIONS = DeviceConventions(cache_location_dtype=torch.int32, seq_len_dtype=torch.int32, seq_len_fill=0)
 
 logger = logging.getLogger(__name__)
 
-
-def _torch_npu_usable() -> bool:
-    if importlib.util.find_spec("torch_npu") is None:
-        return False
-    try:
-        torch_npu = importlib.import_module("torch_npu")
-        return bool(torch_npu.npu.is_available())
-    except Exception as exc:  # a broken CANN install raises all kinds of errors at import
-        logger.debug("graphhal: torch_npu is installed but unusable: %s", exc)
-        return False
-
-
 def _mine(device: DeviceId) -> bool:
     return device.type == DEVICE_TYPE
+
+
+def _index(device: DeviceId) -> int:
+    return device.index if device.index is not None else int(torch_npu_runtime().npu.current_device())
 
 
 @hookimpl
@@ -44,30 +53,109 @@ def hal_device_types() -> list[str]:
 def hal_is_available(device: DeviceId) -> bool | None:
     if not _mine(device):
         return None
-    # No graph modes yet, so even a machine with a working Ascend card cannot capture through graphhal.
-    return bool(GRAPH_MODES) and _torch_npu_usable()
+    module, reason = find_torch_npu()
+    if module is None:
+        logger.debug("graphhal: npu unavailable: %s", reason)
+        return False
+    try:
+        npu = module.npu
+        if not npu.is_available():
+            return False
+        return device.index is None or device.index < npu.device_count()
+    except Exception as exc:  # a half-working CANN install: unavailable, never an error here
+        logger.debug("graphhal: npu unavailable: torch_npu raised %s: %s", type(exc).__name__, exc)
+        return False
 
 
 @hookimpl
 def hal_graph_modes(device: DeviceId) -> tuple[str, ...] | None:
-    return GRAPH_MODES if _mine(device) else None
+    if not _mine(device):
+        return None
+    torch_npu_runtime()  # refuses a torch_npu too old for graphs, naming its version and the minimum
+    return GRAPH_MODES
 
 
 @hookimpl
-def hal_make_graph(device: DeviceId, mode: str) -> None:
-    return None
+def hal_torch_device(device: DeviceId) -> torch.device | None:
+    return placement.torch_device(_index(device)) if _mine(device) else None
 
 
 @hookimpl
-def hal_capture_session(graph: object, pool: object, stream: object) -> None:
-    return None
+def hal_conventions(device: DeviceId) -> DeviceConventions | None:
+    return NPU_CONVENTIONS if _mine(device) else None
 
 
 @hookimpl
-def hal_replay(graph: object) -> None:
-    return None
+def hal_needs_graph_update(device: DeviceId) -> bool | None:
+    return True if _mine(device) else None  # attention lengths are host values baked into captured tasks
 
 
 @hookimpl
-def hal_synchronize(device: DeviceId) -> None:
-    return None
+def hal_capture_executes_work(device: DeviceId) -> bool | None:
+    return False if _mine(device) else None  # captured work only runs at replay
+
+
+@hookimpl
+def hal_captures_compiled_kernels(device: DeviceId) -> bool | None:
+    return True if _mine(device) else None  # NPUGraph captures the stream: every launch, compiled kernels too
+
+
+@hookimpl
+def hal_make_graph(device: DeviceId, mode: str) -> NpuGraph | None:
+    if not _mine(device) or mode not in GRAPH_MODES:
+        return None
+    return NpuGraph(torch_npu_runtime(), _index(device))
+
+
+@hookimpl
+def hal_capture_session(graph: Any, pool: Any, stream: Any) -> AbstractContextManager[Any] | None:
+    if not isinstance(graph, NpuGraph):
+        return None
+    return NpuCaptureSession(graph, pool, stream)
+
+
+@hookimpl
+def hal_replay(graph: Any) -> bool | None:
+    if not isinstance(graph, NpuGraph):
+        return None
+    graph.replay()
+    return True
+
+
+@hookimpl
+def hal_update(graph: Any, params: Mapping[str, Any]) -> bool | None:
+    if not isinstance(graph, NpuGraph):
+        return None
+    update_graph(graph, params)
+    return True
+
+
+@hookimpl
+def hal_graph_pool(device: DeviceId) -> Any:
+    if not _mine(device):
+        return None
+    return torch_npu_runtime().npu.graph_pool_handle()
+
+
+@hookimpl
+def hal_capture_stream(device: DeviceId) -> Any:
+    """One side stream per NPU, shared by every runner."""
+    if not _mine(device):
+        return None
+    return torch_npu_runtime().capture_stream(_index(device))
+
+
+@hookimpl
+def hal_synchronize(device: DeviceId) -> bool | None:
+    if not _mine(device):
+        return None
+    torch_npu_runtime().npu.synchronize(_index(device))
+    return True
+
+
+@hookimpl
+def hal_memory_stats(device: DeviceId, pool: Any) -> MemoryStats | None:
+    if not _mine(device):
+        return None
+    npu, index = torch_npu_runtime().npu, _index(device)
+    return MemoryStats(allocated_bytes=int(npu.memory_allocated(index)), reserved_bytes=int(npu.memory_reserved(index)))

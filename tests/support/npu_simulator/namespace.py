@@ -1,0 +1,149 @@
+"""Installing the SIMULATED ``torch_npu`` module and ``torch.npu`` namespace, and taking them away again.
+
+While installed: ``sys.modules["torch_npu"]`` (and the submodules graphhal looks into) are the simulator's,
+``torch.npu`` is its namespace, and ``Tensor.tolist``/``Tensor.numpy`` refuse to run inside a capture (they
+read values on the host without going through the dispatcher, so the capture recorder cannot see them).
+Uninstalling restores every one of those exactly as it was.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import sys
+from contextlib import contextmanager
+from types import ModuleType
+from typing import Any, Iterator
+
+import torch
+
+from support.npu_simulator import auto_dispatch, capture, kernels, npugraph, state, streams
+from support.npu_simulator.errors import HostReadDuringCaptureError, SimulatorError
+
+SIMULATED_TORCH_NPU_VERSION = "2.14.0"
+LABEL = "graphhal tests' CPU SIMULATOR of torch_npu's graph API (not torch_npu)"
+
+_MODULE_NAMES = (
+    "torch_npu",
+    "torch_npu.npu",
+    "torch_npu.npu._npugraph_handlers",
+    "torch_npu.npu._npugraph_handlers.npugraph_handler",
+)
+_HOST_READS = ("tolist", "numpy")
+
+
+def _module(name: str, **attributes: Any) -> ModuleType:
+    module = ModuleType(name, f"{LABEL}: {name}")
+    module.__spec__ = importlib.machinery.ModuleSpec(name, loader=None, origin="npu-simulator")
+    module.__path__ = []  # a package, so importlib resolves the submodules below from sys.modules
+    module.__simulator__ = LABEL
+    for key, value in attributes.items():
+        setattr(module, key, value)
+    return module
+
+
+def _npu_namespace(sim: state.SimulatorState) -> ModuleType:
+    def synchronize(device: Any = None) -> None:
+        for stream in sim.streams:  # the host waits for everything issued so far, on every stream
+            sim.host_synchronize(stream.clock)
+
+    def set_device(device: Any) -> None:
+        sim.current_device = streams._device_index(device)
+
+    def flush_cache() -> None:
+        sim.cache_flushes += 1
+
+    return _module(
+        "torch_npu.npu",
+        is_available=lambda: sim.device_count > 0,
+        device_count=lambda: sim.device_count,
+        current_device=lambda: sim.current_device,
+        set_device=set_device,
+        synchronize=synchronize,
+        current_stream=lambda device=None: sim.current_stream(None if device is None else streams._device_index(device)),
+        default_stream=lambda device=None: sim.default_stream(None if device is None else streams._device_index(device)),
+        stream=streams.stream,
+        Stream=streams.Stream,
+        Event=streams.Event,
+        ExternalEvent=streams.ExternalEvent,
+        NPUGraph=npugraph.NPUGraph,
+        graph=npugraph.graph,
+        graph_pool_handle=lambda: object(),
+        is_current_stream_capturing=lambda: sim.current_stream().capturing is not None,
+        graph_task_group_begin=capture.graph_task_group_begin,
+        graph_task_group_end=capture.graph_task_group_end,
+        graph_task_update_begin=capture.graph_task_update_begin,
+        graph_task_update_end=capture.graph_task_update_end,
+        empty_cache=flush_cache,
+        host_empty_cache=flush_cache,
+        memory_allocated=lambda device=None: 0,
+        memory_reserved=lambda device=None: 0,
+    )
+
+
+@contextmanager
+def installed(version: str = SIMULATED_TORCH_NPU_VERSION, device_count: int = 1) -> Iterator[state.SimulatorState]:
+    """Install the simulator for the duration of the block; yields its state (launch log, flush count)."""
+    if "torch_npu" in sys.modules and not getattr(sys.modules["torch_npu"], "__simulator__", None):
+        raise SimulatorError("a real torch_npu is imported in this process; the simulator will not shadow it")
+    if state._active is not None:
+        raise SimulatorError("the npu simulator is already installed")
+    sim = state.SimulatorState(version=version, device_count=device_count)
+    npu = _npu_namespace(sim)
+    sim.namespace = npu
+    ops = kernels.ops()
+    handlers = _module(
+        "torch_npu.npu._npugraph_handlers.npugraph_handler", _NPU_GRAPH_OP_HANDLERS=auto_dispatch.NPU_GRAPH_OP_HANDLERS
+    )
+    npu._npugraph_handlers = _module("torch_npu.npu._npugraph_handlers", npugraph_handler=handlers)
+    torch_npu = _module(
+        "torch_npu",
+        __version__=version,
+        npu=npu,
+        npu_fused_infer_attention_score=ops.npu_fused_infer_attention_score,
+        _npu_fused_infer_attention_score_get_max_workspace=lambda query, *args, **kwargs: kernels.max_workspace(query),
+        _npu_paged_attention=ops._npu_paged_attention,
+    )
+    modules = dict(zip(_MODULE_NAMES, (torch_npu, npu, npu._npugraph_handlers, handlers)))
+
+    saved_modules = {name: sys.modules.get(name) for name in _MODULE_NAMES}
+    had_torch_npu_attr, saved_torch_npu_attr = hasattr(torch, "npu"), getattr(torch, "npu", None)
+    saved_reads = {name: torch.Tensor.__dict__.get(name) for name in _HOST_READS}
+    state.activate(sim)
+    sys.modules.update(modules)
+    torch.npu = npu
+    for name in _HOST_READS:
+        setattr(torch.Tensor, name, _refused_in_capture(name, getattr(torch._C.TensorBase, name)))
+    try:
+        yield sim
+    finally:
+        state.SimulatorMode.exit_all(sim)  # a capture or update a failing test left open
+        for name, saved in saved_reads.items():
+            if saved is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, saved)
+        if had_torch_npu_attr:
+            torch.npu = saved_torch_npu_attr
+        else:
+            del torch.npu
+        for name, module in saved_modules.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+        state.activate(None)
+
+
+def _refused_in_capture(name: str, original: Any) -> Any:
+    def host_read(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        sim = state._active
+        if sim is not None and sim.capturing_graph is not None:
+            raise HostReadDuringCaptureError(
+                f"Tensor.{name}() read a tensor's values on the host while an NPU graph was being captured: the "
+                "stream only records, there are no values yet (use host values you already have, or placeholders "
+                "an update replaces)"
+            )
+        return original(self, *args, **kwargs)
+
+    host_read.__name__ = name
+    return host_read

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from hal.conventions import DeviceConventions
 from refmodel.block_allocator import NULL_BLOCK
 from refmodel.decode_inputs import decode_input_slots
 from refmodel.kv_cache import PagedKVCache
@@ -38,8 +39,10 @@ class PrefillWorkload:
         token_ids: Sequence[Sequence[int]] | None = None,
         max_blocks_per_seq: int | None = None,
         seed: int = 0,
+        conventions: DeviceConventions | None = None,
     ) -> None:
         config = kv_cache.config
+        self.conventions = conventions
         self.kv_cache = kv_cache
         self.config = config
         self.max_blocks_per_seq = config.max_blocks_per_seq if max_blocks_per_seq is None else max_blocks_per_seq
@@ -78,15 +81,25 @@ class PrefillWorkload:
         return sum(self.query_lens)
 
     def token_slots(self) -> list[InputSlot]:
-        return prefill_token_slots(self.config)
+        return self._for_device(prefill_token_slots(self.config))
 
     def request_slots(self) -> list[InputSlot]:
         """The request slots matching this workload's block-table width."""
-        return prefill_request_slots(self.config, self.max_blocks_per_seq)
+        return self._for_device(prefill_request_slots(self.config, self.max_blocks_per_seq))
 
     def decode_slots(self) -> list[InputSlot]:
         """The decode-step slots matching ``decode_batch``."""
-        return decode_input_slots(self.config, self.max_blocks_per_seq)
+        return decode_input_slots(self.config, self.max_blocks_per_seq, self.conventions)
+
+    def _for_device(self, slots: list[InputSlot]) -> list[InputSlot]:
+        # With the device's conventions the role slots (cache locations, lengths) get its dtypes, and the
+        # batches below are built in them (npu: int32 cache locations).
+        return slots if self.conventions is None else [slot.for_device(self.conventions) for slot in slots]
+
+    @staticmethod
+    def _typed(batch: dict[str, torch.Tensor], slots: list[InputSlot]) -> dict[str, torch.Tensor]:
+        dtypes = {slot.name: slot.dtype for slot in slots}
+        return {name: tensor.to(dtypes[name]) for name, tensor in batch.items()}
 
     def token_batch(self, requests: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """``input_ids``, ``positions``, ``slot_mapping`` of the chosen requests' new tokens, packed in order.
@@ -98,23 +111,25 @@ class PrefillWorkload:
         positions = [self.context_lens[i] + j for i in requests for j in range(self.query_lens[i])]
         slots = [self._slot(i, self.context_lens[i] + j) for i in requests for j in range(self.query_lens[i])]
         device = self.kv_cache.device
-        return {
+        batch = {
             "input_ids": torch.tensor(ids, dtype=torch.int64, device=device),
             "positions": torch.tensor(positions, dtype=torch.int64, device=device),
             "slot_mapping": torch.tensor(slots, dtype=torch.int64, device=device),
         }
+        return self._typed(batch, self.token_slots())
 
     def request_batch(self, requests: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """``query_lens``, ``seq_lens``, ``block_tables`` of the chosen requests, one row each, in order."""
         requests = self._requests(requests)
         device = self.kv_cache.device
-        return {
+        batch = {
             "query_lens": torch.tensor([self.query_lens[i] for i in requests], dtype=torch.int32, device=device),
             "seq_lens": torch.tensor(
                 [self.context_lens[i] + self.query_lens[i] for i in requests], dtype=torch.int32, device=device
             ),
             "block_tables": self._block_tables(requests),
         }
+        return self._typed(batch, self.request_slots())
 
     def batch(self, requests: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """The whole prefill-step input: ``token_batch`` then ``request_batch``, call it as ``step(**batch)``."""
@@ -139,7 +154,7 @@ class PrefillWorkload:
         positions = list(self.cached_lens)
         self.cached_lens = [p + 1 for p in positions]
         device = self.kv_cache.device
-        return {
+        batch = {
             "input_ids": torch.tensor(ids, dtype=torch.int64, device=device),
             "positions": torch.tensor(positions, dtype=torch.int64, device=device),
             "seq_lens": torch.tensor(self.cached_lens, dtype=torch.int32, device=device),
@@ -148,6 +163,7 @@ class PrefillWorkload:
                 [self._slot(i, p) for i, p in enumerate(positions)], dtype=torch.int64, device=device
             ),
         }
+        return self._typed(batch, self.decode_slots())
 
     def release(self) -> None:
         """Give every request's blocks back to the allocator."""

@@ -7,7 +7,6 @@ random requests across bucket boundaries.
 
 from __future__ import annotations
 
-from typing import Mapping
 
 import pytest
 import torch
@@ -27,12 +26,6 @@ MAX_REQUESTS = 4
 PACKINGS = [([7], [0]), ([5, 3], [2, 9]), ([4, 4, 1], [0, 3, 11]), ([16], [5]), ([10, 7], [1, 0]), ([9, 9, 9, 4], [2, 0, 7, 1])]
 
 
-def typed_for(runner, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The batch in the dtypes the runner's slots have on this device (npu: int32 cache locations)."""
-    dtypes = {slot.name: slot.dtype for slot in (*runner.slots, *runner.fixed_slots)}
-    return {name: tensor.to(dtypes[name]) for name, tensor in batch.items()}
-
-
 @pytest.mark.parametrize("mode", ["piecewise", "breakable"])
 def test_prefill_on_npu_equals_eager(simulated_npu, mode):
     torch._dynamo.reset()  # piecewise compiles the forward once; start from a clean cache
@@ -40,7 +33,8 @@ def test_prefill_on_npu_equals_eager(simulated_npu, mode):
     device = simulated_npu.torch_device
     model = LlamaDecoder(config, device, torch.float32, seed=0)
     kv_cache = PagedKVCache(config, 160, device, torch.float32)
-    probe = prefill_workload.PrefillWorkload(kv_cache, [1])
+    conventions = simulated_npu.conventions
+    probe = prefill_workload.PrefillWorkload(kv_cache, [1], conventions=conventions)
     token_slots, request_slots = probe.token_slots(), probe.request_slots()
     probe.release()
     runner = prefill_runner.PrefillRunner(
@@ -52,9 +46,12 @@ def test_prefill_on_npu_equals_eager(simulated_npu, mode):
     )
     runner.capture()
     for seed, (query_lens, context_lens) in enumerate(PACKINGS):
-        workload = prefill_workload.PrefillWorkload(kv_cache, query_lens, context_lens=context_lens, seed=seed)
+        workload = prefill_workload.PrefillWorkload(
+            kv_cache, query_lens, context_lens=context_lens, seed=seed, conventions=conventions
+        )
         try:
-            batch = typed_for(runner, workload.batch())
+            batch = workload.batch()
+            assert batch["slot_mapping"].dtype == torch.int32  # the npu convention reached the batch
             with torch.no_grad():
                 eager = runner.forward(**batch).clone()
             graph = runner.run(batch).clone()

@@ -32,7 +32,9 @@ class DeviceInfo:
     origin: str  # "built-in", or the entry point that provided it
     available: bool
     modes: list[str] | None = None  # Device.modes; None where the device is not available (no Device exists)
-    error: str | None = None  # what the plugin raised while being asked
+    graph_modes: list[str] | None = None  # the graph modes its plugin declares, present or not
+    graph_modes_error: str | None = None  # why the plugin could not say (often: why the device is absent)
+    error: str | None = None  # what the plugin raised while asked whether the device is available
 
 
 @dataclass
@@ -69,13 +71,18 @@ def _entry_point_origins() -> dict[str, str]:
 def _device_info(registry: hal.DeviceRegistry, device_type: str, plugin: str, origins: dict[str, str]) -> DeviceInfo:
     origin = "built-in" if plugin in BUILTIN_DEVICE_PLUGINS else origins.get(plugin, "registered in code")
     info = DeviceInfo(device_type, plugin, origin, available=False)
+    # Third-party plugin code: anything may come out of it, and each answer is worth having on its own.
     try:
         info.available = registry.is_available(device_type)
         if info.available:
             info.modes = list(registry.get_device(device_type).modes)
-    except Exception as exc:  # third-party plugin code: anything may come out of it
+    except Exception as exc:
         info.available = False
         info.error = _error(exc)
+    try:
+        info.graph_modes = list(registry.graph_modes_of(device_type))
+    except Exception as exc:
+        info.graph_modes_error = _error(exc)
     return info
 
 
@@ -127,7 +134,14 @@ def render(machine: MachineInfo) -> str:
     lines = ["devices:"]
     for device in machine.devices:
         state = "available" if device.available else "not available"
-        modes = f"; modes: {', '.join(device.modes)}" if device.modes is not None else ""
+        if device.modes is not None:
+            modes = f"; modes: {', '.join(device.modes)}"
+        elif device.graph_modes is not None:  # what it would offer: tells a missing driver from a missing feature
+            modes = f"; graph modes when present: {', '.join(device.graph_modes) or 'none'}"
+        elif device.graph_modes_error is not None:
+            modes = f" ({device.graph_modes_error})"
+        else:
+            modes = ""
         lines.append(f"  {device.type:<8} {state}{modes}  [{device.plugin}, {device.origin}]")
         if device.error:
             lines.append(f"           error: {device.error}")

@@ -131,6 +131,7 @@ def test_info_lists_a_plugin_that_fails_to_import_in_text_and_json(site: Path, c
     assert {"cpu", "cuda", "npu"} <= devices.keys() and "brokendev" not in devices
     assert devices["cpu"]["available"] and "full" in devices["cpu"]["modes"]
     assert devices["npu"]["available"] is False and devices["npu"]["modes"] is None
+    assert devices["cuda"]["graph_modes"][0] == "full"  # declared whether or not a GPU is present
 
 
 def test_info_reports_a_plugin_that_raises_when_probed_and_lists_the_rest(site: Path, capsys):

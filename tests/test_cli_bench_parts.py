@@ -77,6 +77,35 @@ def test_timer_picks_steps_per_repeat_so_a_sample_lasts_min_sample_s(cpu):
     assert timing.median_s == pytest.approx(0.002, rel=1.0)
 
 
+def test_steps_timed_together_take_their_samples_in_the_same_rounds(cpu):
+    calls: list[str] = []
+    steady = lambda: calls.append("steady")  # noqa: E731
+    jittery = CountingStep(sleeps=[0.001, 0.002, 0.003, 0.004])
+
+    def noisy() -> None:
+        calls.append("noisy")
+        jittery()
+
+    settings = TimerSettings(min_repeats=3, max_repeats=6, steps_per_repeat=1, warmup_steps=0, budget_s=60)
+    timings = StepTimer(cpu, settings).time_together({"steady": steady, "noisy": noisy})
+    # The steady step is stable after 3 rounds but keeps sampling while the noisy one is not: both samples
+    # come from the same stretch of time.
+    assert timings["steady"].repeats == timings["noisy"].repeats == 6
+    assert calls == ["steady", "noisy"] * 6
+
+
+def test_a_step_that_raises_while_timed_together_is_dropped_and_the_others_are_timed(cpu):
+    def broken() -> None:
+        raise RuntimeError("replay failed")
+
+    settings = TimerSettings(target_rel_error=1.0, min_repeats=3, steps_per_repeat=1, warmup_steps=1)
+    timings = StepTimer(cpu, settings).time_together({"broken": broken, "fine": CountingStep()})
+    assert isinstance(timings["broken"], RuntimeError)
+    assert timings["fine"].repeats == 3
+    with pytest.raises(RuntimeError, match="replay failed"):
+        StepTimer(cpu, settings).time(broken)
+
+
 def test_timer_settings_refuse_impossible_repeat_counts():
     with pytest.raises(ValueError, match="min_repeats"):
         TimerSettings(min_repeats=5, max_repeats=4)

@@ -23,9 +23,10 @@ per batch size, so its setup time and pool memory belong to that size alone:
   as ``full+inductor``, so the two differ only in who manages the graphs. Its setup is compile + warm-up +
   recording. CUDA only.
 
-Compiled contenders start from ``torch._dynamo.reset()``: their setup counts their own compile (Inductor's
-on-disk caches still make later sizes faster), and per-size recompiles never reach dynamo's recompile limit,
-past which it silently runs eagerly.
+Contenders of one size are alive together (they are timed interleaved), so nothing here resets torch.compile
+state while one may still call its compiled code; ``release_memory`` resets it between sizes. So each size's
+compiled contenders compile afresh (Inductor's on-disk caches still make later sizes faster), and per-size
+recompiles never reach dynamo's recompile limit, past which it silently runs eagerly.
 """
 
 from __future__ import annotations
@@ -74,14 +75,13 @@ class DecodeContender(ABC):
     def prepare(self, bench: BenchModel, batch: Batch) -> Prepared: ...
 
 
-def fresh_compile_state() -> None:
-    """Forget every torch.compile result (and cudagraph tree) of earlier contenders."""
-    torch._dynamo.reset()
-
-
 def release_memory(device: hal.Device) -> None:
-    """Free what a finished contender held, so the next one's pool measurement starts clean."""
-    fresh_compile_state()
+    """Free what finished contenders held, so the next ones' pool measurements start clean.
+
+    Also forgets every torch.compile result and cudagraph tree: call it only once nothing set up before it
+    will run again.
+    """
+    torch._dynamo.reset()
     if device.torch_device.type == "cuda":
         # Graphs and their pools can sit in reference cycles; only a collection returns their memory to the
         # allocator. Elsewhere it is skipped: with torch loaded one collection takes ~0.25 s on a small CPU,
@@ -129,7 +129,6 @@ class RunnerMode(DecodeContender):
         return None
 
     def prepare(self, bench: BenchModel, batch: Batch) -> Prepared:
-        fresh_compile_state()  # piecewise and compiler="inductor" compile the forward inside capture()
         config = DecodeConfig(mode=self.mode, buckets=[_rows(batch)], compiler=self.compiler, show_progress=False)
         started = time.perf_counter()
         runner = DecodeRunner(bench.decode_step, bench.decode_slots, bench.device, config)
@@ -220,7 +219,6 @@ class ReduceOverhead(DecodeContender):
         return None
 
     def prepare(self, bench: BenchModel, batch: Batch) -> Prepared:
-        fresh_compile_state()
         torch_device = bench.device.torch_device
         before = private_pool_bytes(torch_device)
         started = time.perf_counter()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 import hal
-from graphhal_cli.bench.contenders import EAGER, Prepared, fresh_compile_state
+from graphhal_cli.bench.contenders import EAGER, Prepared
 from graphhal_cli.bench.workload import BenchModel, PrefillShape
 from refmodel import PrefillWorkload
 from runners import PrefillConfig, PrefillRunner
@@ -45,7 +45,6 @@ def eager_prefill(case: PrefillCase) -> Prepared:
 
 
 def runner_prefill(case: PrefillCase, mode: str, device: hal.Device) -> Prepared:
-    fresh_compile_state()  # piecewise compiles the forward: count its compile, stay clear of recompile limits
     shape = case.shape
     config = PrefillConfig(mode=mode, buckets=[shape.tokens], max_requests=shape.requests, show_progress=False)
     started = time.perf_counter()

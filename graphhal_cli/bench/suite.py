@@ -1,9 +1,10 @@
 """The bench run: every contender at every size, eager first, then the capture-only measurements.
 
-Contenders are measured one at a time and released before the next, so each pool measurement sees only its
-own graphs and no contender runs with another's memory still held. Each size's eager output is the
-reference every other contender's output is checked against. A contender that raises is recorded as failed
-and the run goes on: one broken mode must not cost the other measurements.
+Per size, every contender is set up in turn (its setup time and pool read right after its own setup), its
+first output checked against eager's, and then all are timed together, interleaved (see ``timing``), so
+their ratios do not depend on when each happened to run. Everything of a size is released before the next
+size is set up. A contender that raises is recorded as failed and the run goes on: one broken mode must not
+cost the other measurements.
 """
 
 from __future__ import annotations
@@ -77,13 +78,9 @@ def run_bench(plan: BenchPlan) -> BenchResult:
         session = _Session(plan, bench, result, timer, bar)
         for batch_size in plan.batch_sizes:
             batch = bench.decode.batch(batch_size)
-            expected = None
-            for contender in decode:
-                _, first = session.measure(
-                    DECODE, contender.name, {"batch_size": batch_size}, partial(contender.prepare, bench, batch), expected
-                )
-                if contender.name == EAGER:
-                    expected = first
+            session.measure_size(
+                DECODE, {"batch_size": batch_size}, [(c.name, partial(c.prepare, bench, batch)) for c in decode]
+            )
         for shape in prefill_shapes:
             session.measure_prefill(shape, prefill_modes)
         if plan.capture_max_bs is not None:
@@ -104,59 +101,73 @@ class _Session:
         self.timer = timer
         self.bar = bar
 
-    def measure(
-        self,
-        phase: str,
-        mode: str,
-        size: dict[str, int],
-        prepare: Callable[[], Prepared],
-        expected: Any,
-        *,
-        record: bool = True,
-    ) -> tuple[Row | None, Any]:
-        """Set up one contender, check its first output against ``expected``, time it, release it.
+    def measure_size(
+        self, phase: str, size: dict[str, int], contenders: list[tuple[str, Callable[[], Prepared]]], *, record: bool = True
+    ) -> list[Row]:
+        """Set up each contender at one size, check its first output against eager's, time them together.
 
-        Returns its row (appended to the result unless ``record`` is off) and a copy of its first output
-        (eager's is the reference for the others); (None, None) when it failed.
+        ``contenders`` are (mode, prepare) pairs, eager first when present: its output is the reference.
+        Returns the rows of those that did not fail, appended to the result unless ``record`` is off.
         """
-        row = Row(phase, mode, **size)
-        label = f"{phase} {mode} @ {row.size_label}"
-        prepared = None
+        prepared, rows = self._set_up(phase, size, contenders)
+        self.bar.set_description_str(f"{phase} @ {Row(phase, EAGER, **size).size_label}: timing {len(prepared)} together")
         try:
-            self.bar.set_description_str(f"{label}: setting up")
-            prepared = prepare()
-            first = detached_copy(prepared.run())
-            row.max_abs_diff = None if expected is None else max_abs_difference(first, expected)
-            self.bar.set_description_str(f"{label}: timing")
-            row.set_timing(self.timer.time(prepared.run))
-            row.setup_s, row.pool_bytes = prepared.setup_s, prepared.pool_bytes
-        except Exception as exc:  # recorded and printed; the command exits non-zero
-            self.result.failed.append(Failed(phase, mode, row.size_label, f"{type(exc).__name__}: {exc}"))
-            return None, None
+            timings = self.timer.time_together({mode: ready.run for mode, ready in prepared.items()})
         finally:
-            del prepared
+            prepared.clear()  # the last references to this size's graphs, before they are released
             release_memory(self.plan.device)
-            if record:
-                self.bar.update(1)
+        measured = []
+        for mode, timing in timings.items():
+            if isinstance(timing, Exception):
+                self._failed(phase, mode, rows[mode].size_label, timing)
+                continue
+            rows[mode].set_timing(timing)
+            measured.append(rows[mode])
         if record:
-            self.result.rows.append(row)
-        return row, first
+            self.result.rows.extend(measured)
+            self.bar.update(len(contenders))
+        return measured
+
+    def _set_up(
+        self, phase: str, size: dict[str, int], contenders: list[tuple[str, Callable[[], Prepared]]]
+    ) -> tuple[dict[str, Prepared], dict[str, Row]]:
+        """Each contender prepared and its first output checked against eager's; failures recorded."""
+        prepared: dict[str, Prepared] = {}
+        rows: dict[str, Row] = {}
+        expected = None
+        for mode, prepare in contenders:
+            row = Row(phase, mode, **size)
+            self.bar.set_description_str(f"{phase} @ {row.size_label}: setting up {mode}")
+            try:
+                ready = prepare()
+                first = detached_copy(ready.run())
+                if mode == EAGER:
+                    expected = first
+                elif expected is not None:
+                    row.max_abs_diff = max_abs_difference(first, expected)
+            except Exception as exc:  # recorded and printed; the command exits non-zero
+                self._failed(phase, mode, row.size_label, exc)
+                continue
+            row.setup_s, row.pool_bytes = ready.setup_s, ready.pool_bytes
+            prepared[mode], rows[mode] = ready, row
+        return prepared, rows
+
+    def _failed(self, phase: str, mode: str, size: str, exc: Exception) -> None:
+        self.result.failed.append(Failed(phase, mode, size, f"{type(exc).__name__}: {exc}"))
 
     def measure_prefill(self, shape: PrefillShape, modes: list[str]) -> None:
-        size = {"tokens": shape.tokens, "requests": shape.requests}
         try:
             case = prefill.PrefillCase(self.bench, shape, seed=self.plan.seed)
         except Exception as exc:
-            self.result.failed.append(Failed(PREFILL, "(workload)", shape.label, f"{type(exc).__name__}: {exc}"))
+            self._failed(PREFILL, "(workload)", shape.label, exc)
             self.bar.update(len(modes))
             return
+        contenders = [
+            (mode, partial(prefill.eager_prefill, case) if mode == EAGER else partial(prefill.runner_prefill, case, mode, self.plan.device))
+            for mode in modes
+        ]
         try:
-            expected = None
-            for mode in modes:
-                if mode == EAGER:
-                    _, expected = self.measure(PREFILL, mode, size, partial(prefill.eager_prefill, case), None)
-                else:
-                    self.measure(PREFILL, mode, size, partial(prefill.runner_prefill, case, mode, self.plan.device), expected)
+            self.measure_size(PREFILL, {"tokens": shape.tokens, "requests": shape.requests}, contenders)
         finally:
             case.release()
 
@@ -165,7 +176,7 @@ class _Session:
         try:
             cost = capture_cost.capture_all_buckets(self.bench, max_bs, self.plan.show_progress)
         except Exception as exc:
-            self.result.failed.append(Failed(DECODE, "capture cost", f"buckets up to {max_bs}", f"{type(exc).__name__}: {exc}"))
+            self._failed(DECODE, "capture cost", f"buckets up to {max_bs}", exc)
             return None
         if "breakable" not in device.modes:
             cost.note = f"no one-break cost: device {device} has no breakable mode"
@@ -173,21 +184,19 @@ class _Session:
         try:
             cost.breaks = capture_cost.count_breaks(self.bench)
         except Exception as exc:
-            self.result.failed.append(Failed(DECODE, "break count", "1", f"{type(exc).__name__}: {exc}"))
+            self._failed(DECODE, "break count", "1", exc)
             return cost
-        cost.full_bs1_ms = self._bs1_ms("full")
-        cost.breakable_bs1_ms = self._bs1_ms("breakable")
+        cost.full_bs1_ms, cost.breakable_bs1_ms = self._bs1_ms("full", "breakable")
         return cost
 
-    def _bs1_ms(self, mode: str) -> float | None:
-        """The step time of ``mode`` at batch 1: from the table when it was measured, else measured now."""
-        for row in self.result.rows:
-            if row.phase == DECODE and row.mode == mode and row.batch_size == 1:
-                return row.median_ms
-        batch = self.bench.decode.batch(1)
-        contender = RunnerMode(mode)
-        row, _ = self.measure(DECODE, mode, {"batch_size": 1}, partial(contender.prepare, self.bench, batch), None, record=False)
-        return None if row is None else row.median_ms
+    def _bs1_ms(self, *modes: str) -> list[float | None]:
+        """Step times of ``modes`` at batch 1: from the table when all were measured, else measured now, together."""
+        table = {row.mode: row.median_ms for row in self.result.rows if row.phase == DECODE and row.batch_size == 1}
+        if not all(mode in table for mode in modes):
+            batch = self.bench.decode.batch(1)
+            contenders = [(mode, partial(RunnerMode(mode).prepare, self.bench, batch)) for mode in modes]
+            table = {row.mode: row.median_ms for row in self.measure_size(DECODE, {"batch_size": 1}, contenders, record=False)}
+        return [table.get(mode) for mode in modes]
 
 
 def _skipped(result: BenchResult, phase: str, mode: str, reason: str | None) -> bool:

@@ -7,8 +7,12 @@ first launch and the last kernel) and ``perf_counter`` around a device synchroni
 
 How many samples: at least ``min_repeats``, then more until the estimated standard error of the median is
 below ``target_rel_error`` of it (or ``max_repeats``, or the time budget, is reached). At the default 1 %,
-two runs' medians differ by about 1.4 % (one standard error of the difference), so they agree within a few
-percent unless the machine itself drifts between runs (clocks, other load) -- which no repeat count fixes.
+two runs' medians differ by about 1.4 % (one standard error of the difference).
+
+Steps compared with each other are timed together (``time_together``): one sample of each in turn, round
+after round. Measured one after another, a contender timed while the machine was busier (another process,
+clocks) would look slower than one timed a second earlier; interleaved, they all see the same machine, so
+their ratios hold even where absolute times drift between runs.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -128,19 +132,49 @@ class StepTimer:
         return self._clock.name
 
     def time(self, step: Callable[[], Any]) -> Timing:
+        timing = self.time_together({"step": step})["step"]
+        if isinstance(timing, Exception):
+            raise timing
+        return timing
+
+    def time_together(self, steps: Mapping[str, Callable[[], Any]]) -> dict[str, Timing | Exception]:
+        """Time every step, interleaved: round after round, one sample of each.
+
+        All steps take part in every round until all of them are stable (or ``max_repeats`` rounds, or the
+        budget of ``budget_s`` per step after ``min_repeats`` rounds): a step that stopped early would have
+        its samples from a different stretch of time than the others, which is what interleaving avoids.
+        A step that raises is dropped and its exception returned in its place; the others go on.
+        """
         settings = self.settings
-        for _ in range(settings.warmup_steps):
-            step()
-        steps = settings.steps_per_repeat or self._calibrate(step)
-        samples: list[float] = []
-        deadline = time.perf_counter() + settings.budget_s
-        while len(samples) < settings.max_repeats:
-            samples.append(self._clock.sample(step, steps))
-            if len(samples) >= settings.min_repeats and (
-                median_rel_error(samples) <= settings.target_rel_error or time.perf_counter() > deadline
+        failed: dict[str, Exception] = {}
+        steps_per_sample: dict[str, int] = {}
+        for name, step in steps.items():
+            try:
+                for _ in range(settings.warmup_steps):
+                    step()
+                steps_per_sample[name] = settings.steps_per_repeat or self._calibrate(step)
+            except Exception as exc:
+                failed[name] = exc
+        samples: dict[str, list[float]] = {name: [] for name in steps_per_sample}
+        deadline = time.perf_counter() + settings.budget_s * len(samples)
+        for done in range(1, settings.max_repeats + 1):
+            for name in [n for n in samples if n not in failed]:
+                try:
+                    samples[name].append(self._clock.sample(steps[name], steps_per_sample[name]))
+                except Exception as exc:
+                    failed[name] = exc
+            running = [samples[n] for n in samples if n not in failed]
+            if done >= settings.min_repeats and (
+                time.perf_counter() > deadline or all(median_rel_error(s) <= settings.target_rel_error for s in running)
             ):
                 break
-        return Timing(statistics.median(samples), len(samples), steps, median_rel_error(samples), tuple(samples))
+        results: dict[str, Timing | Exception] = dict(failed)
+        for name, taken in samples.items():
+            if name not in failed:
+                results[name] = Timing(
+                    statistics.median(taken), len(taken), steps_per_sample[name], median_rel_error(taken), tuple(taken)
+                )
+        return {name: results[name] for name in steps}
 
     def _calibrate(self, step: Callable[[], Any]) -> int:
         """Steps per sample so that one sample lasts ``min_sample_s`` (the fastest of three single steps)."""

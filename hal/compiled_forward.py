@@ -31,7 +31,7 @@ class CompiledForward:
     """``forward`` compiled with ``backend`` (anything with a ``compile_count``); call it like ``forward``.
 
     The first call compiles, with dim 0 of every tensor named in ``token_inputs`` marked dynamic and
-    size-oblivious: without that, Dynamo would specialise on the first size and on sizes 0 and 1, and
+    size-oblivious (unless that first call has a single token): without that, Dynamo would specialise on the first size and on sizes 0 and 1, and
     compile again for other buckets (a bucket of one token is common in decode). Later calls go straight
     to the compiled code; a recompile is counted by the backend, and ``fullgraph`` turns graph breaks (which
     would hide ops from the split) into errors.
@@ -48,10 +48,15 @@ class CompiledForward:
     def __call__(self, **inputs: Any) -> Any:
         if self.backend.compile_count:
             return self._compiled(**inputs)
-        for name in self.token_inputs:
-            torch._dynamo.mark_dynamic(inputs[name], 0)
-        with fx_config.patch(backed_size_oblivious=True):
+        if all(inputs[name].shape[0] == 1 for name in self.token_inputs):
+            # Runners compile at their largest bucket, so a first call with one token means one bucket of
+            # one token: a static compile serves it (and a symbol hinted at 1 trips Inductor's lowering).
             outputs = self._compiled(**inputs)
+        else:
+            for name in self.token_inputs:
+                torch._dynamo.mark_dynamic(inputs[name], 0)
+            with fx_config.patch(backed_size_oblivious=True):
+                outputs = self._compiled(**inputs)
         if not self.backend.compile_count:
             raise GraphHalError(
                 "torch.compile ran the forward without calling its backend (its recompile limit for "

@@ -79,6 +79,12 @@ class PiecewiseBackend:
             for value in example_inputs
         ]
         token_symbol = _token_symbol(fake_inputs)
+        if token_symbol is None and len(self.captures.buckets) != 1:
+            raise GraphHalError(
+                "the piecewise backend got a graph with no dynamic dimension: one compile must serve every "
+                "token-count bucket, so compile with the token dimension marked dynamic (hal.CompiledForward "
+                "does this when the first call has more than one token)"
+            )
         compiler = _PieceCompiler(split.module, set(split.pieces), self, token_symbol)
         with fake_mode if fake_mode is not None else contextlib.nullcontext():
             compiler.run(*fake_inputs)
@@ -126,11 +132,18 @@ class _PieceCompiler(torch.fx.Interpreter):
                 target,
                 len(self.compiled),
                 compiled,
-                _shape_key(args, self.token_symbol),
+                self._shape_key(args),
                 self.backend.captures,
                 self.arg_names[target],
             )
         return outputs
+
+
+    def _shape_key(self, args: Any) -> ShapeKey | None:
+        if self.token_symbol is None:  # a static compile for its one bucket: every call has that shape
+            (bucket,) = self.backend.captures.buckets
+            return ShapeKey(constant=bucket)
+        return _shape_key(args, self.token_symbol)
 
 
 def _compile_piece(submodule: torch.fx.GraphModule, fake_args: list[Any], compiler: str) -> Any:
@@ -146,7 +159,7 @@ def _symbol(value: Any) -> Any:
 
 
 def _token_symbol(fake_inputs: Sequence[Any]) -> Any:
-    """The symbol of the token dimension: the first symbolic size among the graph's inputs."""
+    """The symbol of the token dimension: the first symbolic size among the graph's inputs (None: static)."""
     for value in fake_inputs:
         if isinstance(value, torch.SymInt):
             return _symbol(value)
@@ -154,10 +167,7 @@ def _token_symbol(fake_inputs: Sequence[Any]) -> Any:
             for size in value.shape:
                 if isinstance(size, torch.SymInt):
                     return _symbol(size)
-    raise GraphHalError(
-        "the piecewise backend got a graph with no dynamic dimension: one compile must serve every token-count "
-        "bucket, so compile with the token dimension marked dynamic (hal.CompiledForward does this)"
-    )
+    return None
 
 
 def _shape_key(args: Sequence[Any], token_symbol: Any) -> ShapeKey | None:

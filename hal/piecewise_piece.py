@@ -35,12 +35,16 @@ class _PieceGraph:
 
 @dataclass
 class ShapeKey:
-    """Where a piece's runtime token count is read: an int argument, or one dim of a tensor argument."""
+    """Where a piece's runtime token count is read: an int argument, one dim of a tensor argument, or a
+    constant (a static compile, made for one bucket)."""
 
-    index: int
+    index: int = 0
     dim: int | None = None
+    constant: int | None = None
 
     def __call__(self, args: Sequence[Any]) -> int:
+        if self.constant is not None:
+            return self.constant
         value = args[self.index]
         return int(value if self.dim is None else value.shape[self.dim])
 

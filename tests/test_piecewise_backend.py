@@ -212,3 +212,17 @@ def test_without_piece_capture_the_splitting_ops_become_the_breaks_of_a_breakabl
         device.replay(graph)
         torch.testing.assert_close(outputs, step(**fresh))
     assert all(not piece.graphs for piece in backend.pieces)
+
+
+def test_a_single_one_token_bucket_compiles_statically_and_still_captures(graph_device):
+    device = hal.get_device(graph_device)
+    step, backend, compiled = compile_piecewise(device, [1])
+    with torch.no_grad():
+        static = make_inputs(1, device.torch_device, seed=0)
+        compiled(**static)
+        fresh = make_inputs(1, device.torch_device, seed=7)
+        for name, tensor in static.items():
+            tensor.copy_(fresh[name])
+        torch.testing.assert_close(compiled(**static), step(**fresh))
+    assert backend.compile_count == 1
+    assert all(sorted(piece.graphs) == [1] for piece in backend.pieces)

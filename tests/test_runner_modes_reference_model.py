@@ -143,3 +143,36 @@ def test_piecewise_decode_equals_eager_with_one_compile(graph_device):
             eager = step(**batch).clone()
         torch.testing.assert_close(runner.run(batch), eager, rtol=1e-4, atol=1e-4)
     assert runner._capture.backend.compile_count == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode, buckets", [("full", [1, 2, 4, 8]), ("full", [1]), ("breakable", [1, 4, 8]), ("piecewise", [2, 8])])
+def test_decode_with_inductor_equals_eager_on_cuda(mode, buckets):
+    from refmodel import DecodeWorkload
+
+    model = Model("cuda")
+    workload = DecodeWorkload(model.kv_cache, 8, max_context_len=20, max_blocks_per_seq=8, seed=4)
+    step = model.model.decode_forward(model.kv_cache)
+    runner = DecodeRunner(
+        step,
+        workload.input_slots(),
+        model.device,
+        DecodeConfig(mode=mode, compiler="inductor", buckets=buckets, show_progress=False),
+    )
+    runner.capture()
+    for rows in sorted({1, buckets[-1], max(1, buckets[-1] - 1)}):
+        batch = workload.batch(rows)
+        with torch.no_grad():
+            eager = step(**batch).clone()
+        torch.testing.assert_close(runner.run(batch), eager, rtol=1e-3, atol=1e-3)
+    if mode == "breakable":
+        assert all(bucket.graph.num_breaks == model.config.num_layers for bucket in runner._graphs.values())
+
+
+@pytest.mark.cuda
+def test_piecewise_prefill_with_inductor_pieces_equals_eager_on_cuda():
+    model = Model("cuda")
+    runner = model.prefill_runner("piecewise", compiler="inductor")
+    for seed, (query_lens, context_lens) in enumerate(random_packings(seed=8, count=6)):
+        graph_equals_eager(model, runner, query_lens, context_lens, seed)
+    assert runner._capture.backend.compile_count == 1

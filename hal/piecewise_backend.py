@@ -90,6 +90,9 @@ class PiecewiseBackend:
             compiler.run(*fake_inputs)
         for name, piece in compiler.compiled.items():
             split.module.__dict__[name] = piece  # shadows the submodule: the split graph calls the piece
+        final = _producer_of_outputs(split.module)
+        if final in compiler.compiled:
+            compiler.compiled[final].outputs_leave_the_graph = True
         if not self.captures.enabled:
             for name in split.splits:
                 op = split.ops[name]
@@ -144,6 +147,20 @@ class _PieceCompiler(torch.fx.Interpreter):
             (bucket,) = self.backend.captures.buckets
             return ShapeKey(constant=bucket)
         return _shape_key(args, self.token_symbol)
+
+
+def _producer_of_outputs(module: torch.fx.GraphModule) -> str | None:
+    """The submodule whose results the split graph returns, when exactly one submodule produces them all."""
+    output = next(node for node in module.graph.nodes if node.op == "output")
+    producers: set[str] = set()
+    torch.fx.node.map_arg(output.args, lambda arg: producers.add(_submodule_behind(arg)) or arg)
+    return producers.pop() if len(producers) == 1 else None
+
+
+def _submodule_behind(node: torch.fx.Node) -> str:
+    while node.op == "call_function" and node.args and isinstance(node.args[0], torch.fx.Node):  # getitem
+        node = node.args[0]
+    return str(node.target) if node.op == "call_module" else ""
 
 
 def _compile_piece(submodule: torch.fx.GraphModule, fake_args: list[Any], compiler: str) -> Any:

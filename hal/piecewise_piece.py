@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from hal.errors import StaticAddressError
+from hal.pool_aliases import non_owning_outputs
 
 if TYPE_CHECKING:
     from hal.device import Device
@@ -64,6 +65,10 @@ class PiecewisePiece:
         self.captures = captures
         self.arg_names = tuple(arg_names)
         self.graphs: dict[int, _PieceGraph] = {}
+        # Set on the piece whose outputs are the forward's outputs: it keeps only non-owning aliases of
+        # them, so each bucket's outputs stop holding pool memory once captured (see hal.pool_aliases).
+        # Other pieces' outputs feed later pieces of the same capture and must stay allocated.
+        self.outputs_leave_the_graph = False
 
     def __call__(self, *args: Any) -> Any:
         captures = self.captures
@@ -93,6 +98,8 @@ class PiecewisePiece:
             # Only recorded: run it once, so the splitting op after this piece computes on real values.
             replay()
         addresses = [(i, a.data_ptr()) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        if self.outputs_leave_the_graph:
+            outputs = non_owning_outputs(outputs)
         self.graphs[bucket] = _PieceGraph(graph, replay, outputs, addresses)
         return outputs
 

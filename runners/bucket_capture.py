@@ -13,14 +13,15 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 import hal
+from hal.pool_aliases import non_owning_outputs
 from runners.config import PhaseConfig
 
 
 @dataclass
 class CapturedBucket:
-    run: Callable[[], Any]  # replays the bucket and returns the forward's outputs (views into graph memory)
+    run: Callable[[], Any]  # replays the bucket; piecewise returns the forward's outputs, a graph None
     graph: Any  # the device graph to update before replays, or None when nothing captured bakes host values
-    outputs: Any  # the outputs as captured
+    outputs: Any  # the outputs as captured (non-owning aliases for a graph: see hal.pool_aliases)
 
 
 class GraphCapture:
@@ -51,13 +52,8 @@ class GraphCapture:
         graph = device.make_graph(mode)
         with device.capture_session(graph, self.pool):
             outputs = forward(**inputs)
-        replay = device.replayer(graph)
-
-        def run() -> Any:
-            replay()
-            return outputs
-
-        return CapturedBucket(run, graph, outputs)
+        # The runner keeps only aliases: the memory is free for the next (smaller) bucket's capture to reuse.
+        return CapturedBucket(device.replayer(graph), graph, non_owning_outputs(outputs))
 
     def warm_up(self, inputs: Mapping[str, torch.Tensor]) -> None:
         for _ in range(self.config.warmup_runs):

@@ -235,7 +235,7 @@ class BucketedRunner:
         if self._updated_slots and captured.graph is not None:
             self._update_graph(captured.graph, batch, rows, bucket, fixed_rows)
         outputs = captured.captured.run()
-        if captured.outputs_static:
+        if captured.outputs_static:  # a graph: it wrote into the outputs captured
             return captured.outputs.live_rows(rows)
         replayed = GraphOutputs(outputs, bucket)
         captured.outputs_static = replayed.same_tensors(captured.outputs)

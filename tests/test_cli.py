@@ -14,9 +14,11 @@ import pytest
 import torch
 
 import hal
-from graphhal_cli.bench import contenders
+from graphhal_cli.bench import compiled_setup, contenders
+from graphhal_cli.bench.results import CompiledSetup
 from graphhal_cli.main import main
 from refmodel import ModelConfig
+from runners import default_prefill_buckets
 
 BROKEN_PLUGIN = "raise ImportError('libvendor.so: cannot open shared object file')\n"
 
@@ -224,6 +226,119 @@ def test_bench_json_capture_cost_compares_all_buckets_with_the_largest_and_price
     assert cost["full_bs1_ms"] == rows["full"]["median_ms"]  # taken from the table, not measured twice
     expected = (rows["breakable"]["median_ms"] - rows["full"]["median_ms"]) * 1e3 / cost["breaks"]
     assert cost["break_cost_us"] == pytest.approx(expected)
+
+
+@pytest.mark.cpu
+def test_bench_setup_cost_skips_the_compiled_setups_on_cpu_saying_why(tiny_bench):
+    out, data = tiny_bench["out"], tiny_bench["json"]
+    assert data["setup_cost"]["max_bs"] == 4 and data["setup_cost"]["decode"] == []
+    reasons = {s["mode"]: s["reason"] for s in data["skipped"] if s["phase"] == "setup"}
+    assert reasons["reduce-overhead"] == reasons["reduce-overhead dynamic=False"] == (
+        "n/a: reduce-overhead records CUDA graphs (CUDA only)"
+    )
+    assert "cannot capture Inductor-compiled kernels" in reasons["full+inductor"]
+    assert "setup: compiled decode graphs for every bucket up to 4: none measured (why: under skipped" in out
+    assert "  setup reduce-overhead: n/a: reduce-overhead records CUDA graphs (CUDA only)" in out
+
+
+@pytest.mark.cpu
+def test_bench_setup_cost_captures_every_default_prefill_bucket_piecewise_and_breakable(tiny_bench):
+    prefill = tiny_bench["json"]["setup_cost"]["prefill"]
+    # On cpu the default max_tokens is the tiny model's max_seq_len: 4..32 step 4, 48, 64.
+    buckets = default_prefill_buckets(ModelConfig.tiny().max_seq_len)
+    assert [(s["mode"], s["max_tokens"], s["num_buckets"]) for s in prefill] == [
+        ("piecewise", 64, len(buckets)), ("breakable", 64, len(buckets)),
+    ]
+    piecewise, breakable = prefill
+    assert piecewise["compiles"] == 1  # one torch.compile serves every bucket
+    assert breakable["compiles"] == 0  # breakable captures the model as written
+    assert all(s["setup_s"] > 0 and s["pool_bytes"] > 0 and s["max_requests"] == 64 for s in prefill)
+    lines = tiny_bench["out"].splitlines()
+    start = lines.index("setup: prefill graphs for every default bucket up to 64 tokens (64 requests)")
+    assert lines[start + 1].split() == ["mode", "buckets", "setup", "s", "compiles", "pool", "MiB"]
+    assert lines[start + 2].split()[:4] == ["piecewise", str(len(buckets)), f"{piecewise['setup_s']:.2f}", "1"]
+
+
+@pytest.mark.cpu
+def test_bench_setup_flags_skip_each_part_or_size_the_prefill_setup(capsys, tmp_path):
+    quick = ("--batch-sizes", "1", "--modes", "full", "--tokens", "8", "--requests", "1", "--capture-max-bs", "2",
+             "--time-budget", "0", "--min-repeats", "1", "--max-repeats", "1", "--no-progress")
+    json_path = tmp_path / "bench.json"
+    code, out, _ = run_cli(
+        capsys, "bench", "--device", "cpu", *quick, "--no-compiled-setup", "--prefill-setup-max-tokens", "16",
+        "--json", str(json_path),
+    )
+    assert code == 0
+    cost = json.loads(json_path.read_text())["setup_cost"]
+    assert cost["max_bs"] is None and cost["decode"] == []  # not asked for, so neither run nor listed as skipped
+    assert [(s["mode"], s["num_buckets"]) for s in cost["prefill"]] == [("piecewise", 4), ("breakable", 4)]  # 4..16
+    assert "setup: compiled decode graphs" not in out and "setup full+inductor" not in out
+
+    code, out, _ = run_cli(capsys, "bench", "--device", "cpu", *quick, "--no-compiled-setup", "--no-prefill-setup", "--json", str(json_path))
+    assert code == 0 and json.loads(json_path.read_text())["setup_cost"] is None
+    assert "setup:" not in out
+
+
+@pytest.mark.cpu
+def test_bench_compiled_setups_table_compares_full_inductor_with_each_reduce_overhead_setup(monkeypatch, capsys, tmp_path):
+    """The CUDA-only measurements, faked so the run's wiring shows on cpu: what is measured, in which order,
+    at which sizes, and how the extrapolated setup is labelled and compared."""
+    calls = []
+
+    def full_inductor(bench, max_bs, show_progress):
+        calls.append(("full+inductor", max_bs))
+        return CompiledSetup("full+inductor", "runner", [4, 2, 1], 3, setup_s=6.0, compiles=1, pool_bytes=2**20)
+
+    def reduce_overhead(bench, sizes, num_buckets, show_progress, *, dynamic=True):
+        calls.append(("reduce-overhead" if dynamic else "reduce-overhead dynamic=False", sizes))
+        if dynamic:
+            return CompiledSetup("reduce-overhead", "ro", sizes, num_buckets, setup_s=12.0, compiles=2, pool_bytes=2**21)
+        return CompiledSetup("reduce-overhead dynamic=False", "ro", sizes, num_buckets, setup_s=10.0, compiles=1, pool_bytes=2**20)
+
+    monkeypatch.setattr(compiled_setup, "skip_reasons", lambda device: {})
+    monkeypatch.setattr(compiled_setup, "warm_up_compiler", lambda device: None)
+    monkeypatch.setattr(compiled_setup, "full_inductor", full_inductor)
+    monkeypatch.setattr(compiled_setup, "reduce_overhead", reduce_overhead)
+    json_path = tmp_path / "bench.json"
+    code, out, _ = run_cli(
+        capsys, "bench", "--device", "cpu", "--batch-sizes", "1", "--modes", "full", "--no-prefill",
+        "--capture-max-bs", "4", "--static-sizes", "1,8", "--time-budget", "0", "--min-repeats", "1",
+        "--max-repeats", "1", "--no-progress", "--json", str(json_path),
+    )
+    assert code == 0, out
+    # Every bucket largest first; the dynamic=False subset keeps the sizes a max_bs of 4 serves.
+    assert calls == [("full+inductor", 4), ("reduce-overhead", [4, 2, 1]), ("reduce-overhead dynamic=False", [1])]
+    assert "setup: compiled decode graphs for all 3 buckets up to 4, cold Inductor/Triton caches" in out
+    rows = {line.split("  ")[0]: line.split() for line in out.splitlines() if line.startswith(("full+inductor ", "reduce-overhead"))}
+    assert rows["full+inductor"][1:] == ["3", "6.00", "1", "1.0", "6.00", "s"]
+    assert rows["reduce-overhead dynamic=False"][2:] == ["1", "10.00", "1", "1.0", "30.00", "s", "extrapolated"]
+    assert "  reduce-overhead dynamic=False: ro; measured at sizes 1 only: 10.00 s per size x 3 buckets = extrapolated" in out
+    assert "full+inductor setup / reduce-overhead: 0.50x; / reduce-overhead dynamic=False: 0.20x (extrapolated)" in out
+    decode = json.loads(json_path.read_text())["setup_cost"]["decode"]
+    assert [(s["contender"], s["extrapolated_s"], s["full_inductor_ratio"]) for s in decode] == [
+        ("full+inductor", None, None), ("reduce-overhead", None, 0.5), ("reduce-overhead dynamic=False", 30.0, 0.2),
+    ]
+
+
+@pytest.mark.cpu
+def test_bench_records_a_failing_setup_and_measures_the_others(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor crashed")
+
+    monkeypatch.setattr(compiled_setup, "skip_reasons", lambda device: {})
+    monkeypatch.setattr(compiled_setup, "warm_up_compiler", lambda device: None)
+    monkeypatch.setattr(compiled_setup, "full_inductor", broken)
+    monkeypatch.setattr(
+        compiled_setup, "reduce_overhead",
+        lambda bench, sizes, n, show, dynamic=True: CompiledSetup("reduce-overhead", "", sizes, n, 1.0, 1),
+    )
+    code, out, _ = run_cli(
+        capsys, "bench", "--device", "cpu", "--batch-sizes", "1", "--modes", "full", "--no-prefill",
+        "--capture-max-bs", "2", "--time-budget", "0", "--min-repeats", "1", "--max-repeats", "1", "--no-progress",
+    )
+    assert code == 1
+    assert "FAILED:\n  setup full+inductor @ 2 buckets up to 2: RuntimeError: inductor crashed" in out
+    assert "full+inductor setup /" not in out  # no ratio without its reference
 
 
 @pytest.mark.cpu

@@ -11,12 +11,14 @@ import pytest
 import torch
 
 import hal
+from graphhal_cli.bench import compiled_setup, prefill_setup
 from graphhal_cli.bench.agreement import max_abs_difference
-from graphhal_cli.bench.results import BenchResult, CaptureCost, Header, Row
+from graphhal_cli.bench.results import BenchResult, CaptureCost, CompiledSetup, Header, Row, SetupCost
 from graphhal_cli.bench.suite import _fill_ratios
 from graphhal_cli.bench.table import render
 from graphhal_cli.bench.timing import StepTimer, TimerSettings, median_rel_error
-from graphhal_cli.bench.workload import PrefillShape
+from graphhal_cli.bench.workload import PrefillShape, build_bench_model
+from refmodel import ModelConfig
 
 pytestmark = pytest.mark.cpu
 
@@ -170,3 +172,74 @@ def test_prefill_shapes_split_tokens_as_evenly_as_possible():
     assert PrefillShape(16, 4).query_lens() == [4, 4, 4, 4]
     assert PrefillShape(10, 4).query_lens() == [3, 3, 2, 2]
     assert sum(PrefillShape(1024, 3).query_lens()) == 1024
+
+
+# --- setup cost ---------------------------------------------------------------------------------------------
+
+
+def test_an_extrapolated_setup_scales_its_mean_per_size_to_every_bucket_and_says_so():
+    measured = CompiledSetup("full+inductor", "", sizes=[4, 2, 1], num_buckets=3, setup_s=9.0, compiles=1)
+    subset = CompiledSetup("reduce-overhead dynamic=False", "", sizes=[4, 1], num_buckets=3, setup_s=4.0, compiles=2)
+    assert measured.extrapolated_s is None and measured.all_buckets_s == 9.0
+    assert subset.extrapolated_s == subset.all_buckets_s == 6.0  # 2 s per size, 3 buckets
+    cost = SetupCost(max_bs=4, decode=[measured, subset])
+    assert cost.full_inductor_ratio(subset) == 1.5 and cost.full_inductor_ratio(measured) is None
+    result = BenchResult(_header(), setup_cost=cost)
+    text = render(result)
+    assert "full+inductor setup / reduce-overhead dynamic=False: 1.50x (extrapolated)" in text
+    assert "measured at sizes 4, 1 only: 2.00 s per size x 3 buckets = extrapolated" in text
+    decode = result.to_json()["setup_cost"]["decode"]
+    assert [(d["extrapolated_s"], d["full_inductor_ratio"]) for d in decode] == [(None, None), (6.0, 1.5)]
+
+
+def test_the_dynamic_false_subset_keeps_the_sizes_a_server_runs_largest_first():
+    assert compiled_setup.static_sizes([1, 8, 64, 256], 256) == [256, 64, 8, 1]
+    assert compiled_setup.static_sizes([1, 8, 64, 256], 16) == [8, 1]
+    assert compiled_setup.static_sizes([512], 256) == [256]  # nothing asked fits: the largest bucket
+    assert len(compiled_setup.decode_buckets(256)) == 36
+
+
+def test_compiled_setups_are_cuda_only_and_say_why_on_cpu(cpu):
+    reasons = compiled_setup.skip_reasons(cpu)
+    assert set(reasons) == set(compiled_setup.COMPILED_SETUPS)
+    assert reasons["reduce-overhead"] == "n/a: reduce-overhead records CUDA graphs (CUDA only)"
+
+
+def test_prefill_setup_caps_max_tokens_at_what_its_requests_can_hold():
+    tiny = ModelConfig.tiny()  # max_seq_len 64, and PrefillConfig's 64 requests: 4096 tokens at most
+    assert prefill_setup.setup_tokens(tiny, 4096) == (4096, "")
+    tokens, note = prefill_setup.setup_tokens(tiny, 8192)
+    assert tokens == 4096
+    assert note == (
+        "prefill setup: max_tokens capped at 4096 (asked 8192): 64 requests (PrefillConfig's max_requests) of at "
+        "most max_seq_len 64 tokens hold no more"
+    )
+    assert prefill_setup.cache_shape(tiny, 100) == PrefillShape(100, 2)  # requests of at most 64 tokens
+
+
+def test_one_compiled_step_serves_every_bucket_and_its_compiles_are_counted(cpu, monkeypatch):
+    """``reduce_overhead`` with torch.compile's eager backend standing in for Inductor's cudagraph trees (CUDA
+    only): one compiled object at every size, largest first. With the batch dim dynamic it compiles twice (a
+    batch of 1 is specialised); with dynamic=False once per size, also past Dynamo's recompile limit of 8,
+    where it would otherwise fall back to eager silently."""
+    calls = []
+
+    def setup_calls(compiled, static, torch_device):
+        calls.append(next(iter(static.values())).shape[0])
+        for _ in range(3):
+            compiled(**static)
+
+    monkeypatch.setattr(compiled_setup, "compile_reduce_overhead", lambda step, dynamic: torch.compile(
+        step, backend="eager", dynamic=None if dynamic else False
+    ))
+    monkeypatch.setattr(compiled_setup, "reduce_overhead_setup_calls", setup_calls)
+    monkeypatch.setattr(compiled_setup, "private_pool_bytes", lambda torch_device: 0)
+    bench = build_bench_model(cpu, ModelConfig.tiny(), torch.float32, max_batch_size=1, context_len=8)
+    buckets = compiled_setup.decode_buckets(64)  # 12: 1, 2, 4, 8, 12, 16, 24, ..., 64
+    with torch.no_grad():
+        dynamic = compiled_setup.reduce_overhead(bench, buckets[::-1], len(buckets), False)
+        static = compiled_setup.reduce_overhead(bench, buckets[:10], len(buckets), False, dynamic=False)
+    assert calls == [*buckets[::-1], *buckets[:10]]
+    assert (dynamic.contender, dynamic.compiles, dynamic.extrapolated_s) == ("reduce-overhead", 2, None)
+    assert (static.contender, static.compiles) == ("reduce-overhead dynamic=False", 10)
+    assert static.extrapolated_s == pytest.approx(static.setup_s / 10 * len(buckets))

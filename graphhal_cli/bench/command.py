@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 import hal
+from graphhal_cli.bench.compiled_setup import DEFAULT_STATIC_SIZES
 from graphhal_cli.bench.contenders import DECODE_CONTENDERS, REDUCE_OVERHEAD
 from graphhal_cli.bench.prefill import PREFILL_MODES
 from graphhal_cli.bench.suite import BenchPlan, run_bench
@@ -23,6 +24,7 @@ from graphhal_cli.bench.table import render
 from graphhal_cli.bench.timing import TimerSettings
 from graphhal_cli.bench.workload import PrefillShape
 from refmodel import ModelConfig
+from runners import PrefillConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODELS = {"tiny": ModelConfig.tiny, "default": ModelConfig}
@@ -40,6 +42,15 @@ class _Defaults:
         # Every contender, everywhere: one the device cannot run is listed as skipped with the reason (n/a).
         self.decode_modes = list(DECODE_CONTENDERS)
         self.budget_s = 1.0 if on_cpu else 3.0
+        self.on_cpu = on_cpu
+
+    def prefill_setup_max_tokens(self, config: ModelConfig) -> int:
+        """PrefillConfig's own max_tokens (4096); on cpu no more than the model's max_seq_len (64 for the tiny
+        model): the reference device keeps every bucket's tensors, so its 50 buckets up to 4096 tokens would
+        take ~700 MiB and seconds there, to show what 10 buckets show as well."""
+        default = PrefillConfig().max_tokens
+        assert default is not None  # resolved by the config
+        return min(default, config.max_seq_len) if self.on_cpu else default
 
 
 def _int_list(text: str) -> list[int]:
@@ -50,6 +61,13 @@ def _int_list(text: str) -> list[int]:
     if not values or values[0] < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def _positive_int(text: str) -> int:
+    values = _int_list(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
+    return values[0]
 
 
 def _name_list(known: tuple[str, ...]):
@@ -82,9 +100,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tokens", type=_int_list, help="prefill token counts; default: 16,64 on cpu, 16,64,256,1024 elsewhere")
     parser.add_argument("--requests", type=_int_list, default=[1, 4], help="prefill request counts per token count; default: 1,4")
-    parser.add_argument("--no-prefill", action="store_true", help="skip the prefill benchmark")
+    parser.add_argument("--no-prefill", action="store_true", help="skip the prefill benchmark (timings and setup)")
     parser.add_argument("--capture-max-bs", type=int, default=256, help="largest bucket of the capture-only benchmark; default: 256")
-    parser.add_argument("--no-capture-cost", action="store_true", help="skip the capture-only benchmark")
+    parser.add_argument(
+        "--no-capture-cost", action="store_true",
+        help="skip every capture-only measurement (bucket capture, one break, compiled and prefill setup)",
+    )
+    parser.add_argument(
+        "--no-compiled-setup", action="store_true",
+        help="skip the compiled decode setups for every bucket up to --capture-max-bs (full+inductor vs "
+        "reduce-overhead; CUDA only, a few minutes there)",
+    )
+    parser.add_argument(
+        "--static-sizes", type=_int_list, default=list(DEFAULT_STATIC_SIZES),
+        help="batch sizes the dynamic=False reduce-overhead setup compiles, one compile each; its time for every "
+        f"bucket is extrapolated from them; default: {','.join(map(str, DEFAULT_STATIC_SIZES))}",
+    )
+    parser.add_argument(
+        "--no-prefill-setup", action="store_true", help="skip the prefill setup (piecewise and breakable runners, every bucket)"
+    )
+    parser.add_argument(
+        "--prefill-setup-max-tokens", type=_positive_int,
+        help="largest prefill bucket of the prefill setup; default: 4096 (PrefillConfig's) on accelerators, the "
+        "model's max_seq_len on cpu; capped where max_requests requests of max_seq_len tokens hold fewer",
+    )
     parser.add_argument("--target-error", type=float, default=0.01, help="repeat until the median's standard error is under this fraction; default: 0.01")
     parser.add_argument("--min-repeats", type=int, default=5, help="fewest timing repeats per measurement; default: 5")
     parser.add_argument("--max-repeats", type=int, default=50, help="most timing repeats per measurement; default: 50")
@@ -117,6 +156,11 @@ def plan_from_arguments(args: argparse.Namespace) -> BenchPlan:
         prefill_modes=[] if args.no_prefill else args.prefill_modes,
         prefill_shapes=prefill_shapes,
         capture_max_bs=None if args.no_capture_cost else args.capture_max_bs,
+        compiled_setups=not args.no_compiled_setup,
+        static_sizes=args.static_sizes,
+        prefill_setup_max_tokens=(
+            None if args.no_prefill or args.no_prefill_setup else args.prefill_setup_max_tokens or defaults.prefill_setup_max_tokens(config)
+        ),
         timer=TimerSettings(
             target_rel_error=args.target_error,
             min_repeats=args.min_repeats,

@@ -209,9 +209,7 @@ class HandWrittenFloor(DecodeContender):
 class ReduceOverhead(DecodeContender):
     name = REDUCE_OVERHEAD
     detail = 'torch.compile(mode="reduce-overhead"), dynamic batch dim, static KV cache and input buffers'
-    # Calls until cudagraph trees replay: the first runs the compiled code eagerly (warm-up), the second
-    # records, the third is the first replay. All three are setup.
-    SETUP_CALLS = 3
+    SETUP_CALLS = 3  # calls until cudagraph trees replay: see reduce_overhead_setup_calls
 
     def skip_reason(self, device: hal.Device) -> str | None:
         if device.torch_device.type != "cuda":
@@ -223,24 +221,10 @@ class ReduceOverhead(DecodeContender):
         before = private_pool_bytes(torch_device)
         started = time.perf_counter()
         static = static_copy(batch)
-        # Static addresses: cudagraph trees then neither copy these inputs per step nor refuse to record a
-        # graph that mutates one (the cache is written every step).
-        for tensor in [*bench.kv_cache.key_caches, *bench.kv_cache.value_caches, *static.values()]:
-            torch._dynamo.mark_static_address(tensor)
-        for tensor in static.values():
-            # "maybe": a batch of 1 is specialised by dynamo whatever we ask, and must not raise for it.
-            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        mark_for_reduce_overhead(bench, static)
         compiled = torch.compile(bench.decode_step, mode="reduce-overhead")
-        skips = _cudagraph_skips()
-        for _ in range(self.SETUP_CALLS):
-            torch.compiler.cudagraph_mark_step_begin()
-            compiled(**static)
-        torch.cuda.synchronize(torch_device)
+        reduce_overhead_setup_calls(compiled, static, torch_device)
         setup_s = time.perf_counter() - started
-        if _cudagraph_skips() > skips:
-            # Inductor only logs a warning and runs without graphs; timing that as "reduce-overhead" would
-            # compare graphhal with eager Inductor kernels under the peer's name.
-            raise RuntimeError("torch.compile skipped CUDA graphs for the step (its warning above says why)")
 
         def run() -> Any:
             load_into(static, batch)
@@ -248,6 +232,38 @@ class ReduceOverhead(DecodeContender):
             return compiled(**static)
 
         return Prepared(run=run, setup_s=setup_s, pool_bytes=private_pool_bytes(torch_device) - before)
+
+
+def mark_for_reduce_overhead(bench: BenchModel, static: dict[str, torch.Tensor], *, dynamic_batch: bool = True) -> None:
+    """Mark the KV cache and one size's static input buffers the way a fair reduce-overhead user would.
+
+    Static addresses: cudagraph trees then neither copy these inputs per step nor refuse to record a graph
+    that mutates one (the cache is written every step). ``dynamic_batch``: the batch dim marked dynamic, so
+    one compile serves every batch size (as torch.compile makes it anyway once a server has run two sizes).
+    """
+    for tensor in [*bench.kv_cache.key_caches, *bench.kv_cache.value_caches, *static.values()]:
+        torch._dynamo.mark_static_address(tensor)
+    if dynamic_batch:
+        for tensor in static.values():
+            # "maybe": a batch of 1 is specialised by dynamo whatever we ask, and must not raise for it.
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+
+
+def reduce_overhead_setup_calls(compiled: Callable[..., Any], static: dict[str, torch.Tensor], torch_device: torch.device) -> None:
+    """The calls a reduce-overhead step needs at a new batch size before it replays a CUDA graph.
+
+    The first runs the compiled code eagerly (warm-up; it compiles first where nothing compiled fits), the
+    second records, the third is the first replay: all three are setup. Raises when Inductor declined CUDA
+    graphs: it only logs a warning and runs without them, and timing that as "reduce-overhead" would compare
+    graphhal with eager Inductor kernels under the peer's name.
+    """
+    skips = _cudagraph_skips()
+    for _ in range(ReduceOverhead.SETUP_CALLS):
+        torch.compiler.cudagraph_mark_step_begin()
+        compiled(**static)
+    torch.cuda.synchronize(torch_device)
+    if _cudagraph_skips() > skips:
+        raise RuntimeError("torch.compile skipped CUDA graphs for the step (its warning above says why)")
 
 
 def _cudagraph_skips() -> int:

@@ -12,6 +12,7 @@ from typing import Any
 from graphhal_cli.bench.timing import Timing
 
 SCHEMA_VERSION = 1
+FULL_INDUCTOR_SETUP = "full+inductor"  # the compiled setup every other is compared with
 
 
 @dataclass
@@ -97,6 +98,67 @@ class CaptureCost:
 
 
 @dataclass
+class CompiledSetup:
+    """One compiled decode setup covering a server's batch sizes: what it took and how often it compiled.
+
+    Measured on ``sizes`` (in that order); a server needs ``num_buckets`` sizes (every default decode bucket
+    up to max_bs). When ``sizes`` is a subset, ``extrapolated_s`` scales the measured mean per size up to all
+    buckets: an estimate, labelled as such wherever it is shown.
+    """
+
+    contender: str
+    detail: str  # what exactly was set up, for the table and the JSON
+    sizes: list[int]
+    num_buckets: int
+    setup_s: float  # wall time of the whole setup of ``sizes``: compiles, warm-ups, captures or recordings
+    compiles: int  # graphs torch.compile (Dynamo) handed a backend during the setup: recompiles included
+    pool_bytes: int | None = None
+
+    @property
+    def extrapolated_s(self) -> float | None:
+        """Mean setup per measured size times the bucket count; None when every bucket was measured."""
+        if len(self.sizes) >= self.num_buckets:
+            return None
+        return self.setup_s / len(self.sizes) * self.num_buckets
+
+    @property
+    def all_buckets_s(self) -> float:
+        """Setup for every bucket: measured, or extrapolated from the subset."""
+        extrapolated = self.extrapolated_s
+        return self.setup_s if extrapolated is None else extrapolated
+
+
+@dataclass
+class PrefillSetup:
+    """One ``PrefillRunner`` capturing every default prefill bucket up to ``max_tokens``."""
+
+    mode: str
+    max_tokens: int
+    max_requests: int
+    num_buckets: int
+    setup_s: float  # runner built and captured (piecewise: its one torch.compile included)
+    compiles: int
+    pool_bytes: int
+
+
+@dataclass
+class SetupCost:
+    """What a server pays at startup for compiled decode graphs of every bucket, and for prefill graphs."""
+
+    max_bs: int | None = None  # the compiled decode setups cover the default buckets up to this size
+    decode: list[CompiledSetup] = field(default_factory=list)
+    prefill: list[PrefillSetup] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def full_inductor_ratio(self, setup: CompiledSetup) -> float | None:
+        """full+inductor's setup over ``setup``'s, both for every bucket (``setup``'s maybe extrapolated)."""
+        reference = next((s for s in self.decode if s.contender == FULL_INDUCTOR_SETUP), None)
+        if reference is None or setup is reference or not setup.all_buckets_s:
+            return None
+        return reference.all_buckets_s / setup.all_buckets_s
+
+
+@dataclass
 class Header:
     device: str
     device_name: str
@@ -117,6 +179,7 @@ class BenchResult:
     skipped: list[Skipped] = field(default_factory=list)
     failed: list[Failed] = field(default_factory=list)
     capture_cost: CaptureCost | None = None
+    setup_cost: SetupCost | None = None
     notes: list[str] = field(default_factory=list)
     wall_s: float = 0.0  # the whole run: model, setups, timings, capture cost
 
@@ -128,6 +191,10 @@ class BenchResult:
         if self.capture_cost is not None:  # derived values, so readers need not recompute them
             data["capture_cost"]["pool_ratio"] = self.capture_cost.pool_ratio
             data["capture_cost"]["break_cost_us"] = self.capture_cost.break_cost_us
+        if self.setup_cost is not None:
+            for setup, entry in zip(self.setup_cost.decode, data["setup_cost"]["decode"]):
+                entry["extrapolated_s"] = setup.extrapolated_s
+                entry["full_inductor_ratio"] = self.setup_cost.full_inductor_ratio(setup)
         return _finite(data)
 
     def write_json(self, path: Path) -> None:

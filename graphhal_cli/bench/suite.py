@@ -18,16 +18,18 @@ import torch
 from tqdm import tqdm
 
 import hal
-from graphhal_cli.bench import capture_cost, prefill
+from graphhal_cli.bench import capture_cost, compiled_setup, prefill, prefill_setup
 from graphhal_cli.bench.agreement import detached_copy, max_abs_difference
+from graphhal_cli.bench.compiled_setup import DEFAULT_STATIC_SIZES
 from graphhal_cli.bench.contenders import EAGER, FLOOR, Prepared, RunnerMode, decode_contenders, release_memory
-from graphhal_cli.bench.results import BenchResult, CaptureCost, Failed, Header, Row, Skipped
+from graphhal_cli.bench.results import BenchResult, CaptureCost, Failed, Header, Row, SetupCost, Skipped
 from graphhal_cli.bench.timing import StepTimer, TimerSettings
 from graphhal_cli.bench.workload import BenchModel, PrefillShape, build_bench_model
 from graphhal_cli.device_description import describe_device
 from refmodel import ModelConfig
 
 DECODE, PREFILL = "decode", "prefill"
+SETUP = "setup"
 CPU_NOTE = (
     "the cpu device is graphhal's reference device: its graphs re-issue recorded ops for faithful semantics, "
     "not speed, so no graph mode is expected to beat eager there. Run on a GPU for real speedups."
@@ -36,7 +38,13 @@ CPU_NOTE = (
 
 @dataclass
 class BenchPlan:
-    """Everything one run measures; ``capture_max_bs`` None skips the capture-only measurements."""
+    """Everything one run measures.
+
+    ``capture_max_bs`` None skips every capture-only measurement; ``compiled_setups`` off skips the compiled
+    decode setups for every bucket up to it (CUDA only), ``static_sizes`` are the batch sizes the
+    dynamic=False reduce-overhead setup compiles (the rest extrapolated); ``prefill_setup_max_tokens`` None
+    skips the prefill setup.
+    """
 
     device: hal.Device
     config: ModelConfig
@@ -47,6 +55,9 @@ class BenchPlan:
     prefill_modes: list[str] = field(default_factory=list)
     prefill_shapes: list[PrefillShape] = field(default_factory=list)
     capture_max_bs: int | None = 256
+    compiled_setups: bool = True
+    static_sizes: list[int] = field(default_factory=lambda: list(DEFAULT_STATIC_SIZES))
+    prefill_setup_max_tokens: int | None = None
     timer: TimerSettings = field(default_factory=TimerSettings)
     show_progress: bool = True
     seed: int = 0
@@ -55,13 +66,16 @@ class BenchPlan:
 def run_bench(plan: BenchPlan) -> BenchResult:
     started = time.perf_counter()
     device = plan.device
+    setup_tokens, setup_note = _prefill_setup_tokens(plan)
+    # The KV cache also holds the prefill setup's largest batch, so each bucket it captures could be filled.
+    cache_shapes = [*plan.prefill_shapes, *([prefill_setup.cache_shape(plan.config, setup_tokens)] if setup_tokens else [])]
     bench = build_bench_model(
         device,
         plan.config,
         plan.dtype,
         max_batch_size=max(plan.batch_sizes),
         context_len=plan.context_len,
-        prefill_shapes=plan.prefill_shapes,
+        prefill_shapes=cache_shapes,
         seed=plan.seed,
     )
     timer = StepTimer(device, plan.timer)
@@ -86,6 +100,7 @@ def run_bench(plan: BenchPlan) -> BenchResult:
         if plan.capture_max_bs is not None:
             bar.set_description_str("capture cost")
             result.capture_cost = session.capture_cost(plan.capture_max_bs)
+            result.setup_cost = session.setup_cost(plan.capture_max_bs, setup_tokens, setup_note)
     _fill_ratios(result.rows)
     result.wall_s = time.perf_counter() - started
     return result
@@ -189,6 +204,70 @@ class _Session:
         cost.full_bs1_ms, cost.breakable_bs1_ms = self._bs1_ms("full", "breakable")
         return cost
 
+    def setup_cost(self, max_bs: int, prefill_tokens: int | None, prefill_note: str) -> SetupCost | None:
+        """The compiled decode setups for every bucket up to ``max_bs``, then the prefill setups; None if off."""
+        plan = self.plan
+        if not plan.compiled_setups and prefill_tokens is None:
+            return None
+        cost = SetupCost()
+        if plan.compiled_setups:
+            cost.max_bs = max_bs
+            self._compiled_setups(cost, max_bs)
+        if prefill_tokens is not None:
+            cost.notes += [prefill_note] if prefill_note else []
+            self._prefill_setups(cost, prefill_tokens)
+        return cost
+
+    def _compiled_setups(self, cost: SetupCost, max_bs: int) -> None:
+        device, show = self.plan.device, self.plan.show_progress
+        skipped = compiled_setup.skip_reasons(device)
+        for name in compiled_setup.COMPILED_SETUPS:
+            _skipped(self.result, SETUP, name, skipped.get(name))
+        if len(skipped) == len(compiled_setup.COMPILED_SETUPS):
+            return
+        buckets = compiled_setup.decode_buckets(max_bs)
+        static_sizes = compiled_setup.static_sizes(self.plan.static_sizes, max_bs)
+        measurements = {
+            compiled_setup.FULL_INDUCTOR_SETUP: (
+                f"{len(buckets)} buckets up to {max_bs}",
+                partial(compiled_setup.full_inductor, self.bench, max_bs, show),
+            ),
+            compiled_setup.REDUCE_OVERHEAD_SETUP: (
+                f"{len(buckets)} buckets up to {max_bs}",
+                partial(compiled_setup.reduce_overhead, self.bench, buckets[::-1], len(buckets), show),
+            ),
+            compiled_setup.STATIC_REDUCE_OVERHEAD_SETUP: (
+                f"sizes {', '.join(map(str, static_sizes))}",
+                partial(compiled_setup.reduce_overhead, self.bench, static_sizes, len(buckets), show, dynamic=False),
+            ),
+        }
+        try:
+            compiled_setup.warm_up_compiler(device)
+        except Exception as exc:  # without a working compiler no setup below can run either
+            self._failed(SETUP, "compiler warm-up", "-", exc)
+            return
+        for name, (sizes, measure) in measurements.items():
+            if name in skipped:
+                continue
+            self.bar.set_description_str(f"setup: {name} ({sizes})")
+            try:
+                cost.decode.append(measure())
+            except Exception as exc:
+                self._failed(SETUP, name, sizes, exc)
+                release_memory(device)  # what the failed setup compiled is dropped, never called again
+
+    def _prefill_setups(self, cost: SetupCost, max_tokens: int) -> None:
+        device = self.plan.device
+        for mode in prefill_setup.PREFILL_SETUP_MODES:
+            if _skipped(self.result, SETUP, f"prefill {mode}", prefill.prefill_skip_reason(mode, device)):
+                continue
+            self.bar.set_description_str(f"setup: prefill {mode} (buckets up to {max_tokens} tokens)")
+            try:
+                cost.prefill.append(prefill_setup.prefill_setup(self.bench, mode, max_tokens, self.plan.show_progress))
+            except Exception as exc:
+                self._failed(SETUP, f"prefill {mode}", f"buckets up to {max_tokens} tokens", exc)
+                release_memory(device)
+
     def _bs1_ms(self, *modes: str) -> list[float | None]:
         """Step times of ``modes`` at batch 1: from the table when all were measured, else measured now, together."""
         table = {row.mode: row.median_ms for row in self.result.rows if row.phase == DECODE and row.batch_size == 1}
@@ -210,6 +289,13 @@ def _runnable_prefill_modes(plan: BenchPlan, result: BenchResult) -> list[str]:
         return []
     modes = [m for m in plan.prefill_modes if not _skipped(result, PREFILL, m, prefill.prefill_skip_reason(m, plan.device))]
     return [EAGER, *modes] if modes else []
+
+
+def _prefill_setup_tokens(plan: BenchPlan) -> tuple[int | None, str]:
+    """The prefill setup's max_tokens (None: no prefill setup) and the note saying why it was capped."""
+    if plan.capture_max_bs is None or plan.prefill_setup_max_tokens is None:
+        return None, ""
+    return prefill_setup.setup_tokens(plan.config, plan.prefill_setup_max_tokens)
 
 
 def _prefill_shape_fits(shape: PrefillShape, config: ModelConfig, result: BenchResult) -> bool:

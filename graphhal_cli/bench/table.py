@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from hal import MIB
-from graphhal_cli.bench.results import BenchResult, CaptureCost, Row
+from graphhal_cli.bench.results import FULL_INDUCTOR_SETUP, BenchResult, CaptureCost, CompiledSetup, Row, SetupCost
 
 # (title, width, cell) per column; a cell is "-" where the value does not apply.
 _Column = tuple[str, int, Callable[[Row], str]]
@@ -59,6 +59,66 @@ def _capture_cost(cost: CaptureCost) -> list[str]:
     return lines
 
 
+def _mib(value: int | None) -> str:
+    return _number(None if value is None else value / MIB, ".1f")
+
+
+def _compiled_setups(cost: SetupCost) -> list[str]:
+    setups = cost.decode
+    if not setups:
+        return [f"setup: compiled decode graphs for every bucket up to {cost.max_bs}: none measured (why: under skipped or FAILED below)"]
+    buckets = setups[0].num_buckets
+    lines = [
+        f"setup: compiled decode graphs for all {buckets} buckets up to {cost.max_bs}, cold Inductor/Triton caches",
+        f"{'setup':<30}  {'sizes':>5}  {'setup s':>8}  {'compiles':>8}  {'pool MiB':>8}  all {buckets} buckets",
+    ]
+    for setup in setups:
+        total = f"{setup.setup_s:.2f} s" if setup.extrapolated_s is None else f"{setup.extrapolated_s:.2f} s extrapolated"
+        lines.append(
+            f"{setup.contender:<30}  {len(setup.sizes):>5}  {setup.setup_s:>8.2f}  {setup.compiles:>8}  "
+            f"{_mib(setup.pool_bytes):>8}  {total}"
+        )
+    for setup in setups:
+        line = f"  {setup.contender}: {setup.detail}"
+        if setup.extrapolated_s is not None:
+            line += (
+                f"; measured at sizes {', '.join(map(str, setup.sizes))} only: {setup.setup_s / len(setup.sizes):.2f} s "
+                f"per size x {setup.num_buckets} buckets = extrapolated"
+            )
+        lines.append(line)
+    ratios = [_ratio(cost, setup) for setup in setups if setup.contender != FULL_INDUCTOR_SETUP]
+    ratios = [ratio for ratio in ratios if ratio]
+    if ratios:
+        lines.append(f"{FULL_INDUCTOR_SETUP} setup / " + "; / ".join(ratios))
+    return lines
+
+
+def _ratio(cost: SetupCost, setup: CompiledSetup) -> str:
+    ratio = cost.full_inductor_ratio(setup)
+    if ratio is None:
+        return ""
+    return f"{setup.contender}: {ratio:.2f}x" + (" (extrapolated)" if setup.extrapolated_s is not None else "")
+
+
+def _prefill_setups(cost: SetupCost) -> list[str]:
+    first = cost.prefill[0]
+    lines = [
+        f"setup: prefill graphs for every default bucket up to {first.max_tokens} tokens ({first.max_requests} requests)",
+        f"{'mode':<30}  {'buckets':>7}  {'setup s':>8}  {'compiles':>8}  {'pool MiB':>8}",
+    ]
+    lines += [
+        f"{s.mode:<30}  {s.num_buckets:>7}  {s.setup_s:>8.2f}  {s.compiles:>8}  {_mib(s.pool_bytes):>8}" for s in cost.prefill
+    ]
+    return lines
+
+
+def _setup_cost(cost: SetupCost) -> list[str]:
+    lines = _compiled_setups(cost) if cost.max_bs is not None else []
+    if cost.prefill:
+        lines += [""] * bool(lines) + _prefill_setups(cost)
+    return lines + cost.notes
+
+
 def render(result: BenchResult) -> str:
     header = result.header
     timer = header.timer
@@ -77,6 +137,8 @@ def render(result: BenchResult) -> str:
         lines += ["", *(f"  {mode}: {detail}" for mode, detail in header.modes.items())]
     if result.capture_cost is not None:
         lines += ["", *_capture_cost(result.capture_cost)]
+    if result.setup_cost is not None:
+        lines += ["", *_setup_cost(result.setup_cost)]
     if result.skipped:
         lines += ["", "skipped:", *(f"  {s.phase} {s.mode}: {s.reason}" for s in result.skipped)]
     if result.failed:

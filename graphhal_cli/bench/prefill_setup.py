@@ -1,0 +1,70 @@
+"""Prefill setup: one ``PrefillRunner`` per mode capturing every default prefill bucket, as a server would.
+
+``PrefillConfig`` defaults (token buckets 4..4096, 64 requests) except ``max_tokens``, which a run may lower
+(the cpu default, see ``command``) and which is capped where the model could never be handed that many
+tokens at once: ``max_requests`` requests of at most ``max_seq_len`` tokens each. The bench's KV cache is
+sized to hold one such batch (``cache_shape``), so every bucket captured is one a server could fill.
+Runs on every device: piecewise compiles once (torch.compile, token dim dynamic) and captures its pieces
+per bucket; breakable compiles nothing and captures segments around attention.
+"""
+
+from __future__ import annotations
+
+import time
+
+from graphhal_cli.bench.compile_count import dynamo_compiles
+from graphhal_cli.bench.contenders import release_memory
+from graphhal_cli.bench.results import PrefillSetup
+from graphhal_cli.bench.workload import BenchModel, PrefillShape
+from refmodel import ModelConfig, prefill_request_slots, prefill_token_slots
+from runners import PrefillConfig, PrefillRunner
+
+PREFILL_SETUP_MODES = ("piecewise", "breakable")
+
+
+def setup_tokens(config: ModelConfig, requested: int) -> tuple[int, str]:
+    """``max_tokens`` for the prefill setup, and why it is lower than ``requested`` ("" when it is not)."""
+    max_requests = PrefillConfig.max_requests  # the field's default: the setup keeps it
+    limit = max_requests * config.max_seq_len
+    if requested <= limit:
+        return requested, ""
+    return limit, (
+        f"prefill setup: max_tokens capped at {limit} (asked {requested}): {max_requests} requests "
+        f"(PrefillConfig's max_requests) of at most max_seq_len {config.max_seq_len} tokens hold no more"
+    )
+
+
+def cache_shape(config: ModelConfig, max_tokens: int) -> PrefillShape:
+    """The largest batch the prefill setup's runners accept, as requests the bench's KV cache must hold."""
+    return PrefillShape(max_tokens, -(-max_tokens // config.max_seq_len))
+
+
+def prefill_setup(bench: BenchModel, mode: str, max_tokens: int, show_progress: bool) -> PrefillSetup:
+    """A ``PrefillRunner`` in ``mode`` built and captured for every default bucket up to ``max_tokens``."""
+    device, config = bench.device, bench.config
+    release_memory(device)  # no compiled forward of an earlier contender is reused (or called again)
+    phase = PrefillConfig(mode=mode, max_tokens=max_tokens, show_progress=show_progress)
+    compiles = dynamo_compiles()
+    started = time.perf_counter()
+    runner = PrefillRunner(
+        bench.model.prefill_forward(bench.kv_cache),
+        prefill_token_slots(config),
+        prefill_request_slots(config),
+        device,
+        phase,
+    )
+    report = runner.capture()
+    device.synchronize()
+    setup_s = time.perf_counter() - started
+    compiles = dynamo_compiles() - compiles
+    del runner
+    release_memory(device)
+    return PrefillSetup(
+        mode=mode,
+        max_tokens=max_tokens,
+        max_requests=phase.max_requests,
+        num_buckets=len(report.buckets),
+        setup_s=setup_s,
+        compiles=compiles,
+        pool_bytes=report.pool_bytes,
+    )

@@ -8,9 +8,15 @@ Kernels: CUDA runs the Triton kernel; CPU runs the math row by row over only the
 runs torch_npu's fused infer-attention op (``refmodel.npu_attention``, which the model reaches without going
 through the custom op, so an NPU graph capture can update its host lengths); any other device runs the
 full-width reference, which is slow but has no data-dependent shapes.
+
+The model calls it through ``decode_attention_break``, which runs the CPU or CUDA kernel directly when nothing
+traces or records the call (``refmodel.direct_kernels``), and the op itself otherwise.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +24,7 @@ import torch.nn.functional as F
 import hal
 from refmodel import npu_attention
 from refmodel.attention_reference import decode_attention_reference
+from refmodel.direct_kernels import unobserved_eager_call
 
 
 @torch.library.custom_op("refmodel::decode_attention", mutates_args=("out",))
@@ -69,20 +76,42 @@ def _decode_attention_cpu(q, key_cache, value_cache, block_tables, seq_lens, sca
 
 @decode_attention.register_kernel("cuda")
 def _decode_attention_cuda(q, key_cache, value_cache, block_tables, seq_lens, scale, out) -> None:
-    # Imported here so that `import refmodel` needs neither triton nor CUDA.
+    _triton_paged_decode_attention()(q, key_cache, value_cache, block_tables, seq_lens, scale, out)
+
+
+@functools.cache
+def _triton_paged_decode_attention() -> Callable[..., None]:
+    # Imported on the first CUDA call so that `import refmodel` needs neither triton nor CUDA; looked up once,
+    # since an import statement costs about 1.5 us on every call.
     from refmodel.triton_decode_attention import paged_decode_attention
 
-    paged_decode_attention(q, key_cache, value_cache, block_tables, seq_lens, scale, out)
+    return paged_decode_attention
 
 
 npu_attention.register(decode_attention)
+
+_decode_attention_op = torch.ops.refmodel.decode_attention.default
+# The kernels the op dispatches to, by device type, for the model's direct eager calls (npu tensors never get
+# here: calls_npu_directly routes them first).
+_DIRECT_KERNELS = {"cpu": _decode_attention_cpu, "cuda": _decode_attention_cuda}
+
+
+def _decode_attention_step(q, key_cache, value_cache, block_tables, seq_lens, scale, out) -> None:  # type: ignore[no-untyped-def]
+    # The op, or its kernel directly when nothing watches the call (refmodel.direct_kernels): the op's Python
+    # layers cost about 25 us a call, once per layer per step.
+    if unobserved_eager_call(q):
+        kernel = _DIRECT_KERNELS.get(q.device.type)
+        if kernel is not None:
+            return kernel(q, key_cache, value_cache, block_tables, seq_lens, scale, out)
+    return _decode_attention_op(q, key_cache, value_cache, block_tables, seq_lens, scale, out)
+
 
 # What the model calls. In a breakable capture the attention is the break: it runs eagerly between captured
 # segments. In a full capture it is captured inline (required=False): the kernels read lengths and block
 # tables from device memory, so the op is graph-safe (on npu the lengths are host values the device updates
 # before every replay).
 decode_attention_break = hal.break_point(
-    npu_attention.calls_npu_directly(torch.ops.refmodel.decode_attention.default),
+    npu_attention.calls_npu_directly(_decode_attention_step),
     name="refmodel.decode_attention",
     required=False,
 )

@@ -6,6 +6,7 @@ import torch
 
 from refmodel.block_allocator import NULL_BLOCK, BlockAllocator
 from refmodel.config import ModelConfig
+from refmodel.direct_kernels import unobserved_eager_call
 
 # The slot padded rows write their K/V into: the first slot of the null block, which no request owns. Block 0
 # starts at slot 0 whatever the block size, so this is a constant.
@@ -32,15 +33,37 @@ def write_kv_cache(
     A custom op rather than inline ``index_copy_`` so torch.compile sees one opaque in-place write of the
     cache, instead of functionalizing it into an out-of-place copy of the whole cache.
     """
+    _write_kv_cache_kernel(key, value, key_cache, value_cache, slot_mapping)
+
+
+@write_kv_cache.register_fake
+def _(key, value, key_cache, value_cache, slot_mapping) -> None:
+    return None
+
+
+def _write_kv_cache_kernel(
+    key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    # The op's body, for every device: one place for the op and for the model's direct eager calls.
     num_kv_heads, head_dim = key_cache.shape[-2:]
     slots = slot_mapping.long()  # index_copy_ takes int64 indices only; a no-op when they already are
     key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, key)
     value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, value)
 
 
-@write_kv_cache.register_fake
-def _(key, value, key_cache, value_cache, slot_mapping) -> None:
-    return None
+def write_kv_cache_step(
+    key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """What the model calls: ``refmodel::write_kv_cache``, whose kernel runs directly when nothing watches the
+    call (``refmodel.direct_kernels``: the op's Python layers cost 3-4x the write itself)."""
+    if unobserved_eager_call(key):
+        _write_kv_cache_kernel(key, value, key_cache, value_cache, slot_mapping)
+    else:
+        _write_kv_cache_op(key, value, key_cache, value_cache, slot_mapping)
+
+
+# Called as the OpOverload rather than through the CustomOpDef object: one Python layer fewer, same op.
+_write_kv_cache_op = torch.ops.refmodel.write_kv_cache.default
 
 
 class PagedKVCache:

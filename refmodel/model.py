@@ -9,7 +9,8 @@ Both are written to be captured as device graphs, or split around their attentio
 - every input is a device tensor, and nothing read from the batch reaches the host outside the attention ops
   (no ``.item()``, no data-dependent shapes); shapes depend only on the batch's token (and request) count;
 - a row's logits depend only on its own request's inputs and the cache, so padded rows cannot change live rows;
-- the cache is written with ``refmodel::write_kv_cache`` at ``slot_mapping`` before attention reads it;
+- the cache is written with ``refmodel::write_kv_cache`` at ``slot_mapping`` before attention reads it
+  (eagerly, where nothing traces or records the call, its kernel runs directly: ``refmodel.direct_kernels``);
 - decode attention (``refmodel::decode_attention``) is an optional break point: captured inline in full
   graphs, run eagerly between segments in breakable graphs. Prefill attention
   (``refmodel::prefill_attention``) reads lengths on the host, so it is a required break point.
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from refmodel.attention_op import decode_attention_break
 from refmodel.config import ModelConfig
-from refmodel.kv_cache import PagedKVCache, write_kv_cache
+from refmodel.kv_cache import PagedKVCache, write_kv_cache_step
 from refmodel.prefill_attention_op import prefill_attention_break
 from refmodel.rms_norm import RMSNorm
 from refmodel.rotary import RotaryEmbedding
@@ -72,29 +73,31 @@ class DecoderLayer(torch.nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        positions: torch.Tensor,
+        angles: tuple[torch.Tensor, torch.Tensor],
         slot_mapping: torch.Tensor,
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
-        rotary: RotaryEmbedding,
         attention: "Attention",
     ) -> torch.Tensor:
-        """One layer over ``tokens`` rows: hidden [tokens, hidden_size], positions and slot_mapping [tokens].
+        """One layer over ``tokens`` rows: hidden [tokens, hidden_size], slot_mapping [tokens].
 
-        ``attention`` is the step's attention (decode or prefill) with that step's lengths and block tables
-        bound; everything else is the same for both steps.
+        ``angles`` is ``RotaryEmbedding.angles`` at the rows' positions, gathered once per step for every
+        layer. ``attention`` is the step's attention (decode or prefill) with that step's lengths and block
+        tables bound; everything else is the same for both steps.
         """
         tokens = hidden.shape[0]
         cfg = self.config
 
-        q, k, v = F.linear(self.input_norm(hidden), self.qkv_proj).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rotary(q.reshape(tokens, cfg.num_heads, cfg.head_dim), positions)
-        k = rotary(k.reshape(tokens, cfg.num_kv_heads, cfg.head_dim), positions)
-        v = v.reshape(tokens, cfg.num_kv_heads, cfg.head_dim)
+        qkv = F.linear(self.input_norm(hidden), self.qkv_proj)
+        # Queries and keys sit side by side in each row of qkv: rotated as one [tokens, heads + kv_heads,
+        # head_dim] block, elementwise, so each comes out exactly as rotating it alone would give.
+        qk = qkv[:, : self.q_size + self.kv_size].reshape(tokens, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
+        q, k = RotaryEmbedding.rotate(qk, *angles).split_with_sizes([cfg.num_heads, cfg.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].reshape(tokens, cfg.num_kv_heads, cfg.head_dim)
 
         # The new tokens' K/V go into the cache first: a token attends to itself (the lengths count it).
-        write_kv_cache(k, v, key_cache, value_cache, slot_mapping)
-        attn = torch.empty_like(q)
+        write_kv_cache_step(k, v, key_cache, value_cache, slot_mapping)
+        attn = q.new_empty(q.shape)  # contiguous (q is a view into the rotated block)
         attention(q, key_cache, value_cache, attn)
         hidden = hidden + F.linear(attn.reshape(tokens, self.q_size), self.o_proj)
 
@@ -197,8 +200,9 @@ class LlamaDecoder(torch.nn.Module):
         attention: Attention,
     ) -> torch.Tensor:
         hidden = F.embedding(input_ids, self.embed_tokens)
+        angles = self.rotary.angles(positions)  # every layer rotates at the same positions: gathered once
         for layer, key_cache, value_cache in zip(self.layers, kv_cache.key_caches, kv_cache.value_caches):
-            hidden = layer(hidden, positions, slot_mapping, key_cache, value_cache, self.rotary, attention)
+            hidden = layer(hidden, angles, slot_mapping, key_cache, value_cache, attention)
         return F.linear(self.final_norm(hidden), self.lm_head)
 
 

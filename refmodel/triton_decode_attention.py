@@ -11,6 +11,8 @@ imported) the kernel runs on CPU tensors through Triton's interpreter, which is 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -134,17 +136,15 @@ def paged_decode_attention(
     """
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    # The constexprs and warp count depend only on the model's sizes: worked out (and checked) once per shape
+    # instead of on every launch, which runs once per layer per step and twice per captured bucket.
+    constants = _launch_constants(head_dim, block_size, num_heads, num_kv_heads, key_cache.element_size())
     if seq_lens.dim() != 1 or seq_lens.stride(0) != 1:
         raise ValueError("seq_lens must be a contiguous 1-D tensor")
     if batch == 0:
         return
 
-    head_dim_padded = triton.next_power_of_2(head_dim)
-    tokens_per_tile = _tokens_per_tile(head_dim_padded)
-    grid = (batch, num_heads)
-    _paged_decode_attention_kernel[grid](
+    _paged_decode_attention_kernel[(batch, num_heads)](
         q, key_cache, value_cache, block_tables, seq_lens, out,
         float(scale),
         *q.stride(),
@@ -152,10 +152,25 @@ def paged_decode_attention(
         *value_cache.stride(),
         *block_tables.stride(),
         *out.stride(),
+        **constants,
+    )
+
+
+@functools.cache
+def _launch_constants(head_dim: int, block_size: int, num_heads: int, num_kv_heads: int, element_size: int) -> dict[str, int]:
+    """The launch's keyword arguments (constexprs and num_warps) for one model shape and cache dtype size.
+
+    The caller unpacks the returned dict into the launch and never changes it.
+    """
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    head_dim_padded = triton.next_power_of_2(head_dim)
+    tokens_per_tile = _tokens_per_tile(head_dim_padded)
+    return dict(
         HEAD_DIM=head_dim,
         HEAD_DIM_PADDED=head_dim_padded,
         BLOCK_SIZE=block_size,
         QUERIES_PER_KV_HEAD=num_heads // num_kv_heads,
         TOKENS_PER_TILE=tokens_per_tile,
-        num_warps=_num_warps(tokens_per_tile * head_dim_padded * key_cache.element_size()),
+        num_warps=_num_warps(tokens_per_tile * head_dim_padded * element_size),
     )

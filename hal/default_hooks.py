@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Mapping
 
 import torch
@@ -50,10 +49,6 @@ def hal_capture_stream(device: DeviceId) -> None:
     return None
 
 
-def hal_stream_scope(stream: Any) -> AbstractContextManager[Any]:
-    return nullcontext()
-
-
 def hal_captures_compiled_kernels(device: DeviceId) -> bool:
     return True
 
@@ -76,5 +71,4 @@ OPTIONAL_HOOK_DEFAULTS = {
     "hal_memory_stats": hal_memory_stats,
     "hal_conventions": hal_conventions,
     "hal_captures_compiled_kernels": hal_captures_compiled_kernels,
-    "hal_stream_scope": hal_stream_scope,
 }

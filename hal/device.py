@@ -7,7 +7,7 @@ Python call into the plugin, never a search over plugins.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from typing import Any, Callable, Mapping
 
 import torch
@@ -133,14 +133,6 @@ class Device:
             self._update(graph, params)
 
     # --- plumbing ---------------------------------------------------------------------------------------
-
-    def on_capture_stream(self) -> AbstractContextManager[Any]:
-        """Issue the work inside on the capture stream: where runners warm up, so that per-stream library
-        state (cuBLAS workspaces) is set up before a capture, not allocated from its pool."""
-        if self.capture_stream is None:
-            return nullcontext()
-        scope = self._hooks["hal_stream_scope"](self.capture_stream)
-        return scope if scope is not None else nullcontext()
 
     def graph_pool(self) -> Any:
         """A new memory pool that several graphs can share."""

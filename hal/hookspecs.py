@@ -20,8 +20,6 @@ from typing import TYPE_CHECKING, Any, ContextManager, Mapping, Sequence
 from hal.markers import hookspec
 
 if TYPE_CHECKING:
-    from contextlib import AbstractContextManager
-
     import torch
 
     from hal.conventions import DeviceConventions
@@ -179,16 +177,6 @@ def hal_capture_stream(device: "DeviceId") -> Any:
     legacy default stream).
 
     Called once when the facade is created. Default: None (devices without streams).
-    """
-
-
-@hookspec(firstresult=True)
-def hal_stream_scope(stream: Any) -> "AbstractContextManager[Any] | None":
-    """Return a context manager under which work is issued on ``stream`` (one of ``hal_capture_stream``).
-
-    Runners warm up on the capture stream: libraries set up per-stream state lazily (cuBLAS allocates its
-    workspace on a stream's first matmul), and set up inside a capture it would be allocated from the graph
-    pool and pinned there for good. None: not a stream of this plugin. Default: no stream switch.
     """
 
 

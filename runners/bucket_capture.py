@@ -56,9 +56,8 @@ class GraphCapture:
         return CapturedBucket(device.replayer(graph), graph, non_owning_outputs(outputs))
 
     def warm_up(self, inputs: Mapping[str, torch.Tensor]) -> None:
-        with self.device.on_capture_stream():  # per-stream library state is set up here, not in the pool
-            for _ in range(self.config.warmup_runs):
-                self.forward(**inputs)
+        for _ in range(self.config.warmup_runs):
+            self.forward(**inputs)
         self.device.synchronize()
 
     def drop(self) -> None:

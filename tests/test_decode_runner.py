@@ -304,9 +304,9 @@ def test_a_watched_tensor_moved_after_capture_is_caught_on_first_replay(graph_de
 
 @pytest.mark.cuda
 def test_after_capture_the_pool_holds_nothing_alive_so_buckets_share_its_memory():
-    # Graph outputs are kept as non-owning aliases, and the warm-up runs on the capture stream, so cuBLAS
-    # sets up that stream's workspace outside the pool: once capture ends, no block of the pool is in use,
-    # and every bucket's capture reused what the larger ones had freed.
+    # Graph outputs are kept as non-owning aliases, and the cuda device sets up cuBLAS on the capture stream
+    # before each capture, so its workspace is allocated outside the pool: once capture ends, no block of
+    # the pool is in use, and every bucket's capture reused what the larger ones had freed.
     torch._C._cuda_clearCublasWorkspaces()  # the next matmul on each stream allocates a workspace again
     runner, step = make_runner("cuda", max_bs=16)
     runner.capture()

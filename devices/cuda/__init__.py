@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Iterator
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
@@ -87,22 +87,6 @@ def hal_capture_stream(device: DeviceId) -> torch.cuda.Stream | None:
     if index not in _capture_streams:
         _capture_streams[index] = torch.cuda.Stream(device=index)
     return _capture_streams[index]
-
-
-@hookimpl
-def hal_stream_scope(stream: Any) -> AbstractContextManager[Any] | None:
-    return _joined_stream(stream) if isinstance(stream, torch.cuda.Stream) else None
-
-
-@contextmanager
-def _joined_stream(stream: torch.cuda.Stream) -> Iterator[None]:
-    # Forked from and joined back into the current stream, so the work inside sees what was queued before
-    # (the runner's input copies) and what is queued after sees its results.
-    current = torch.cuda.current_stream(stream.device)
-    stream.wait_stream(current)
-    with torch.cuda.stream(stream):
-        yield
-    current.wait_stream(stream)
 
 
 @hookimpl

@@ -18,19 +18,6 @@ import torch
 CAPTURE_ERROR_MODE = "thread_local"
 
 
-def _set_up_cublas_on_current_stream(device: torch.device) -> None:
-    """Run one tiny matmul per cuBLAS path on the current stream, outside the capture.
-
-    cuBLAS allocates a workspace per stream on that stream's first matmul. Left to the capture, the
-    allocation comes from the graph pool and stays pinned there (32 MiB on an H100): the first runner of a
-    process would then show a pool that much larger than any later one. Cheap once set up, so done before
-    every capture (a server may have cleared the workspaces in between).
-    """
-    for dtype in (torch.float32, torch.bfloat16):
-        operand = torch.zeros(8, 8, device=device, dtype=dtype)
-        torch.nn.functional.linear(operand, operand)
-
-
 class CudaCaptureSession:
     """Context manager: everything issued on this thread inside is recorded into ``graph``."""
 
@@ -47,8 +34,6 @@ class CudaCaptureSession:
         self._stream_context = torch.cuda.stream(self._stream)
         self._stream_context.__enter__()
         try:
-            _set_up_cublas_on_current_stream(self._stream.device)
-            torch.cuda.synchronize(self._stream.device)
             self._graph.capture_begin(pool=self._pool, capture_error_mode=CAPTURE_ERROR_MODE)
         except BaseException:
             self._stream_context.__exit__(None, None, None)

@@ -65,14 +65,9 @@ class PiecewisePiece:
         self.captures = captures
         self.arg_names = tuple(arg_names)
         self.graphs: dict[int, _PieceGraph] = {}
-        # Every piece keeps only non-owning aliases of its outputs (hal.pool_aliases), so a bucket's
-        # activations stop holding pool memory once its capture is over and the next bucket reuses it, as
-        # the kernels of one graph reuse each other's memory. During the capture the real tensors flow on
-        # and stay allocated until their last reader is captured: nothing else may take their memory
-        # before that. Safe because the buckets never replay at once, and every pool address a replay
-        # reads was written earlier in that same replay (splitting ops write into pool tensors, never
-        # into fresh ones). The piece whose outputs are the forward's also returns the aliases at
-        # capture, so the runner holds the very tensors every replay returns.
+        # Set on the piece whose outputs are the forward's outputs: it keeps only non-owning aliases of
+        # them, so each bucket's outputs stop holding pool memory once captured (see hal.pool_aliases).
+        # Other pieces' outputs feed later pieces of the same capture and must stay allocated.
         self.outputs_leave_the_graph = False
 
     def __call__(self, *args: Any) -> Any:
@@ -103,9 +98,10 @@ class PiecewisePiece:
             # Only recorded: run it once, so the splitting op after this piece computes on real values.
             replay()
         addresses = [(i, a.data_ptr()) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-        aliases = non_owning_outputs(outputs)
-        self.graphs[bucket] = _PieceGraph(graph, replay, aliases, addresses)
-        return aliases if self.outputs_leave_the_graph else outputs
+        if self.outputs_leave_the_graph:
+            outputs = non_owning_outputs(outputs)
+        self.graphs[bucket] = _PieceGraph(graph, replay, outputs, addresses)
+        return outputs
 
     def _check_addresses(self, bucket: int, captured: _PieceGraph, args: Sequence[Any]) -> None:
         moved = [self.arg_names[i] for i, address in captured.addresses if args[i].data_ptr() != address]

@@ -6,9 +6,7 @@ would hold 36 sets of logits side by side (on an H100: 88 MiB of pool for what o
 An alias that does not own its memory reads the same addresses while letting the allocator treat the
 memory as free once the capture is over: the next, smaller capture into the pool reuses it, and all buckets'
 outputs overlap. That is the contract runners already state: outputs are valid until the next replay of any
-graph in the pool (vLLM keeps only weak references to its piecewise graphs' outputs for the same reason).
-Only pool memory may be aliased this way: a tensor from the ordinary allocator (a breakable graph's eager
-step results) would be handed to anything once freed, so breakable graphs keep those strongly.
+graph in the pool (vLLM keeps only weak references to its last graph's outputs for the same reason).
 """
 
 from __future__ import annotations

@@ -7,13 +7,13 @@ import contextlib
 import io
 import json
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 import hal
+from support.installed_distribution import install_distribution, site  # noqa: F401 (site: fixture)
 from graphhal_cli.bench import compiled_setup, contenders
 from graphhal_cli.bench.results import CompiledSetup
 from graphhal_cli.main import main
@@ -55,24 +55,6 @@ def hal_replay(graph):
 def hal_synchronize(device):
     return None
 """
-
-
-def install_distribution(site: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
-    """An installed distribution as pip lays it out: its modules plus a .dist-info with entry_points.txt."""
-    info = site / f"{dist}-1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-    lines = "\n".join(f"{name} = {target}" for name, target in entry_points.items())
-    (info / "entry_points.txt").write_text(f"[{hal.ENTRY_POINT_GROUP}]\n{lines}\n")
-    for module, source in modules.items():
-        (site / f"{module}.py").write_text(textwrap.dedent(source))
-
-
-@pytest.fixture
-def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A directory on sys.path that importlib.metadata scans for distributions, like site-packages."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

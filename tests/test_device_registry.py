@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 import warnings
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 import hal
+from support.installed_distribution import install_distribution, site  # noqa: F401 (site: fixture)
 from runners import DecodeConfig, DecodeRunner, InputSlot
 
 # A third-party device plugin, as a vendor would ship it: its own module, its own device type ("replaydev"),
@@ -64,24 +64,6 @@ class ReplayDevGraph(RecordedGraph):
 
 REPLAYS = []
 '''
-
-
-def install_distribution(site: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
-    """Lay out an installed distribution the way pip does: a module plus a .dist-info with entry_points.txt."""
-    info = site / f"{dist}-1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-    lines = "\n".join(f"{name} = {target}" for name, target in entry_points.items())
-    (info / "entry_points.txt").write_text(f"[{hal.ENTRY_POINT_GROUP}]\n{lines}\n")
-    for module, source in modules.items():
-        (site / f"{module}.py").write_text(textwrap.dedent(source))
-
-
-@pytest.fixture
-def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A directory on sys.path that importlib.metadata scans for distributions, like site-packages."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path
 
 
 def test_builtin_devices_are_registered():

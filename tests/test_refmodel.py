@@ -28,6 +28,7 @@ from refmodel import (
     decode_input_slots,
     write_kv_cache,
 )
+from support.kv_cache_changes import cache_snapshot, changed_slots
 
 TINY = ModelConfig.tiny()
 
@@ -50,19 +51,6 @@ def pad_batch(batch: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tens
         tail = torch.full((rows - live.shape[0], *slot.row_shape), slot.fill, dtype=slot.dtype, device=live.device)
         padded[slot.name] = torch.cat([live, tail])
     return padded
-
-
-def cache_snapshot(cache: PagedKVCache) -> list[torch.Tensor]:
-    return [t.clone() for t in cache.key_caches + cache.value_caches]
-
-
-def changed_slots(cache: PagedKVCache, before: list[torch.Tensor]) -> set[int]:
-    """Flat slot indices whose K or V changed in any layer."""
-    changed = set()
-    for now, then in zip(cache.key_caches + cache.value_caches, before):
-        differs = (now != then).flatten(start_dim=2).any(dim=-1).flatten()
-        changed |= set(differs.nonzero().flatten().tolist())
-    return changed
 
 
 # --- configuration ---------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from refmodel import (
     prefill_token_slots,
 )
 from refmodel.prefill_attention_op import prefill_attention_break
+from support.kv_cache_changes import cache_snapshot, changed_slots
 
 TINY = ModelConfig.tiny()
 QUERY_LENS = (5, 1, 7)
@@ -67,19 +68,6 @@ def token_rows(batch: dict[str, torch.Tensor], rows: list[int], **request_slots:
     for name, values in request_slots.items():
         picked[name] = torch.tensor(values, dtype=torch.int32, device=index.device)
     return picked
-
-
-def cache_snapshot(cache: PagedKVCache) -> list[torch.Tensor]:
-    return [t.clone() for t in cache.key_caches + cache.value_caches]
-
-
-def changed_slots(cache: PagedKVCache, before: list[torch.Tensor]) -> set[int]:
-    """Flat slot indices whose K or V changed in any layer."""
-    changed = set()
-    for now, then in zip(cache.key_caches + cache.value_caches, before):
-        differs = (now != then).flatten(start_dim=2).any(dim=-1).flatten()
-        changed |= set(differs.nonzero().flatten().tolist())
-    return changed
 
 
 def close(dtype: torch.dtype, device: str = "cpu") -> dict[str, float]:

@@ -74,6 +74,7 @@ def _device_info(registry: hal.DeviceRegistry, device_type: str, plugin: str, or
     # Third-party plugin code: anything may come out of it, and each answer is worth having on its own.
     try:
         info.available = registry.is_available(device_type)
+        info.error = registry.unavailable_reason(device_type)
         if info.available:
             info.modes = list(registry.get_device(device_type).modes)
     except Exception as exc:

@@ -16,7 +16,7 @@ from hal.breakable_graph import BREAKABLE_MODE, BreakableGraph
 from hal.capture_state import ActiveCapture, tracked_session
 from hal.conventions import DeviceConventions
 from hal.device_id import DeviceId
-from hal.errors import GraphHalError, UnsupportedModeError
+from hal.errors import GraphHalError, PluginContractError, UnsupportedModeError
 from hal.piecewise_backend import PIECEWISE_MODE
 from hal.memory_stats import MemoryStats
 
@@ -31,16 +31,32 @@ class Device:
         self.id = device_id
         self.plugin_name = plugin_name
         self._hooks = dict(hooks)
-        self.torch_device: torch.device = hooks["hal_torch_device"](device_id)
-        self.graph_modes: tuple[str, ...] = tuple(hooks["hal_graph_modes"](device_id) or ())
-        self.needs_graph_update: bool = bool(hooks["hal_needs_graph_update"](device_id))
-        self.capture_executes_work: bool = bool(hooks["hal_capture_executes_work"](device_id))
+        # Every answer is checked once, here: a plugin that answers with the wrong type is named now, rather
+        # than surfacing later as a bare AttributeError deep inside a runner.
+        self.torch_device: torch.device = self._answer("hal_torch_device", torch.device, "a torch.device")
+        modes = self._answer("hal_graph_modes", (list, tuple), "a list of graph mode names") or ()
+        if not all(isinstance(mode, str) and mode for mode in modes):
+            raise PluginContractError(plugin_name, "hal_graph_modes", modes, "a list of graph mode names")
+        self.graph_modes: tuple[str, ...] = tuple(modes)
+        self.needs_graph_update: bool = bool(self._answer("hal_needs_graph_update", bool, "True or False"))
+        self.capture_executes_work: bool = bool(self._answer("hal_capture_executes_work", bool, "True or False"))
         self.capture_stream: Any = hooks["hal_capture_stream"](device_id)
-        self.captures_compiled_kernels: bool = bool(hooks["hal_captures_compiled_kernels"](device_id))
-        self.conventions: DeviceConventions = hooks["hal_conventions"](device_id) or DeviceConventions()
+        self.captures_compiled_kernels: bool = bool(
+            self._answer("hal_captures_compiled_kernels", bool, "True or False")
+        )
+        self.conventions: DeviceConventions = (
+            self._answer("hal_conventions", DeviceConventions, "a hal.DeviceConventions") or DeviceConventions()
+        )
         # Bound once so replay and update are plain attribute calls.
         self._replay = hooks["hal_replay"]
         self._update = hooks["hal_update"]
+
+    def _answer(self, hook: str, expected: type | tuple[type, ...], description: str) -> Any:
+        """The plugin's answer to a per-device hook: None or an instance of ``expected``."""
+        value = self._hooks[hook](self.id)
+        if value is not None and not isinstance(value, expected):
+            raise PluginContractError(self.plugin_name, hook, value, description)
+        return value
 
     # --- identity ---------------------------------------------------------------------------------------
 
@@ -142,4 +158,7 @@ class Device:
         self._hooks["hal_synchronize"](self.id)
 
     def memory_stats(self, pool: Any = None) -> MemoryStats:
-        return self._hooks["hal_memory_stats"](self.id, pool) or MemoryStats()
+        stats = self._hooks["hal_memory_stats"](self.id, pool)
+        if stats is not None and not isinstance(stats, MemoryStats):
+            raise PluginContractError(self.plugin_name, "hal_memory_stats", stats, "a hal.MemoryStats")
+        return stats or MemoryStats()

@@ -34,3 +34,15 @@ class CaptureError(GraphHalError, RuntimeError):
 
 class StaticAddressError(GraphHalError, RuntimeError):
     """A tensor a graph reads moved after capture, so replaying would read stale memory."""
+
+
+class PluginContractError(GraphHalError, TypeError):
+    """A device plugin's hook answered with a value of the wrong type."""
+
+    def __init__(self, plugin: str, hook: str, value: object, expected: str) -> None:
+        super().__init__(
+            f"device plugin {plugin!r}: {hook} returned {value!r} ({type(value).__name__}); expected {expected}. "
+            "The plugin breaks graphhal's device contract (hal.hookspecs); fix or uninstall it."
+        )
+        self.plugin = plugin
+        self.hook = hook

@@ -64,17 +64,33 @@ class DeviceRegistry:
         self._devices: dict[DeviceId, Device] = {}
         self._lock = threading.Lock()
 
+        self._unavailable_reasons: dict[DeviceId, str] = {}  # what hal_is_available raised, per device
+
         for module_name in builtin_plugins:
             self._load(module_name, "built-in", lambda m=module_name: importlib.import_module(m))
         if load_entry_points:
-            for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-                dist = entry_point.dist.name if entry_point.dist else "unknown distribution"
-                origin = f"entry point {entry_point.name} = {entry_point.value} ({dist})"
-                self._load(entry_point.name, origin, entry_point.load)
+            self._load_entry_points()
         # Every plugin was checked alone in _load; this catches nothing new but keeps pluggy's guarantee.
         self._pm.check_pending()
 
     # --- loading ----------------------------------------------------------------------------------------
+
+    def _load_entry_points(self) -> None:
+        published: dict[str, str] = {}  # entry-point name -> origin of the one loaded
+        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = entry_point.dist.name if entry_point.dist else "unknown distribution"
+            origin = f"entry point {entry_point.name} = {entry_point.value} ({dist})"
+            first = published.setdefault(entry_point.name, origin)
+            if first != origin:
+                # Plugins are named by their entry point: two under one name cannot both be loaded.
+                warnings.warn(
+                    f"graphhal device plugin name {entry_point.name!r} is published twice: {first} is loaded, "
+                    f"{origin} is left out; rename one of the entry points",
+                    PluginLoadWarning,
+                    stacklevel=3,
+                )
+                continue
+            self._load(entry_point.name, origin, entry_point.load)
 
     def register(self, plugin: Any, name: str, origin: str = "registered in code") -> None:
         """Register an already imported plugin object (a module or an instance with hookimpls)."""
@@ -89,7 +105,9 @@ class DeviceRegistry:
             if inspect.isclass(plugin):  # an entry point may name a class; a plugin is an instance
                 plugin = plugin()
             self._pm.register(plugin, name=name)
-        except Exception as exc:  # any failure of third-party code must leave the rest working
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # any failure of third-party code (sys.exit too) must leave the rest working
             self._mark_broken(name, origin, f"{type(exc).__name__}: {exc}")
             return
         try:
@@ -98,14 +116,31 @@ class DeviceRegistry:
             if missing:
                 raise TypeError(f"does not implement required hook(s) {', '.join(missing)}")
             device_types = self._impl(name, "hal_device_types")()  # type: ignore[misc]
-            if not device_types or not all(isinstance(t, str) and t for t in device_types):
-                raise TypeError(f"hal_device_types returned {device_types!r}; expected a list of type names")
+            if not _is_name_list(device_types):
+                raise TypeError(
+                    f"hal_device_types returned {device_types!r}; expected a non-empty list of device type names"
+                )
+            for device_type in device_types:
+                self._check_declared_modes(name, device_type)
             self._claim(name, origin, list(device_types))
-        except Exception as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
             self._pm.unregister(name=name)
             self._mark_broken(name, origin, f"{type(exc).__name__}: {exc}")
             return
         self._origin_by_plugin[name] = origin
+
+    def _check_declared_modes(self, name: str, device_type: str) -> None:
+        """A plugin whose hal_graph_modes answers with something other than mode names is left out now, not
+        when a runner first asks (a string "full" would read as the modes f, u, l, l). A plugin that cannot
+        answer for an absent device may raise: that is reported where modes are asked for."""
+        try:
+            modes = self._impl(name, "hal_graph_modes")(DeviceId(device_type, None))  # type: ignore[misc]
+        except Exception:
+            return
+        if modes is not None and not (_is_name_list(modes) or modes in ((), [])):
+            raise TypeError(f"hal_graph_modes({device_type!r}) returned {modes!r}; expected a list of mode names")
 
     def _claim(self, name: str, origin: str, device_types: list[str]) -> None:
         for device_type in device_types:
@@ -147,12 +182,28 @@ class DeviceRegistry:
         """Device type -> name of the plugin that serves it."""
         return dict(self._owner_by_type)
 
+    def origin_of(self, plugin_name: str) -> str | None:
+        """Where a loaded plugin came from: "built-in", its entry point, or "registered in code"."""
+        return self._origin_by_plugin.get(plugin_name)
+
     def is_available(self, name: str | DeviceId) -> bool:
+        """Whether the device can be used here. A plugin that raises while answering counts as unavailable,
+        with its error kept for ``unavailable_reason``."""
         device_id = DeviceId.parse(name)
         owner = self._owner_by_type.get(device_id.type)
         if owner is None:
             return False
-        return bool(self._impl(owner, "hal_is_available")(device_id))  # type: ignore[misc]
+        try:
+            available = self._impl(owner, "hal_is_available")(device_id)  # type: ignore[misc]
+        except Exception as exc:
+            self._unavailable_reasons[device_id] = f"plugin {owner!r} raised in hal_is_available: {type(exc).__name__}: {exc}"
+            return False
+        self._unavailable_reasons.pop(device_id, None)
+        return bool(available)
+
+    def unavailable_reason(self, name: str | DeviceId) -> str | None:
+        """Why ``is_available`` last said no because the plugin failed to answer (None: it answered)."""
+        return self._unavailable_reasons.get(DeviceId.parse(name))
 
     def graph_modes_of(self, device_type: str) -> tuple[str, ...]:
         """The graph modes the plugin serving ``device_type`` declares, whether or not the device is present."""
@@ -179,10 +230,12 @@ class DeviceRegistry:
         owner = self._owner_by_type.get(device_id.type)
         if owner is None:
             raise UnknownDeviceError(self._describe_unknown(device_id))
-        if not self._impl(owner, "hal_is_available")(device_id):  # type: ignore[misc]
+        if not self.is_available(device_id):
+            reason = self.unavailable_reason(device_id)
             raise DeviceUnavailableError(
-                f"device {device_id} is served by plugin {owner!r} but is not available on this machine; "
-                f"available here: {', '.join(self.available_device_types()) or 'none'}"
+                f"device {device_id} is served by plugin {owner!r} but is not available on this machine"
+                + (f" ({reason})" if reason else "")
+                + f"; available here: {', '.join(self.available_device_types()) or 'none'}"
             )
         hooks = {
             hook: self._impl(owner, hook) or OPTIONAL_HOOK_DEFAULTS[hook]
@@ -198,6 +251,11 @@ class DeviceRegistry:
             broken = "; ".join(f"{b.name} ({b.origin}): {b.reason}" for b in self.broken.values())
             message += f"; plugins that failed to load: {broken}"
         return message
+
+
+def _is_name_list(value: Any) -> bool:
+    """A non-empty list (or tuple) of non-empty strings; a bare string is not one."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, str) and v for v in value)
 
 
 def _call_with_spec_arguments(function: Callable[..., Any], impl_args: list[str], spec_args: list[str]):

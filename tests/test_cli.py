@@ -124,7 +124,7 @@ def test_info_reports_a_plugin_that_raises_when_probed_and_lists_the_rest(site: 
     assert code == 0
     devices = {device["type"]: device for device in json.loads(out)["devices"]}
     assert devices["flakydev"]["available"] is False
-    assert devices["flakydev"]["error"] == "RuntimeError: driver version mismatch"
+    assert devices["flakydev"]["error"] == "plugin 'flakydev' raised in hal_is_available: RuntimeError: driver version mismatch"
     assert devices["flakydev"]["origin"] == "entry point flakydev = flakydev_impl (flaky_plugin)"
     assert devices["cpu"]["available"]
 

@@ -213,3 +213,86 @@ def test_no_warning_when_every_plugin_loads():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         hal.DeviceRegistry()
+
+
+# --- plugins that break the contract in other ways: each is left out or named, never fatal ------------------
+
+
+def _plugin_variant(device_type: str, replacements: dict[str, str]) -> str:
+    """THIRD_PARTY_PLUGIN serving ``device_type``, with some hook bodies' return lines replaced."""
+    source = THIRD_PARTY_PLUGIN.replace("replaydev", device_type)
+    for old, new in replacements.items():
+        assert old in source, old
+        source = source.replace(old, new)
+    return source
+
+
+def test_a_plugin_calling_sys_exit_at_import_is_isolated_like_any_failure(site: Path, capsys):
+    from graphhal_cli.main import main
+
+    install_distribution(site, "exit_plugin", {"exitdev": "exitdev_impl"}, {"exitdev_impl": "import sys\nsys.exit(3)\n"})
+    with pytest.warns(hal.PluginLoadWarning, match=r"'exitdev'.*SystemExit: 3"):
+        registry = hal.DeviceRegistry()
+    assert "exitdev" in registry.broken and "cpu" in registry.available_device_types()
+    assert main(["info"]) == 0  # graphhal info survives it too, and lists it
+    assert "exitdev" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("replacements", "message"),
+    [
+        ({'return ["strdev"]': 'return "abc"'}, r"hal_device_types returned 'abc'; expected a non-empty list"),
+        ({'return ("full",) if': 'return "full" if'}, r"hal_graph_modes\('strdev'\) returned 'full'; expected a list"),
+    ],
+)
+def test_a_hook_answering_a_string_for_a_list_leaves_the_plugin_out(site: Path, replacements, message):
+    source = _plugin_variant("strdev", replacements)
+    module = f"strdev_impl_{abs(hash(message))}"  # one module per case: an imported module stays in sys.modules
+    install_distribution(site, "str_plugin", {"strdev": module}, {module: source})
+    with pytest.warns(hal.PluginLoadWarning, match=message):
+        registry = hal.DeviceRegistry()
+    assert "strdev" in registry.broken
+    assert not {"a", "b", "c", "strdev"} & set(registry.device_types())
+
+
+def test_is_available_that_raises_counts_as_unavailable_with_the_reason(site: Path):
+    source = _plugin_variant("flakydev", {'return True if device.type == "flakydev" else None': 'raise OSError("no driver")'})
+    install_distribution(site, "flaky_plugin", {"flakydev": "flakydev_raising"}, {"flakydev_raising": source})
+    registry = hal.DeviceRegistry()
+    assert registry.available_device_types() == [t for t in registry.available_device_types() if t != "flakydev"]
+    assert not registry.is_available("flakydev")
+    assert registry.unavailable_reason("flakydev") == "plugin 'flakydev' raised in hal_is_available: OSError: no driver"
+    with pytest.raises(hal.DeviceUnavailableError, match=r"flakydev.*not available.*OSError: no driver"):
+        registry.get_device("flakydev")
+
+
+def test_two_distributions_publishing_one_entry_point_name_are_both_named(site: Path):
+    install_distribution(site, "first_dist", {"samename": "first_impl"}, {"first_impl": THIRD_PARTY_PLUGIN})
+    install_distribution(site, "second_dist", {"samename": "second_impl"}, {"second_impl": THIRD_PARTY_PLUGIN})
+    with pytest.warns(hal.PluginLoadWarning, match=r"'samename' is published twice: .*_dist\).*is loaded, .*_dist\) is left out"):
+        registry = hal.DeviceRegistry()
+    assert registry.device_types()["replaydev"] == "samename"
+
+
+@pytest.mark.parametrize(
+    ("replacements", "hook", "expected"),
+    [
+        ({"@hal.hookimpl\ndef hal_synchronize": "@hal.hookimpl\ndef hal_conventions(device):\n    return {'seq_len_fill': 1}\n\n@hal.hookimpl\ndef hal_synchronize"}, "hal_conventions", "a hal.DeviceConventions"),
+        ({'return torch.device("cpu") if': 'return "cpu" if'}, "hal_torch_device", "a torch.device"),
+    ],
+)
+def test_a_per_device_hook_answering_the_wrong_type_is_named_when_the_device_is_made(site: Path, replacements, hook, expected):
+    source = _plugin_variant("typedev", replacements)
+    module = f"typedev_impl_{hook}"  # one module per case: an imported module stays in sys.modules
+    install_distribution(site, "type_plugin", {"typedev": module}, {module: source})
+    registry = hal.DeviceRegistry()
+    with pytest.raises(hal.PluginContractError, match=rf"plugin 'typedev': {hook} returned .*expected {expected}"):
+        registry.get_device("typedev")
+
+
+def test_memory_stats_of_the_wrong_type_is_named_when_asked(site: Path):
+    source = _plugin_variant("statsdev", {"@hal.hookimpl\ndef hal_synchronize": "@hal.hookimpl\ndef hal_memory_stats(device, pool):\n    return {'pool_bytes': 1}\n\n@hal.hookimpl\ndef hal_synchronize"})
+    install_distribution(site, "stats_plugin", {"statsdev": "statsdev_impl"}, {"statsdev_impl": source})
+    device = hal.DeviceRegistry().get_device("statsdev")
+    with pytest.raises(hal.PluginContractError, match=r"'statsdev': hal_memory_stats returned \{'pool_bytes': 1\}.*expected a hal.MemoryStats"):
+        device.memory_stats()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 
 from hal.break_points import BreakPoint
+from hal.compiled_forward import RecompileError
 from hal.errors import GraphHalError
 from hal.piecewise_piece import PieceCaptures, PiecewisePiece, ShapeKey
 from hal.piecewise_split import split_at_ops
@@ -65,9 +66,9 @@ class PiecewiseBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
         self.compile_count += 1
         if self.compile_count > 1:
-            raise GraphHalError(
+            raise RecompileError(
                 "torch.compile is compiling the piecewise forward a second time: a guard of the first compile "
-                "failed (grad mode differs from the first call, an input changed dtype or rank, a module "
+                "failed (grad or inference mode differs from the first call, an input changed dtype or rank, a module "
                 "attribute changed...). One compile must serve every bucket; run with TORCH_LOGS=recompiles "
                 "to see which guard failed."
             )

@@ -143,7 +143,7 @@ def test_an_input_at_a_new_address_on_a_buckets_first_replay_is_refused(graph_de
         captured_with = make_inputs(4, device.torch_device, seed=0)
         compiled(**captured_with)  # capture
         moved = make_inputs(4, device.torch_device, seed=1)  # same shapes, new tensors: new addresses
-        with pytest.raises(hal.StaticAddressError, match=r"piece 0 .*bucket 4.*l_x_.*splitting op must write"):
+        with pytest.raises(hal.StaticAddressError, match=r"piece 0 .*bucket 4.*l_inputs_x_.*splitting op must write"):
             compiled(**moved)
 
 

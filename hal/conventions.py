@@ -18,8 +18,11 @@ class SlotRole:
 
     CACHE_LOCATIONS = "cache_locations"  # the KV-cache slot each token writes (slot mapping)
     SEQ_LENS = "seq_lens"  # per-request lengths attention reads; on devices that bake host values, updated per run
+    # Per-request new-token counts of a packed (prefill) batch. Passed on the host: the runner checks before
+    # every replay that they fit the batch's token rows, which a graph padded to its bucket cannot see.
+    QUERY_LENS = "query_lens"
 
-    ALL = (CACHE_LOCATIONS, SEQ_LENS)
+    ALL = (CACHE_LOCATIONS, SEQ_LENS, QUERY_LENS)
 
 
 @dataclass(frozen=True)

@@ -37,15 +37,16 @@ def prefill_request_slots(config: ModelConfig, max_blocks_per_seq: int | None = 
     ``seq_len`` 0 and null-block table say the same to anything else reading them. ``max_blocks_per_seq``
     defaults to enough blocks for ``config.max_seq_len`` tokens and must match the block tables' width.
 
-    ``seq_lens`` declares the SEQ_LENS role (a device may choose its dtype and fill). ``query_lens`` does not:
-    a role names one input per step, and prefill attention runs eagerly, so no captured graph bakes either in.
+    ``seq_lens`` declares the SEQ_LENS role (a device may choose its dtype and fill). ``query_lens`` declares
+    QUERY_LENS: it is passed on the host, and a runner refuses counts that add up to more tokens than the
+    batch holds, as eager attention does (a graph padded to its bucket would not notice).
     """
     if max_blocks_per_seq is None:
         max_blocks_per_seq = config.max_blocks_per_seq
     if max_blocks_per_seq <= 0:
         raise ValueError(f"max_blocks_per_seq must be positive, got {max_blocks_per_seq}")
     return [
-        InputSlot("query_lens", torch.int32, fill=0),
+        InputSlot("query_lens", torch.int32, fill=0, role=SlotRole.QUERY_LENS),
         InputSlot("seq_lens", torch.int32, fill=0, role=SlotRole.SEQ_LENS),
         InputSlot("block_tables", torch.int32, row_shape=(max_blocks_per_seq,), fill=NULL_BLOCK),
     ]

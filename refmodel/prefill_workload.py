@@ -119,11 +119,15 @@ class PrefillWorkload:
         return self._typed(batch, self.token_slots())
 
     def request_batch(self, requests: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-        """``query_lens``, ``seq_lens``, ``block_tables`` of the chosen requests, one row each, in order."""
+        """``query_lens``, ``seq_lens``, ``block_tables`` of the chosen requests, one row each, in order.
+
+        ``query_lens`` stays on the host, as a server's scheduler has it: a runner checks it against the
+        batch's token count there (``hal.SlotRole.QUERY_LENS``) and copies it to the device itself.
+        """
         requests = self._requests(requests)
         device = self.kv_cache.device
         batch = {
-            "query_lens": torch.tensor([self.query_lens[i] for i in requests], dtype=torch.int32, device=device),
+            "query_lens": torch.tensor([self.query_lens[i] for i in requests], dtype=torch.int32),
             "seq_lens": torch.tensor(
                 [self.context_lens[i] + self.query_lens[i] for i in requests], dtype=torch.int32, device=device
             ),

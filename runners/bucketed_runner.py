@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 import hal
+from runners.address_watch import AddressWatch
 from runners.bucket_capture import CapturedBucket, bucket_capture
 from runners.buckets import BucketPolicy
 from runners.capture_report import CaptureReport
@@ -28,19 +29,23 @@ from runners.graph_outputs import GraphOutputs
 from runners.input_slots import InputSlot
 from runners.progress import progress
 from runners.static_inputs import StaticInputs
+from runners.thread_owner import ThreadOwner, owner_of_pool
 
 logger = logging.getLogger(__name__)
+
+
+class RunnerStateError(hal.GraphHalError, RuntimeError):
+    """A runner was used out of order: run before capture, or capture twice."""
 
 
 @dataclass
 class _Bucket:
     captured: CapturedBucket
     outputs: GraphOutputs  # the outputs as captured
-    addresses: dict[str, int]  # data_ptr of every tensor the graph reads by address, at capture
     # Whether every replay hands back the captured output tensors. True for one device graph; a piecewise
     # forward returns what its last piece returns, checked on the first replay.
     outputs_static: bool
-    addresses_checked: bool = False
+    addresses_checked: bool = False  # with check_addresses "first_replay": whether this bucket was checked
 
     @property
     def graph(self) -> Any:
@@ -62,7 +67,7 @@ class BucketedRunner:
         fixed_slots: Sequence[InputSlot] = (),
         fixed_rows: int = 0,
         pool: Any = None,
-        watched_tensors: Mapping[str, torch.Tensor] | None = None,
+        watched_tensors: Mapping[str, Any] | None = None,
     ) -> None:
         self.forward = forward
         self.config = config
@@ -80,6 +85,10 @@ class BucketedRunner:
         )
         self.pool = pool
         self.watched_tensors = dict(watched_tensors or {})
+        self._address_watch = self._watch(self.watched_tensors)
+        self._check_every_replay = config.check_addresses == "every_replay"
+        self._thread_owner: ThreadOwner | None = None  # bound on the first run, shared by the pool's runners
+        self._inference_mode = False  # the inference mode capture ran in (see capture)
         self._capture = bucket_capture(forward, self.device, config, [slot.name for slot in self.slots])
         self._graphs: dict[int, _Bucket] = {}
         self.report: CaptureReport | None = None
@@ -90,6 +99,20 @@ class BucketedRunner:
             if self.device.needs_graph_update
             else []
         )
+        # Per-request token counts of a packed batch: checked on the host against the batch's token rows
+        # before every replay, because a padded graph cannot tell (its bucket has room for the extra tokens).
+        self._query_len_slots = [s for s in (*self.slots, *self.fixed_slots) if s.role == hal.SlotRole.QUERY_LENS]
+
+    def _watch(self, watched_tensors: Mapping[str, Any]) -> AddressWatch:
+        watch = AddressWatch()
+        watch.add_entries("input slot", self.static_inputs.buffers, list(self.static_inputs.buffers))
+        if self.fixed_inputs is not None:
+            watch.add_entries("input slot", self.fixed_inputs.buffers, list(self.fixed_inputs.buffers))
+        for name, source in watched_tensors.items():
+            if not isinstance(name, str):
+                raise TypeError(f"watched_tensors keys must be names (str), got {name!r}")
+            watch.add_source(name, source)
+        return watch
 
     # --- capture ----------------------------------------------------------------------------------------
 
@@ -108,7 +131,7 @@ class BucketedRunner:
         this call made: the runner is left uncaptured and the device usable, so ``capture()`` can be retried.
         """
         if self.captured:
-            raise RuntimeError("this runner has already captured its graphs; make a new runner to capture again")
+            raise RunnerStateError("this runner has already captured its graphs; make a new runner to capture again")
         mode, device, phase = self.config.mode, self.device, self.phase
         if not self.captures_graphs:
             self.report = CaptureReport(phase, mode, str(device), (), 0.0, 0)
@@ -119,7 +142,12 @@ class BucketedRunner:
             self.pool = device.graph_pool()
         started = time.perf_counter()
         order = self.buckets.capture_order()
+        # Replays run in the inference mode the graphs were captured in, whatever mode the server runs them
+        # in: Dynamo guards compiled code on it (a piecewise forward would compile again), and tensors made
+        # during an inference-mode capture cannot be written outside inference mode (breakable eager steps).
+        self._inference_mode = torch.is_inference_mode_enabled()
         try:
+            self._address_watch.snapshot()
             self._capture.prepare(self.pool)
             with frozen_gc(), torch.no_grad():
                 for bucket in progress(order, f"graphhal: capturing {phase} graphs", self.config.show_progress):
@@ -158,7 +186,7 @@ class BucketedRunner:
         except Exception as exc:
             what = f"capturing the {self.phase} graph for bucket {bucket} (mode {self.config.mode}) on {self.device} failed"
             raise self._capture_error(what, bucket, exc) from exc
-        return _Bucket(captured, outputs, self._addresses(), outputs_static=captured.graph is not None)
+        return _Bucket(captured, outputs, outputs_static=captured.graph is not None)
 
     def _views(self, bucket: int) -> dict[str, torch.Tensor]:
         views = self.static_inputs.views(bucket)
@@ -171,34 +199,61 @@ class BucketedRunner:
             f"{what}: {type(cause).__name__}: {cause}", bucket=bucket, mode=self.config.mode, device=str(self.device)
         )
 
-    def _addresses(self) -> dict[str, int]:
-        addresses = {f"input slot {name!r}": t.data_ptr() for name, t in self.static_inputs.buffers.items()}
-        if self.fixed_inputs is not None:
-            addresses.update({f"input slot {name!r}": t.data_ptr() for name, t in self.fixed_inputs.buffers.items()})
-        addresses.update({f"watched tensor {name!r}": t.data_ptr() for name, t in self.watched_tensors.items()})
-        return addresses
-
     # --- run --------------------------------------------------------------------------------------------
 
     def _check(self, batch: Mapping[str, torch.Tensor]) -> tuple[int, int]:
         """Validate a live batch; return its bucketed rows and fixed rows (0 without fixed slots)."""
-        if self.fixed_inputs is None:
-            return self.static_inputs.check(batch), 0
-        names = set(batch)
-        fixed_names = {slot.name for slot in self.fixed_slots}
-        row_names = {slot.name for slot in self.slots}
-        unexpected = sorted(names - fixed_names - row_names)
-        missing = sorted((fixed_names | row_names) - names)
-        if unexpected or missing:
-            raise ValueError(
-                "batch does not match the runner's input slots"
-                + (f"; missing: {', '.join(missing)}" if missing else "")
-                + (f"; unexpected: {', '.join(unexpected)}" if unexpected else "")
-                + f"; expected exactly: {', '.join(sorted(fixed_names | row_names))}"
+        if not isinstance(batch, Mapping):
+            raise TypeError(
+                f"run() takes a mapping of slot name to tensor (e.g. {{'input_ids': tensor, ...}}), got "
+                f"{type(batch).__name__}; this runner's slots: {', '.join(self._slot_names())}"
             )
-        rows = self.static_inputs.check({name: batch[name] for name in row_names})
-        fixed_rows = self.fixed_inputs.check({name: batch[name] for name in fixed_names})
+        if self.fixed_inputs is None:
+            rows, fixed_rows = self.static_inputs.check(batch), 0
+        else:
+            names = set(batch)
+            fixed_names = {slot.name for slot in self.fixed_slots}
+            row_names = {slot.name for slot in self.slots}
+            unexpected = sorted(map(str, names - fixed_names - row_names))
+            missing = sorted((fixed_names | row_names) - names)
+            if unexpected or missing:
+                raise ValueError(
+                    "batch does not match the runner's input slots"
+                    + (f"; missing: {', '.join(missing)}" if missing else "")
+                    + (f"; unexpected: {', '.join(unexpected)}" if unexpected else "")
+                    + f"; expected exactly: {', '.join(self._slot_names())}"
+                )
+            rows = self.static_inputs.check({name: batch[name] for name in row_names})
+            fixed_rows = self.fixed_inputs.check({name: batch[name] for name in fixed_names})
+        for slot in self._query_len_slots:
+            self._check_query_lens(slot, batch[slot.name], rows)
         return rows, fixed_rows
+
+    def _slot_names(self) -> list[str]:
+        return sorted(slot.name for slot in (*self.slots, *self.fixed_slots))
+
+    def _check_query_lens(self, slot: InputSlot, query_lens: torch.Tensor, rows: int) -> None:
+        """Refuse per-request token counts that do not fit the batch's token rows, as eager attention does.
+
+        Checked on host values: a padded graph has room for more tokens than the batch holds, so the device
+        would never complain, and reading a device tensor here would cost a sync on every step. A server has
+        these counts on the host anyway (it scheduled them); it passes them as a CPU tensor.
+        """
+        if query_lens.device.type != "cpu":
+            raise ValueError(
+                f"input slot {slot.name!r} (role {slot.role}) must be passed as a host (CPU) tensor: the runner "
+                f"checks that its counts fit the batch's {rows} token rows before replaying, and reading it from "
+                f"{query_lens.device} would cost a device sync per step. The runner copies it to the device itself."
+            )
+        counts = query_lens.tolist()
+        if any(count < 0 for count in counts):
+            raise ValueError(f"input slot {slot.name!r} has a negative token count: {counts}")
+        total = sum(counts)
+        if total > rows:
+            raise ValueError(
+                f"input slot {slot.name!r} adds up to {total} tokens but the batch has only {rows} token rows; "
+                "each request's new tokens must be packed into the token slots"
+            )
 
     def _fits(self, rows: int, fixed_rows: int) -> bool:
         fixed_fits = self.fixed_inputs is None or fixed_rows <= self.fixed_inputs.capacity
@@ -206,40 +261,64 @@ class BucketedRunner:
 
     def can_run(self, batch: Mapping[str, torch.Tensor] | int) -> bool:
         """Whether a live batch (or a row count) runs on captured graphs rather than eagerly."""
-        rows, fixed_rows = (batch, 0) if isinstance(batch, int) else self._check(batch)
+        rows, fixed_rows = (batch, 0) if isinstance(batch, int) and not isinstance(batch, bool) else self._check(batch)
         return self.captures_graphs and self.captured and self._fits(rows, fixed_rows)
+
+    def claim_current_thread(self) -> None:
+        """Make the calling thread the one that runs this runner and every runner sharing its pool.
+
+        Only one thread may run them (see ``runners.thread_owner``); the first ``run`` claims them. Call this
+        when a server moves its model loop to another thread; the thread that ran them before must stop.
+        """
+        self._owner().claim()
+
+    def _owner(self) -> ThreadOwner:
+        if self._thread_owner is None:
+            self._thread_owner = owner_of_pool(self.pool)
+        return self._thread_owner
 
     def run(self, batch: Mapping[str, torch.Tensor]) -> Any:
         """Run the forward for a live batch: replay its bucket's graphs, or run eagerly.
 
         Graph outputs are views into the graph pool, valid until the next ``run`` of this runner (or of any
         runner sharing its pool). A batch over the phase maximum runs eagerly, or raises when eager fallback
-        is off.
+        is off. Only one thread runs a runner (``claim_current_thread``). Any slot may be passed as a host
+        (CPU) tensor: the runner copies it into its device buffer.
         """
+        (self._thread_owner or self._owner()).check(f"this {self.phase} runner")
         rows, fixed_rows = self._check(batch)
-        if not self.captures_graphs:
-            return self._run_eager(batch)
-        if not self.captured:
-            raise RuntimeError("call capture() before run() (or use mode 'disabled' to run eagerly)")
         if not self._fits(rows, fixed_rows):
             if not self.config.eager_fallback:
                 raise ValueError(f"{self._describe_misfit(rows, fixed_rows)} and eager fallback is off; split the batch")
             return self._run_eager(batch)
+        if not self.captures_graphs:
+            return self._run_eager(batch)
+        if not self.captured:
+            raise RunnerStateError("call capture() before run() (or use mode 'disabled' to run eagerly)")
         bucket = self.buckets.bucket_for(rows)
         captured = self._graphs[bucket]
-        self.static_inputs.load(batch, rows, bucket)
-        if self.fixed_inputs is not None:
-            self.fixed_inputs.load(batch, fixed_rows, self.fixed_inputs.capacity)
-        if not captured.addresses_checked:
-            self._check_addresses(bucket, captured)
-        if self._updated_slots and captured.graph is not None:
-            self._update_graph(captured.graph, batch, rows, bucket, fixed_rows)
-        outputs = captured.captured.run()
+        if self._check_every_replay or not captured.addresses_checked:
+            self._address_watch.check(f"the {self.phase} graph for bucket {bucket}")
+            captured.addresses_checked = True
+        if torch.is_inference_mode_enabled() == self._inference_mode:
+            outputs = self._replay(captured, batch, rows, bucket, fixed_rows)
+        else:
+            with torch.inference_mode(self._inference_mode):
+                outputs = self._replay(captured, batch, rows, bucket, fixed_rows)
         if captured.outputs_static:  # a graph: it wrote into the outputs captured
             return captured.outputs.live_rows(rows)
         replayed = GraphOutputs(outputs, bucket)
         captured.outputs_static = replayed.same_tensors(captured.outputs)
         return replayed.live_rows(rows)
+
+    def _replay(self, captured: _Bucket, batch: Mapping[str, torch.Tensor], rows: int, bucket: int, fixed_rows: int) -> Any:
+        with torch.no_grad():  # an input that requires grad was refused by _check; nothing here is recorded
+            self.static_inputs.load(batch, rows, bucket)
+            if self.fixed_inputs is not None:
+                self.fixed_inputs.load(batch, fixed_rows, self.fixed_inputs.capacity)
+        if self._updated_slots and captured.graph is not None:
+            self._update_graph(captured.graph, batch, rows, bucket, fixed_rows)
+        return captured.captured.run()
 
     def _describe_misfit(self, rows: int, fixed_rows: int) -> str:
         if not self.buckets.fits(rows):
@@ -249,7 +328,8 @@ class BucketedRunner:
 
     def _update_graph(self, graph: Any, batch: Mapping[str, torch.Tensor], rows: int, bucket: int, fixed_rows: int) -> None:
         # A fresh host list per run: the device may apply it asynchronously, so the runner must never hand
-        # over a buffer it will mutate for the next step while this one may still be read.
+        # over a buffer it will mutate for the next step while this one may still be read. (A host tensor
+        # in the batch costs no device sync here; a device tensor costs one.)
         params = {}
         for slot in self._updated_slots:
             is_fixed = self.fixed_inputs is not None and slot in self.fixed_slots
@@ -258,14 +338,8 @@ class BucketedRunner:
         self.device.update(graph, params)
 
     def _run_eager(self, batch: Mapping[str, torch.Tensor]) -> Any:
+        device = self.device.torch_device
+        # The forward sees every slot on the device, as it does in a graph, whatever the server passed.
+        inputs = {name: value if value.device == device else value.to(device) for name, value in batch.items()}
         with torch.no_grad():
-            return self.forward(**batch)
-
-    def _check_addresses(self, bucket: int, captured: _Bucket) -> None:
-        moved = [name for name, address in self._addresses().items() if captured.addresses.get(name) != address]
-        if moved:
-            raise hal.StaticAddressError(
-                f"{', '.join(moved)} moved since the {self.phase} graph for bucket {bucket} was captured; the graph "
-                "would read the old memory. Keep these tensors in place (copy_ into them) or capture again."
-            )
-        captured.addresses_checked = True
+            return self.forward(**inputs)

@@ -50,6 +50,9 @@ class PhaseConfig:
     warmup_runs:     eager runs per bucket before its capture (lazy init, autotuning and allocator warm-up
                      must not happen inside a capture).
     show_progress:   a progress bar over the buckets while capturing.
+    check_addresses: ``every_replay`` (default): before every replay, check that the static inputs and the
+                     watched tensors are where the graphs were captured with (a few microseconds per step,
+                     measured in README); ``first_replay``: only on each bucket's first replay.
     breakable_debug: in mode ``breakable``, capture the whole forward as one eager step through the same
                      capture and replay path: if results go right this way and wrong with real segments, the
                      bug is in the graph, not the model. Also switched on by GRAPHHAL_BREAKABLE_DEBUG=1.
@@ -65,8 +68,10 @@ class PhaseConfig:
     warmup_runs: int = 1
     show_progress: bool = True
     breakable_debug: bool = False
+    check_addresses: str = "every_replay"
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.mode not in known_modes():
             raise ValueError(
                 f"{self.phase}: unknown graph mode {self.mode!r}; known modes: {', '.join(known_modes())}"
@@ -75,10 +80,37 @@ class PhaseConfig:
         self._resolve_buckets()
         if os.environ.get(BREAKABLE_DEBUG_ENV, "") not in ("", "0"):
             self.breakable_debug = True
-        if not isinstance(self.warmup_runs, int) or self.warmup_runs < 1:
+        if self.warmup_runs < 1:
             raise ValueError(
                 f"{self.phase}: warmup_runs must be at least 1 (capture needs a warmed-up forward), got {self.warmup_runs!r}"
             )
+        if self.check_addresses not in ADDRESS_CHECKS:
+            raise ValueError(
+                f"{self.phase}: check_addresses must be one of {', '.join(ADDRESS_CHECKS)}, got {self.check_addresses!r}"
+            )
+
+    def _check_types(self) -> None:
+        """ValueError naming the field whose value has the wrong type: a config read from JSON or flags must
+        not turn ``"off"`` into True or ``true`` into 1."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = _FIELD_TYPES.get(f.name)
+            if expected is None or (value is None and f.name in _OPTIONAL_FIELDS):
+                continue
+            if expected is bool:
+                if not isinstance(value, bool):
+                    raise ValueError(f"{self.phase}: {f.name} must be true or false, got {value!r} ({type(value).__name__})")
+            elif expected is int:
+                if not isinstance(value, int) or isinstance(value, bool):
+                    raise ValueError(f"{self.phase}: {f.name} must be an integer, got {value!r} ({type(value).__name__})")
+            elif expected is str:
+                if not isinstance(value, str):
+                    raise ValueError(f"{self.phase}: {f.name} must be a string, got {value!r} ({type(value).__name__})")
+            elif expected is list:
+                if not isinstance(value, (list, tuple)) or not all(
+                    isinstance(b, int) and not isinstance(b, bool) for b in value
+                ):
+                    raise ValueError(f"{self.phase}: {f.name} must be a list of integers, got {value!r}")
 
     @property
     def max_size(self) -> int:
@@ -193,6 +225,25 @@ class PrefillConfig(PhaseConfig):
 
     def default_buckets(self, maximum: int) -> list[int]:
         return default_prefill_buckets(maximum)
+
+
+ADDRESS_CHECKS = ("every_replay", "first_replay")
+
+# The type every field must have (None allowed for the optional ones): checked before anything else.
+_FIELD_TYPES: dict[str, type] = {
+    "mode": str,
+    "buckets": list,
+    "compiler": str,
+    "eager_fallback": bool,
+    "warmup_runs": int,
+    "show_progress": bool,
+    "breakable_debug": bool,
+    "check_addresses": str,
+    "max_bs": int,
+    "max_tokens": int,
+    "max_requests": int,
+}
+_OPTIONAL_FIELDS = frozenset({"buckets", "compiler", "max_bs", "max_tokens"})
 
 
 def known_modes() -> tuple[str, ...]:

@@ -45,6 +45,13 @@ class InputSlot:
             raise ValueError(f"input slot {self.name!r}: row_shape {self.row_shape} must have positive sizes")
         if self.role is not None and self.role not in SlotRole.ALL:
             raise ValueError(f"input slot {self.name!r}: unknown role {self.role!r}; roles: {', '.join(SlotRole.ALL)}")
+        _check_fill(self.name, self.dtype, self.fill)
+        if self.role == SlotRole.QUERY_LENS and (self.fill != 0 or self.dtype.is_floating_point or self.row_shape):
+            raise ValueError(
+                f"input slot {self.name!r}: a {SlotRole.QUERY_LENS} slot holds one integer token count per request "
+                f"and pads with 0 (a padded request has no tokens); got dtype {self.dtype}, row_shape "
+                f"{self.row_shape}, fill {self.fill!r}"
+            )
 
     def for_device(self, conventions: DeviceConventions) -> "InputSlot":
         """This slot with the dtype and fill the device's conventions give its role (unchanged without one)."""
@@ -53,3 +60,28 @@ class InputSlot:
         if self.role == SlotRole.SEQ_LENS:
             return replace(self, dtype=conventions.seq_len_dtype, fill=conventions.seq_len_fill)
         return self
+
+
+def _check_fill(name: str, dtype: torch.dtype, fill: object) -> None:
+    """ValueError naming the slot unless ``fill`` is a value of ``dtype``: a fill that overflows would be
+    written into padded rows as some other number, silently."""
+    if dtype == torch.bool:
+        if not isinstance(fill, bool):
+            raise ValueError(f"input slot {name!r}: fill for a bool slot must be True or False, got {fill!r}")
+        return
+    if isinstance(fill, bool) or not isinstance(fill, (int, float)):
+        raise ValueError(f"input slot {name!r}: fill must be a number for dtype {dtype}, got {fill!r}")
+    if dtype.is_floating_point:
+        limit = torch.finfo(dtype).max
+        if isinstance(fill, float) and fill != fill or abs(fill) == float("inf"):  # nan and inf are values too
+            return
+        if abs(fill) > limit:
+            raise ValueError(f"input slot {name!r}: fill {fill!r} overflows {dtype} (largest magnitude {limit:g})")
+        return
+    if dtype.is_complex:
+        return
+    if not isinstance(fill, int):
+        raise ValueError(f"input slot {name!r}: fill for integer dtype {dtype} must be an int, got {fill!r}")
+    info = torch.iinfo(dtype)
+    if not info.min <= fill <= info.max:
+        raise ValueError(f"input slot {name!r}: fill {fill} does not fit {dtype} (allowed {info.min}..{info.max})")

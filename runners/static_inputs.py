@@ -26,10 +26,13 @@ class StaticInputs:
         self.slots = tuple(slots)
         self.capacity = capacity
         self.device = device
-        self.buffers: dict[str, torch.Tensor] = {
-            slot.name: torch.full((capacity, *slot.row_shape), slot.fill, dtype=slot.dtype, device=device)
-            for slot in slots
-        }
+        # Normal tensors even when the runner is built under torch.inference_mode: an inference tensor could
+        # not be written outside inference mode, and the runner writes these on every run, in any mode.
+        with torch.inference_mode(False):
+            self.buffers: dict[str, torch.Tensor] = {
+                slot.name: torch.full((capacity, *slot.row_shape), slot.fill, dtype=slot.dtype, device=device)
+                for slot in slots
+            }
         self._expected_names = frozenset(names)
 
     def check(self, batch: Mapping[str, torch.Tensor]) -> int:
@@ -51,8 +54,15 @@ class StaticInputs:
                 raise ValueError(f"input slot {slot.name!r}: expected a tensor, got {type(tensor).__name__}")
             if tensor.dtype != slot.dtype:
                 raise ValueError(f"input slot {slot.name!r}: dtype {tensor.dtype}, expected {slot.dtype}")
-            if tensor.device != self.device:
-                raise ValueError(f"input slot {slot.name!r}: tensor is on {tensor.device}, expected {self.device}")
+            if tensor.device != self.device and tensor.device.type != "cpu":
+                raise ValueError(
+                    f"input slot {slot.name!r}: tensor is on {tensor.device}, expected {self.device} (or the host)"
+                )
+            if tensor.requires_grad:
+                raise ValueError(
+                    f"input slot {slot.name!r}: the tensor requires grad; runners run inference only and never "
+                    "record autograd history: pass tensor.detach()"
+                )
             if tensor.dim() != 1 + len(slot.row_shape) or tuple(tensor.shape[1:]) != slot.row_shape:
                 raise ValueError(
                     f"input slot {slot.name!r}: shape {tuple(tensor.shape)}, expected (rows, {', '.join(map(str, slot.row_shape))})"
@@ -74,7 +84,7 @@ class StaticInputs:
     def load(self, batch: Mapping[str, torch.Tensor], rows: int, bucket: int) -> None:
         """Copy the live rows in and refill rows ``[rows:bucket]`` with each slot's fill, on every call:
         a padded row left over from a previous, larger batch would point attention at a live request's
-        cache or at freed blocks."""
+        cache or at freed blocks. A host tensor is copied without blocking the host (from pinned memory)."""
         for slot in self.slots:
             buffer = self.buffers[slot.name]
             buffer[:rows].copy_(batch[slot.name], non_blocking=True)

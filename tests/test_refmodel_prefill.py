@@ -367,7 +367,10 @@ def test_slots_match_the_batches_a_workload_builds():
         "input_ids": 0, "positions": 0, "slot_mapping": NULL_SLOT, "query_lens": 0, "seq_lens": 0, "block_tables": NULL_BLOCK,
     }
     roles = {name: slot.role for name, slot in slots.items() if slot.role}
-    assert roles == {"slot_mapping": hal.SlotRole.CACHE_LOCATIONS, "seq_lens": hal.SlotRole.SEQ_LENS}
+    assert roles == {
+        "slot_mapping": hal.SlotRole.CACHE_LOCATIONS, "seq_lens": hal.SlotRole.SEQ_LENS, "query_lens": hal.SlotRole.QUERY_LENS
+    }
+    assert workload.request_batch()["query_lens"].device.type == "cpu"  # host counts, as a scheduler has them
     assert prefill_request_slots(TINY, 5)[2].row_shape == (5,)
     with pytest.raises(ValueError, match="max_blocks_per_seq must be positive"):
         prefill_request_slots(TINY, 0)

@@ -1,0 +1,161 @@
+"""Checking that every tensor a captured graph reads by address is still there, before each replay.
+
+A graph reads its inputs, the weights and the KV cache at the addresses it was captured with. A static input
+buffer replaced in the runner, ``param.data = new`` on a weight, a KV-cache layer rebound to a new tensor:
+each leaves the graph reading the old memory, and the results are stale with no error. vLLM checks addresses
+only in debug mode; graphhal checks before every replay by default (``check_addresses``), because one check
+costs a few microseconds (measured in README) and a stale replay costs correctness.
+
+What is watched is given as *sources*: a tensor, an ``nn.Module`` (its parameters, buffers and tensor
+attributes, through every submodule), or any object, list, tuple or dict holding tensors (a KV cache). A
+source is walked once, into the containers that hold each tensor; every check reads each tensor out of its
+container again, so rebinding an entry (``cache.key_caches[0] = other``, ``module.weight = Parameter(...)``)
+is caught as well as a tensor whose storage changed under it.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Iterator
+
+import torch
+
+from hal import StaticAddressError
+
+# How deep an object (not a module) is walked for tensors: a KV cache holds lists of tensors, a server's
+# cache manager perhaps one level more. Deeper graphs of objects are a sign the wrong thing was passed.
+MAX_OBJECT_DEPTH = 4
+
+_data_ptr = torch.Tensor.data_ptr
+_getitem = operator.getitem
+
+
+class AddressWatch:
+    """The tensors to check, each as (label, container, key); ``snapshot`` records their addresses.
+
+    Besides the tensors, the containers on the way to them are checked to still be in place (links): a cache
+    whose ``key_caches`` list was replaced, or a submodule swapped for another, holds tensors this watch
+    never saw.
+    """
+
+    def __init__(self) -> None:
+        self._labels: list[str] = []
+        self._containers: list[Any] = []  # dicts (an object's __dict__ too), lists and tuples
+        self._keys: list[Any] = []
+        self._expected: list[int] = []
+        self._link_labels: list[str] = []
+        self._link_containers: list[Any] = []
+        self._link_keys: list[Any] = []
+        self._link_objects: list[Any] = []
+
+    def add_entries(self, label: str, container: Any, keys: Any) -> None:
+        """Watch ``container[key]`` for each key (the runner's own static buffers)."""
+        for key in keys:
+            self._add_tensor(f"{label} {key!r}", container, key)
+
+    def add_source(self, name: str, source: Any) -> None:
+        """Watch every tensor ``source`` holds; TypeError naming ``name`` when it holds none."""
+        before = len(self._labels)
+        if isinstance(source, torch.Tensor):
+            self._add_tensor(f"watched tensor {name!r}", [source], 0)
+        else:
+            for kind, label, container, key in _entries(source, f"watched {name!r}", MAX_OBJECT_DEPTH, set()):
+                if kind == "tensor":
+                    self._add_tensor(label, container, key)
+                else:
+                    self._link_labels.append(label)
+                    self._link_containers.append(container)
+                    self._link_keys.append(key)
+                    self._link_objects.append(container[key])
+        if len(self._labels) == before:
+            raise TypeError(
+                f"watched_tensors[{name!r}] is a {type(source).__name__} holding no tensor; pass a tensor, an "
+                "nn.Module (its parameters and buffers are watched), or an object, list or dict holding tensors "
+                "(such as a KV cache)"
+            )
+
+    def _add_tensor(self, label: str, container: Any, key: Any) -> None:
+        self._labels.append(label)
+        self._containers.append(container)
+        self._keys.append(key)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def snapshot(self) -> None:
+        """Record where every watched tensor is now: the addresses the graphs are about to be captured with."""
+        self._expected = self._addresses()
+
+    def _addresses(self) -> list[int]:
+        return list(map(_data_ptr, map(_getitem, self._containers, self._keys)))
+
+    def _links_hold(self) -> bool:
+        return all(map(operator.is_, map(_getitem, self._link_containers, self._link_keys), self._link_objects))
+
+    def check(self, where: str) -> None:
+        """Raise ``StaticAddressError`` naming every tensor that moved since ``snapshot``."""
+        if self._addresses() == self._expected and self._links_hold():  # the hot path: C-level maps
+            return
+        moved = [label for label, now, then in zip(self._labels, self._addresses(), self._expected) if now != then]
+        moved += [
+            label
+            for label, container, key, then in zip(
+                self._link_labels, self._link_containers, self._link_keys, self._link_objects
+            )
+            if container[key] is not then
+        ]
+        raise StaticAddressError(
+            f"{', '.join(moved)} moved since {where} was captured: the graph would read the old memory. Keep these "
+            "tensors in place (copy_ into them rather than rebinding or assigning .data), or capture again."
+        )
+
+
+def _entries(value: Any, label: str, depth: int, seen: set[int]) -> Iterator[tuple[str, str, Any, Any]]:
+    """("tensor" or "link", label, container, key) for every tensor reachable from ``value`` and every
+    container on the way to one."""
+    if id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, torch.nn.Module):
+        yield from _module_entries(value, label, seen)
+        return
+    if depth == 0:
+        return
+    if isinstance(value, dict):
+        items, container, attribute_style = list(value.items()), value, False
+    elif isinstance(value, (list, tuple)):
+        items, container, attribute_style = list(enumerate(value)), value, False
+    elif hasattr(value, "__dict__") and not isinstance(value, type) and not callable(value):
+        items, container, attribute_style = list(vars(value).items()), vars(value), True
+    else:
+        return
+    for key, item in items:
+        item_label = f"{label}.{key}" if attribute_style else f"{label}[{key!r}]"
+        if isinstance(item, torch.Tensor):
+            yield "tensor", item_label, container, key
+            continue
+        inside = list(_entries(item, item_label, depth - 1, seen))
+        if inside:  # only containers that lead to a tensor are worth checking
+            yield "link", item_label, container, key
+            yield from inside
+
+
+def _module_entries(module: torch.nn.Module, label: str, seen: set[int]) -> Iterator[tuple[str, str, Any, Any]]:
+    # Read through the dicts nn.Module keeps: ``module.weight = Parameter(...)`` rebinds an entry of
+    # ``_parameters``, and a submodule swapped in ``_modules`` brings tensors the graph never saw.
+    for name, parameter in module._parameters.items():
+        if parameter is not None:
+            yield "tensor", f"{label}.{name}", module._parameters, name
+    for name, buffer in module._buffers.items():
+        if buffer is not None:
+            yield "tensor", f"{label}.{name}", module._buffers, name
+    for name, attribute in vars(module).items():  # plain tensor attributes (tables a module keeps unregistered)
+        if isinstance(attribute, torch.Tensor):
+            yield "tensor", f"{label}.{name}", vars(module), name
+    for name, child in module._modules.items():
+        if child is None:
+            continue
+        inside = list(_entries(child, f"{label}.{name}", MAX_OBJECT_DEPTH, seen))
+        if inside:
+            yield "link", f"{label}.{name}", module._modules, name
+            yield from inside

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 import hal
-from hal.registry import BUILTIN_DEVICE_PLUGINS
+from hal import BUILTIN_DEVICE_PLUGINS
 
 # Distributions whose versions decide what works; looked up by metadata, never imported.
 VERSIONED = ("graphhal", "torch", "triton", "pluggy", "torch-npu")

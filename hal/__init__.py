@@ -2,22 +2,22 @@
 
     import hal
     device = hal.get_device("cuda:0")
-    graph = device.make_graph("full")
+    graph = device.make_graph(hal.GraphMode.FULL)
     with device.capture_session(graph, pool=device.graph_pool()):
         out = step(static_inputs)
     device.replay(graph)        # out now holds the result; the next replay overwrites it
 
-Device plugins implement the hooks in ``hal.hookspecs`` with ``@hal.hookimpl`` and register under the
-entry-point group ``graphhal.devices``.
+The floors, from the ground up: the device contract (``hookspecs``, the registry, the ``Device`` facade,
+``DeviceGraph``) -> the strategies built only on it (``hal.breakable``, ``hal.piecewise``, each registering its
+mode) and the capture-per-key primitive (``GraphPerKey``) -> runners, outside hal. Device plugins implement
+the hooks in ``hal.hookspecs`` with ``@hal.hookimpl`` and register under the entry-point group
+``graphhal.devices``. This module only re-exports.
 """
 
-from hal.break_points import BreakInFullGraphError, BreakPoint, break_graph, break_point
-from hal.break_results import BreakResultMismatchError
-from hal.breakable_graph import BREAKABLE_MODE, BreakableGraph, SegmentEndError
+from hal.capture_state import current_capture
+from hal.compiled_forward import CompiledForward, InductorBackend, RecompileError
 from hal.conventions import DeviceConventions, SlotRole
-from hal.device import EAGER_MODE, Device
-from hal.piecewise_backend import PIECE_COMPILERS, PIECEWISE_MODE, PiecewiseBackend
-from hal.compiled_forward import CompiledForward, InductorBackend
+from hal.device import Device, PluginGraph
 from hal.device_id import DeviceId
 from hal.errors import (
     CaptureError,
@@ -28,10 +28,15 @@ from hal.errors import (
     UnknownDeviceError,
     UnsupportedModeError,
 )
+from hal.graph import DeviceGraph
+from hal.graph_modes import GraphMode
+from hal.graph_per_key import CapturedGraph, GraphPerKey, WarmUpError
+from hal.hookspecs import REQUIRED_HOOKS
 from hal.markers import ENTRY_POINT_GROUP, PROJECT_NAME, hookimpl, hookspec
 from hal.memory_stats import MIB, MemoryStats
-from hal.splitting_ops import SplittingOpError, register_splitting_op, registered_splitting_ops, unregister_splitting_op
+from hal.pool_aliases import non_owning_outputs
 from hal.registry import (
+    BUILTIN_DEVICE_PLUGINS,
     BrokenPlugin,
     DeviceRegistry,
     PluginLoadWarning,
@@ -41,45 +46,76 @@ from hal.registry import (
     reload_plugins,
 )
 
+# The strategies, above the contract: importing them registers their modes with the facade.
+from hal.breakable import (
+    BreakableGraph,
+    BreakableStateError,
+    BreakInFullGraphError,
+    BreakPoint,
+    BreakResultMismatchError,
+    SegmentEndError,
+    break_graph,
+    break_point,
+)
+from hal.piecewise import (
+    PIECE_COMPILERS,
+    PiecewiseBackend,
+    PiecewisePiece,
+    SplittingOpError,
+    register_splitting_op,
+    registered_splitting_ops,
+    unregister_splitting_op,
+)
+
 __all__ = [
-    "BREAKABLE_MODE",
-    "EAGER_MODE",
+    "BUILTIN_DEVICE_PLUGINS",
     "ENTRY_POINT_GROUP",
-    "InductorBackend",
     "MIB",
-    "PIECEWISE_MODE",
     "PIECE_COMPILERS",
     "PROJECT_NAME",
+    "REQUIRED_HOOKS",
     "BreakInFullGraphError",
     "BreakPoint",
     "BreakResultMismatchError",
     "BreakableGraph",
+    "BreakableStateError",
     "BrokenPlugin",
     "CaptureError",
+    "CapturedGraph",
     "CompiledForward",
     "Device",
     "DeviceConventions",
+    "DeviceGraph",
     "DeviceId",
     "DeviceRegistry",
     "DeviceUnavailableError",
     "GraphHalError",
+    "GraphMode",
+    "GraphPerKey",
+    "InductorBackend",
     "MemoryStats",
     "PiecewiseBackend",
+    "PiecewisePiece",
     "PluginContractError",
+    "PluginGraph",
     "PluginLoadWarning",
+    "RecompileError",
     "SegmentEndError",
     "SlotRole",
     "SplittingOpError",
     "StaticAddressError",
     "UnknownDeviceError",
     "UnsupportedModeError",
+    "WarmUpError",
     "best_available_device",
     "break_graph",
     "break_point",
+    "current_capture",
     "default_registry",
     "get_device",
     "hookimpl",
     "hookspec",
+    "non_owning_outputs",
     "register_splitting_op",
     "registered_splitting_ops",
     "reload_plugins",

@@ -5,10 +5,14 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator, Protocol
 
-if TYPE_CHECKING:
-    from hal.breakable_graph import BreakableCapture
+
+class SegmentCutter(Protocol):
+    """A capture that can end its segment at a break point and run the break eagerly (a breakable capture)."""
+
+    def cut(self, point: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any: ...
+
 
 _state = threading.local()
 
@@ -17,7 +21,7 @@ _state = threading.local()
 class ActiveCapture:
     device: str
     mode: str
-    breakable: "BreakableCapture | None" = None  # set when breaks can cut the capture here
+    cutter: SegmentCutter | None = None  # set when break points can cut the capture here
 
 
 def current_capture() -> ActiveCapture | None:

@@ -1,4 +1,5 @@
-"""What the registry binds when the owning plugin leaves an optional hook unimplemented."""
+"""What the registry binds when the owning plugin leaves an optional hook unimplemented (the specs in
+``hal.hookspecs`` name these defaults; every hook not in ``REQUIRED_HOOKS`` has one here)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,6 @@ from hal.conventions import DeviceConventions
 from hal.device_id import DeviceId
 from hal.errors import GraphHalError
 from hal.memory_stats import MemoryStats
-
-REQUIRED_HOOKS = (
-    "hal_device_types",
-    "hal_is_available",
-    "hal_graph_modes",
-    "hal_make_graph",
-    "hal_capture_session",
-    "hal_replay",
-    "hal_synchronize",
-)
 
 
 def hal_torch_device(device: DeviceId) -> torch.device:

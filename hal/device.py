@@ -2,7 +2,9 @@
 
 A ``Device`` is created once per device name by the registry, with the owning plugin's hook
 implementations already bound. Calls go straight to those functions: the hot path (``replay``) costs one
-Python call into the plugin, never a search over plugins.
+Python call into the plugin, never a search over plugins. Every graph it makes is a ``hal.DeviceGraph``:
+the device's own full graphs wrapped in ``PluginGraph``, and the strategies registered in
+``hal.graph_strategies`` (breakable, piecewise) built on them, which this module never imports.
 """
 
 from __future__ import annotations
@@ -12,16 +14,14 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from hal.breakable_graph import BREAKABLE_MODE, BreakableGraph
-from hal.capture_state import ActiveCapture, tracked_session
 from hal.conventions import DeviceConventions
 from hal.device_id import DeviceId
 from hal.errors import GraphHalError, PluginContractError, UnsupportedModeError
-from hal.piecewise_backend import PIECEWISE_MODE
+from hal.capture_state import ActiveCapture, tracked_session
+from hal.graph import DeviceGraph
+from hal.graph_modes import GraphMode
+from hal.graph_strategies import strategy, strategy_modes
 from hal.memory_stats import MemoryStats
-
-# Eager execution through the runner API; every device offers it, no plugin declares it.
-EAGER_MODE = "disabled"
 
 
 class Device:
@@ -47,9 +47,6 @@ class Device:
         self.conventions: DeviceConventions = (
             self._answer("hal_conventions", DeviceConventions, "a hal.DeviceConventions") or DeviceConventions()
         )
-        # Bound once so replay and update are plain attribute calls.
-        self._replay = hooks["hal_replay"]
-        self._update = hooks["hal_update"]
 
     def _answer(self, hook: str, expected: type | tuple[type, ...], description: str) -> Any:
         """The plugin's answer to a per-device hook: None or an instance of ``expected``."""
@@ -66,16 +63,21 @@ class Device:
 
     @property
     def modes(self) -> tuple[str, ...]:
-        """Every mode a runner may ask for here: the device's own graph modes, ``breakable`` and ``piecewise``
-        (built by hal on top of full graphs, so every device with full graphs has them), and ``disabled``."""
-        strategies = (BREAKABLE_MODE, PIECEWISE_MODE) if "full" in self.graph_modes else ()
-        return (*self.graph_modes, *strategies, EAGER_MODE)
+        """Every mode a runner may ask for here: the device's own graph modes, the strategies hal builds on
+        full graphs (breakable, piecewise: every device with full graphs has them), and ``disabled``."""
+        strategies = strategy_modes() if GraphMode.FULL in self.graph_modes else ()
+        extra = (str(mode) for mode in (*strategies, GraphMode.DISABLED) if mode not in self.graph_modes)
+        return (*self.graph_modes, *extra)
 
     def __str__(self) -> str:
         return str(self.id)
 
     def __repr__(self) -> str:
         return f"Device({str(self.id)!r}, plugin={self.plugin_name!r}, modes={self.modes})"
+
+    def hook(self, name: str) -> Callable[..., Any]:
+        """The owning plugin's implementation of hook ``name`` (or its default), for graph objects."""
+        return self._hooks[name]
 
     # --- graphs -----------------------------------------------------------------------------------------
 
@@ -86,67 +88,50 @@ class Device:
                 f"device {self.id} does not support graph mode {mode!r}; supported modes: {', '.join(self.modes)}"
             )
 
-    def make_graph(self, mode: str) -> Any:
+    def make_graph(self, mode: str) -> DeviceGraph:
         """A fresh, empty graph for ``mode`` (any of ``modes`` but ``disabled``)."""
-        if mode == BREAKABLE_MODE and mode in self.modes:
-            return BreakableGraph(self)
-        if mode == PIECEWISE_MODE and mode in self.modes:
-            raise UnsupportedModeError(
-                "a piecewise graph is not one graph object: compile the forward with hal.PiecewiseBackend "
-                "(runners do this for mode 'piecewise'), which captures each piece as a full graph"
-            )
-        if mode not in self.graph_modes:
-            self.check_mode(mode)  # names the supported modes
+        self.check_mode(mode)
+        if mode in self.graph_modes:
+            raw = self._hooks["hal_make_graph"](self.id, mode)
+            if raw is None:
+                raise GraphHalError(f"plugin {self.plugin_name!r} made no graph for {self.id} in mode {mode!r}")
+            return PluginGraph(self, mode, raw)
+        make = strategy(mode)
+        if make is None:
             raise UnsupportedModeError(f"mode {mode!r} runs eagerly on {self.id}: there is no graph to make")
-        graph = self._hooks["hal_make_graph"](self.id, mode)
-        if graph is None:
-            raise GraphHalError(f"plugin {self.plugin_name!r} made no graph for {self.id} in mode {mode!r}")
-        return graph
+        return make(self)
 
-    def capture_session(self, graph: Any, pool: Any = None) -> AbstractContextManager[Any]:
+    def capture_session(self, graph: DeviceGraph, pool: Any = None) -> AbstractContextManager[Any]:
         """Context manager recording the work issued inside into ``graph``, allocating from ``pool``.
 
         Tensors produced inside hold valid values only after ``replay``, and they live in the pool: the
         next replay of any graph of that pool may overwrite them.
         """
-        if isinstance(graph, BreakableGraph):
-            return graph.capture(pool)
-        # The plugin graph modes are all "full" today; a break point reached inside must know it.
-        return tracked_session(self.plugin_capture_session(graph, pool), ActiveCapture(str(self.id), "full"))
+        return self._own(graph).capture(pool)
 
-    def plugin_capture_session(self, graph: Any, pool: Any) -> AbstractContextManager[Any]:
-        """The owning plugin's capture session for one of its own graphs, as is (for graph strategies)."""
-        session = self._hooks["hal_capture_session"](graph, pool, self.capture_stream)
-        if session is None:
-            raise GraphHalError(f"plugin {self.plugin_name!r} does not recognise graph {graph!r} as its own")
-        return session
-
-    def replay(self, graph: Any) -> None:
+    def replay(self, graph: DeviceGraph) -> None:
         """Launch ``graph``. Asynchronous where the device queues work."""
-        self.replayer(graph)()
+        self._own(graph).replay()
 
-    def replayer(self, graph: Any) -> Callable[[], Any]:
+    def replayer(self, graph: DeviceGraph) -> Callable[[], None]:
         """A zero-argument callable that replays ``graph``: bind it once per graph, call it every step."""
-        if isinstance(graph, BreakableGraph):
-            return graph.replay
-        return lambda: self.replay_plugin_graph(graph)
+        return self._own(graph).replay
 
-    def replay_plugin_graph(self, graph: Any) -> None:
-        """Replay one of the plugin's own graphs (a full graph, or a breakable graph's segment)."""
-        if self._replay(graph) is None:  # "not mine": replaying nothing would hand back stale outputs
-            raise GraphHalError(f"plugin {self.plugin_name!r} does not recognise graph {graph!r} as its own")
-
-    def update(self, graph: Any, params: Mapping[str, Any]) -> None:
+    def update(self, graph: DeviceGraph, params: Mapping[str, Any]) -> None:
         """Refresh host-side values baked into ``graph`` before its next replay (``needs_graph_update``).
 
         ``params`` maps a slot role (``hal.SlotRole.SEQ_LENS``) to the live host values padded to the graph's
-        shape. A breakable graph passes them to each of its segments: a segment is a full graph of the device.
+        shape. A strategy's graph passes them to every device graph it holds.
         """
-        if isinstance(graph, BreakableGraph):
-            for segment_graph in graph.segment_graphs:
-                self._update(segment_graph, params)
-        else:
-            self._update(graph, params)
+        self._own(graph).update(params)
+
+    def _own(self, graph: Any) -> DeviceGraph:
+        if not isinstance(graph, DeviceGraph):
+            raise GraphHalError(
+                f"device {self.id} (plugin {self.plugin_name!r}) does not recognise graph {graph!r} as its own: "
+                "only graphs made by Device.make_graph can be captured, replayed or updated"
+            )
+        return graph
 
     # --- plumbing ---------------------------------------------------------------------------------------
 
@@ -162,3 +147,38 @@ class Device:
         if stats is not None and not isinstance(stats, MemoryStats):
             raise PluginContractError(self.plugin_name, "hal_memory_stats", stats, "a hal.MemoryStats")
         return stats or MemoryStats()
+
+
+class PluginGraph(DeviceGraph):
+    """A full graph of the device's own, as the owning plugin made it (``raw``), driven through its hooks."""
+
+    def __init__(self, device: Device, mode: str, raw: Any) -> None:
+        self.device = device
+        self.mode = mode
+        self.raw = raw
+        self._replay_hook = device.hook("hal_replay")
+
+    def capture(self, pool: Any) -> AbstractContextManager[Any]:
+        # A break point reached inside must know it is inside a graph that cannot break.
+        return tracked_session(self.session(pool), ActiveCapture(str(self.device), GraphMode.FULL))
+
+    def session(self, pool: Any) -> AbstractContextManager[Any]:
+        """The plugin's own capture session, leaving the thread's capture scope alone: for strategies that
+        capture segments of a graph and mark the scope themselves."""
+        session = self.device.hook("hal_capture_session")(self.raw, pool, self.device.capture_stream)
+        if session is None:
+            raise GraphHalError(f"plugin {self.device.plugin_name!r} does not recognise graph {self.raw!r} as its own")
+        return session
+
+    def replay(self) -> None:
+        if self._replay_hook(self.raw) is None:  # "not mine": replaying nothing would hand back stale outputs
+            raise GraphHalError(f"plugin {self.device.plugin_name!r} does not recognise graph {self.raw!r} as its own")
+
+    def update(self, params: Mapping[str, Any]) -> None:
+        self.device.hook("hal_update")(self.raw, params)
+
+    def drop(self) -> None:
+        self.raw = None
+
+    def __repr__(self) -> str:
+        return f"PluginGraph({self.device}, {self.mode}, {self.raw!r})"

@@ -1,16 +1,18 @@
-"""The device contract: every hook a graphhal device plugin implements.
+"""The device contract: every hook a graphhal device plugin implements, documented in one place.
 
-A plugin is a module or object with functions marked ``@hal.hookimpl`` and named like the specs below. It
-serves one or more device types (``hal_device_types``). The registry decides once, at discovery, which
-plugin owns each device type, and the ``Device`` facade binds that plugin's implementations when it is
-created; after that, a call such as ``Device.replay`` goes straight to the owner's function, with no search
-over plugins. So a plugin is only ever asked about devices it serves and graphs it made.
+A plugin is a module or object with functions marked ``@hal.hookimpl`` and named like the specs below
+(taking any subset of a spec's parameters, as pluggy allows). It serves one or more device types
+(``hal_device_types``). The registry decides once, at discovery, which plugin owns each device type, and the
+``Device`` facade binds that plugin's implementations when it is created; after that, a call such as
+``Device.replay`` goes straight to the owner's function, with no search over plugins. So a plugin is only
+ever asked about devices it serves and graphs it made.
 
-Every per-device hook is ``firstresult``, and returning ``None`` means "not mine": that keeps the hooks
-meaningful when called through ``pm.hook`` by tools that bypass the facade.
-
-Required hooks: ``hal_device_types``, ``hal_is_available``, ``hal_graph_modes``, ``hal_make_graph``,
-``hal_capture_session``, ``hal_replay``, ``hal_synchronize``. The rest have defaults, stated per hook.
+Every per-device hook is ``firstresult``, and returning ``None`` means "not mine" (the facade then uses the
+default the spec names): that keeps the hooks meaningful when called through ``pm.hook`` by tools that
+bypass the facade. A hook is either required (``REQUIRED_HOOKS``, the one list of them: the registry
+refuses a plugin that lacks one, and README points here) or has a default in ``hal.default_hooks``, named
+in its spec. The facade checks the type of every answer (``hal.PluginContractError`` names the plugin, the
+hook and the type expected).
 """
 
 from __future__ import annotations
@@ -26,6 +28,17 @@ if TYPE_CHECKING:
     from hal.device_id import DeviceId
     from hal.memory_stats import MemoryStats
 
+# The hooks a plugin must implement; every other hook has a default in hal.default_hooks.
+REQUIRED_HOOKS = (
+    "hal_device_types",
+    "hal_is_available",
+    "hal_graph_modes",
+    "hal_make_graph",
+    "hal_capture_session",
+    "hal_replay",
+    "hal_synchronize",
+)
+
 
 # --- discovery ------------------------------------------------------------------------------------------
 
@@ -38,6 +51,9 @@ def hal_device_types() -> Sequence[str]:
     by two plugins goes to the one loaded later (entry points load after the built-in devices, so a vendor
     package can replace a built-in device); two entry-point plugins claiming one type make the second one
     broken.
+
+    Required. Not firstresult: every plugin answers, with a non-empty list of names (a bare string is
+    refused).
     """
 
 
@@ -48,6 +64,10 @@ def hal_is_available(device: "DeviceId") -> bool | None:
     Called by ``get_device`` before it hands out a facade, and by ``available_devices``. ``device.index`` is
     None for the bare type ("cuda"): answer for the default index. Must not raise when the vendor runtime
     is missing: answer False. None: not a device of this plugin.
+
+    Required.
+
+    :param device: the device asked about.
     """
 
 
@@ -57,6 +77,11 @@ def hal_graph_modes(device: "DeviceId") -> Sequence[str] | None:
 
     Called once when the facade is created. ``"disabled"`` (eager) is implicit and needs no listing.
     None: not a device of this plugin.
+
+    Required. Also asked at discovery with ``device.index`` None: a plugin that answers with something
+    other than a list of names is left out then.
+
+    :param device: the device asked about.
     """
 
 
@@ -64,8 +89,12 @@ def hal_graph_modes(device: "DeviceId") -> Sequence[str] | None:
 def hal_torch_device(device: "DeviceId") -> "torch.device | None":
     """Return the torch device that tensors for ``device`` live on.
 
-    Called once when the facade is created; runners allocate their static buffers there. Default (no
-    plugin answers): ``torch.device(device.type, device.index)``, which only works for types torch knows.
+    Called once when the facade is created; runners allocate their static buffers there. The default,
+    ``torch.device(device.type, device.index)``, only works for types torch knows.
+
+    Default: ``hal.default_hooks.hal_torch_device``.
+
+    :param device: the device asked about.
     """
 
 
@@ -79,6 +108,11 @@ def hal_make_graph(device: "DeviceId", mode: str) -> Any:
     Called once per captured shape, before ``hal_capture_session``. ``mode`` is one of the modes from
     ``hal_graph_modes`` (the facade checks that first). The object is opaque to graphhal: it is only ever
     handed back to this plugin's hooks. None: not a device of this plugin.
+
+    Required.
+
+    :param device: the device the graph is for.
+    :param mode: one of the device's ``hal_graph_modes``.
     """
 
 
@@ -95,6 +129,12 @@ def hal_capture_session(graph: Any, pool: Any, stream: Any) -> ContextManager[An
     after ``hal_replay``. When the body raises, the session must end the capture (leave no stream
     capturing), drop what was partially recorded and re-raise, so the device stays usable for eager work
     and for the next capture. None: not a graph of this plugin.
+
+    Required.
+
+    :param graph: a graph this plugin made (``hal_make_graph``).
+    :param pool: a handle from ``hal_graph_pool``, or None.
+    :param stream: the device's ``hal_capture_stream``, or None.
     """
 
 
@@ -105,6 +145,10 @@ def hal_replay(graph: Any) -> bool | None:
     This is the hot path: called on every step. Asynchronous on devices that queue work. The outputs of
     the graph live in its pool and are overwritten by the next replay of any graph of that pool.
     None: not a graph of this plugin.
+
+    Required.
+
+    :param graph: a graph this plugin made and captured.
     """
 
 
@@ -114,8 +158,11 @@ def hal_capture_executes_work(device: "DeviceId") -> bool | None:
     only recorded (CUDA, NPU: tensors made inside hold garbage until the first replay).
 
     Called once when the facade is created. A breakable capture replays each finished segment before it runs
-    the break eagerly on a device that answers False, so the break sees real values, not garbage. Default:
-    False.
+    the break eagerly on a device that answers False, so the break sees real values, not garbage.
+
+    Default: ``hal.default_hooks.hal_capture_executes_work`` (False).
+
+    :param device: the device asked about.
     """
 
 
@@ -124,7 +171,11 @@ def hal_needs_graph_update(device: "DeviceId") -> bool | None:
     """Return True when graphs of this device bake host-side values that must be refreshed by ``hal_update``.
 
     Called once when the facade is created. Runners call ``hal_update`` before every replay only on devices
-    that answer True (Ascend NPU attention takes sequence lengths as host lists). Default: False.
+    that answer True (Ascend NPU attention takes sequence lengths as host lists).
+
+    Default: ``hal.default_hooks.hal_needs_graph_update`` (False).
+
+    :param device: the device asked about.
     """
 
 
@@ -136,6 +187,12 @@ def hal_update(graph: Any, params: Mapping[str, Any]) -> bool | None:
     padded to the graph's shape. The update may be asynchronous, but the device must order it so that the
     next ``hal_replay`` of ``graph`` sees these values and no earlier replay does. Only called on devices
     whose ``hal_needs_graph_update`` is True. None: not a graph of this plugin.
+
+    Default: ``hal.default_hooks.hal_update``, which raises (a device without host parameters has
+    nothing to update).
+
+    :param graph: a graph this plugin made and captured.
+    :param params: slot role (``hal.SlotRole``) -> host values of the live batch, padded.
     """
 
 
@@ -148,7 +205,10 @@ def hal_captures_compiled_kernels(device: "DeviceId") -> bool | None:
 
     Called once when the facade is created. torch.compile with Inductor emits fused kernels that are
     launched directly, not as torch ops; a device whose graphs record torch ops (rather than the device's
-    own work queue) would replay without them, so runners refuse ``compiler: inductor`` there. Default: True.
+    own work queue) would replay without them, so runners refuse ``compiler: inductor`` there.
+    Default: ``hal.default_hooks.hal_captures_compiled_kernels`` (True).
+
+    :param device: the device asked about.
     """
 
 
@@ -158,7 +218,11 @@ def hal_conventions(device: "DeviceId") -> "DeviceConventions | None":
 
     Called once when the facade is created; runners read it through ``Device.conventions`` to type and pad
     slots that declare a role (cache locations, sequence lengths) instead of hard-coding one vendor's choice.
-    Default: ``DeviceConventions()`` (int64 cache locations, int32 lengths padded with 0).
+    The default is ``DeviceConventions()`` (int64 cache locations, int32 lengths padded with 0).
+
+    Default: ``hal.default_hooks.hal_conventions``.
+
+    :param device: the device asked about.
     """
 
 
@@ -166,8 +230,12 @@ def hal_conventions(device: "DeviceId") -> "DeviceConventions | None":
 def hal_graph_pool(device: "DeviceId") -> Any:
     """Return a new memory pool handle that several graphs can capture into.
 
-    Called once per runner (or once per group of runners that never replay at once). Default: None, which
-    ``hal_capture_session`` reads as "a private pool per graph".
+    Called once per runner (or once per group of runners that never replay at once). None is read by
+    ``hal_capture_session`` as "a private pool per graph".
+
+    Default: ``hal.default_hooks.hal_graph_pool`` (None).
+
+    :param device: the device the pool is for.
     """
 
 
@@ -176,7 +244,11 @@ def hal_capture_stream(device: "DeviceId") -> Any:
     """Return the stream captures run on: a side stream, never the default one (CUDA forbids capturing the
     legacy default stream).
 
-    Called once when the facade is created. Default: None (devices without streams).
+    Called once when the facade is created. None: the device has no streams.
+
+    Default: ``hal.default_hooks.hal_capture_stream`` (None).
+
+    :param device: the device asked about.
     """
 
 
@@ -185,6 +257,10 @@ def hal_synchronize(device: "DeviceId") -> bool | None:
     """Block the host until all work queued on ``device`` has finished; return True.
 
     Called after warm-up runs and around captures. None: not a device of this plugin.
+
+    Required.
+
+    :param device: the device to wait for.
     """
 
 
@@ -192,5 +268,10 @@ def hal_synchronize(device: "DeviceId") -> bool | None:
 def hal_memory_stats(device: "DeviceId", pool: Any) -> "MemoryStats | None":
     """Return the memory in use on ``device``; with ``pool`` given, also the bytes held by that graph pool.
 
-    Called after captures, for the capture report. Default: all zeros (``MemoryStats()``).
+    Called after captures, for the capture report.
+
+    Default: ``hal.default_hooks.hal_memory_stats``.
+
+    :param device: the device asked about.
+    :param pool: a handle from ``hal_graph_pool``, or None.
     """

@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterable
 import pluggy
 
 from hal import hookspecs
-from hal.default_hooks import OPTIONAL_HOOK_DEFAULTS, REQUIRED_HOOKS
+from hal.default_hooks import OPTIONAL_HOOK_DEFAULTS
+from hal.hookspecs import REQUIRED_HOOKS
 from hal.device import Device
 from hal.device_id import DeviceId
 from hal.errors import DeviceUnavailableError, UnknownDeviceError

@@ -7,8 +7,8 @@ are the same for the prefill step (packed tokens of several requests).
 Importing this package needs neither triton nor CUDA; the Triton kernel is imported on the first CUDA call.
 """
 
-from refmodel.attention_op import decode_attention
-from refmodel.attention_reference import decode_attention_reference
+from refmodel.decode_attention_op import decode_attention
+from refmodel.decode_attention_reference import decode_attention_reference
 from refmodel.block_allocator import NULL_BLOCK, BlockAllocator, OutOfBlocksError
 from refmodel.config import ModelConfig
 from refmodel.decode_inputs import decode_input_slots
@@ -18,7 +18,7 @@ from refmodel.prefill_attention_op import prefill_attention
 from refmodel.prefill_attention_reference import prefill_attention_reference
 from refmodel.prefill_inputs import prefill_request_slots, prefill_token_slots
 from refmodel.prefill_workload import PrefillWorkload
-from refmodel.workload import DecodeWorkload
+from refmodel.decode_workload import DecodeWorkload
 
 __all__ = [
     "NULL_BLOCK",

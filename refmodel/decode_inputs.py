@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hal.conventions import DeviceConventions, SlotRole
+from hal import DeviceConventions, SlotRole
 from refmodel.block_allocator import NULL_BLOCK
 from refmodel.config import ModelConfig
 from refmodel.kv_cache import NULL_SLOT

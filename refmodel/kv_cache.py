@@ -86,12 +86,6 @@ class PagedKVCache:
         self.value_caches = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(config.num_layers)]
         self.device = self.key_caches[0].device  # "cuda" resolved to "cuda:0", so device checks compare equal
 
-    @staticmethod
-    def bytes_needed(config: ModelConfig, num_blocks: int, dtype: torch.dtype) -> int:
-        """Memory the cache tensors take, to size ``num_blocks`` before building one."""
-        per_block = config.block_size * config.num_kv_heads * config.head_dim * torch.empty((), dtype=dtype).element_size()
-        return 2 * config.num_layers * num_blocks * per_block
-
     def slot(self, block: int, offset: int) -> int:
         """The flat slot index of token ``offset`` inside ``block``."""
         return block * self.block_size + offset

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from refmodel.attention_op import decode_attention_break
+from refmodel.decode_attention_op import decode_attention_break
 from refmodel.config import ModelConfig
 from refmodel.kv_cache import PagedKVCache, write_kv_cache_step
 from refmodel.prefill_attention_op import prefill_attention_break

@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import torch
 
-from hal.conventions import SlotRole
+from hal import SlotRole
 from refmodel.block_allocator import NULL_BLOCK
 from refmodel.config import ModelConfig
 from refmodel.kv_cache import NULL_SLOT
 from runners.input_slots import InputSlot
 
 
-def prefill_token_slots(config: ModelConfig) -> list[InputSlot]:
+def prefill_token_slots() -> list[InputSlot]:
     """The per-token slots of ``PrefillStep``: ``input_ids``, ``positions``, ``slot_mapping``.
 
     A padded token embeds token 0 at position 0 and writes its K/V into the null block that no request owns;
-    it belongs to no request (it sits past ``sum(query_lens)``), so attention gives it zeros. The slots do
-    not depend on ``config``; it is taken for symmetry with ``prefill_request_slots``.
+    it belongs to no request (it sits past ``sum(query_lens)``), so attention gives it zeros.
     """
-    del config
     return [
         InputSlot("input_ids", torch.int64, fill=0),
         InputSlot("positions", torch.int64, fill=0),

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from hal.conventions import DeviceConventions
+from hal import DeviceConventions
 from refmodel.block_allocator import NULL_BLOCK
 from refmodel.decode_inputs import decode_input_slots
 from refmodel.kv_cache import PagedKVCache
@@ -81,7 +81,7 @@ class PrefillWorkload:
         return sum(self.query_lens)
 
     def token_slots(self) -> list[InputSlot]:
-        return self._for_device(prefill_token_slots(self.config))
+        return self._for_device(prefill_token_slots())
 
     def request_slots(self) -> list[InputSlot]:
         """The request slots matching this workload's block-table width."""

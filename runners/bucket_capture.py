@@ -1,20 +1,23 @@
 """How a runner captures one bucket, per mode: one object decides, the runner's loop trusts it.
 
-``GraphCapture`` (full, breakable): one device graph per bucket around the forward, compiled once first
-with ``compiler: inductor``. ``PiecewiseCapture``: the forward compiled once with the piecewise backend;
-calling it at a bucket captures its pieces, calling it again replays them.
+``GraphCapture`` (full, breakable): one device graph per bucket around the forward (``hal.GraphPerKey``),
+compiled once first with ``compiler: inductor``. ``PiecewiseCapture``: the forward compiled once with the
+piecewise backend; calling it at a bucket captures its pieces (each through ``hal.GraphPerKey``), calling it
+again replays them.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 import hal
-from hal.pool_aliases import non_owning_outputs
 from runners.config import PhaseConfig
+
+BREAKABLE_DEBUG_ENV = "GRAPHHAL_BREAKABLE_DEBUG"
 
 
 @dataclass
@@ -30,38 +33,38 @@ class GraphCapture:
     def __init__(self, forward: Callable[..., Any], device: "hal.Device", config: PhaseConfig, token_inputs: Sequence[str]) -> None:
         self.device = device
         self.config = config
-        self.forward = forward
+        self.plain_forward = forward
         self.token_inputs = tuple(token_inputs)
+        self.graphs: hal.GraphPerKey | None = None
 
     def prepare(self, pool: Any) -> None:
-        self.pool = pool
+        forward = self.plain_forward
         if self.config.compiler == "inductor":
-            self.forward = hal.CompiledForward(self.forward, self._compile_backend(pool), self.token_inputs)
+            forward = hal.CompiledForward(forward, self._compile_backend(pool), self.token_inputs)
+        if self.config.mode == hal.GraphMode.BREAKABLE and _breakable_debug(self.config):
+            # The whole forward as one eager step through the same capture and replay path.
+            forward = hal.break_point(forward, name="the whole forward (breakable debug mode)")
+        self.forward = forward
+        # The runner keeps only aliases of the outputs: free for the next (smaller) bucket's capture to reuse.
+        self.graphs = hal.GraphPerKey(
+            self.device, pool, mode=self.config.mode, warmup_runs=self.config.warmup_runs, outputs_leave=True
+        )
 
     def _compile_backend(self, pool: Any) -> Any:
-        if self.config.mode == hal.BREAKABLE_MODE:
+        if self.config.mode == hal.GraphMode.BREAKABLE:
             # Inductor per piece, and the splitting ops (attention) as the breaks between segments.
-            return hal.PiecewiseBackend(self.device, pool, (), compiler="inductor", capture=False)
+            return hal.PiecewiseBackend(self.device, pool, (), compiler="inductor", splitting_ops_as_break_points=True)
         return hal.InductorBackend()
 
     def capture(self, bucket: int, inputs: Mapping[str, torch.Tensor]) -> CapturedBucket:
-        device, mode = self.device, self.config.mode
-        forward = self.forward
-        if mode == hal.BREAKABLE_MODE and self.config.breakable_debug:
-            forward = hal.break_point(self.forward, name="the whole forward (breakable debug mode)")
-        graph = device.make_graph(mode)
-        with device.capture_session(graph, self.pool):
-            outputs = forward(**inputs)
-        # The runner keeps only aliases: the memory is free for the next (smaller) bucket's capture to reuse.
-        return CapturedBucket(device.replayer(graph), graph, non_owning_outputs(outputs))
-
-    def warm_up(self, inputs: Mapping[str, torch.Tensor]) -> None:
-        for _ in range(self.config.warmup_runs):
-            self.forward(**inputs)
-        self.device.synchronize()
+        assert self.graphs is not None, "prepare() first"
+        captured = self.graphs.capture(bucket, self.forward, **inputs)
+        return CapturedBucket(captured.replay, captured.graph, captured.outputs)
 
     def drop(self) -> None:
-        pass  # the runner drops its graphs; nothing else holds any
+        if self.graphs is not None:
+            self.graphs.drop()
+        self.graphs = None  # the next capture() prepares again: a new pool and, with inductor, a new compile
 
 
 class PiecewiseCapture:
@@ -82,9 +85,6 @@ class PiecewiseCapture:
         )
         self.forward = hal.CompiledForward(self.plain_forward, self.backend, self.token_inputs)
 
-    def warm_up(self, inputs: Mapping[str, torch.Tensor]) -> None:
-        pass  # each piece warms up itself right before its capture
-
     def capture(self, bucket: int, inputs: Mapping[str, torch.Tensor]) -> CapturedBucket:
         forward = self.forward
         outputs = forward(**inputs)  # compiles on the first (largest) bucket, then captures every piece
@@ -100,6 +100,10 @@ class PiecewiseCapture:
 
 
 def bucket_capture(forward: Callable[..., Any], device: "hal.Device", config: PhaseConfig, token_inputs: Sequence[str]) -> Any:
-    if config.mode == hal.PIECEWISE_MODE:
+    if config.mode == hal.GraphMode.PIECEWISE:
         return PiecewiseCapture(forward, device, config, token_inputs)
     return GraphCapture(forward, device, config, token_inputs)
+
+
+def _breakable_debug(config: PhaseConfig) -> bool:
+    return config.breakable_debug or os.environ.get(BREAKABLE_DEBUG_ENV, "") not in ("", "0")

@@ -118,7 +118,7 @@ class BucketedRunner:
 
     @property
     def captures_graphs(self) -> bool:
-        return self.config.mode != hal.EAGER_MODE
+        return self.config.mode != hal.GraphMode.DISABLED
 
     @property
     def captured(self) -> bool:
@@ -173,19 +173,20 @@ class BucketedRunner:
             self.fixed_inputs.fill_padding(self.fixed_inputs.capacity)
         inputs = self._views(bucket)
         try:
-            self._capture.warm_up(inputs)
-        except Exception as exc:
-            what = (
-                f"the eager warm-up of the {self.phase} forward for bucket {bucket} on {self.device} failed, before "
-                "any capture (a model error, not a graph error)"
-            )
-            raise self._capture_error(what, bucket, exc) from exc
-        try:
             captured = self._capture.capture(bucket, inputs)
             outputs = GraphOutputs(captured.outputs, bucket)
+        except hal.WarmUpError as exc:
+            what = (
+                f"the eager warm-up of the {self.phase} forward for bucket {bucket} on {self.device} failed, before "
+                f"any capture (a model error, not a graph error): {exc}"
+            )
+            raise hal.CaptureError(what, bucket=bucket, mode=self.config.mode, device=str(self.device)) from exc
         except Exception as exc:
-            what = f"capturing the {self.phase} graph for bucket {bucket} (mode {self.config.mode}) on {self.device} failed"
-            raise self._capture_error(what, bucket, exc) from exc
+            what = (
+                f"capturing the {self.phase} graph for bucket {bucket} (mode {self.config.mode}) on {self.device} "
+                f"failed: {type(exc).__name__}: {exc}"
+            )
+            raise hal.CaptureError(what, bucket=bucket, mode=self.config.mode, device=str(self.device)) from exc
         return _Bucket(captured, outputs, outputs_static=captured.graph is not None)
 
     def _views(self, bucket: int) -> dict[str, torch.Tensor]:
@@ -193,11 +194,6 @@ class BucketedRunner:
         if self.fixed_inputs is not None:
             views.update(self.fixed_inputs.views(self.fixed_inputs.capacity))
         return views
-
-    def _capture_error(self, what: str, bucket: int, cause: Exception) -> hal.CaptureError:
-        return hal.CaptureError(
-            f"{what}: {type(cause).__name__}: {cause}", bucket=bucket, mode=self.config.mode, device=str(self.device)
-        )
 
     # --- run --------------------------------------------------------------------------------------------
 

@@ -7,7 +7,6 @@ device is checked here, when the config is built; ``check_device`` adds what dep
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -20,29 +19,29 @@ from runners.buckets import (
     default_prefill_buckets,
 )
 
-BREAKABLE_DEBUG_ENV = "GRAPHHAL_BREAKABLE_DEBUG"
-
-FULL_MODE = "full"
-STANDARD_MODES = (FULL_MODE, hal.BREAKABLE_MODE, hal.PIECEWISE_MODE, hal.EAGER_MODE)
+GraphMode = hal.GraphMode
 
 # How the forward is compiled before graphhal captures it, per mode. "none": the forward as written.
 # "eager"/"inductor" in piecewise: how each piece between splitting ops is compiled (torch.compile always
 # traces a piecewise forward, to split it). "inductor" in full/breakable: the forward compiled once, with a
-# dynamic batch dimension and without Inductor's own CUDA graphs, then captured per bucket by graphhal.
+# dynamic batch dimension and without Inductor's own CUDA graphs, then captured per bucket by graphhal. A
+# mode a device plugin adds takes "none".
 COMPILERS_BY_MODE = {
-    FULL_MODE: ("none", "inductor"),
-    hal.BREAKABLE_MODE: ("none", "inductor"),
-    hal.PIECEWISE_MODE: ("eager", "inductor"),
-    hal.EAGER_MODE: ("none",),
+    GraphMode.FULL: ("none", "inductor"),
+    GraphMode.BREAKABLE: ("none", "inductor"),
+    GraphMode.PIECEWISE: ("eager", "inductor"),
+    GraphMode.DISABLED: ("none",),
 }
+ADDRESS_CHECKS = ("every_replay", "first_replay")
 
 
 @dataclass
 class PhaseConfig:
     """Fields every phase has. Use ``DecodeConfig`` or ``PrefillConfig``.
 
-    mode:            a graph mode the device offers, or ``"disabled"`` to run eagerly through the same API
-                     (to tell a graph bug from a model bug, or on devices without graphs).
+    mode:            a graph mode the device offers (``hal.GraphMode`` or a mode a device plugin adds), or
+                     ``"disabled"`` to run eagerly through the same API (to tell a graph bug from a model bug,
+                     or on devices without graphs). Checked against the device by ``check_device``.
     buckets:         padded sizes to capture, strictly increasing; the last must equal the phase maximum.
     compiler:        ``none``, ``eager`` or ``inductor`` (see ``COMPILERS_BY_MODE``); default: ``eager`` for
                      piecewise, ``none`` otherwise.
@@ -55,13 +54,14 @@ class PhaseConfig:
                      measured in README); ``first_replay``: only on each bucket's first replay.
     breakable_debug: in mode ``breakable``, capture the whole forward as one eager step through the same
                      capture and replay path: if results go right this way and wrong with real segments, the
-                     bug is in the graph, not the model. Also switched on by GRAPHHAL_BREAKABLE_DEBUG=1.
+                     bug is in the graph, not the model. Also switched on by GRAPHHAL_BREAKABLE_DEBUG=1 in the
+                     environment of the process that captures.
     """
 
     phase: ClassVar[str] = ""
     size_field: ClassVar[str] = ""  # the field holding the phase maximum (max_bs, max_tokens)
 
-    mode: str = FULL_MODE
+    mode: str = GraphMode.FULL
     buckets: list[int] | None = None
     compiler: str | None = None
     eager_fallback: bool = True
@@ -71,15 +71,13 @@ class PhaseConfig:
     check_addresses: str = "every_replay"
 
     def __post_init__(self) -> None:
+        # Pure: nothing here asks a device or the environment; check_device adds what depends on the device.
         self._check_types()
-        if self.mode not in known_modes():
-            raise ValueError(
-                f"{self.phase}: unknown graph mode {self.mode!r}; known modes: {', '.join(known_modes())}"
-            )
+        if not self.mode:
+            raise ValueError(f"{self.phase}: mode must name a graph mode, e.g. {', '.join(m.value for m in GraphMode)}")
+        self.mode = _plain(self.mode)
         self._check_compiler()
         self._resolve_buckets()
-        if os.environ.get(BREAKABLE_DEBUG_ENV, "") not in ("", "0"):
-            self.breakable_debug = True
         if self.warmup_runs < 1:
             raise ValueError(
                 f"{self.phase}: warmup_runs must be at least 1 (capture needs a warmed-up forward), got {self.warmup_runs!r}"
@@ -154,11 +152,12 @@ class PhaseConfig:
     def check_device(self, device: "hal.Device") -> None:
         """Raise when ``device`` cannot run this config (a mode it does not offer, a compiler it cannot record)."""
         if self.mode not in device.modes:
-            raise hal.UnsupportedModeError(
-                f"{self.phase}: device {device} does not offer graph mode {self.mode!r}; supported modes: "
-                f"{', '.join(device.modes)}"
-            )
-        if self.compiler == "inductor" and self.mode != hal.EAGER_MODE and not device.captures_compiled_kernels:
+            if self.mode in set(GraphMode):
+                problem = f"device {device} does not offer graph mode {self.mode!r}"
+            else:  # a typo, or a mode of a plugin that is not installed
+                problem = f"unknown graph mode {self.mode!r} on device {device}"
+            raise hal.UnsupportedModeError(f"{self.phase}: {problem}; supported modes: {', '.join(device.modes)}")
+        if self.compiler == "inductor" and self.mode != GraphMode.DISABLED and not device.captures_compiled_kernels:
             raise hal.UnsupportedModeError(
                 f"{self.phase}: device {device} cannot capture Inductor-compiled kernels (its graphs record torch "
                 "ops, and Inductor's fused kernels bypass them); use compiler "
@@ -204,12 +203,12 @@ class PrefillConfig(PhaseConfig):
     phase: ClassVar[str] = "prefill"
     size_field: ClassVar[str] = "max_tokens"
 
-    mode: str = hal.PIECEWISE_MODE
+    mode: str = GraphMode.PIECEWISE
     max_tokens: int | None = None
     max_requests: int = DEFAULT_MAX_REQUESTS
 
     def __post_init__(self) -> None:
-        if self.mode == FULL_MODE:
+        if self.mode == GraphMode.FULL:
             raise ValueError(
                 "prefill: mode 'full' cannot capture prefill: attention over a packed batch depends on how its "
                 "tokens split into requests, which changes from batch to batch at the same token count, so no "
@@ -226,8 +225,6 @@ class PrefillConfig(PhaseConfig):
     def default_buckets(self, maximum: int) -> list[int]:
         return default_prefill_buckets(maximum)
 
-
-ADDRESS_CHECKS = ("every_replay", "first_replay")
 
 # The type every field must have (None allowed for the optional ones): checked before anything else.
 _FIELD_TYPES: dict[str, type] = {
@@ -246,14 +243,6 @@ _FIELD_TYPES: dict[str, type] = {
 _OPTIONAL_FIELDS = frozenset({"buckets", "compiler", "max_bs", "max_tokens"})
 
 
-def known_modes() -> tuple[str, ...]:
-    """The standard modes, plus any other graph mode an installed device plugin offers."""
-    extra: list[str] = []
-    registry = hal.default_registry()
-    for device_type in registry.device_types():
-        try:
-            modes = registry.graph_modes_of(device_type)
-        except hal.GraphHalError:  # a plugin whose device is absent may not know its modes
-            continue
-        extra.extend(m for m in modes if m not in STANDARD_MODES and m not in extra)
-    return (*STANDARD_MODES, *extra)
+def _plain(mode: str) -> str:
+    """A mode as the plain string configs and JSON hold (``GraphMode.FULL`` -> ``"full"``)."""
+    return str.__str__(mode)

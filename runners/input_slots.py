@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from hal.conventions import DeviceConventions, SlotRole
+from hal import DeviceConventions, SlotRole
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import hal
-from hal.capture_state import current_capture
+from hal import current_capture
 from runners import DecodeConfig, DecodeRunner, InputSlot, default_decode_buckets
 
 SLOTS = [InputSlot("x", torch.float32, (4,)), InputSlot("pos", torch.int64, fill=0)]

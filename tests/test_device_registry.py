@@ -109,7 +109,7 @@ def test_unsupported_mode_lists_supported_modes():
         device.make_graph("fast")
     with pytest.raises(hal.UnsupportedModeError, match=r"piecewise graph is not one graph object.*PiecewiseBackend"):
         device.make_graph("piecewise")
-    with pytest.raises(ValueError, match=r"unknown graph mode 'fast'; known modes: full, breakable, piecewise, disabled"):
+    with pytest.raises(ValueError, match=r"unknown graph mode 'fast' on device cpu; supported modes: full, breakable, piecewise, disabled"):
         DecodeRunner(lambda x: x, [InputSlot("x", torch.float32)], device, DecodeConfig(mode="fast"))
 
 

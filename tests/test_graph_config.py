@@ -59,7 +59,6 @@ def test_server_flags_override_the_json_config():
     "data, message",
     [
         ({"decdoe": {}}, r"unknown phase\(s\) 'decdoe' in graph config; phases: decode, prefill"),
-        ({"decode": {"mode": "fulll"}}, r"decode: unknown graph mode 'fulll'; known modes: full, breakable, piecewise, disabled"),
         ({"decode": {"max_batch": 8}}, r"decode: unknown setting\(s\) 'max_batch'; decode settings: mode, buckets"),
         ({"decode": {"buckets": [0, 4]}}, r"decode buckets must be positive, got \[0, 4\]"),
         ({"decode": {"buckets": [4, 2, 8]}}, r"decode buckets must be strictly increasing"),
@@ -132,6 +131,12 @@ def test_a_mode_the_device_does_not_offer_is_refused_by_check_device():
     with pytest.raises(hal.UnsupportedModeError, match=r"decode: device plain does not offer graph mode 'full'; supported modes: disabled"):
         GraphConfig().check_device(device)
     GraphConfig.from_dict({"decode": {"mode": "disabled"}, "prefill": {"mode": "disabled", "compiler": "none"}}).check_device(device)
+
+
+def test_an_unknown_mode_is_refused_by_check_device_with_the_modes_the_device_has():
+    config = GraphConfig.from_dict({"decode": {"mode": "fulll"}})  # building a config asks no device
+    with pytest.raises(hal.UnsupportedModeError, match=r"decode: unknown graph mode 'fulll' on device cpu; supported modes: full, breakable, piecewise, disabled"):
+        config.check_device("cpu")
 
 
 def test_inductor_is_refused_on_a_device_that_cannot_record_its_kernels():

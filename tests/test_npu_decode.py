@@ -132,7 +132,7 @@ def test_a_replay_without_its_update_fails_loudly(simulated_npu):
             device.replay(graph)
         # Past the plugin's own check, the simulator sees what hardware would do: the gated task never runs.
         with pytest.raises(SimulatedHangError, match="would hang"):
-            graph.npu_graph.replay()
+            graph.raw.npu_graph.replay()
 
 
 @pytest.mark.cpu

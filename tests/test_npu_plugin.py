@@ -152,7 +152,7 @@ def test_an_op_without_a_torch_npu_handler_is_updated_through_explicit_task_grou
     graph = simulated_npu.make_graph("full")
     with simulated_npu.capture_session(graph, simulated_npu.graph_pool()):
         step(**step.batch([1, 1], seed=0))
-    assert [type(launch) for launch in graph.launches] == [ExplicitLaunch]
+    assert [type(launch) for launch in graph.raw.launches] == [ExplicitLaunch]
 
     runner = DecodeRunner(step, step.slots(), simulated_npu, DecodeConfig(buckets=[1, 2, 4], show_progress=False))
     runner.capture()
@@ -210,7 +210,7 @@ def test_a_failing_capture_is_dropped_and_the_device_captures_again(simulated_np
         with simulated_npu.capture_session(graph, None):
             x * 2
             raise RuntimeError("the model failed")
-    assert not graph.captured and not torch.npu.is_current_stream_capturing()
+    assert not graph.raw.captured and not torch.npu.is_current_stream_capturing()
     with pytest.raises(RuntimeError, match="never captured"):
         simulated_npu.replay(graph)
     graph = simulated_npu.make_graph("full")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hal
-from hal.piecewise_piece import PiecewisePiece
+from hal import PiecewisePiece
 
 
 @torch.library.custom_op("graphhal_test::scaled_by_host_sum", mutates_args=("out",))
@@ -195,7 +195,7 @@ def test_without_piece_capture_the_splitting_ops_become_the_breaks_of_a_breakabl
     torch._dynamo.reset()
     step = TwoPieceStep(device.torch_device)
     backend = hal.PiecewiseBackend(
-        device, None, (), splitting_ops=[torch.ops.graphhal_test.scaled_by_host_sum], capture=False
+        device, None, (), splitting_ops=[torch.ops.graphhal_test.scaled_by_host_sum], splitting_ops_as_break_points=True
     )
     compiled = hal.CompiledForward(step, backend, token_inputs=["x", "pos"])
     static = make_inputs(4, device.torch_device, seed=0)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import refmodel.attention_op as attention_op
+import refmodel.decode_attention_op as attention_op
 import refmodel.kv_cache as kv_cache_module
 import refmodel.triton_decode_attention as triton_attention
 from refmodel import DecodeWorkload, LlamaDecoder, ModelConfig, PagedKVCache, PrefillWorkload

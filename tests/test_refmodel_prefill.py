@@ -52,7 +52,7 @@ def pad(batch: dict[str, torch.Tensor], *, tokens: int, requests: int) -> dict[s
     """What a prefill runner does: token slots padded to ``tokens`` rows, request slots to ``requests`` rows."""
     width = batch["block_tables"].shape[1]
     padded = {}
-    for slots, rows in ((prefill_token_slots(TINY), tokens), (prefill_request_slots(TINY, width), requests)):
+    for slots, rows in ((prefill_token_slots(), tokens), (prefill_request_slots(TINY, width), requests)):
         for slot in slots:
             live = batch[slot.name]
             tail = torch.full((rows - live.shape[0], *slot.row_shape), slot.fill, dtype=slot.dtype, device=live.device)
@@ -192,7 +192,7 @@ def test_attention_is_a_required_break_point():
 def test_prefill_step_takes_exactly_the_token_then_request_slots_as_keywords():
     parameters = inspect.signature(PrefillStep.forward).parameters
     keyword_only = [name for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    assert keyword_only == [slot.name for slot in prefill_token_slots(TINY) + prefill_request_slots(TINY)]
+    assert keyword_only == [slot.name for slot in prefill_token_slots() + prefill_request_slots(TINY)]
 
 
 @pytest.mark.cpu
@@ -307,7 +307,7 @@ def test_prefill_step_compiles_once_for_every_token_count():
     compiled = torch.compile(step, backend=counting_backend, dynamic=True, fullgraph=True)
     for tokens in (workload.num_tokens + 2, workload.num_tokens + 9):
         batch = pad(workload.batch(), tokens=tokens, requests=4)
-        for slot in prefill_token_slots(TINY):
+        for slot in prefill_token_slots():
             torch._dynamo.mark_dynamic(batch[slot.name], 0)
         expected = step(**batch)
         torch.testing.assert_close(compiled(**batch), expected, rtol=1e-5, atol=1e-5)

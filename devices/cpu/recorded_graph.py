@@ -25,6 +25,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from hal import GraphHalError
+
 # Ops whose result is uninitialised memory: nothing to recompute at replay.
 _UNINITIALISED_FACTORIES = frozenset(
     {
@@ -39,8 +41,12 @@ _UNINITIALISED_FACTORIES = frozenset(
 _HOST_SYNC_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
 
 
-class HostSyncDuringCaptureError(RuntimeError):
+class HostSyncDuringCaptureError(GraphHalError, RuntimeError):
     """The forward read a device value back to the host while a graph was being captured."""
+
+
+class RecordedGraphStateError(GraphHalError, RuntimeError):
+    """A recorded graph was captured twice, or replayed without a successful capture."""
 
 
 class RecordingPool:
@@ -258,13 +264,13 @@ class RecordedGraph:
     def record(self, pool: RecordingPool | None = None) -> "_RecordingSession":
         """A capture session into ``pool`` (None: a private pool for this graph)."""
         if self._capturing or self._captured:
-            raise RuntimeError("this graph is already captured (or capturing); make a new graph per capture")
+            raise RecordedGraphStateError("this graph is already captured (or capturing); make a new graph per capture")
         self._pool = pool if pool is not None else RecordingPool()
         return _RecordingSession(self, self._pool)
 
     def replay(self) -> None:
         if not self._captured:
-            raise RuntimeError("replay of a graph that was never captured (or whose capture failed)")
+            raise RecordedGraphStateError("replay of a graph that was never captured (or whose capture failed)")
         for op in self._ops:
             op.replay()
 

@@ -14,7 +14,7 @@ the capture runs (``HostLengthCapture`` watches every op issued inside the captu
 
 Only ops called where a dispatch mode sees them are found: an op launched inside another custom op's kernel
 is hidden from every dispatch mode (torch_npu's included) and its lengths stay baked in. Kernels must call
-these ops directly (see ``refmodel.npu_attention``).
+these ops directly (see ``refmodel.npu_decode_attention``).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
         ...
 
 Besides installing the simulator, they point the two seams that say where npu tensors live at the CPU:
-the npu plugin's ``devices.npu.placement`` and the reference model's ``refmodel.npu_attention``. On the way
+the npu plugin's ``devices.npu.placement`` and the reference model's ``refmodel.npu_decode_attention``. On the way
 out everything is restored, and the process-wide registry is reloaded so that no Device facade built
 against the simulator outlives it.
 """
@@ -21,7 +21,7 @@ import torch
 
 import hal
 from devices.npu import placement
-from refmodel import npu_attention
+from refmodel import npu_decode_attention
 from support.npu_simulator.namespace import SIMULATED_TORCH_NPU_VERSION, installed
 from support.npu_simulator.state import SimulatorState
 
@@ -32,7 +32,7 @@ def npu_simulated_on_cpu(version: str = SIMULATED_TORCH_NPU_VERSION, device_coun
     try:
         with installed(version, device_count) as simulator, placement.tensors_on(
             lambda index: torch.device("cpu")
-        ), npu_attention.npu_tensors_on("cpu"):
+        ), npu_decode_attention.npu_tensors_on("cpu"):
             yield simulator
     finally:
         hal.reload_plugins()

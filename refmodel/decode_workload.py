@@ -1,13 +1,14 @@
-"""Synthetic decode requests standing in for a server's running batch (there is no prefill path yet)."""
+"""Synthetic decode requests standing in for a server's running batch, each with a random cached context."""
 
 from __future__ import annotations
 
 import torch
 
-from hal.conventions import DeviceConventions
+from hal import DeviceConventions
 from refmodel.block_allocator import NULL_BLOCK
 from refmodel.decode_inputs import decode_input_slots
 from refmodel.kv_cache import PagedKVCache
+from refmodel.random_context import fill_random_context
 from runners.input_slots import InputSlot
 
 
@@ -68,7 +69,7 @@ class DecodeWorkload:
         except Exception:
             self.release()
             raise
-        self._fill_context(seed)
+        fill_random_context(self.kv_cache, self._context_slots(), seed)
         self._build_batch()
 
     @property
@@ -126,22 +127,7 @@ class DecodeWorkload:
             for context_len, blocks in zip(self.context_lens, self.blocks)
             for block, offset in ((blocks[t // block_size], t % block_size) for t in range(context_len))
         ]
-        return torch.tensor(slots, dtype=torch.int64, device=self.kv_cache.device)
-
-    def _fill_context(self, seed: int) -> None:
-        cache = self.kv_cache
-        slots = self._context_slots()
-        if slots.numel() == 0:
-            return
-        # Drawn on the CPU one layer at a time, like the model's weights, so the cache holds the same values
-        # on every device (a CPU and a CUDA run of one seed are comparable) without ever holding more than a
-        # layer's worth of random values at once.
-        generator = torch.Generator().manual_seed(seed)
-        shape = (slots.numel(), self.config.num_kv_heads, self.config.head_dim)
-        for key_cache, value_cache in zip(cache.key_caches, cache.value_caches):
-            for layer_cache in (key_cache, value_cache):
-                values = torch.randn(shape, generator=generator).to(cache.device, cache.dtype)
-                layer_cache.view(-1, *shape[1:]).index_copy_(0, slots, values)
+        return torch.tensor(slots, dtype=torch.int64)
 
     def _build_batch(self) -> None:
         block_size = self.config.block_size

@@ -14,21 +14,20 @@ serves every bucket: the token count is a symbol, not a constant (``compile_coun
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
-from hal.break_points import BreakPoint
+from hal.breakable import BreakPoint
 from hal.compiled_forward import RecompileError
-from hal.errors import GraphHalError
-from hal.piecewise_piece import PieceCaptures, PiecewisePiece, ShapeKey
-from hal.piecewise_split import split_at_ops
-from hal.splitting_ops import resolve_splitting_ops
+from hal.device import Device
+from hal.errors import GraphHalError, UnsupportedModeError
+from hal.graph_modes import GraphMode
+from hal.graph_strategies import register_strategy
+from hal.piecewise.piece import PieceCaptures, PiecewisePiece, ShapeKey
+from hal.piecewise.split import split_at_ops
+from hal.piecewise.splitting_ops import resolve_splitting_ops
 
-if TYPE_CHECKING:
-    from hal.device import Device
-
-PIECEWISE_MODE = "piecewise"
 PIECE_COMPILERS = ("eager", "inductor")
 
 
@@ -38,27 +37,33 @@ class PiecewiseBackend:
     device, pool:  where the pieces are captured: one pool shared by every piece and bucket.
     buckets:       the token counts to capture; any other count runs the compiled pieces without graphs.
     compiler:      how each piece is compiled: ``eager`` (as traced) or ``inductor``.
-    capture:       False: pieces never capture, and each splitting op becomes a break point instead, so
-                   a breakable graph around the compiled forward cuts there (``compiler: inductor`` in
-                   breakable mode: fused kernels in the segments, the splitting ops eager between them).
+    splitting_ops_as_break_points:
+                   True: the pieces capture nothing themselves (``buckets`` must be empty) and each
+                   splitting op becomes a break point, so a breakable graph around the compiled forward
+                   cuts there (``compiler: inductor`` in breakable mode: fused kernels in the segments, the
+                   splitting ops eager between them).
     """
 
     def __init__(
         self,
-        device: "Device",
+        device: Device,
         pool: Any,
         buckets: Iterable[int],
         *,
         compiler: str = "eager",
         warmup_runs: int = 1,
         splitting_ops: Iterable[Any] | None = None,
-        capture: bool = True,
+        splitting_ops_as_break_points: bool = False,
     ) -> None:
         if compiler not in PIECE_COMPILERS:
             raise ValueError(f"unknown piece compiler {compiler!r}; choose one of: {', '.join(PIECE_COMPILERS)}")
+        buckets = frozenset(buckets)
+        if splitting_ops_as_break_points and buckets:
+            raise ValueError("with splitting_ops_as_break_points the pieces capture nothing: pass no buckets")
         self.compiler = compiler
         self.splitting_ops = resolve_splitting_ops(splitting_ops)
-        self.captures = PieceCaptures(device, pool, frozenset(buckets), warmup_runs, capture)
+        self.splitting_ops_as_break_points = splitting_ops_as_break_points
+        self.captures = PieceCaptures(device, pool, buckets, warmup_runs)
         self.compile_count = 0
         self.pieces: list[PiecewisePiece] = []
         self.num_splits = 0
@@ -80,21 +85,18 @@ class PiecewiseBackend:
             for value in example_inputs
         ]
         token_symbol = _token_symbol(fake_inputs)
-        if token_symbol is None and len(self.captures.buckets) != 1:
+        if token_symbol is None and len(self.captures.buckets) > 1:
             raise GraphHalError(
                 "the piecewise backend got a graph with no dynamic dimension: one compile must serve every "
                 "token-count bucket, so compile with the token dimension marked dynamic (hal.CompiledForward "
                 "does this when the first call has more than one token)"
             )
-        compiler = _PieceCompiler(split.module, set(split.pieces), self, token_symbol)
+        compiler = _PieceCompiler(split.module, set(split.pieces), self, token_symbol, _producer_of_outputs(split.module))
         with fake_mode if fake_mode is not None else contextlib.nullcontext():
             compiler.run(*fake_inputs)
         for name, piece in compiler.compiled.items():
             split.module.__dict__[name] = piece  # shadows the submodule: the split graph calls the piece
-        final = _producer_of_outputs(split.module)
-        if final in compiler.compiled:
-            compiler.compiled[final].outputs_leave_the_graph = True
-        if not self.captures.enabled:
+        if self.splitting_ops_as_break_points:
             for name in split.splits:
                 op = split.ops[name]
                 split.module.__dict__[name] = BreakPoint(getattr(split.module, name), name=str(op), required=False)
@@ -109,19 +111,31 @@ class PiecewiseBackend:
         last graph dies (CUDA does), and capturing into the released handle fails.
         """
         for piece in self.pieces:
-            piece.drop_graphs()
+            piece.drop_graphs(pool)
         self.captures.pool = pool
 
+
+def _no_single_graph(device: Device) -> Any:
+    raise UnsupportedModeError(
+        "a piecewise graph is not one graph object: compile the forward with hal.PiecewiseBackend "
+        "(runners do this for mode 'piecewise'), which captures each piece as a full graph"
+    )
+
+
+register_strategy(GraphMode.PIECEWISE, _no_single_graph)
 
 
 class _PieceCompiler(torch.fx.Interpreter):
     """Runs the split graph on fake inputs, compiling each piece with the (symbolic) arguments it gets."""
 
-    def __init__(self, module: torch.fx.GraphModule, pieces: set[str], backend: PiecewiseBackend, token_symbol: Any) -> None:
+    def __init__(
+        self, module: torch.fx.GraphModule, pieces: set[str], backend: PiecewiseBackend, token_symbol: Any, final: str | None
+    ) -> None:
         super().__init__(module)
         self.pieces = pieces
         self.backend = backend
         self.token_symbol = token_symbol
+        self.final = final  # the piece whose outputs are the forward's outputs
         self.compiled: dict[str, PiecewisePiece] = {}
         self.arg_names = {
             node.target: [str(arg) for arg in node.args] for node in module.graph.nodes if node.op == "call_module"
@@ -139,14 +153,15 @@ class _PieceCompiler(torch.fx.Interpreter):
                 self._shape_key(args),
                 self.backend.captures,
                 self.arg_names[target],
+                outputs_leave=target == self.final,
             )
         return outputs
 
 
     def _shape_key(self, args: Any) -> ShapeKey | None:
-        if self.token_symbol is None:  # a static compile for its one bucket: every call has that shape
-            (bucket,) = self.backend.captures.buckets
-            return ShapeKey(constant=bucket)
+        if self.token_symbol is None:  # a static compile for its one bucket (if any): every call has that shape
+            buckets = self.backend.captures.buckets
+            return ShapeKey(constant=next(iter(buckets))) if buckets else None
         return _shape_key(args, self.token_symbol)
 
 

@@ -5,7 +5,7 @@ a graph strategy can then cut the compiled graph at this op, run it eagerly betw
 pieces still find the result in a buffer they own.
 
 Kernels: CUDA runs the Triton kernel; CPU runs the math row by row over only the tokens each row uses; NPU
-runs torch_npu's fused infer-attention op (``refmodel.npu_attention``, which the model reaches without going
+runs torch_npu's fused infer-attention op (``refmodel.npu_decode_attention``, which the model reaches without going
 through the custom op, so an NPU graph capture can update its host lengths); any other device runs the
 full-width reference, which is slow but has no data-dependent shapes.
 
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 import hal
-from refmodel import npu_attention
-from refmodel.attention_reference import decode_attention_reference
+from refmodel import npu_decode_attention
+from refmodel.decode_attention_reference import decode_attention_reference
 from refmodel.direct_kernels import unobserved_eager_call
 
 
@@ -88,7 +88,7 @@ def _triton_paged_decode_attention() -> Callable[..., None]:
     return paged_decode_attention
 
 
-npu_attention.register(decode_attention)
+npu_decode_attention.register(decode_attention)
 
 _decode_attention_op = torch.ops.refmodel.decode_attention.default
 # The kernels the op dispatches to, by device type, for the model's direct eager calls (npu tensors never get
@@ -111,7 +111,7 @@ def _decode_attention_step(q, key_cache, value_cache, block_tables, seq_lens, sc
 # tables from device memory, so the op is graph-safe (on npu the lengths are host values the device updates
 # before every replay).
 decode_attention_break = hal.break_point(
-    npu_attention.calls_npu_directly(_decode_attention_step),
+    npu_decode_attention.calls_npu_directly(_decode_attention_step),
     name="refmodel.decode_attention",
     required=False,
 )

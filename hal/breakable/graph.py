@@ -14,35 +14,29 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Union
+from typing import Any, Mapping, Union
 
-from hal.break_results import copy_back
+from hal.breakable.break_points import BreakPoint
+from hal.breakable.break_results import copy_back
 from hal.capture_state import ActiveCapture, capture_scope
+from hal.device import Device, PluginGraph
 from hal.errors import GraphHalError
-
-if TYPE_CHECKING:
-    from hal.break_points import BreakPoint
-    from hal.device import Device
-
-BREAKABLE_MODE = "breakable"
+from hal.graph import DeviceGraph
+from hal.graph_modes import GraphMode
+from hal.graph_strategies import register_strategy
 
 
 class SegmentEndError(GraphHalError, RuntimeError):
     """A captured segment could not be ended at a break (typically a side stream left un-joined)."""
 
 
-@dataclass
-class _Segment:
-    graph: Any
-    replay_graph: Callable[[Any], Any]
-
-    def replay(self) -> None:
-        self.replay_graph(self.graph)
+class BreakableStateError(GraphHalError, RuntimeError):
+    """A breakable graph was captured twice, or replayed without a successful capture."""
 
 
 @dataclass
 class _EagerStep:
-    point: "BreakPoint"
+    point: BreakPoint
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     result: Any  # what the function returned at capture; segments after the break read these tensors
@@ -51,18 +45,20 @@ class _EagerStep:
         copy_back(self.result, self.point.function(*self.args, **self.kwargs), f"break point {self.point.name!r}")
 
 
-class BreakableGraph:
-    """The graph object of mode ``breakable``; made, captured and replayed through its ``Device``."""
+class BreakableGraph(DeviceGraph):
+    """The graph of mode ``breakable``: segments (full graphs of the device) and the eager steps between."""
 
-    def __init__(self, device: "Device") -> None:
+    mode = GraphMode.BREAKABLE.value
+
+    def __init__(self, device: Device) -> None:
         self.device = device
-        self.steps: list[Union[_Segment, _EagerStep]] = []
+        self.steps: list[Union[PluginGraph, _EagerStep]] = []
         self.captured = False
 
     @property
-    def segment_graphs(self) -> list[Any]:
+    def segments(self) -> list[PluginGraph]:
         """The device's own graphs this graph replays between its breaks, in order."""
-        return [step.graph for step in self.steps if isinstance(step, _Segment)]
+        return [step for step in self.steps if isinstance(step, PluginGraph)]
 
     @property
     def num_breaks(self) -> int:
@@ -70,14 +66,23 @@ class BreakableGraph:
 
     def capture(self, pool: Any) -> "BreakableCapture":
         if self.captured or self.steps:
-            raise RuntimeError("this breakable graph is already captured; make a new graph per capture")
+            raise BreakableStateError("this breakable graph is already captured; make a new graph per capture")
         return BreakableCapture(self, pool)
 
     def replay(self) -> None:
         if not self.captured:
-            raise RuntimeError("replay of a breakable graph that was never captured (or whose capture failed)")
+            raise BreakableStateError("replay of a breakable graph that was never captured (or whose capture failed)")
         for step in self.steps:
             step.replay()
+
+    def update(self, params: Mapping[str, Any]) -> None:
+        """Each segment is a full graph of the device: each gets the host values."""
+        for segment in self.segments:
+            segment.update(params)
+
+    def drop(self) -> None:
+        self.steps.clear()
+        self.captured = False
 
 
 class BreakableCapture:
@@ -91,7 +96,7 @@ class BreakableCapture:
         self._scope: Any = None
 
     def __enter__(self) -> BreakableGraph:
-        self._scope = capture_scope(ActiveCapture(str(self._device), BREAKABLE_MODE, self))
+        self._scope = capture_scope(ActiveCapture(str(self._device), GraphMode.BREAKABLE, self))
         self._scope.__enter__()
         try:
             self._open_segment()
@@ -114,7 +119,7 @@ class BreakableCapture:
             return
         self._graph.captured = True
 
-    def cut(self, point: "BreakPoint", args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def cut(self, point: BreakPoint, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Called by a break point: end the segment, run the function eagerly, open the next segment."""
         self._close_segment(None, None, None, where=f"before break point {point.name!r}")
         if not self._device.capture_executes_work:
@@ -129,11 +134,11 @@ class BreakableCapture:
         return result
 
     def _open_segment(self) -> None:
-        graph = self._device.make_graph("full")
-        session = self._device.plugin_capture_session(graph, self._pool)
+        segment = self._device.make_graph(GraphMode.FULL)
+        session = segment.session(self._pool)  # the breakable scope stays: break points cut this segment
         session.__enter__()
         self._session = session  # only a session that began capturing is ever ended
-        self._graph.steps.append(_Segment(graph, self._device.replay_plugin_graph))
+        self._graph.steps.append(segment)
 
     def _close_segment(self, exc_type, exc, tb, *, where: str) -> None:  # type: ignore[no-untyped-def]
         session, self._session = self._session, None
@@ -149,3 +154,6 @@ class BreakableCapture:
                 f"ending the captured segment {where} on {self._device} failed: {type(error).__name__}: {error}. "
                 "If the segment forked work onto a side stream, join it back (wait_stream) before the break."
             ) from error
+
+
+register_strategy(GraphMode.BREAKABLE, BreakableGraph)

@@ -47,8 +47,8 @@ class BreakPoint:
         active = current_capture()
         if active is None or not self.enabled:
             return self.function(*args, **kwargs)
-        if active.breakable is not None:
-            return active.breakable.cut(self, args, kwargs)
+        if active.cutter is not None:
+            return active.cutter.cut(self, args, kwargs)
         if self.required:
             raise BreakInFullGraphError(
                 f"break point {self.name!r} was reached while capturing a {active.mode!r} graph on {active.device}, "

@@ -1,0 +1,135 @@
+"""Capture per key: one device graph per key (a bucket) around one callable. The one capture primitive.
+
+    graphs = hal.GraphPerKey(device, pool, warmup_runs=1)
+    entry = graphs.capture(bucket, forward, **static_inputs)     # warm up, synchronize, capture
+    entry.replay()                                               # every later step at that bucket
+
+Runners use it for a whole forward per bucket, the piecewise strategy for each piece per token count (vLLM's
+CUDAGraphWrapper serves both levels the same way). What it does, in the order the anchors learned it:
+
+- warm up eagerly before capturing (lazy initialisation, autotuning and allocator growth must not happen
+  inside a capture), then synchronize the device, then run ``before_capture`` (a group barrier across ranks);
+- capture into the shared pool; on a device that only records, replay once when asked, so the outputs hold
+  real values for whatever reads them next (the splitting op after a piece);
+- keep only non-owning aliases of the outputs when they leave the graph (``hal.pool_aliases``), so every
+  key's outputs reuse the memory the largest key captured;
+- remember the addresses of the tensor arguments, to refuse a first replay at other addresses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from hal.device import Device
+from hal.errors import GraphHalError, StaticAddressError
+from hal.graph import DeviceGraph
+from hal.graph_modes import GraphMode
+from hal.pool_aliases import non_owning_outputs
+
+
+class WarmUpError(GraphHalError, RuntimeError):
+    """The callable failed in an eager warm-up, before any capture: a model error, not a graph error."""
+
+
+@dataclass
+class CapturedGraph:
+    """One key's graph: ``replay`` it, then read ``outputs`` (overwritten by the next replay of the pool)."""
+
+    graph: DeviceGraph
+    replay: Callable[[], None]
+    outputs: Any
+    arg_addresses: tuple[tuple[int, int], ...]  # (index, data_ptr) of every tensor argument at capture
+    arguments_checked: bool = False
+
+    def replay_with(self, args: Sequence[Any], describe: Callable[[list[int]], str]) -> Any:
+        """Replay after checking, on the first replay, that ``args`` sit where the capture read them;
+        ``describe`` turns the indices of moved arguments into the error's text."""
+        if not self.arguments_checked:
+            moved = [index for index, address in self.arg_addresses if args[index].data_ptr() != address]
+            if moved:
+                raise StaticAddressError(describe(moved))
+            self.arguments_checked = True
+        self.replay()
+        return self.outputs
+
+
+class GraphPerKey:
+    """The captured graphs of one callable, by key, all in one pool.
+
+    device, pool:         where to capture; keys are captured largest first by the caller, so later,
+                          smaller keys reuse the pool memory the first one reserved.
+    mode:                 the graph mode of every capture (``full`` or ``breakable``).
+    warmup_runs:          eager calls before each capture.
+    outputs_leave:        keep only non-owning aliases of the outputs (they leave the graph: the caller
+                          consumes them before the next replay); False keeps them alive (a piece whose
+                          outputs later pieces of the same capture read).
+    replay_after_capture: on a device whose capture only records, replay once right after capturing.
+    before_capture:       called after the warm-up's synchronize, right before the capture begins.
+    """
+
+    def __init__(
+        self,
+        device: Device,
+        pool: Any,
+        *,
+        mode: str = GraphMode.FULL,
+        warmup_runs: int = 1,
+        outputs_leave: bool = True,
+        replay_after_capture: bool = False,
+        before_capture: Callable[[], None] | None = None,
+    ) -> None:
+        self.device = device
+        self.pool = pool
+        self.mode = mode
+        self.warmup_runs = warmup_runs
+        self.outputs_leave = outputs_leave
+        self.replay_after_capture = replay_after_capture
+        self.before_capture = before_capture
+        self.graphs: dict[Any, CapturedGraph] = {}
+
+    def get(self, key: Any) -> CapturedGraph | None:
+        return self.graphs.get(key)
+
+    def __iter__(self) -> Iterator[Any]:
+        """The keys captured so far."""
+        return iter(self.graphs)
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self.graphs
+
+    def capture(self, key: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> CapturedGraph:
+        """Warm ``fn`` up, capture one call of it for ``key``, and keep the graph."""
+        device = self.device
+        try:
+            for _ in range(self.warmup_runs):
+                fn(*args, **kwargs)
+        except Exception as exc:
+            raise WarmUpError(f"{type(exc).__name__}: {exc}") from exc
+        device.synchronize()
+        if self.before_capture is not None:
+            self.before_capture()
+        graph = device.make_graph(self.mode)
+        with device.capture_session(graph, self.pool):
+            outputs = fn(*args, **kwargs)
+        replay = device.replayer(graph)
+        if self.replay_after_capture and not device.capture_executes_work:
+            replay()  # recorded only: run it once, so what reads the outputs next sees real values
+        if self.outputs_leave:
+            outputs = non_owning_outputs(outputs)
+        addresses = tuple((i, a.data_ptr()) for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+        entry = self.graphs[key] = CapturedGraph(graph, replay, outputs, addresses)
+        return entry
+
+    def drop(self, pool: Any = None) -> None:
+        """Forget every graph; later captures go into ``pool`` (a new one: a device may release a pool with
+        its last graph, and capturing into the released handle fails)."""
+        for entry in self.graphs.values():
+            entry.graph.drop()
+        self.graphs.clear()
+        self.pool = pool

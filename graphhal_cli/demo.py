@@ -12,8 +12,8 @@ import argparse
 import torch
 
 import hal
-from graphhal_cli.bench.timing import StepTimer, TimerSettings
-from graphhal_cli.device_description import describe_device
+from benchmarks.timing import StepTimer, TimerSettings
+from benchmarks.device_description import describe_device
 from refmodel import DecodeWorkload, LlamaDecoder, ModelConfig, PagedKVCache
 from runners import DecodeConfig, DecodeRunner
 

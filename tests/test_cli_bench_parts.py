@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import hal
-from graphhal_cli.bench import compiled_setup, prefill_setup
-from graphhal_cli.bench.agreement import max_abs_difference
-from graphhal_cli.bench.results import BenchResult, CaptureCost, CompiledSetup, Header, Row, SetupCost
-from graphhal_cli.bench.suite import _fill_ratios
-from graphhal_cli.bench.table import render
-from graphhal_cli.bench.timing import StepTimer, TimerSettings, median_rel_error
-from graphhal_cli.bench.workload import PrefillShape, build_bench_model
+from benchmarks.setup import compiled_setup, prefill_setup
+from benchmarks.agreement import max_abs_difference
+from benchmarks.results import BenchResult, CaptureCost, CompiledSetup, Header, Row, SetupCost
+from benchmarks.suite import _fill_ratios
+from benchmarks.render.table import render
+from benchmarks.timing import StepTimer, TimerSettings, median_rel_error
+from benchmarks.workload import PrefillShape, build_bench_model
 from refmodel import ModelConfig
 
 pytestmark = pytest.mark.cpu

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import time
 
-from graphhal_cli.bench.compile_count import dynamo_compiles
-from graphhal_cli.bench.contenders import release_memory
-from graphhal_cli.bench.results import PrefillSetup
-from graphhal_cli.bench.workload import BenchModel, PrefillShape
+from benchmarks.setup.compile_count import dynamo_compiles
+from benchmarks.contenders import release_memory
+from benchmarks.results import PrefillSetup
+from benchmarks.workload import BenchModel, PrefillShape
 from refmodel import ModelConfig, prefill_request_slots, prefill_token_slots
 from runners import PrefillConfig, PrefillRunner
 

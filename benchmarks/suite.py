@@ -18,14 +18,15 @@ import torch
 from tqdm import tqdm
 
 import hal
-from graphhal_cli.bench import capture_cost, compiled_setup, prefill, prefill_setup
-from graphhal_cli.bench.agreement import detached_copy, max_abs_difference
-from graphhal_cli.bench.compiled_setup import DEFAULT_STATIC_SIZES
-from graphhal_cli.bench.contenders import EAGER, FLOOR, Prepared, RunnerMode, decode_contenders, release_memory
-from graphhal_cli.bench.results import BenchResult, CaptureCost, Failed, Header, Row, SetupCost, Skipped
-from graphhal_cli.bench.timing import StepTimer, TimerSettings
-from graphhal_cli.bench.workload import BenchModel, PrefillShape, build_bench_model
-from graphhal_cli.device_description import describe_device
+from benchmarks import prefill
+from benchmarks.setup import capture_cost, compiled_setup, prefill_setup
+from benchmarks.agreement import detached_copy, max_abs_difference
+from benchmarks.setup.compiled_setup import DEFAULT_STATIC_SIZES
+from benchmarks.contenders import EAGER, FLOOR, Prepared, RunnerMode, decode_contenders, release_memory
+from benchmarks.results import BenchResult, CaptureCost, Failed, Header, Row, SetupCost, Skipped
+from benchmarks.timing import StepTimer, TimerSettings
+from benchmarks.workload import BenchModel, PrefillShape, build_bench_model
+from benchmarks.device_description import describe_device
 from refmodel import ModelConfig
 
 DECODE, PREFILL = "decode", "prefill"

@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 import hal
-from graphhal_cli.bench.workload import BenchModel
+from benchmarks.workload import BenchModel
 from runners import DecodeConfig, DecodeRunner
 
 EAGER = "eager"

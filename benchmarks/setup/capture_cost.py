@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import time
 
-from graphhal_cli.bench.contenders import release_memory, static_copy
-from graphhal_cli.bench.results import CaptureCost
-from graphhal_cli.bench.workload import BenchModel
+from benchmarks.contenders import release_memory, static_copy
+from benchmarks.results import CaptureCost
+from benchmarks.workload import BenchModel
 from runners import DecodeConfig, DecodeRunner
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from hal import MIB
-from graphhal_cli.bench.results import FULL_INDUCTOR_SETUP, BenchResult, CaptureCost, CompiledSetup, Row, SetupCost
+from benchmarks.results import FULL_INDUCTOR_SETUP, BenchResult, CaptureCost, CompiledSetup, Row, SetupCost
 
 # (title, width, cell) per column; a cell is "-" where the value does not apply.
 _Column = tuple[str, int, Callable[[Row], str]]

@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 
 import hal
-from graphhal_cli.bench.compiled_setup import DEFAULT_STATIC_SIZES
-from graphhal_cli.bench.contenders import DECODE_CONTENDERS, REDUCE_OVERHEAD
-from graphhal_cli.bench.prefill import PREFILL_MODES
-from graphhal_cli.bench.suite import BenchPlan, run_bench
-from graphhal_cli.bench.table import render
-from graphhal_cli.bench.timing import TimerSettings
-from graphhal_cli.bench.workload import PrefillShape
+from benchmarks.setup.compiled_setup import DEFAULT_STATIC_SIZES
+from benchmarks.contenders import DECODE_CONTENDERS, REDUCE_OVERHEAD
+from benchmarks.prefill import PREFILL_MODES
+from benchmarks.suite import BenchPlan, run_bench
+from benchmarks.render.table import render
+from benchmarks.timing import TimerSettings
+from benchmarks.workload import PrefillShape
 from refmodel import ModelConfig
 from runners import PrefillConfig
 
@@ -173,7 +173,7 @@ def plan_from_arguments(args: argparse.Namespace) -> BenchPlan:
 
 def run(args: argparse.Namespace) -> int:
     if args.plot is not None:  # fail before minutes of measuring, not after
-        from graphhal_cli.bench.plot import require_matplotlib
+        from benchmarks.render.plot import require_matplotlib
 
         require_matplotlib()
     plan = plan_from_arguments(args)
@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         result.write_json(args.json)
         print(f"wrote {args.json}")
     if args.plot is not None:
-        from graphhal_cli.bench.plot import write_plot
+        from benchmarks.render.plot import write_plot
 
         write_plot(result, args.plot)
         print(f"wrote {args.plot}")

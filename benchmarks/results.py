@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from graphhal_cli.bench.timing import Timing
+from benchmarks.timing import Timing
 
 SCHEMA_VERSION = 1
 FULL_INDUCTOR_SETUP = "full+inductor"  # the compiled setup every other is compared with

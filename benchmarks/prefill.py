@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 
 import hal
-from graphhal_cli.bench.contenders import EAGER, Prepared
-from graphhal_cli.bench.workload import BenchModel, PrefillShape
+from benchmarks.contenders import EAGER, Prepared
+from benchmarks.workload import BenchModel, PrefillShape
 from refmodel import PrefillWorkload
 from runners import PrefillConfig, PrefillRunner
 

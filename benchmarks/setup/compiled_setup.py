@@ -32,8 +32,8 @@ import torch
 from tqdm import tqdm
 
 import hal
-from graphhal_cli.bench.compile_count import dynamo_compiles
-from graphhal_cli.bench.contenders import (
+from benchmarks.setup.compile_count import dynamo_compiles
+from benchmarks.contenders import (
     ReduceOverhead,
     RunnerMode,
     mark_for_reduce_overhead,
@@ -41,8 +41,8 @@ from graphhal_cli.bench.contenders import (
     reduce_overhead_setup_calls,
     release_memory,
 )
-from graphhal_cli.bench.results import FULL_INDUCTOR_SETUP, CompiledSetup
-from graphhal_cli.bench.workload import BenchModel
+from benchmarks.results import FULL_INDUCTOR_SETUP, CompiledSetup
+from benchmarks.workload import BenchModel
 from runners import DecodeConfig, DecodeRunner
 
 REDUCE_OVERHEAD_SETUP = "reduce-overhead"

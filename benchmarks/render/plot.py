@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from graphhal_cli.bench.results import BenchResult, Row
+from benchmarks.results import BenchResult, Row
 
 
 class PlotUnavailableError(RuntimeError):

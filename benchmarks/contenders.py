@@ -40,13 +40,10 @@ from typing import Any, Callable, Mapping
 import torch
 
 import hal
+from benchmarks.names import EAGER, FLOOR, FULL_INDUCTOR, REDUCE_OVERHEAD
 from benchmarks.workload import BenchModel
 from runners import DecodeConfig, DecodeRunner
 
-EAGER = "eager"
-FLOOR = "floor"
-FULL_INDUCTOR = "full+inductor"
-REDUCE_OVERHEAD = "reduce-overhead"
 RUNNER_MODES = ("full", "breakable", "piecewise")
 # Every decode contender a user may name, in table order; eager always runs (it is the baseline).
 DECODE_CONTENDERS = (FLOOR, *RUNNER_MODES, FULL_INDUCTOR, REDUCE_OVERHEAD)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 
 import hal
-from benchmarks.contenders import EAGER, Prepared
+from benchmarks.contenders import Prepared
+from benchmarks.names import EAGER
 from benchmarks.workload import BenchModel, PrefillShape
 from refmodel import PrefillWorkload
 from runners import PrefillConfig, PrefillRunner

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.names import FULL_INDUCTOR
 from benchmarks.timing import Timing
 
 SCHEMA_VERSION = 1
-FULL_INDUCTOR_SETUP = "full+inductor"  # the compiled setup every other is compared with
 
 
 @dataclass
@@ -151,8 +151,9 @@ class SetupCost:
     notes: list[str] = field(default_factory=list)
 
     def full_inductor_ratio(self, setup: CompiledSetup) -> float | None:
-        """full+inductor's setup over ``setup``'s, both for every bucket (``setup``'s maybe extrapolated)."""
-        reference = next((s for s in self.decode if s.contender == FULL_INDUCTOR_SETUP), None)
+        """full+inductor's setup over ``setup``'s, both for every bucket (``setup``'s maybe extrapolated): the
+        compiled setup every other is compared with."""
+        reference = next((s for s in self.decode if s.contender == FULL_INDUCTOR), None)
         if reference is None or setup is reference or not setup.all_buckets_s:
             return None
         return reference.all_buckets_s / setup.all_buckets_s

@@ -19,18 +19,18 @@ from tqdm import tqdm
 
 import hal
 from benchmarks import prefill
-from benchmarks.setup import capture_cost, compiled_setup, prefill_setup
 from benchmarks.agreement import detached_copy, max_abs_difference
-from benchmarks.setup.compiled_setup import DEFAULT_STATIC_SIZES
-from benchmarks.contenders import EAGER, FLOOR, Prepared, RunnerMode, decode_contenders, release_memory
+from benchmarks.contenders import Prepared, RunnerMode, decode_contenders, release_memory
+from benchmarks.device_description import describe_device
+from benchmarks.names import DECODE, EAGER, FLOOR, FULL_INDUCTOR, PREFILL, REDUCE_OVERHEAD, SETUP, STATIC_REDUCE_OVERHEAD
+from benchmarks.prefill import PREFILL_MODES
 from benchmarks.results import BenchResult, CaptureCost, Failed, Header, Row, SetupCost, Skipped
+from benchmarks.setup import capture_cost, compiled_setup, prefill_setup
+from benchmarks.setup.compiled_setup import DEFAULT_STATIC_SIZES
 from benchmarks.timing import StepTimer, TimerSettings
 from benchmarks.workload import BenchModel, PrefillShape, build_bench_model
-from benchmarks.device_description import describe_device
 from refmodel import ModelConfig
 
-DECODE, PREFILL = "decode", "prefill"
-SETUP = "setup"
 CPU_NOTE = (
     "the cpu device is graphhal's reference device: its graphs re-issue recorded ops for faithful semantics, "
     "not speed, so no graph mode is expected to beat eager there. Run on a GPU for real speedups."
@@ -229,15 +229,15 @@ class _Session:
         buckets = compiled_setup.decode_buckets(max_bs)
         static_sizes = compiled_setup.static_sizes(self.plan.static_sizes, max_bs)
         measurements = {
-            compiled_setup.FULL_INDUCTOR_SETUP: (
+            FULL_INDUCTOR: (
                 f"{len(buckets)} buckets up to {max_bs}",
                 partial(compiled_setup.full_inductor, self.bench, max_bs, show),
             ),
-            compiled_setup.REDUCE_OVERHEAD_SETUP: (
+            REDUCE_OVERHEAD: (
                 f"{len(buckets)} buckets up to {max_bs}",
                 partial(compiled_setup.reduce_overhead, self.bench, buckets[::-1], len(buckets), show),
             ),
-            compiled_setup.STATIC_REDUCE_OVERHEAD_SETUP: (
+            STATIC_REDUCE_OVERHEAD: (
                 f"sizes {', '.join(map(str, static_sizes))}",
                 partial(compiled_setup.reduce_overhead, self.bench, static_sizes, len(buckets), show, dynamic=False),
             ),
@@ -259,7 +259,7 @@ class _Session:
 
     def _prefill_setups(self, cost: SetupCost, max_tokens: int) -> None:
         device = self.plan.device
-        for mode in prefill_setup.PREFILL_SETUP_MODES:
+        for mode in PREFILL_MODES:
             if _skipped(self.result, SETUP, f"prefill {mode}", prefill.prefill_skip_reason(mode, device)):
                 continue
             self.bar.set_description_str(f"setup: prefill {mode} (buckets up to {max_tokens} tokens)")

@@ -15,18 +15,18 @@ from pathlib import Path
 
 import torch
 
-import hal
-from benchmarks.setup.compiled_setup import DEFAULT_STATIC_SIZES
-from benchmarks.contenders import DECODE_CONTENDERS, REDUCE_OVERHEAD
+from benchmarks.contenders import DECODE_CONTENDERS
+from benchmarks.names import REDUCE_OVERHEAD
 from benchmarks.prefill import PREFILL_MODES
-from benchmarks.suite import BenchPlan, run_bench
 from benchmarks.render.table import render
+from benchmarks.setup.compiled_setup import DEFAULT_STATIC_SIZES
+from benchmarks.suite import BenchPlan, run_bench
 from benchmarks.timing import TimerSettings
 from benchmarks.workload import PrefillShape
+from graphhal_cli.shared_options import DTYPES, chosen_device
 from refmodel import ModelConfig
 from runners import PrefillConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODELS = {"tiny": ModelConfig.tiny, "default": ModelConfig}
 
 
@@ -139,7 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def plan_from_arguments(args: argparse.Namespace) -> BenchPlan:
-    device = hal.get_device(args.device) if args.device else hal.best_available_device()
+    device = chosen_device(args.device)
     defaults = _Defaults(on_cpu=device.type == "cpu")
     config = MODELS[args.model or defaults.model]()
     if args.layers is not None:

@@ -41,13 +41,12 @@ from benchmarks.contenders import (
     reduce_overhead_setup_calls,
     release_memory,
 )
-from benchmarks.results import FULL_INDUCTOR_SETUP, CompiledSetup
+from benchmarks.names import FULL_INDUCTOR, REDUCE_OVERHEAD, STATIC_REDUCE_OVERHEAD
+from benchmarks.results import CompiledSetup
 from benchmarks.workload import BenchModel
 from runners import DecodeConfig, DecodeRunner
 
-REDUCE_OVERHEAD_SETUP = "reduce-overhead"
-STATIC_REDUCE_OVERHEAD_SETUP = "reduce-overhead dynamic=False"
-COMPILED_SETUPS = (FULL_INDUCTOR_SETUP, REDUCE_OVERHEAD_SETUP, STATIC_REDUCE_OVERHEAD_SETUP)
+COMPILED_SETUPS = (FULL_INDUCTOR, REDUCE_OVERHEAD, STATIC_REDUCE_OVERHEAD)
 # Batch sizes of the dynamic=False setup by default: both ends and two between, a compile each.
 DEFAULT_STATIC_SIZES = (1, 8, 64, 256)
 
@@ -57,10 +56,10 @@ def skip_reasons(device: hal.Device) -> dict[str, str]:
     reasons = {}
     inductor = RunnerMode("full", compiler="inductor").skip_reason(device)
     if inductor is not None:
-        reasons[FULL_INDUCTOR_SETUP] = inductor
+        reasons[FULL_INDUCTOR] = inductor
     reduce_overhead = ReduceOverhead().skip_reason(device)
     if reduce_overhead is not None:
-        reasons[REDUCE_OVERHEAD_SETUP] = reasons[STATIC_REDUCE_OVERHEAD_SETUP] = reduce_overhead
+        reasons[REDUCE_OVERHEAD] = reasons[STATIC_REDUCE_OVERHEAD] = reduce_overhead
     return reasons
 
 
@@ -126,7 +125,7 @@ def full_inductor(bench: BenchModel, max_bs: int, show_progress: bool) -> Compil
         del runner  # before its kernels' cache directory goes
     release_memory(device)
     return CompiledSetup(
-        contender=FULL_INDUCTOR_SETUP,
+        contender=FULL_INDUCTOR,
         detail='DecodeRunner(mode="full", compiler="inductor"): one compile, graphhal captures every bucket',
         sizes=list(report.buckets),
         num_buckets=len(report.buckets),
@@ -173,7 +172,7 @@ def reduce_overhead(
     release_memory(device)
     marks = "batch dim dynamic" if dynamic else "dynamic=False"
     return CompiledSetup(
-        contender=REDUCE_OVERHEAD_SETUP if dynamic else STATIC_REDUCE_OVERHEAD_SETUP,
+        contender=REDUCE_OVERHEAD if dynamic else STATIC_REDUCE_OVERHEAD,
         detail=f'one torch.compile(mode="reduce-overhead") for every size, {marks}, static KV cache and inputs, '
         f"{ReduceOverhead.SETUP_CALLS} calls per size",
         sizes=list(sizes),

@@ -19,8 +19,6 @@ from benchmarks.workload import BenchModel, PrefillShape
 from refmodel import ModelConfig, prefill_request_slots, prefill_token_slots
 from runners import PrefillConfig, PrefillRunner
 
-PREFILL_SETUP_MODES = ("piecewise", "breakable")
-
 
 def setup_tokens(config: ModelConfig, requested: int) -> tuple[int, str]:
     """``max_tokens`` for the prefill setup, and why it is lower than ``requested`` ("" when it is not)."""

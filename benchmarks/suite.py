@@ -18,17 +18,24 @@ import torch
 from tqdm import tqdm
 
 import hal
-from benchmarks import prefill
 from benchmarks.agreement import detached_copy, max_abs_difference
-from benchmarks.contenders import Prepared, RunnerMode, decode_contenders, release_memory
+from benchmarks.contenders import (
+    DECODE_CONTENDERS,
+    PREFILL_CONTENDERS,
+    PREFILL_MODES,
+    Contender,
+    Prepared,
+    decode_lineup,
+    prefill_lineup,
+)
 from benchmarks.device_description import describe_device
+from benchmarks.memory import release_memory
 from benchmarks.names import DECODE, EAGER, FLOOR, FULL_INDUCTOR, PREFILL, REDUCE_OVERHEAD, SETUP, STATIC_REDUCE_OVERHEAD
-from benchmarks.prefill import PREFILL_MODES
 from benchmarks.results import BenchResult, CaptureCost, Failed, Header, Row, SetupCost, Skipped
 from benchmarks.setup import capture_cost, compiled_setup, prefill_setup
 from benchmarks.setup.compiled_setup import DEFAULT_STATIC_SIZES
 from benchmarks.timing import StepTimer, TimerSettings
-from benchmarks.workload import BenchModel, PrefillShape, build_bench_model
+from benchmarks.workload import PrefillCase, PrefillShape, Workload, build_reference_workload
 from refmodel import ModelConfig
 
 CPU_NOTE = (
@@ -70,7 +77,7 @@ def run_bench(plan: BenchPlan) -> BenchResult:
     setup_tokens, setup_note = _prefill_setup_tokens(plan)
     # The KV cache also holds the prefill setup's largest batch, so each bucket it captures could be filled.
     cache_shapes = [*plan.prefill_shapes, *([prefill_setup.cache_shape(plan.config, setup_tokens)] if setup_tokens else [])]
-    bench = build_bench_model(
+    bench = build_reference_workload(
         device,
         plan.config,
         plan.dtype,
@@ -84,7 +91,7 @@ def run_bench(plan: BenchPlan) -> BenchResult:
     if device.type == "cpu":
         result.notes.append(CPU_NOTE)
 
-    decode = [c for c in decode_contenders(plan.decode_modes, device) if not _skipped(result, DECODE, c.name, c.skip_reason(device))]
+    decode = [c for c in decode_lineup(plan.decode_modes, device) if not _skipped(result, DECODE, c.name, c.skip_reason(device))]
     result.header.modes = {c.name: c.detail for c in decode}
     prefill_modes = _runnable_prefill_modes(plan, result)
     prefill_shapes = [s for s in plan.prefill_shapes if _prefill_shape_fits(s, plan.config, result)] if prefill_modes else []
@@ -92,7 +99,7 @@ def run_bench(plan: BenchPlan) -> BenchResult:
     with torch.no_grad(), tqdm(total=cases, unit="case", disable=not plan.show_progress, leave=False) as bar:
         session = _Session(plan, bench, result, timer, bar)
         for batch_size in plan.batch_sizes:
-            batch = bench.decode.batch(batch_size)
+            batch = bench.decode_batch(batch_size)
             session.measure_size(
                 DECODE, {"batch_size": batch_size}, [(c.name, partial(c.prepare, bench, batch)) for c in decode]
             )
@@ -110,7 +117,7 @@ def run_bench(plan: BenchPlan) -> BenchResult:
 class _Session:
     """One run's shared state: the model, the timer, the progress bar, and the result being filled in."""
 
-    def __init__(self, plan: BenchPlan, bench: BenchModel, result: BenchResult, timer: StepTimer, bar: tqdm) -> None:
+    def __init__(self, plan: BenchPlan, bench: Workload, result: BenchResult, timer: StepTimer, bar: tqdm) -> None:
         self.plan = plan
         self.bench = bench
         self.result = result
@@ -171,17 +178,14 @@ class _Session:
     def _failed(self, phase: str, mode: str, size: str, exc: Exception) -> None:
         self.result.failed.append(Failed(phase, mode, size, f"{type(exc).__name__}: {exc}"))
 
-    def measure_prefill(self, shape: PrefillShape, modes: list[str]) -> None:
+    def measure_prefill(self, shape: PrefillShape, modes: list[Contender[PrefillCase]]) -> None:
         try:
-            case = prefill.PrefillCase(self.bench, shape, seed=self.plan.seed)
+            case = self.bench.prefill_case(shape, seed=self.plan.seed)
         except Exception as exc:
             self._failed(PREFILL, "(workload)", shape.label, exc)
             self.bar.update(len(modes))
             return
-        contenders = [
-            (mode, partial(prefill.eager_prefill, case) if mode == EAGER else partial(prefill.runner_prefill, case, mode, self.plan.device))
-            for mode in modes
-        ]
+        contenders = [(c.name, partial(c.prepare, self.bench, case)) for c in modes]
         try:
             self.measure_size(PREFILL, {"tokens": shape.tokens, "requests": shape.requests}, contenders)
         finally:
@@ -260,7 +264,7 @@ class _Session:
     def _prefill_setups(self, cost: SetupCost, max_tokens: int) -> None:
         device = self.plan.device
         for mode in PREFILL_MODES:
-            if _skipped(self.result, SETUP, f"prefill {mode}", prefill.prefill_skip_reason(mode, device)):
+            if _skipped(self.result, SETUP, f"prefill {mode}", PREFILL_CONTENDERS[mode](device).skip_reason(device)):
                 continue
             self.bar.set_description_str(f"setup: prefill {mode} (buckets up to {max_tokens} tokens)")
             try:
@@ -273,8 +277,8 @@ class _Session:
         """Step times of ``modes`` at batch 1: from the table when all were measured, else measured now, together."""
         table = {row.mode: row.median_ms for row in self.result.rows if row.phase == DECODE and row.batch_size == 1}
         if not all(mode in table for mode in modes):
-            batch = self.bench.decode.batch(1)
-            contenders = [(mode, partial(RunnerMode(mode).prepare, self.bench, batch)) for mode in modes]
+            batch = self.bench.decode_batch(1)
+            contenders = [(mode, partial(DECODE_CONTENDERS[mode](self.plan.device).prepare, self.bench, batch)) for mode in modes]
             table = {row.mode: row.median_ms for row in self.measure_size(DECODE, {"batch_size": 1}, contenders, record=False)}
         return [table.get(mode) for mode in modes]
 
@@ -285,11 +289,12 @@ def _skipped(result: BenchResult, phase: str, mode: str, reason: str | None) -> 
     return reason is not None
 
 
-def _runnable_prefill_modes(plan: BenchPlan, result: BenchResult) -> list[str]:
+def _runnable_prefill_modes(plan: BenchPlan, result: BenchResult) -> list[Contender[PrefillCase]]:
     if not plan.prefill_modes or not plan.prefill_shapes:
         return []
-    modes = [m for m in plan.prefill_modes if not _skipped(result, PREFILL, m, prefill.prefill_skip_reason(m, plan.device))]
-    return [EAGER, *modes] if modes else []
+    eager, *named = prefill_lineup(plan.prefill_modes, plan.device)
+    modes = [c for c in named if not _skipped(result, PREFILL, c.name, c.skip_reason(plan.device))]
+    return [eager, *modes] if modes else []
 
 
 def _prefill_setup_tokens(plan: BenchPlan) -> tuple[int | None, str]:
@@ -321,7 +326,7 @@ def _fill_ratios(rows: list[Row]) -> None:
                 row.ratio_to_floor = row.median_ms / reference.median_ms
 
 
-def _header(plan: BenchPlan, bench: BenchModel, timer: StepTimer) -> Header:
+def _header(plan: BenchPlan, bench: Workload, timer: StepTimer) -> Header:
     return Header(
         device=str(plan.device),
         device_name=describe_device(plan.device),

@@ -1,17 +1,31 @@
-"""What every contender runs: the reference decoder, its paged KV cache and the decode requests.
+"""What every contender runs: a model's decode and prefill steps, the KV cache they share, and the requests.
 
-Built once per bench run; every contender gets the same model, cache and batches, so their step times and
-outputs are comparable. The cache has room for the decode requests plus the largest prefill case.
+Built once per bench run; every contender gets the same steps, cache and batches, so their step times and
+outputs are comparable. ``Workload`` is what the contenders and the setup measurements use of it, and all
+they may use: another model (a Hugging Face Llama, Qwen2 or Mistral, say) plugs in as another class with
+these members. ``ReferenceWorkload`` is graphhal's reference decoder and its paged KV cache, which has room
+for the decode requests plus the largest prefill case.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
 
 import torch
 
 import hal
-from refmodel import DecodeStep, DecodeWorkload, LlamaDecoder, ModelConfig, PagedKVCache
+from refmodel import (
+    DecodeStep,
+    DecodeWorkload,
+    LlamaDecoder,
+    ModelConfig,
+    PagedKVCache,
+    PrefillStep,
+    PrefillWorkload,
+    prefill_request_slots,
+    prefill_token_slots,
+)
 from runners import InputSlot
 
 
@@ -32,7 +46,54 @@ class PrefillShape:
 
 
 @dataclass
-class BenchModel:
+class PrefillCase:
+    """One prefill shape's requests in the KV cache: the forward to run them with and its batch.
+
+    ``release`` frees their cache blocks; the cache holds one case at a time besides the decode requests.
+    """
+
+    shape: PrefillShape
+    forward: Callable[..., Any]
+    batch: dict[str, torch.Tensor]
+    release: Callable[[], None]
+
+
+class Workload(Protocol):
+    """What contenders and setup measurements use of a model, its cache and its requests."""
+
+    device: hal.Device
+    decode_step: Callable[..., Any]  # one decode step: ``decode_step(**batch)``
+    decode_slots: list[InputSlot]  # the inputs of ``decode_step``, for a ``DecodeRunner``
+
+    def decode_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """The first ``batch_size`` decode requests as one batch; the same tensors every call."""
+        ...
+
+    def kv_cache_tensors(self) -> list[torch.Tensor]:
+        """Tensors every step reads and writes in place: they stay at their addresses for the whole run."""
+        ...
+
+    def prefill_forward(self) -> Callable[..., Any]:
+        """A fresh prefill step over the KV cache: ``prefill_forward()(**case.batch)``."""
+        ...
+
+    def prefill_slots(self) -> tuple[list[InputSlot], list[InputSlot]]:
+        """The per-token and per-request inputs of the prefill step, for a ``PrefillRunner``."""
+        ...
+
+    def prefill_case(self, shape: PrefillShape, seed: int) -> PrefillCase:
+        """Requests of ``shape`` placed in the KV cache; the caller releases them."""
+        ...
+
+    def describe(self) -> str:
+        """One line for the header: the model, its dtype and the decode contexts."""
+        ...
+
+
+@dataclass
+class ReferenceWorkload:
+    """graphhal's reference decoder (refmodel), its paged KV cache and its decode requests: a ``Workload``."""
+
     device: hal.Device
     config: ModelConfig
     dtype: torch.dtype
@@ -42,6 +103,22 @@ class BenchModel:
     decode: DecodeWorkload
     decode_step: DecodeStep
     decode_slots: list[InputSlot] = field(default_factory=list)
+
+    def decode_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        return self.decode.batch(batch_size)
+
+    def kv_cache_tensors(self) -> list[torch.Tensor]:
+        return [*self.kv_cache.key_caches, *self.kv_cache.value_caches]
+
+    def prefill_forward(self) -> PrefillStep:
+        return self.model.prefill_forward(self.kv_cache)
+
+    def prefill_slots(self) -> tuple[list[InputSlot], list[InputSlot]]:
+        return prefill_token_slots(self.config), prefill_request_slots(self.config)
+
+    def prefill_case(self, shape: PrefillShape, seed: int) -> PrefillCase:
+        requests = PrefillWorkload(self.kv_cache, shape.query_lens(), seed=seed)
+        return PrefillCase(shape, self.prefill_forward(), requests.batch(), requests.release)
 
     def describe(self) -> str:
         c = self.config
@@ -55,7 +132,7 @@ def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
-def build_bench_model(
+def build_reference_workload(
     device: hal.Device,
     config: ModelConfig,
     dtype: torch.dtype,
@@ -64,9 +141,9 @@ def build_bench_model(
     context_len: int,
     prefill_shapes: list[PrefillShape] = (),  # type: ignore[assignment]
     seed: int = 0,
-) -> BenchModel:
+) -> ReferenceWorkload:
     blocks_per_request = blocks_for(context_len + 1, config.block_size)
-    # Prefill workloads are built and released one at a time, so the cache needs room for the largest.
+    # Prefill cases are placed and released one at a time, so the cache needs room for the largest.
     prefill_blocks = max(
         (sum(blocks_for(n, config.block_size) for n in shape.query_lens()) for shape in prefill_shapes), default=0
     )
@@ -76,7 +153,7 @@ def build_bench_model(
     decode = DecodeWorkload(
         kv_cache, max_batch_size, max_context_len=context_len, max_blocks_per_seq=blocks_per_request, seed=seed
     )
-    return BenchModel(
+    return ReferenceWorkload(
         device=device,
         config=config,
         dtype=dtype,

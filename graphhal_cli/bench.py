@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.contenders import DECODE_CONTENDERS
+from benchmarks.contenders import DECODE_CONTENDERS, PREFILL_MODES
 from benchmarks.names import REDUCE_OVERHEAD
-from benchmarks.prefill import PREFILL_MODES
 from benchmarks.render.table import render
 from benchmarks.setup.compiled_setup import DEFAULT_STATIC_SIZES
 from benchmarks.suite import BenchPlan, run_bench

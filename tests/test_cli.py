@@ -14,7 +14,7 @@ import torch
 
 import hal
 from support.installed_distribution import install_distribution, site  # noqa: F401 (site: fixture)
-from benchmarks import contenders
+from benchmarks.contenders import runner_modes
 from benchmarks.setup import compiled_setup
 from benchmarks.results import CompiledSetup
 from graphhal_cli.main import main
@@ -374,7 +374,7 @@ def test_bench_reports_a_failing_mode_keeps_the_others_and_exits_nonzero(monkeyp
     def broken_prepare(self, bench, batch):
         raise RuntimeError("capture went wrong")
 
-    monkeypatch.setattr(contenders.RunnerMode, "prepare", broken_prepare)
+    monkeypatch.setattr(runner_modes.DecodeRunnerMode, "prepare", broken_prepare)
     json_path = tmp_path / "bench.json"
     code, out, err = run_cli(
         capsys, "bench", "--device", "cpu", "--batch-sizes", "1", "--modes", "floor,full", "--no-prefill",

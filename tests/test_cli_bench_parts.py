@@ -17,7 +17,7 @@ from benchmarks.results import BenchResult, CaptureCost, CompiledSetup, Header, 
 from benchmarks.suite import _fill_ratios
 from benchmarks.render.table import render
 from benchmarks.timing import StepTimer, TimerSettings, median_rel_error
-from benchmarks.workload import PrefillShape, build_bench_model
+from benchmarks.workload import PrefillShape, build_reference_workload
 from refmodel import ModelConfig
 
 pytestmark = pytest.mark.cpu
@@ -234,7 +234,7 @@ def test_one_compiled_step_serves_every_bucket_and_its_compiles_are_counted(cpu,
     ))
     monkeypatch.setattr(compiled_setup, "reduce_overhead_setup_calls", setup_calls)
     monkeypatch.setattr(compiled_setup, "private_pool_bytes", lambda torch_device: 0)
-    bench = build_bench_model(cpu, ModelConfig.tiny(), torch.float32, max_batch_size=1, context_len=8)
+    bench = build_reference_workload(cpu, ModelConfig.tiny(), torch.float32, max_batch_size=1, context_len=8)
     buckets = compiled_setup.decode_buckets(64)  # 12: 1, 2, 4, 8, 12, 16, 24, ..., 64
     with torch.no_grad():
         dynamic = compiled_setup.reduce_overhead(bench, buckets[::-1], len(buckets), False)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import time
 
-from benchmarks.contenders import release_memory, static_copy
+from benchmarks.contenders.static_buffers import static_copy
+from benchmarks.memory import release_memory
 from benchmarks.results import CaptureCost
-from benchmarks.workload import BenchModel
+from benchmarks.workload import Workload
 from runners import DecodeConfig, DecodeRunner
 
 
-def capture_all_buckets(bench: BenchModel, max_bs: int, show_progress: bool) -> CaptureCost:
+def capture_all_buckets(workload: Workload, max_bs: int, show_progress: bool) -> CaptureCost:
     """Capture every default bucket up to ``max_bs``, then the largest alone, and compare their pools.
 
     A one-bucket runner is captured first and kept alive through both: cuBLAS allocates its workspace for
@@ -26,14 +27,14 @@ def capture_all_buckets(bench: BenchModel, max_bs: int, show_progress: bool) -> 
     (graphs captured later on the stream use it too). Charged to neither side, it would otherwise make
     whichever runner comes first look 32 MiB (on an H100) larger.
     """
-    device = bench.device
+    device = workload.device
     first_capture = DecodeRunner(
-        bench.decode_step, bench.decode_slots, device, DecodeConfig(mode="full", buckets=[1], show_progress=False)
+        workload.decode_step, workload.decode_slots, device, DecodeConfig(mode="full", buckets=[1], show_progress=False)
     )
     first_capture.capture()
     started = time.perf_counter()
     runner = DecodeRunner(
-        bench.decode_step, bench.decode_slots, device, DecodeConfig(mode="full", max_bs=max_bs, show_progress=show_progress)
+        workload.decode_step, workload.decode_slots, device, DecodeConfig(mode="full", max_bs=max_bs, show_progress=show_progress)
     )
     report = runner.capture()
     device.synchronize()
@@ -43,7 +44,7 @@ def capture_all_buckets(bench: BenchModel, max_bs: int, show_progress: bool) -> 
     release_memory(device)
 
     largest = DecodeRunner(
-        bench.decode_step, bench.decode_slots, device, DecodeConfig(mode="full", buckets=[max_bs], show_progress=False)
+        workload.decode_step, workload.decode_slots, device, DecodeConfig(mode="full", buckets=[max_bs], show_progress=False)
     )
     pool_largest = largest.capture().pool_bytes
     del largest, first_capture
@@ -53,19 +54,19 @@ def capture_all_buckets(bench: BenchModel, max_bs: int, show_progress: bool) -> 
     )
 
 
-def count_breaks(bench: BenchModel) -> int:
+def count_breaks(workload: Workload) -> int:
     """Break points one decode step passes, counted on a breakable graph captured at batch 1.
 
     Counted rather than assumed (one per layer today) so that a model change cannot silently skew the
     per-break cost.
     """
-    device = bench.device
-    static = static_copy(bench.decode.batch(1))
-    bench.decode_step(**static)  # warm-up: nothing lazy may happen inside the capture
+    device = workload.device
+    static = static_copy(workload.decode_batch(1))
+    workload.decode_step(**static)  # warm-up: nothing lazy may happen inside the capture
     device.synchronize()
     graph = device.make_graph("breakable")
     with device.capture_session(graph, device.graph_pool()):
-        bench.decode_step(**static)
+        workload.decode_step(**static)
     device.synchronize()
     breaks = graph.num_breaks
     del graph

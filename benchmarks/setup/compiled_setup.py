@@ -26,41 +26,39 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
 
 import hal
-from benchmarks.setup.compile_count import dynamo_compiles
-from benchmarks.contenders import (
-    ReduceOverhead,
-    RunnerMode,
+from benchmarks.contenders import DECODE_CONTENDERS
+from benchmarks.contenders.reduce_overhead import (
+    SETUP_CALLS,
+    compile_reduce_overhead,
     mark_for_reduce_overhead,
     private_pool_bytes,
     reduce_overhead_setup_calls,
-    release_memory,
 )
+from benchmarks.contenders.static_buffers import padded_inputs
+from benchmarks.memory import release_memory
 from benchmarks.names import FULL_INDUCTOR, REDUCE_OVERHEAD, STATIC_REDUCE_OVERHEAD
 from benchmarks.results import CompiledSetup
-from benchmarks.workload import BenchModel
+from benchmarks.setup.compile_count import dynamo_compiles
+from benchmarks.workload import Workload
 from runners import DecodeConfig, DecodeRunner
 
-COMPILED_SETUPS = (FULL_INDUCTOR, REDUCE_OVERHEAD, STATIC_REDUCE_OVERHEAD)
+# Each setup, and the decode contender whose recipe it follows at every bucket: it runs where that one runs.
+_RECIPES = {FULL_INDUCTOR: FULL_INDUCTOR, REDUCE_OVERHEAD: REDUCE_OVERHEAD, STATIC_REDUCE_OVERHEAD: REDUCE_OVERHEAD}
+COMPILED_SETUPS = tuple(_RECIPES)
 # Batch sizes of the dynamic=False setup by default: both ends and two between, a compile each.
 DEFAULT_STATIC_SIZES = (1, 8, 64, 256)
 
 
 def skip_reasons(device: hal.Device) -> dict[str, str]:
     """Setup name -> why it cannot run on ``device``; the setups not named can."""
-    reasons = {}
-    inductor = RunnerMode("full", compiler="inductor").skip_reason(device)
-    if inductor is not None:
-        reasons[FULL_INDUCTOR] = inductor
-    reduce_overhead = ReduceOverhead().skip_reason(device)
-    if reduce_overhead is not None:
-        reasons[REDUCE_OVERHEAD] = reasons[STATIC_REDUCE_OVERHEAD] = reduce_overhead
-    return reasons
+    reasons = {setup: DECODE_CONTENDERS[recipe](device).skip_reason(device) for setup, recipe in _RECIPES.items()}
+    return {setup: reason for setup, reason in reasons.items() if reason is not None}
 
 
 def decode_buckets(max_bs: int) -> list[int]:
@@ -74,19 +72,6 @@ def static_sizes(requested: list[int], max_bs: int) -> list[int]:
     """The dynamic=False subset: the requested sizes a server with ``max_bs`` runs (else ``max_bs``), largest first."""
     sizes = sorted({size for size in requested if size <= max_bs}, reverse=True)
     return sizes or [max_bs]
-
-
-def padded_inputs(bench: BenchModel, size: int) -> dict[str, torch.Tensor]:
-    """Static input buffers of ``size`` rows holding every slot's fill: what a runner captures a bucket with.
-
-    Not the bench's live requests: there are only as many as the largest timed batch, and a server sets up
-    every bucket before it has any.
-    """
-    conventions = bench.device.conventions
-    return {
-        slot.name: torch.full((size, *slot.row_shape), slot.fill, dtype=slot.dtype, device=bench.device.torch_device)
-        for slot in (slot.for_device(conventions) for slot in bench.decode_slots)
-    }
 
 
 @contextlib.contextmanager
@@ -109,15 +94,15 @@ def warm_up_compiler(device: hal.Device) -> None:
     release_memory(device)
 
 
-def full_inductor(bench: BenchModel, max_bs: int, show_progress: bool) -> CompiledSetup:
+def full_inductor(workload: Workload, max_bs: int, show_progress: bool) -> CompiledSetup:
     """One ``full`` runner with ``compiler="inductor"`` capturing every default bucket up to ``max_bs``."""
-    device = bench.device
+    device = workload.device
     config = DecodeConfig(mode="full", compiler="inductor", max_bs=max_bs, show_progress=show_progress)
     release_memory(device)
     with cold_compile_caches():
         compiles = dynamo_compiles()
         started = time.perf_counter()
-        runner = DecodeRunner(bench.decode_step, bench.decode_slots, device, config)
+        runner = DecodeRunner(workload.decode_step, workload.decode_slots, device, config)
         report = runner.capture()  # the one Inductor compile happens at the first (largest) bucket
         device.synchronize()
         setup_s = time.perf_counter() - started
@@ -135,20 +120,15 @@ def full_inductor(bench: BenchModel, max_bs: int, show_progress: bool) -> Compil
     )
 
 
-def compile_reduce_overhead(step: Callable[..., Any], dynamic: bool) -> Callable[..., Any]:
-    """torch.compile's peer of graphhal: ``dynamic`` None (torch.compile's default) or False."""
-    return torch.compile(step, mode="reduce-overhead", dynamic=None if dynamic else False)
-
-
 def reduce_overhead(
-    bench: BenchModel, sizes: list[int], num_buckets: int, show_progress: bool, *, dynamic: bool = True
+    workload: Workload, sizes: list[int], num_buckets: int, show_progress: bool, *, dynamic: bool = True
 ) -> CompiledSetup:
     """ONE ``torch.compile(mode="reduce-overhead")`` object set up at each of ``sizes`` in turn.
 
     ``dynamic``: the batch dim marked dynamic (one compile serves most sizes); else ``dynamic=False``, one
     compile per size.
     """
-    device, torch_device = bench.device, bench.device.torch_device
+    device, torch_device = workload.device, workload.device.torch_device
     release_memory(device)
     # One compiled function at many static sizes recompiles per size; past Dynamo's recompile limit (8) it
     # would silently run the step eagerly, and this setup would be timed without the compiles it needs.
@@ -158,11 +138,11 @@ def reduce_overhead(
         before = private_pool_bytes(torch_device)
         compiles = dynamo_compiles()
         started = time.perf_counter()
-        compiled = compile_reduce_overhead(bench.decode_step, dynamic)
+        compiled = compile_reduce_overhead(workload.decode_step, dynamic)
         statics = []  # every size's buffers stay alive, as in a server: their graphs read them
         for size in tqdm(sizes, desc="reduce-overhead setup", unit="size", disable=not show_progress, leave=False):
-            static = padded_inputs(bench, size)
-            mark_for_reduce_overhead(bench, static, dynamic_batch=dynamic)
+            static = padded_inputs(workload, size)
+            mark_for_reduce_overhead(workload, static, dynamic_batch=dynamic)
             reduce_overhead_setup_calls(compiled, static, torch_device)
             statics.append(static)
         setup_s = time.perf_counter() - started
@@ -174,7 +154,7 @@ def reduce_overhead(
     return CompiledSetup(
         contender=REDUCE_OVERHEAD if dynamic else STATIC_REDUCE_OVERHEAD,
         detail=f'one torch.compile(mode="reduce-overhead") for every size, {marks}, static KV cache and inputs, '
-        f"{ReduceOverhead.SETUP_CALLS} calls per size",
+        f"{SETUP_CALLS} calls per size",
         sizes=list(sizes),
         num_buckets=num_buckets,
         setup_s=setup_s,

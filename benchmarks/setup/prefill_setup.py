@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import time
 
-from benchmarks.setup.compile_count import dynamo_compiles
-from benchmarks.contenders import release_memory
+from benchmarks.memory import release_memory
 from benchmarks.results import PrefillSetup
-from benchmarks.workload import BenchModel, PrefillShape
-from refmodel import ModelConfig, prefill_request_slots, prefill_token_slots
+from benchmarks.setup.compile_count import dynamo_compiles
+from benchmarks.workload import PrefillShape, Workload
+from refmodel import ModelConfig
 from runners import PrefillConfig, PrefillRunner
 
 
@@ -37,20 +37,14 @@ def cache_shape(config: ModelConfig, max_tokens: int) -> PrefillShape:
     return PrefillShape(max_tokens, -(-max_tokens // config.max_seq_len))
 
 
-def prefill_setup(bench: BenchModel, mode: str, max_tokens: int, show_progress: bool) -> PrefillSetup:
+def prefill_setup(workload: Workload, mode: str, max_tokens: int, show_progress: bool) -> PrefillSetup:
     """A ``PrefillRunner`` in ``mode`` built and captured for every default bucket up to ``max_tokens``."""
-    device, config = bench.device, bench.config
+    device = workload.device
     release_memory(device)  # no compiled forward of an earlier contender is reused (or called again)
     phase = PrefillConfig(mode=mode, max_tokens=max_tokens, show_progress=show_progress)
     compiles = dynamo_compiles()
     started = time.perf_counter()
-    runner = PrefillRunner(
-        bench.model.prefill_forward(bench.kv_cache),
-        prefill_token_slots(config),
-        prefill_request_slots(config),
-        device,
-        phase,
-    )
+    runner = PrefillRunner(workload.prefill_forward(), *workload.prefill_slots(), device, phase)
     report = runner.capture()
     device.synchronize()
     setup_s = time.perf_counter() - started

@@ -15,6 +15,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 import hal
+from benchmarks.plan import PrefillShape
 from refmodel import (
     DecodeStep,
     DecodeWorkload,
@@ -27,22 +28,6 @@ from refmodel import (
     prefill_token_slots,
 )
 from runners import InputSlot
-
-
-@dataclass(frozen=True)
-class PrefillShape:
-    """One prefill case: ``tokens`` new tokens in total, split as evenly as possible over ``requests``."""
-
-    tokens: int
-    requests: int
-
-    def query_lens(self) -> list[int]:
-        base, extra = divmod(self.tokens, self.requests)
-        return [base + (1 if i < extra else 0) for i in range(self.requests)]
-
-    @property
-    def label(self) -> str:
-        return f"{self.tokens} tok x{self.requests}"
 
 
 @dataclass

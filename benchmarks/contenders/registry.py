@@ -33,12 +33,12 @@ PREFILL_CONTENDERS: dict[str, Callable[[hal.Device], Contender[PrefillCase]]] = 
 PREFILL_MODES = tuple(PREFILL_CONTENDERS)
 
 
-def decode_lineup(names: Iterable[str], device: hal.Device) -> list[Contender[Batch]]:
-    """Eager, then the named decode contenders, whether ``device`` can run them or not.
+def decode_lineup(names: Iterable[str] | None, device: hal.Device) -> list[Contender[Batch]]:
+    """Eager, then the named decode contenders (None: all of them), whether ``device`` can run them or not.
 
     In table order whatever the order named: every size's rows read eager, floor, full, ... the same way.
     """
-    names = _known(DECODE_CONTENDERS, names, "decode mode")
+    names = list(DECODE_CONTENDERS) if names is None else _known(DECODE_CONTENDERS, names, "decode mode")
     return [EagerDecode(), *(make(device) for name, make in DECODE_CONTENDERS.items() if name in names)]
 
 

@@ -6,17 +6,41 @@
   first into one shared pool so the smaller ones reuse its memory; the ratio says how well that works on this
   device (about 1 on CUDA; the cpu reference device keeps every graph's tensors, so it grows there).
 - One break: (breakable - full) step time at batch 1, divided by the number of break points in one step.
+
+``measure_capture_cost`` runs them in that order, each apart in memory (``Measurements.attempt``).
 """
 
 from __future__ import annotations
 
 import time
+from functools import partial
 
+from benchmarks.contenders import DECODE_CONTENDERS
 from benchmarks.contenders.static_buffers import static_copy
+from benchmarks.measurements import Measurements
 from benchmarks.memory import release_memory
-from benchmarks.results import CaptureCost
+from benchmarks.names import DECODE
+from benchmarks.results import CaptureCost, Failed
 from benchmarks.workload import Workload
 from runners import DecodeConfig, DecodeRunner
+
+
+def measure_capture_cost(workload: Workload, max_bs: int, measurements: Measurements, show_progress: bool) -> CaptureCost | None:
+    """Every bucket's capture and pool, then one break's price where the device has breakable graphs."""
+    device = workload.device
+    measurements.describe("capture cost")
+    cost = measurements.attempt(DECODE, "capture cost", f"buckets up to {max_bs}", partial(capture_all_buckets, workload, max_bs, show_progress))
+    if isinstance(cost, Failed):
+        return None
+    if "breakable" not in device.modes:
+        cost.note = f"no one-break cost: device {device} has no breakable mode"
+        return cost
+    breaks = measurements.attempt(DECODE, "break count", "1", partial(count_breaks, workload))
+    if isinstance(breaks, Failed):
+        return cost
+    cost.breaks = breaks
+    cost.full_bs1_ms, cost.breakable_bs1_ms = _bs1_ms(workload, measurements, "full", "breakable")
+    return cost
 
 
 def capture_all_buckets(workload: Workload, max_bs: int, show_progress: bool) -> CaptureCost:
@@ -41,14 +65,12 @@ def capture_all_buckets(workload: Workload, max_bs: int, show_progress: bool) ->
     capture_s = time.perf_counter() - started
     num_buckets, pool_all = len(report.buckets), report.pool_bytes
     del runner, report
-    release_memory(device)
+    release_memory(device)  # the largest bucket alone gets none of the memory all buckets were captured in
 
     largest = DecodeRunner(
         workload.decode_step, workload.decode_slots, device, DecodeConfig(mode="full", buckets=[max_bs], show_progress=False)
     )
     pool_largest = largest.capture().pool_bytes
-    del largest, first_capture
-    release_memory(device)
     return CaptureCost(
         max_bs=max_bs, num_buckets=num_buckets, capture_s=capture_s, pool_bytes_all=pool_all, pool_bytes_largest=pool_largest
     )
@@ -68,8 +90,15 @@ def count_breaks(workload: Workload) -> int:
     with device.capture_session(graph, device.graph_pool()):
         workload.decode_step(**static)
     device.synchronize()
-    breaks = graph.num_breaks
-    del graph
-    release_memory(device)
-    return breaks
+    return graph.num_breaks
+
+
+def _bs1_ms(workload: Workload, measurements: Measurements, *modes: str) -> list[float | None]:
+    """Step times of ``modes`` at batch 1: from the table when all were measured, else measured now, together."""
+    table = {row.mode: row.median_ms for row in measurements.result.rows if row.phase == DECODE and row.batch_size == 1}
+    if not all(mode in table for mode in modes):
+        batch = workload.decode_batch(1)
+        contenders = [(mode, partial(DECODE_CONTENDERS[mode](workload.device).prepare, workload, batch)) for mode in modes]
+        table = {row.mode: row.median_ms for row in measurements.size(DECODE, {"batch_size": 1}, contenders, record=False)}
+    return [table.get(mode) for mode in modes]
 

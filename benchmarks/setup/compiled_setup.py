@@ -14,8 +14,9 @@ to 256). Three ways to get there, each measured from nothing to a replaying grap
   issue that asked for this (5 to 11 s per batch size). Too slow to run at all 36 sizes, so it runs on a
   subset and the mean per size times the bucket count is reported as an extrapolation.
 
-Fair to each: every setup starts after ``torch._dynamo.reset()`` (nothing compiled before is reused, and
-nothing compiled here is called after the next reset) and with cold Inductor and Triton caches, a fresh
+Fair to each: every setup is measured apart (``Measurements.attempt``: it starts after ``torch._dynamo.reset()``,
+so nothing compiled before is reused, and nothing compiled in it is called after the next reset) and with cold
+Inductor and Triton caches, a fresh
 cache directory each (so their order, or an earlier bench run, cannot make one look cheaper); a throwaway
 compile first pays the once-per-process costs (Inductor's imports, its compile workers) that would otherwise
 land on whichever setup ran first. CUDA only: reduce-overhead records CUDA graphs, and the cpu device's
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from functools import partial
 from typing import Iterator
 
 import torch
@@ -41,9 +43,9 @@ from benchmarks.contenders.reduce_overhead import (
     reduce_overhead_setup_calls,
 )
 from benchmarks.contenders.static_buffers import padded_inputs
-from benchmarks.memory import release_memory
-from benchmarks.names import FULL_INDUCTOR, REDUCE_OVERHEAD, STATIC_REDUCE_OVERHEAD
-from benchmarks.results import CompiledSetup
+from benchmarks.measurements import Measurements
+from benchmarks.names import FULL_INDUCTOR, REDUCE_OVERHEAD, SETUP, STATIC_REDUCE_OVERHEAD
+from benchmarks.results import CompiledSetup, Failed
 from benchmarks.setup.compile_count import dynamo_compiles
 from benchmarks.workload import Workload
 from runners import DecodeConfig, DecodeRunner
@@ -51,8 +53,37 @@ from runners import DecodeConfig, DecodeRunner
 # Each setup, and the decode contender whose recipe it follows at every bucket: it runs where that one runs.
 _RECIPES = {FULL_INDUCTOR: FULL_INDUCTOR, REDUCE_OVERHEAD: REDUCE_OVERHEAD, STATIC_REDUCE_OVERHEAD: REDUCE_OVERHEAD}
 COMPILED_SETUPS = tuple(_RECIPES)
-# Batch sizes of the dynamic=False setup by default: both ends and two between, a compile each.
-DEFAULT_STATIC_SIZES = (1, 8, 64, 256)
+
+
+def measure_compiled_setups(
+    workload: Workload, names: list[str], max_bs: int, requested_static_sizes: list[int], measurements: Measurements, show_progress: bool
+) -> list[CompiledSetup]:
+    """The setups ``names`` (from ``COMPILED_SETUPS``, those the device can run) for every bucket up to ``max_bs``,
+    in that order, after one throwaway compile; those that fail are recorded and left out."""
+    if not names:
+        return []
+    buckets = decode_buckets(max_bs)
+    subset = static_sizes(requested_static_sizes, max_bs)
+    every_bucket = f"{len(buckets)} buckets up to {max_bs}"
+    measures = {
+        FULL_INDUCTOR: (every_bucket, partial(full_inductor, workload, max_bs, show_progress)),
+        REDUCE_OVERHEAD: (every_bucket, partial(reduce_overhead, workload, buckets[::-1], len(buckets), show_progress)),
+        STATIC_REDUCE_OVERHEAD: (
+            f"sizes {', '.join(map(str, subset))}",
+            partial(reduce_overhead, workload, subset, len(buckets), show_progress, dynamic=False),
+        ),
+    }
+    warm_up = measurements.attempt(SETUP, "compiler warm-up", "-", partial(warm_up_compiler, workload.device))
+    if isinstance(warm_up, Failed):  # without a working compiler no setup below can run either
+        return []
+    setups = []
+    for name in names:
+        sizes, measure = measures[name]
+        measurements.describe(f"setup: {name} ({sizes})")
+        setup = measurements.attempt(SETUP, name, sizes, measure)
+        if not isinstance(setup, Failed):
+            setups.append(setup)
+    return setups
 
 
 def skip_reasons(device: hal.Device) -> dict[str, str]:
@@ -85,20 +116,17 @@ def cold_compile_caches() -> Iterator[None]:
 
 def warm_up_compiler(device: hal.Device) -> None:
     """One throwaway Inductor compile on ``device``, so per-process start-up costs go to no measured setup."""
-    release_memory(device)
     with cold_compile_caches():
         probe = torch.compile(lambda x: torch.relu(x) * 2 + 1)
         probe(torch.ones(8, device=device.torch_device))
         device.synchronize()
         del probe
-    release_memory(device)
 
 
 def full_inductor(workload: Workload, max_bs: int, show_progress: bool) -> CompiledSetup:
     """One ``full`` runner with ``compiler="inductor"`` capturing every default bucket up to ``max_bs``."""
     device = workload.device
     config = DecodeConfig(mode="full", compiler="inductor", max_bs=max_bs, show_progress=show_progress)
-    release_memory(device)
     with cold_compile_caches():
         compiles = dynamo_compiles()
         started = time.perf_counter()
@@ -108,7 +136,6 @@ def full_inductor(workload: Workload, max_bs: int, show_progress: bool) -> Compi
         setup_s = time.perf_counter() - started
         compiles = dynamo_compiles() - compiles
         del runner  # before its kernels' cache directory goes
-    release_memory(device)
     return CompiledSetup(
         contender=FULL_INDUCTOR,
         detail='DecodeRunner(mode="full", compiler="inductor"): one compile, graphhal captures every bucket',
@@ -128,8 +155,7 @@ def reduce_overhead(
     ``dynamic``: the batch dim marked dynamic (one compile serves most sizes); else ``dynamic=False``, one
     compile per size.
     """
-    device, torch_device = workload.device, workload.device.torch_device
-    release_memory(device)
+    torch_device = workload.device.torch_device
     # One compiled function at many static sizes recompiles per size; past Dynamo's recompile limit (8) it
     # would silently run the step eagerly, and this setup would be timed without the compiles it needs.
     # Room for every size, and an error rather than a silent eager fallback should it still run out.
@@ -149,7 +175,6 @@ def reduce_overhead(
         compiles = dynamo_compiles() - compiles
         pool_bytes = private_pool_bytes(torch_device) - before
         del compiled, statics  # before their kernels' cache directory goes
-    release_memory(device)
     marks = "batch dim dynamic" if dynamic else "dynamic=False"
     return CompiledSetup(
         contender=REDUCE_OVERHEAD if dynamic else STATIC_REDUCE_OVERHEAD,

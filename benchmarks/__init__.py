@@ -6,10 +6,10 @@ One run flows one way: plan -> lineup -> workload -> timed sizes -> setup measur
     lineup          what runs on this device and what is skipped, and why, settled before anything runs
     workload        the model, KV cache and requests every contender shares (``Workload``: where a model plugs in)
     contenders/     everything timed against eager, keyed by name: eager, runner modes, floor, reduce-overhead
-    measurements    one size (set up, checked against eager, timed together) or one setup measurement at a time
+    measurements    one size (set up, checked against eager, timed together) or one setup measurement at a
+                    time, each apart: the one place memory is released
     timing          the timing primitive: device clock, median of enough repeats
     agreement       each contender's output checked against eager's
-    memory          the one place memory is released, between measurements
     setup/          what a server pays at startup: capture cost, compiled setups, prefill setups
     results         what a run found, as plain dataclasses
     render/         the result as a terminal table, a JSON file and a plot

@@ -3,20 +3,29 @@
 ``size`` sets up every contender of one size in turn (its setup time and pool read right after its own
 setup), checks its first output against eager's, then times them all together, interleaved (see
 ``timing``), so their ratios do not depend on when each happened to run. ``attempt`` runs one setup
-measurement. Either way nothing of it is alive when the next is set up (``memory``), and one that raises is
-recorded as failed: one broken mode must not cost the other measurements.
+measurement. One that raises is recorded as failed: one broken mode must not cost the other measurements.
+
+Either way it runs apart (``measured_apart``): what an earlier measurement set up is released before it is
+set up, and what it set up is released after it. The harness releases memory nowhere else, but between the
+two captures of the capture cost, which must not share memory either. Apart, a setup time or a pool is the
+measurement's own. Releasing also forgets every torch.compile result and cudagraph tree, so each size's
+compiled contenders compile afresh (Inductor's on-disk caches still make later sizes faster) and per-size
+recompiles never reach dynamo's recompile limit, past which it silently runs the step eagerly; so it must
+never happen while something set up before it may still run.
 """
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+import contextlib
+import gc
+from typing import Callable, Iterator, TypeVar
 
+import torch
 from tqdm import tqdm
 
 import hal
 from benchmarks.agreement import detached_copy, max_abs_difference
 from benchmarks.contenders import Prepared
-from benchmarks.memory import measured_apart
 from benchmarks.names import EAGER
 from benchmarks.results import BenchResult, Failed, Row
 from benchmarks.timing import StepTimer, Timing
@@ -24,6 +33,28 @@ from benchmarks.timing import StepTimer, Timing
 T = TypeVar("T")
 # (mode, prepare) pairs of one size, eager first when present: its output is the reference.
 Contenders = list[tuple[str, Callable[[], Prepared]]]
+
+
+def release_memory(device: hal.Device) -> None:
+    """Free what finished measurements held and forget everything torch.compile compiled."""
+    torch._dynamo.reset()
+    if device.torch_device.type == "cuda":
+        # Graphs and their pools can sit in reference cycles; only a collection returns their memory to the
+        # allocator. Elsewhere it is skipped: with torch loaded one collection takes ~0.25 s on a small CPU,
+        # and pool sizes there are counted per pool, not read from an allocator.
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def measured_apart(device: hal.Device) -> Iterator[None]:
+    """One measurement with nothing of another alive: released before it is set up and after it ends, failed or
+    not. What it set up must be unreachable when the block ends (held by a function that has returned)."""
+    release_memory(device)
+    try:
+        yield
+    finally:
+        release_memory(device)
 
 
 class Measurements:

@@ -12,7 +12,7 @@ import torch
 
 import hal
 from benchmarks.agreement import max_abs_difference
-from benchmarks.memory import measured_apart
+from benchmarks.measurements import measured_apart
 from benchmarks.plan import PrefillShape
 from benchmarks.render.json_file import to_json, write_json
 from benchmarks.render.table import render

@@ -6,7 +6,7 @@ contender is set up from scratch per size, so its setup time and pool memory bel
 
 Contenders of one size are alive together (they are timed interleaved), so none of them resets torch.compile
 state or frees memory: another may still call its compiled code or replay its graph. The run does it between
-sizes (``benchmarks.memory``).
+sizes (``benchmarks.measurements``).
 """
 
 from __future__ import annotations

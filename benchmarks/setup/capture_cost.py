@@ -17,8 +17,7 @@ from functools import partial
 
 from benchmarks.contenders import DECODE_CONTENDERS
 from benchmarks.contenders.static_buffers import static_copy
-from benchmarks.measurements import Measurements
-from benchmarks.memory import release_memory
+from benchmarks.measurements import Measurements, release_memory
 from benchmarks.names import DECODE
 from benchmarks.results import CaptureCost, Failed
 from benchmarks.workload import Workload

@@ -80,14 +80,16 @@ class ReferenceWorkload:
     """graphhal's reference decoder (refmodel), its paged KV cache and its decode requests: a ``Workload``."""
 
     device: hal.Device
-    config: ModelConfig
-    dtype: torch.dtype
-    context_len: int
     model: LlamaDecoder
     kv_cache: PagedKVCache
-    decode: DecodeWorkload
-    decode_step: DecodeStep
-    decode_slots: list[InputSlot] = field(default_factory=list)
+    decode: DecodeWorkload  # the decode requests, their contexts in the cache
+    context_len: int  # the longest of those contexts
+    decode_step: DecodeStep = field(init=False)
+    decode_slots: list[InputSlot] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.decode_step = self.model.decode_forward(self.kv_cache)
+        self.decode_slots = self.decode.input_slots()
 
     def decode_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
         return self.decode.batch(batch_size)
@@ -99,17 +101,17 @@ class ReferenceWorkload:
         return self.model.prefill_forward(self.kv_cache)
 
     def prefill_slots(self) -> tuple[list[InputSlot], list[InputSlot]]:
-        return prefill_token_slots(self.config), prefill_request_slots(self.config)
+        return prefill_token_slots(self.kv_cache.config), prefill_request_slots(self.kv_cache.config)
 
     def prefill_case(self, shape: PrefillShape, seed: int) -> PrefillCase:
         requests = PrefillWorkload(self.kv_cache, shape.query_lens(), seed=seed)
         return PrefillCase(shape, self.prefill_forward(), requests.batch(), requests.release)
 
     def describe(self) -> str:
-        c = self.config
+        c = self.kv_cache.config
         return (
             f"reference decoder: {c.num_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}, "
-            f"{str(self.dtype).removeprefix('torch.')}, decode contexts up to {self.context_len}"
+            f"{str(self.kv_cache.dtype).removeprefix('torch.')}, decode contexts up to {self.context_len}"
         )
 
 
@@ -138,14 +140,4 @@ def build_reference_workload(
     decode = DecodeWorkload(
         kv_cache, max_batch_size, max_context_len=context_len, max_blocks_per_seq=blocks_per_request, seed=seed
     )
-    return ReferenceWorkload(
-        device=device,
-        config=config,
-        dtype=dtype,
-        context_len=context_len,
-        model=model,
-        kv_cache=kv_cache,
-        decode=decode,
-        decode_step=model.decode_forward(kv_cache),
-        decode_slots=decode.input_slots(),
-    )
+    return ReferenceWorkload(device, model, kv_cache, decode, context_len)

@@ -26,7 +26,6 @@ graphs cannot capture Inductor kernels.
 from __future__ import annotations
 
 import contextlib
-import time
 from functools import partial
 from typing import Iterator
 
@@ -46,7 +45,7 @@ from benchmarks.contenders.static_buffers import padded_inputs
 from benchmarks.measurements import Measurements
 from benchmarks.names import FULL_INDUCTOR, REDUCE_OVERHEAD, SETUP, STATIC_REDUCE_OVERHEAD
 from benchmarks.results import CompiledSetup, Failed
-from benchmarks.setup.compile_count import dynamo_compiles
+from benchmarks.setup.setup_meter import metered_setup
 from benchmarks.workload import Workload
 from runners import DecodeConfig, DecodeRunner
 
@@ -128,21 +127,17 @@ def full_inductor(workload: Workload, max_bs: int, show_progress: bool) -> Compi
     device = workload.device
     config = DecodeConfig(mode="full", compiler="inductor", max_bs=max_bs, show_progress=show_progress)
     with cold_compile_caches():
-        compiles = dynamo_compiles()
-        started = time.perf_counter()
-        runner = DecodeRunner(workload.decode_step, workload.decode_slots, device, config)
-        report = runner.capture()  # the one Inductor compile happens at the first (largest) bucket
-        device.synchronize()
-        setup_s = time.perf_counter() - started
-        compiles = dynamo_compiles() - compiles
+        with metered_setup(device) as meter:
+            runner = DecodeRunner(workload.decode_step, workload.decode_slots, device, config)
+            report = runner.capture()  # the one Inductor compile happens at the first (largest) bucket
         del runner  # before its kernels' cache directory goes
     return CompiledSetup(
         contender=FULL_INDUCTOR,
         detail='DecodeRunner(mode="full", compiler="inductor"): one compile, graphhal captures every bucket',
         sizes=list(report.buckets),
         num_buckets=len(report.buckets),
-        setup_s=setup_s,
-        compiles=compiles,
+        setup_s=meter.setup_s,
+        compiles=meter.compiles,
         pool_bytes=report.pool_bytes,
     )
 
@@ -162,17 +157,14 @@ def reduce_overhead(
     limit = max(torch._dynamo.config.recompile_limit, len(sizes) + 1)
     with cold_compile_caches(), torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
         before = private_pool_bytes(torch_device)
-        compiles = dynamo_compiles()
-        started = time.perf_counter()
-        compiled = compile_reduce_overhead(workload.decode_step, dynamic)
-        statics = []  # every size's buffers stay alive, as in a server: their graphs read them
-        for size in tqdm(sizes, desc="reduce-overhead setup", unit="size", disable=not show_progress, leave=False):
-            static = padded_inputs(workload, size)
-            mark_for_reduce_overhead(workload, static, dynamic_batch=dynamic)
-            reduce_overhead_setup_calls(compiled, static, torch_device)
-            statics.append(static)
-        setup_s = time.perf_counter() - started
-        compiles = dynamo_compiles() - compiles
+        with metered_setup(workload.device) as meter:
+            compiled = compile_reduce_overhead(workload.decode_step, dynamic)
+            statics = []  # every size's buffers stay alive, as in a server: their graphs read them
+            for size in tqdm(sizes, desc="reduce-overhead setup", unit="size", disable=not show_progress, leave=False):
+                static = padded_inputs(workload, size)
+                mark_for_reduce_overhead(workload, static, dynamic_batch=dynamic)
+                reduce_overhead_setup_calls(compiled, static, torch_device)
+                statics.append(static)
         pool_bytes = private_pool_bytes(torch_device) - before
         del compiled, statics  # before their kernels' cache directory goes
     marks = "batch dim dynamic" if dynamic else "dynamic=False"
@@ -182,7 +174,7 @@ def reduce_overhead(
         f"{SETUP_CALLS} calls per size",
         sizes=list(sizes),
         num_buckets=num_buckets,
-        setup_s=setup_s,
-        compiles=compiles,
+        setup_s=meter.setup_s,
+        compiles=meter.compiles,
         pool_bytes=pool_bytes,
     )

@@ -10,13 +10,12 @@ per bucket; breakable compiles nothing and captures segments around attention.
 
 from __future__ import annotations
 
-import time
 from functools import partial
 
 from benchmarks.measurements import Measurements
 from benchmarks.names import SETUP
 from benchmarks.results import Failed, PrefillSetup
-from benchmarks.setup.compile_count import dynamo_compiles
+from benchmarks.setup.setup_meter import metered_setup
 from benchmarks.plan import PrefillShape
 from benchmarks.workload import Workload
 from refmodel import ModelConfig
@@ -59,19 +58,15 @@ def prefill_setup(workload: Workload, mode: str, max_tokens: int, show_progress:
     """A ``PrefillRunner`` in ``mode`` built and captured for every default bucket up to ``max_tokens``."""
     device = workload.device
     phase = PrefillConfig(mode=mode, max_tokens=max_tokens, show_progress=show_progress)
-    compiles = dynamo_compiles()
-    started = time.perf_counter()
-    runner = PrefillRunner(workload.prefill_forward(), *workload.prefill_slots(), device, phase)
-    report = runner.capture()
-    device.synchronize()
-    setup_s = time.perf_counter() - started
-    compiles = dynamo_compiles() - compiles
+    with metered_setup(device) as meter:
+        runner = PrefillRunner(workload.prefill_forward(), *workload.prefill_slots(), device, phase)
+        report = runner.capture()
     return PrefillSetup(
         mode=mode,
         max_tokens=max_tokens,
         max_requests=phase.max_requests,
         num_buckets=len(report.buckets),
-        setup_s=setup_s,
-        compiles=compiles,
+        setup_s=meter.setup_s,
+        compiles=meter.compiles,
         pool_bytes=report.pool_bytes,
     )

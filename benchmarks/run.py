@@ -61,7 +61,9 @@ def run_bench(plan: BenchPlan) -> BenchResult:
             for shape in lineup.prefill_shapes:
                 _measure_prefill(workload, shape, lineup.prefill, plan.seed, measurements)
             if plan.capture_max_bs is not None:
-                result.capture_cost = capture_cost.measure_capture_cost(workload, plan.capture_max_bs, measurements, plan.show_progress)
+                result.capture_cost = capture_cost.measure_capture_cost(
+                    workload, plan.capture_max_bs, measurements, plan.show_progress
+                )
                 result.setup_cost = _setup_cost(plan, lineup, workload, measurements)
     fill_ratios(result.rows)
     result.wall_s = time.perf_counter() - started

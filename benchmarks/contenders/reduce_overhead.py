@@ -48,7 +48,9 @@ def mark_for_reduce_overhead(workload: Workload, static: dict[str, torch.Tensor]
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
 
 
-def reduce_overhead_setup_calls(compiled: Callable[..., Any], static: dict[str, torch.Tensor], torch_device: torch.device) -> None:
+def reduce_overhead_setup_calls(
+    compiled: Callable[..., Any], static: dict[str, torch.Tensor], torch_device: torch.device
+) -> None:
     """The calls a reduce-overhead step needs at a new batch size before it replays a CUDA graph.
 
     The first runs the compiled code eagerly (warm-up; it compiles first where nothing compiled fits), the

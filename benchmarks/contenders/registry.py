@@ -44,7 +44,8 @@ def decode_lineup(names: Iterable[str] | None, device: hal.Device) -> list[Conte
 
 def prefill_lineup(names: Iterable[str], device: hal.Device) -> list[Contender[PrefillCase]]:
     """Eager, then the named prefill contenders in the order named, whether ``device`` can run them or not."""
-    return [EagerPrefill(), *(PREFILL_CONTENDERS[name](device) for name in _known(PREFILL_CONTENDERS, names, "prefill mode"))]
+    names = _known(PREFILL_CONTENDERS, names, "prefill mode")
+    return [EagerPrefill(), *(PREFILL_CONTENDERS[name](device) for name in names)]
 
 
 def _known(table: dict[str, Callable[[hal.Device], Contender]], names: Iterable[str], what: str) -> list[str]:

@@ -24,11 +24,14 @@ from benchmarks.workload import Workload
 from runners import DecodeConfig, DecodeRunner
 
 
-def measure_capture_cost(workload: Workload, max_bs: int, measurements: Measurements, show_progress: bool) -> CaptureCost | None:
+def measure_capture_cost(
+    workload: Workload, max_bs: int, measurements: Measurements, show_progress: bool
+) -> CaptureCost | None:
     """Every bucket's capture and pool, then one break's price where the device has breakable graphs."""
     device = workload.device
     measurements.describe("capture cost")
-    cost = measurements.attempt(DECODE, "capture cost", f"buckets up to {max_bs}", partial(capture_all_buckets, workload, max_bs, show_progress))
+    every_bucket = partial(capture_all_buckets, workload, max_bs, show_progress)
+    cost = measurements.attempt(DECODE, "capture cost", f"buckets up to {max_bs}", every_bucket)
     if isinstance(cost, Failed):
         return None
     if "breakable" not in device.modes:

@@ -55,7 +55,12 @@ COMPILED_SETUPS = tuple(_RECIPES)
 
 
 def measure_compiled_setups(
-    workload: Workload, names: list[str], max_bs: int, requested_static_sizes: list[int], measurements: Measurements, show_progress: bool
+    workload: Workload,
+    names: list[str],
+    max_bs: int,
+    requested_static_sizes: list[int],
+    measurements: Measurements,
+    show_progress: bool,
 ) -> list[CompiledSetup]:
     """The setups ``names`` (from ``COMPILED_SETUPS``, those the device can run) for every bucket up to ``max_bs``,
     in that order, after one throwaway compile; those that fail are recorded and left out."""

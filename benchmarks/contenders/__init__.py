@@ -14,7 +14,6 @@ from benchmarks.contenders.registry import (
     DECODE_CONTENDERS,
     PREFILL_CONTENDERS,
     PREFILL_MODES,
-    RUNNER_MODES,
     decode_lineup,
     prefill_lineup,
 )
@@ -23,7 +22,6 @@ __all__ = [
     "DECODE_CONTENDERS",
     "PREFILL_CONTENDERS",
     "PREFILL_MODES",
-    "RUNNER_MODES",
     "Batch",
     "Contender",
     "Prepared",

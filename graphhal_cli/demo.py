@@ -11,13 +11,11 @@ import argparse
 
 import torch
 
-import hal
-from graphhal_cli.bench.timing import StepTimer, TimerSettings
-from graphhal_cli.device_description import describe_device
+from benchmarks.device_description import describe_device
+from benchmarks.timing import StepTimer, TimerSettings
+from graphhal_cli.shared_options import DTYPES, chosen_device
 from refmodel import DecodeWorkload, LlamaDecoder, ModelConfig, PagedKVCache
 from runners import DecodeConfig, DecodeRunner
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = hal.get_device(args.device) if args.device else hal.best_available_device()
+    device = chosen_device(args.device)
     on_cpu = device.torch_device.type == "cpu"
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if on_cpu else torch.bfloat16)
     batch_sizes = sorted({int(size) for size in args.batch_sizes.split(",")})

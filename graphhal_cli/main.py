@@ -6,9 +6,8 @@ import argparse
 import sys
 
 import hal
-from graphhal_cli import demo, info
-from graphhal_cli.bench import command as bench
-from graphhal_cli.bench.plot import PlotUnavailableError
+from benchmarks.render.plot import PlotUnavailableError
+from graphhal_cli import bench, demo, info
 
 
 def main(argv: list[str] | None = None) -> int:

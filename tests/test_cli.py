@@ -14,8 +14,9 @@ import torch
 
 import hal
 from support.installed_distribution import install_distribution, site  # noqa: F401 (site: fixture)
-from graphhal_cli.bench import compiled_setup, contenders
-from graphhal_cli.bench.results import CompiledSetup
+from benchmarks.contenders import runner_modes
+from benchmarks.setup import compiled_setup
+from benchmarks.results import CompiledSetup
 from graphhal_cli.main import main
 from refmodel import ModelConfig
 from runners import default_prefill_buckets
@@ -348,7 +349,7 @@ def test_bench_plot_without_matplotlib_fails_before_measuring(monkeypatch, capsy
     def measured(*args, **kwargs):
         raise AssertionError("the bench ran before finding matplotlib missing")
 
-    monkeypatch.setattr("graphhal_cli.bench.command.run_bench", measured)
+    monkeypatch.setattr("graphhal_cli.bench.run_bench", measured)
     code, _, err = run_cli(capsys, "bench", "--device", "cpu", "--plot", str(tmp_path / "x.png"))
     assert code == 2
     assert "pip install 'graphhal[plot]'" in err
@@ -373,7 +374,7 @@ def test_bench_reports_a_failing_mode_keeps_the_others_and_exits_nonzero(monkeyp
     def broken_prepare(self, bench, batch):
         raise RuntimeError("capture went wrong")
 
-    monkeypatch.setattr(contenders.RunnerMode, "prepare", broken_prepare)
+    monkeypatch.setattr(runner_modes.DecodeRunnerMode, "prepare", broken_prepare)
     json_path = tmp_path / "bench.json"
     code, out, err = run_cli(
         capsys, "bench", "--device", "cpu", "--batch-sizes", "1", "--modes", "floor,full", "--no-prefill",

@@ -11,13 +11,15 @@ import pytest
 import torch
 
 import hal
-from graphhal_cli.bench import compiled_setup, prefill_setup
-from graphhal_cli.bench.agreement import max_abs_difference
-from graphhal_cli.bench.results import BenchResult, CaptureCost, CompiledSetup, Header, Row, SetupCost
-from graphhal_cli.bench.suite import _fill_ratios
-from graphhal_cli.bench.table import render
-from graphhal_cli.bench.timing import StepTimer, TimerSettings, median_rel_error
-from graphhal_cli.bench.workload import PrefillShape, build_bench_model
+from benchmarks.agreement import max_abs_difference
+from benchmarks.measurements import measured_apart
+from benchmarks.plan import PrefillShape
+from benchmarks.render.json_file import to_json, write_json
+from benchmarks.render.table import render
+from benchmarks.results import BenchResult, CaptureCost, CompiledSetup, Header, Row, SetupCost, fill_ratios
+from benchmarks.setup import compiled_setup, prefill_setup
+from benchmarks.timing import StepTimer, TimerSettings, median_rel_error
+from benchmarks.workload import build_reference_workload
 from refmodel import ModelConfig
 
 pytestmark = pytest.mark.cpu
@@ -143,7 +145,7 @@ def test_ratios_compare_each_row_with_eager_and_the_floor_of_its_own_size():
         Row("decode", "eager", batch_size=8, median_ms=8.0),
         Row("decode", "full", batch_size=8, median_ms=2.0),  # no floor at this size
     ]
-    _fill_ratios(rows)
+    fill_ratios(rows)
     assert [r.speedup_vs_eager for r in rows] == [1.0, 4.0, 2.0, 1.0, 4.0]
     assert [r.ratio_to_floor for r in rows] == [4.0, 1.0, 2.0, None, None]
 
@@ -153,7 +155,7 @@ def test_json_turns_nan_and_infinity_into_null_so_strict_parsers_accept_it(tmp_p
     result.rows.append(Row("decode", "full", batch_size=1, median_ms=1.0, rel_error=math.inf, max_abs_diff=math.nan))
     result.capture_cost = CaptureCost(max_bs=4, num_buckets=3, capture_s=0.1, pool_bytes_all=300, pool_bytes_largest=0)
     path = tmp_path / "bench.json"
-    result.write_json(path)
+    write_json(result, path)
     data = json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
     assert data["rows"][0]["rel_error"] is None and data["rows"][0]["max_abs_diff"] is None
     assert data["capture_cost"]["pool_ratio"] is None  # no largest-bucket pool to divide by
@@ -188,7 +190,7 @@ def test_an_extrapolated_setup_scales_its_mean_per_size_to_every_bucket_and_says
     text = render(result)
     assert "full+inductor setup / reduce-overhead dynamic=False: 1.50x (extrapolated)" in text
     assert "measured at sizes 4, 1 only: 2.00 s per size x 3 buckets = extrapolated" in text
-    decode = result.to_json()["setup_cost"]["decode"]
+    decode = to_json(result)["setup_cost"]["decode"]
     assert [(d["extrapolated_s"], d["full_inductor_ratio"]) for d in decode] == [(None, None), (6.0, 1.5)]
 
 
@@ -234,11 +236,13 @@ def test_one_compiled_step_serves_every_bucket_and_its_compiles_are_counted(cpu,
     ))
     monkeypatch.setattr(compiled_setup, "reduce_overhead_setup_calls", setup_calls)
     monkeypatch.setattr(compiled_setup, "private_pool_bytes", lambda torch_device: 0)
-    bench = build_bench_model(cpu, ModelConfig.tiny(), torch.float32, max_batch_size=1, context_len=8)
+    bench = build_reference_workload(cpu, ModelConfig.tiny(), torch.float32, max_batch_size=1, context_len=8)
     buckets = compiled_setup.decode_buckets(64)  # 12: 1, 2, 4, 8, 12, 16, 24, ..., 64
-    with torch.no_grad():
-        dynamic = compiled_setup.reduce_overhead(bench, buckets[::-1], len(buckets), False)
-        static = compiled_setup.reduce_overhead(bench, buckets[:10], len(buckets), False, dynamic=False)
+    with torch.no_grad():  # each measured apart, as a run measures them: nothing compiled before is reused
+        with measured_apart(cpu):
+            dynamic = compiled_setup.reduce_overhead(bench, buckets[::-1], len(buckets), False)
+        with measured_apart(cpu):
+            static = compiled_setup.reduce_overhead(bench, buckets[:10], len(buckets), False, dynamic=False)
     assert calls == [*buckets[::-1], *buckets[:10]]
     assert (dynamic.contender, dynamic.compiles, dynamic.extrapolated_s) == ("reduce-overhead", 2, None)
     assert (static.contender, static.compiles) == ("reduce-overhead dynamic=False", 10)

@@ -14,8 +14,9 @@ to 256). Three ways to get there, each measured from nothing to a replaying grap
   issue that asked for this (5 to 11 s per batch size). Too slow to run at all 36 sizes, so it runs on a
   subset and the mean per size times the bucket count is reported as an extrapolation.
 
-Fair to each: every setup starts after ``torch._dynamo.reset()`` (nothing compiled before is reused, and
-nothing compiled here is called after the next reset) and with cold Inductor and Triton caches, a fresh
+Fair to each: every setup is measured apart (``Measurements.attempt``: it starts after ``torch._dynamo.reset()``,
+so nothing compiled before is reused, and nothing compiled in it is called after the next reset) and with cold
+Inductor and Triton caches, a fresh
 cache directory each (so their order, or an earlier bench run, cannot make one look cheaper); a throwaway
 compile first pays the once-per-process costs (Inductor's imports, its compile workers) that would otherwise
 land on whichever setup ran first. CUDA only: reduce-overhead records CUDA graphs, and the cpu device's
@@ -25,43 +26,74 @@ graphs cannot capture Inductor kernels.
 from __future__ import annotations
 
 import contextlib
-import time
-from typing import Any, Callable, Iterator
+from functools import partial
+from typing import Iterator
 
 import torch
 from tqdm import tqdm
 
 import hal
-from graphhal_cli.bench.compile_count import dynamo_compiles
-from graphhal_cli.bench.contenders import (
-    ReduceOverhead,
-    RunnerMode,
+from benchmarks.contenders import DECODE_CONTENDERS
+from benchmarks.contenders.reduce_overhead import (
+    SETUP_CALLS,
+    compile_reduce_overhead,
     mark_for_reduce_overhead,
     private_pool_bytes,
     reduce_overhead_setup_calls,
-    release_memory,
 )
-from graphhal_cli.bench.results import FULL_INDUCTOR_SETUP, CompiledSetup
-from graphhal_cli.bench.workload import BenchModel
+from benchmarks.contenders.static_buffers import padded_inputs
+from benchmarks.measurements import Measurements
+from benchmarks.names import FULL_INDUCTOR, REDUCE_OVERHEAD, SETUP, STATIC_REDUCE_OVERHEAD
+from benchmarks.results import CompiledSetup, Failed
+from benchmarks.setup.setup_meter import metered_setup
+from benchmarks.workload import Workload
 from runners import DecodeConfig, DecodeRunner
 
-REDUCE_OVERHEAD_SETUP = "reduce-overhead"
-STATIC_REDUCE_OVERHEAD_SETUP = "reduce-overhead dynamic=False"
-COMPILED_SETUPS = (FULL_INDUCTOR_SETUP, REDUCE_OVERHEAD_SETUP, STATIC_REDUCE_OVERHEAD_SETUP)
-# Batch sizes of the dynamic=False setup by default: both ends and two between, a compile each.
-DEFAULT_STATIC_SIZES = (1, 8, 64, 256)
+# Each setup, and the decode contender whose recipe it follows at every bucket: it runs where that one runs.
+_RECIPES = {FULL_INDUCTOR: FULL_INDUCTOR, REDUCE_OVERHEAD: REDUCE_OVERHEAD, STATIC_REDUCE_OVERHEAD: REDUCE_OVERHEAD}
+COMPILED_SETUPS = tuple(_RECIPES)
+
+
+def measure_compiled_setups(
+    workload: Workload,
+    names: list[str],
+    max_bs: int,
+    requested_static_sizes: list[int],
+    measurements: Measurements,
+    show_progress: bool,
+) -> list[CompiledSetup]:
+    """The setups ``names`` (from ``COMPILED_SETUPS``, those the device can run) for every bucket up to ``max_bs``,
+    in that order, after one throwaway compile; those that fail are recorded and left out."""
+    if not names:
+        return []
+    buckets = decode_buckets(max_bs)
+    subset = static_sizes(requested_static_sizes, max_bs)
+    every_bucket = f"{len(buckets)} buckets up to {max_bs}"
+    measures = {
+        FULL_INDUCTOR: (every_bucket, partial(full_inductor, workload, max_bs, show_progress)),
+        REDUCE_OVERHEAD: (every_bucket, partial(reduce_overhead, workload, buckets[::-1], len(buckets), show_progress)),
+        STATIC_REDUCE_OVERHEAD: (
+            f"sizes {', '.join(map(str, subset))}",
+            partial(reduce_overhead, workload, subset, len(buckets), show_progress, dynamic=False),
+        ),
+    }
+    warm_up = measurements.attempt(SETUP, "compiler warm-up", "-", partial(warm_up_compiler, workload.device))
+    if isinstance(warm_up, Failed):  # without a working compiler no setup below can run either
+        return []
+    setups = []
+    for name in names:
+        sizes, measure = measures[name]
+        measurements.describe(f"setup: {name} ({sizes})")
+        setup = measurements.attempt(SETUP, name, sizes, measure)
+        if not isinstance(setup, Failed):
+            setups.append(setup)
+    return setups
 
 
 def skip_reasons(device: hal.Device) -> dict[str, str]:
     """Setup name -> why it cannot run on ``device``; the setups not named can."""
-    reasons = {}
-    inductor = RunnerMode("full", compiler="inductor").skip_reason(device)
-    if inductor is not None:
-        reasons[FULL_INDUCTOR_SETUP] = inductor
-    reduce_overhead = ReduceOverhead().skip_reason(device)
-    if reduce_overhead is not None:
-        reasons[REDUCE_OVERHEAD_SETUP] = reasons[STATIC_REDUCE_OVERHEAD_SETUP] = reduce_overhead
-    return reasons
+    reasons = {setup: DECODE_CONTENDERS[recipe](device).skip_reason(device) for setup, recipe in _RECIPES.items()}
+    return {setup: reason for setup, reason in reasons.items() if reason is not None}
 
 
 def decode_buckets(max_bs: int) -> list[int]:
@@ -77,19 +109,6 @@ def static_sizes(requested: list[int], max_bs: int) -> list[int]:
     return sizes or [max_bs]
 
 
-def padded_inputs(bench: BenchModel, size: int) -> dict[str, torch.Tensor]:
-    """Static input buffers of ``size`` rows holding every slot's fill: what a runner captures a bucket with.
-
-    Not the bench's live requests: there are only as many as the largest timed batch, and a server sets up
-    every bucket before it has any.
-    """
-    conventions = bench.device.conventions
-    return {
-        slot.name: torch.full((size, *slot.row_shape), slot.fill, dtype=slot.dtype, device=bench.device.torch_device)
-        for slot in (slot.for_device(conventions) for slot in bench.decode_slots)
-    }
-
-
 @contextlib.contextmanager
 def cold_compile_caches() -> Iterator[None]:
     """Inductor's and Triton's on-disk caches in a fresh temporary directory, removed afterwards."""
@@ -101,84 +120,66 @@ def cold_compile_caches() -> Iterator[None]:
 
 def warm_up_compiler(device: hal.Device) -> None:
     """One throwaway Inductor compile on ``device``, so per-process start-up costs go to no measured setup."""
-    release_memory(device)
     with cold_compile_caches():
         probe = torch.compile(lambda x: torch.relu(x) * 2 + 1)
         probe(torch.ones(8, device=device.torch_device))
         device.synchronize()
         del probe
-    release_memory(device)
 
 
-def full_inductor(bench: BenchModel, max_bs: int, show_progress: bool) -> CompiledSetup:
+def full_inductor(workload: Workload, max_bs: int, show_progress: bool) -> CompiledSetup:
     """One ``full`` runner with ``compiler="inductor"`` capturing every default bucket up to ``max_bs``."""
-    device = bench.device
+    device = workload.device
     config = DecodeConfig(mode="full", compiler="inductor", max_bs=max_bs, show_progress=show_progress)
-    release_memory(device)
     with cold_compile_caches():
-        compiles = dynamo_compiles()
-        started = time.perf_counter()
-        runner = DecodeRunner(bench.decode_step, bench.decode_slots, device, config)
-        report = runner.capture()  # the one Inductor compile happens at the first (largest) bucket
-        device.synchronize()
-        setup_s = time.perf_counter() - started
-        compiles = dynamo_compiles() - compiles
+        with metered_setup(device) as meter:
+            runner = DecodeRunner(workload.decode_step, workload.decode_slots, device, config)
+            report = runner.capture()  # the one Inductor compile happens at the first (largest) bucket
         del runner  # before its kernels' cache directory goes
-    release_memory(device)
     return CompiledSetup(
-        contender=FULL_INDUCTOR_SETUP,
+        contender=FULL_INDUCTOR,
         detail='DecodeRunner(mode="full", compiler="inductor"): one compile, graphhal captures every bucket',
         sizes=list(report.buckets),
         num_buckets=len(report.buckets),
-        setup_s=setup_s,
-        compiles=compiles,
+        setup_s=meter.setup_s,
+        compiles=meter.compiles,
         pool_bytes=report.pool_bytes,
     )
 
 
-def compile_reduce_overhead(step: Callable[..., Any], dynamic: bool) -> Callable[..., Any]:
-    """torch.compile's peer of graphhal: ``dynamic`` None (torch.compile's default) or False."""
-    return torch.compile(step, mode="reduce-overhead", dynamic=None if dynamic else False)
-
-
 def reduce_overhead(
-    bench: BenchModel, sizes: list[int], num_buckets: int, show_progress: bool, *, dynamic: bool = True
+    workload: Workload, sizes: list[int], num_buckets: int, show_progress: bool, *, dynamic: bool = True
 ) -> CompiledSetup:
     """ONE ``torch.compile(mode="reduce-overhead")`` object set up at each of ``sizes`` in turn.
 
     ``dynamic``: the batch dim marked dynamic (one compile serves most sizes); else ``dynamic=False``, one
     compile per size.
     """
-    device, torch_device = bench.device, bench.device.torch_device
-    release_memory(device)
+    torch_device = workload.device.torch_device
     # One compiled function at many static sizes recompiles per size; past Dynamo's recompile limit (8) it
     # would silently run the step eagerly, and this setup would be timed without the compiles it needs.
     # Room for every size, and an error rather than a silent eager fallback should it still run out.
     limit = max(torch._dynamo.config.recompile_limit, len(sizes) + 1)
     with cold_compile_caches(), torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
         before = private_pool_bytes(torch_device)
-        compiles = dynamo_compiles()
-        started = time.perf_counter()
-        compiled = compile_reduce_overhead(bench.decode_step, dynamic)
-        statics = []  # every size's buffers stay alive, as in a server: their graphs read them
-        for size in tqdm(sizes, desc="reduce-overhead setup", unit="size", disable=not show_progress, leave=False):
-            static = padded_inputs(bench, size)
-            mark_for_reduce_overhead(bench, static, dynamic_batch=dynamic)
-            reduce_overhead_setup_calls(compiled, static, torch_device)
-            statics.append(static)
-        setup_s = time.perf_counter() - started
-        compiles = dynamo_compiles() - compiles
+        with metered_setup(workload.device) as meter:
+            compiled = compile_reduce_overhead(workload.decode_step, dynamic)
+            statics = []  # every size's buffers stay alive, as in a server: their graphs read them
+            for size in tqdm(sizes, desc="reduce-overhead setup", unit="size", disable=not show_progress, leave=False):
+                static = padded_inputs(workload, size)
+                mark_for_reduce_overhead(workload, static, dynamic_batch=dynamic)
+                reduce_overhead_setup_calls(compiled, static, torch_device)
+                statics.append(static)
         pool_bytes = private_pool_bytes(torch_device) - before
         del compiled, statics  # before their kernels' cache directory goes
-    release_memory(device)
     marks = "batch dim dynamic" if dynamic else "dynamic=False"
     return CompiledSetup(
-        contender=REDUCE_OVERHEAD_SETUP if dynamic else STATIC_REDUCE_OVERHEAD_SETUP,
+        contender=REDUCE_OVERHEAD if dynamic else STATIC_REDUCE_OVERHEAD,
         detail=f'one torch.compile(mode="reduce-overhead") for every size, {marks}, static KV cache and inputs, '
-        f"{ReduceOverhead.SETUP_CALLS} calls per size",
+        f"{SETUP_CALLS} calls per size",
         sizes=list(sizes),
         num_buckets=num_buckets,
-        setup_s=setup_s,
-        compiles=compiles,
+        setup_s=meter.setup_s,
+        compiles=meter.compiles,
         pool_bytes=pool_bytes,
     )

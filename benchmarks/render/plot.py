@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from graphhal_cli.bench.results import BenchResult, Row
+from benchmarks.names import DECODE
+from benchmarks.results import BenchResult, Row
 
 
 class PlotUnavailableError(RuntimeError):
@@ -37,7 +38,7 @@ def _by_mode(rows: list[Row]) -> dict[str, list[Row]]:
 
 def write_plot(result: BenchResult, path: Path) -> None:
     plt = require_matplotlib()
-    rows = result.phase_rows("decode")
+    rows = result.phase_rows(DECODE)
     figure, (latency, speedup) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     for mode, mode_rows in _by_mode(rows).items():
         mode_rows = sorted(mode_rows, key=lambda r: r.batch_size or 0)

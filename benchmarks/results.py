@@ -1,18 +1,17 @@
-"""What a bench run found, as plain dataclasses: the table, the JSON file and the plot all read these."""
+"""What a bench run found, as plain dataclasses: the table, the JSON file and the plot all read these.
+
+They know nothing of how anything was measured: a ``Row`` is one contender at one size, whatever it ran.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from graphhal_cli.bench.timing import Timing
+from benchmarks.names import EAGER, FLOOR, FULL_INDUCTOR
+from benchmarks.timing import Timing
 
-SCHEMA_VERSION = 1
-FULL_INDUCTOR_SETUP = "full+inductor"  # the compiled setup every other is compared with
 
 
 @dataclass
@@ -51,6 +50,18 @@ class Row:
         return (self.phase, self.batch_size, self.tokens, self.requests) == (
             other.phase, other.batch_size, other.tokens, other.requests,
         )
+
+
+def fill_ratios(rows: list[Row]) -> None:
+    """Speedup over eager and ratio to the floor, against the rows of the same phase and size."""
+    for row in rows:
+        for reference in rows:
+            if not reference.same_size(row):
+                continue
+            if reference.mode == EAGER:
+                row.speedup_vs_eager = reference.median_ms / row.median_ms
+            elif reference.mode == FLOOR:
+                row.ratio_to_floor = row.median_ms / reference.median_ms
 
 
 @dataclass
@@ -151,8 +162,9 @@ class SetupCost:
     notes: list[str] = field(default_factory=list)
 
     def full_inductor_ratio(self, setup: CompiledSetup) -> float | None:
-        """full+inductor's setup over ``setup``'s, both for every bucket (``setup``'s maybe extrapolated)."""
-        reference = next((s for s in self.decode if s.contender == FULL_INDUCTOR_SETUP), None)
+        """full+inductor's setup over ``setup``'s, both for every bucket (``setup``'s maybe extrapolated): the
+        compiled setup every other is compared with."""
+        reference = next((s for s in self.decode if s.contender == FULL_INDUCTOR), None)
         if reference is None or setup is reference or not setup.all_buckets_s:
             return None
         return reference.all_buckets_s / setup.all_buckets_s
@@ -185,29 +197,3 @@ class BenchResult:
 
     def phase_rows(self, phase: str) -> list[Row]:
         return [row for row in self.rows if row.phase == phase]
-
-    def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"schema_version": SCHEMA_VERSION, **dataclasses.asdict(self)}
-        if self.capture_cost is not None:  # derived values, so readers need not recompute them
-            data["capture_cost"]["pool_ratio"] = self.capture_cost.pool_ratio
-            data["capture_cost"]["break_cost_us"] = self.capture_cost.break_cost_us
-        if self.setup_cost is not None:
-            for setup, entry in zip(self.setup_cost.decode, data["setup_cost"]["decode"]):
-                entry["extrapolated_s"] = setup.extrapolated_s
-                entry["full_inductor_ratio"] = self.setup_cost.full_inductor_ratio(setup)
-        return _finite(data)
-
-    def write_json(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n")
-
-
-def _finite(value: Any) -> Any:
-    """NaN and infinities as null: JSON has no spelling for them (an unstable timing's error is inf, a
-    broken output's difference NaN), and strict parsers reject Python's."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value

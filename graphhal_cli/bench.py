@@ -1,9 +1,8 @@
 """``graphhal bench``: compare eager, graphhal's modes, a hand-written floor and torch.compile in one run.
 
-Defaults depend on the device: on CPU a tiny model, three batch sizes and two prefill token counts, so the
-whole run takes under a minute on 2 cores; on an accelerator the default-size reference model and the batch
-sizes and token counts a server serves. Every contender is asked for; those the device cannot run are listed
-as skipped with the reason.
+The command line of the harness in ``benchmarks``: it parses the options into a ``BenchPlan`` (what the
+options leave open comes from ``PlanDefaults``: small on CPU, a server's view on a GPU), runs it, and prints
+the table, writing the JSON file and the plot where asked.
 """
 
 from __future__ import annotations
@@ -13,44 +12,20 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import torch
-
-import hal
-from graphhal_cli.bench.compiled_setup import DEFAULT_STATIC_SIZES
-from graphhal_cli.bench.contenders import DECODE_CONTENDERS, REDUCE_OVERHEAD
-from graphhal_cli.bench.prefill import PREFILL_MODES
-from graphhal_cli.bench.suite import BenchPlan, run_bench
-from graphhal_cli.bench.table import render
-from graphhal_cli.bench.timing import TimerSettings
-from graphhal_cli.bench.workload import PrefillShape
-from refmodel import ModelConfig
-from runners import PrefillConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MODELS = {"tiny": ModelConfig.tiny, "default": ModelConfig}
-
-
-class _Defaults:
-    """What a run measures when the command line does not say: small on CPU, a server's view on a GPU."""
-
-    def __init__(self, on_cpu: bool) -> None:
-        self.model = "tiny" if on_cpu else "default"
-        self.dtype = torch.float32 if on_cpu else torch.bfloat16
-        self.batch_sizes = [1, 4, 16] if on_cpu else [1, 4, 16, 64, 256]
-        self.context_len = 32 if on_cpu else 512
-        self.tokens = [16, 64] if on_cpu else [16, 64, 256, 1024]
-        # Every contender, everywhere: one the device cannot run is listed as skipped with the reason (n/a).
-        self.decode_modes = list(DECODE_CONTENDERS)
-        self.budget_s = 1.0 if on_cpu else 3.0
-        self.on_cpu = on_cpu
-
-    def prefill_setup_max_tokens(self, config: ModelConfig) -> int:
-        """PrefillConfig's own max_tokens (4096); on cpu no more than the model's max_seq_len (64 for the tiny
-        model): the reference device keeps every bucket's tensors, so its 50 buckets up to 4096 tokens would
-        take ~700 MiB and seconds there, to show what 10 buckets show as well."""
-        default = PrefillConfig().max_tokens
-        assert default is not None  # resolved by the config
-        return min(default, config.max_seq_len) if self.on_cpu else default
+from benchmarks import (
+    DECODE_CONTENDERS,
+    DEFAULT_STATIC_SIZES,
+    MODELS,
+    PREFILL_MODES,
+    BenchPlan,
+    PlanDefaults,
+    TimerSettings,
+    prefill_shapes,
+    run_bench,
+)
+from benchmarks.names import REDUCE_OVERHEAD
+from benchmarks.render import json_file, plot, table
+from graphhal_cli.shared_options import DTYPES, chosen_device
 
 
 def _int_list(text: str) -> list[int]:
@@ -90,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-len", type=int, help="longest cached context per decode request; default: 32 on cpu, 512 elsewhere")
     parser.add_argument(
         "--modes",
-        type=_name_list(DECODE_CONTENDERS),
+        type=_name_list(tuple(DECODE_CONTENDERS)),
         help=f"decode contenders besides eager, from {', '.join(DECODE_CONTENDERS)}; default: all (those the "
         f"device cannot run, like {REDUCE_OVERHEAD} off CUDA, are listed as skipped)",
     )
@@ -139,22 +114,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def plan_from_arguments(args: argparse.Namespace) -> BenchPlan:
-    device = hal.get_device(args.device) if args.device else hal.best_available_device()
-    defaults = _Defaults(on_cpu=device.type == "cpu")
+    device = chosen_device(args.device)
+    defaults = PlanDefaults(device)
     config = MODELS[args.model or defaults.model]()
     if args.layers is not None:
         config = dataclasses.replace(config, num_layers=args.layers)
-    tokens = args.tokens or defaults.tokens
-    prefill_shapes = [] if args.no_prefill else [PrefillShape(t, r) for t in tokens for r in args.requests if r <= t]
     return BenchPlan(
         device=device,
         config=config,
         dtype=DTYPES[args.dtype] if args.dtype else defaults.dtype,
         context_len=args.context_len or defaults.context_len,
         batch_sizes=args.batch_sizes or defaults.batch_sizes,
-        decode_modes=args.modes if args.modes is not None else defaults.decode_modes,
+        decode_modes=args.modes,
         prefill_modes=[] if args.no_prefill else args.prefill_modes,
-        prefill_shapes=prefill_shapes,
+        prefill_shapes=[] if args.no_prefill else prefill_shapes(args.tokens or defaults.tokens, args.requests),
         capture_max_bs=None if args.no_capture_cost else args.capture_max_bs,
         compiled_setups=not args.no_compiled_setup,
         static_sizes=args.static_sizes,
@@ -167,33 +140,21 @@ def plan_from_arguments(args: argparse.Namespace) -> BenchPlan:
             max_repeats=args.max_repeats,
             budget_s=args.time_budget if args.time_budget is not None else defaults.budget_s,
         ),
+        cpu_threads=args.threads or 1,
         show_progress=not args.no_progress,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     if args.plot is not None:  # fail before minutes of measuring, not after
-        from graphhal_cli.bench.plot import require_matplotlib
-
-        require_matplotlib()
-    plan = plan_from_arguments(args)
-    threads = torch.get_num_threads()
-    try:
-        if plan.device.type == "cpu":
-            # Measured with another process busy on one of two cores: the tiny model's step went from 1.5 ms
-            # at 1 thread to 84 ms at 2, its parallel ops waiting for a descheduled thread every time.
-            torch.set_num_threads(args.threads or 1)
-        result = run_bench(plan)
-    finally:
-        torch.set_num_threads(threads)  # main() may run inside a larger process (tests, notebooks)
-    print(render(result))
+        plot.require_matplotlib()
+    result = run_bench(plan_from_arguments(args))
+    print(table.render(result))
     if args.json is not None:
-        result.write_json(args.json)
+        json_file.write_json(result, args.json)
         print(f"wrote {args.json}")
     if args.plot is not None:
-        from graphhal_cli.bench.plot import write_plot
-
-        write_plot(result, args.plot)
+        plot.write_plot(result, args.plot)
         print(f"wrote {args.plot}")
     if result.failed:
         print(f"graphhal bench: {len(result.failed)} measurement(s) failed (listed above)", file=sys.stderr)

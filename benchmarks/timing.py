@@ -69,10 +69,6 @@ class Timing:
     rel_error: float  # estimated standard error of the median, relative to it
     samples_s: tuple[float, ...]
 
-    def describe(self) -> str:
-        """``repeats x steps`` and the relative error, the way the table prints them."""
-        return f"{self.repeats}x{self.steps_per_repeat} ±{self.rel_error * 100:.1f}%"
-
 
 def median_rel_error(samples: Sequence[float]) -> float:
     """Estimated standard error of the median of ``samples``, relative to the median (robust to outliers)."""

@@ -1,7 +1,7 @@
 """Prefill setup: one ``PrefillRunner`` per mode capturing every default prefill bucket, as a server would.
 
 ``PrefillConfig`` defaults (token buckets 4..4096, 64 requests) except ``max_tokens``, which a run may lower
-(the cpu default, see ``command``) and which is capped where the model could never be handed that many
+(the cpu default, see ``PlanDefaults``) and which is capped where the model could never be handed that many
 tokens at once: ``max_requests`` requests of at most ``max_seq_len`` tokens each. The bench's KV cache is
 sized to hold one such batch (``cache_shape``), so every bucket captured is one a server could fill.
 Runs on every device: piecewise compiles once (torch.compile, token dim dynamic) and captures its pieces
@@ -10,16 +10,31 @@ per bucket; breakable compiles nothing and captures segments around attention.
 
 from __future__ import annotations
 
-import time
+from functools import partial
 
-from graphhal_cli.bench.compile_count import dynamo_compiles
-from graphhal_cli.bench.contenders import release_memory
-from graphhal_cli.bench.results import PrefillSetup
-from graphhal_cli.bench.workload import BenchModel, PrefillShape
-from refmodel import ModelConfig, prefill_request_slots, prefill_token_slots
+from benchmarks.measurements import Measurements
+from benchmarks.names import SETUP
+from benchmarks.results import Failed, PrefillSetup
+from benchmarks.setup.setup_meter import metered_setup
+from benchmarks.plan import PrefillShape
+from benchmarks.workload import Workload
+from refmodel import ModelConfig
 from runners import PrefillConfig, PrefillRunner
 
-PREFILL_SETUP_MODES = ("piecewise", "breakable")
+
+def measure_prefill_setups(
+    workload: Workload, modes: list[str], max_tokens: int, measurements: Measurements, show_progress: bool
+) -> list[PrefillSetup]:
+    """The prefill setup in each of ``modes``, each measured apart (a compiled forward of an earlier one is
+    neither reused nor called again); those that fail are recorded and left out."""
+    setups = []
+    for mode in modes:
+        measurements.describe(f"setup: prefill {mode} (buckets up to {max_tokens} tokens)")
+        measure = partial(prefill_setup, workload, mode, max_tokens, show_progress)
+        setup = measurements.attempt(SETUP, f"prefill {mode}", f"buckets up to {max_tokens} tokens", measure)
+        if not isinstance(setup, Failed):
+            setups.append(setup)
+    return setups
 
 
 def setup_tokens(config: ModelConfig, requested: int) -> tuple[int, str]:
@@ -39,32 +54,19 @@ def cache_shape(config: ModelConfig, max_tokens: int) -> PrefillShape:
     return PrefillShape(max_tokens, -(-max_tokens // config.max_seq_len))
 
 
-def prefill_setup(bench: BenchModel, mode: str, max_tokens: int, show_progress: bool) -> PrefillSetup:
+def prefill_setup(workload: Workload, mode: str, max_tokens: int, show_progress: bool) -> PrefillSetup:
     """A ``PrefillRunner`` in ``mode`` built and captured for every default bucket up to ``max_tokens``."""
-    device, config = bench.device, bench.config
-    release_memory(device)  # no compiled forward of an earlier contender is reused (or called again)
+    device = workload.device
     phase = PrefillConfig(mode=mode, max_tokens=max_tokens, show_progress=show_progress)
-    compiles = dynamo_compiles()
-    started = time.perf_counter()
-    runner = PrefillRunner(
-        bench.model.prefill_forward(bench.kv_cache),
-        prefill_token_slots(config),
-        prefill_request_slots(config),
-        device,
-        phase,
-    )
-    report = runner.capture()
-    device.synchronize()
-    setup_s = time.perf_counter() - started
-    compiles = dynamo_compiles() - compiles
-    del runner
-    release_memory(device)
+    with metered_setup(device) as meter:
+        runner = PrefillRunner(workload.prefill_forward(), *workload.prefill_slots(), device, phase)
+        report = runner.capture()
     return PrefillSetup(
         mode=mode,
         max_tokens=max_tokens,
         max_requests=phase.max_requests,
         num_buckets=len(report.buckets),
-        setup_s=setup_s,
-        compiles=compiles,
+        setup_s=meter.setup_s,
+        compiles=meter.compiles,
         pool_bytes=report.pool_bytes,
     )

@@ -1,4 +1,4 @@
-"""One line naming the hardware behind a ``hal.Device``, for the headers of ``demo``, ``bench`` and ``info``."""
+"""One line naming the hardware behind a ``hal.Device``, for the headers of the bench and ``graphhal demo``."""
 
 from __future__ import annotations
 

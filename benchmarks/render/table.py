@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Callable
 
 from hal import MIB
-from graphhal_cli.bench.results import FULL_INDUCTOR_SETUP, BenchResult, CaptureCost, CompiledSetup, Row, SetupCost
+from benchmarks.names import DECODE, FULL_INDUCTOR, PREFILL
+from benchmarks.results import BenchResult, CaptureCost, CompiledSetup, Row, SetupCost
 
 # (title, width, cell) per column; a cell is "-" where the value does not apply.
 _Column = tuple[str, int, Callable[[Row], str]]
@@ -86,10 +87,10 @@ def _compiled_setups(cost: SetupCost) -> list[str]:
                 f"per size x {setup.num_buckets} buckets = extrapolated"
             )
         lines.append(line)
-    ratios = [_ratio(cost, setup) for setup in setups if setup.contender != FULL_INDUCTOR_SETUP]
+    ratios = [_ratio(cost, setup) for setup in setups if setup.contender != FULL_INDUCTOR]
     ratios = [ratio for ratio in ratios if ratio]
     if ratios:
-        lines.append(f"{FULL_INDUCTOR_SETUP} setup / " + "; / ".join(ratios))
+        lines.append(f"{FULL_INDUCTOR} setup / " + "; / ".join(ratios))
     return lines
 
 
@@ -129,7 +130,7 @@ def render(result: BenchResult) -> str:
         f"median's standard error is under {timer['target_rel_error'] * 100:g}% (or {timer['max_repeats']} repeats, "
         f"or {timer['budget_s']:g} s)",
     ]
-    for phase, columns in (("decode", _DECODE), ("prefill", _PREFILL)):
+    for phase, columns in ((DECODE, _DECODE), (PREFILL, _PREFILL)):
         rows = result.phase_rows(phase)
         if rows:
             lines += ["", phase, *_table(rows, columns)]

@@ -1,0 +1,56 @@
+"""Every contender a run can ask for, by name, per phase, in table order.
+
+Eager is in no table: it always runs, first, as the baseline of its size. A contender is one entry (a
+factory taking the device): prefill in mode ``full``, once ``PrefillConfig`` takes it, is one more line in
+``PREFILL_CONTENDERS``; a mixed decode+prefill row is a third table with its own inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import hal
+from benchmarks.contenders.contender import Batch, Contender
+from benchmarks.contenders.eager import EagerDecode, EagerPrefill
+from benchmarks.contenders.floor import HandWrittenFloor
+from benchmarks.contenders.reduce_overhead import ReduceOverhead
+from benchmarks.contenders.runner_modes import DecodeRunnerMode, PrefillRunnerMode
+from benchmarks.names import FLOOR, FULL_INDUCTOR, REDUCE_OVERHEAD
+from benchmarks.workload import PrefillCase
+
+RUNNER_MODES = ("full", "breakable", "piecewise")
+
+DECODE_CONTENDERS: dict[str, Callable[[hal.Device], Contender[Batch]]] = {
+    FLOOR: HandWrittenFloor,
+    **{mode: (lambda device, mode=mode: DecodeRunnerMode(mode)) for mode in RUNNER_MODES},
+    FULL_INDUCTOR: lambda device: DecodeRunnerMode("full", compiler="inductor"),
+    REDUCE_OVERHEAD: lambda device: ReduceOverhead(),
+}
+
+PREFILL_CONTENDERS: dict[str, Callable[[hal.Device], Contender[PrefillCase]]] = {
+    mode: (lambda device, mode=mode: PrefillRunnerMode(mode)) for mode in ("piecewise", "breakable")
+}
+PREFILL_MODES = tuple(PREFILL_CONTENDERS)
+
+
+def decode_lineup(names: Iterable[str] | None, device: hal.Device) -> list[Contender[Batch]]:
+    """Eager, then the named decode contenders (None: all of them), whether ``device`` can run them or not.
+
+    In table order whatever the order named: every size's rows read eager, floor, full, ... the same way.
+    """
+    names = list(DECODE_CONTENDERS) if names is None else _known(DECODE_CONTENDERS, names, "decode mode")
+    return [EagerDecode(), *(make(device) for name, make in DECODE_CONTENDERS.items() if name in names)]
+
+
+def prefill_lineup(names: Iterable[str], device: hal.Device) -> list[Contender[PrefillCase]]:
+    """Eager, then the named prefill contenders in the order named, whether ``device`` can run them or not."""
+    names = _known(PREFILL_CONTENDERS, names, "prefill mode")
+    return [EagerPrefill(), *(PREFILL_CONTENDERS[name](device) for name in names)]
+
+
+def _known(table: dict[str, Callable[[hal.Device], Contender]], names: Iterable[str], what: str) -> list[str]:
+    names = list(names)
+    unknown = sorted(set(names) - table.keys())
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {', '.join(unknown)}; known: {', '.join(table)}")
+    return names

@@ -1,0 +1,16 @@
+"""The names a bench result is keyed by: its phases and the contenders that are more than a graph mode.
+
+They are the values of the JSON's ``phase`` and ``mode`` fields and the labels of the table, and more than one
+part of the harness reads them (contenders, setup measurements, results), so each is spelled here once.
+Graph modes ("full", "breakable", "piecewise") are graphhal's own names and keep them.
+"""
+
+DECODE = "decode"
+PREFILL = "prefill"
+SETUP = "setup"  # what a server pays at startup, measured apart from the step timings
+
+EAGER = "eager"  # the baseline every row's speedup is against; always runs, first
+FLOOR = "floor"  # the hand-written graph every row's overhead is against
+FULL_INDUCTOR = "full+inductor"  # graphhal's full mode over an Inductor-compiled forward
+REDUCE_OVERHEAD = "reduce-overhead"  # torch.compile's own graphs: graphhal's peer
+STATIC_REDUCE_OVERHEAD = "reduce-overhead dynamic=False"  # a setup only: one compile per batch size

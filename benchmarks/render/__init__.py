@@ -1,0 +1,1 @@
+"""A bench result for people and machines: the terminal table, the JSON file and the plot."""

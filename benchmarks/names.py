@@ -2,7 +2,7 @@
 
 They are the values of the JSON's ``phase`` and ``mode`` fields and the labels of the table, and more than one
 part of the harness reads them (contenders, setup measurements, results), so each is spelled here once.
-Graph modes ("full", "breakable", "piecewise") are graphhal's own names and keep them.
+Graph modes are graphhal's own names (``hal.GraphMode``) and keep them.
 """
 
 DECODE = "decode"

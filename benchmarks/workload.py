@@ -101,7 +101,7 @@ class ReferenceWorkload:
         return self.model.prefill_forward(self.kv_cache)
 
     def prefill_slots(self) -> tuple[list[InputSlot], list[InputSlot]]:
-        return prefill_token_slots(self.kv_cache.config), prefill_request_slots(self.kv_cache.config)
+        return prefill_token_slots(), prefill_request_slots(self.kv_cache.config)
 
     def prefill_case(self, shape: PrefillShape, seed: int) -> PrefillCase:
         requests = PrefillWorkload(self.kv_cache, shape.query_lens(), seed=seed)

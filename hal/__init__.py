@@ -45,6 +45,7 @@ from hal.registry import (
     get_device,
     reload_plugins,
 )
+from hal.token_specialization import TokenSpecializationError
 
 # The strategies, above the contract: importing them registers their modes with the facade.
 from hal.breakable import (
@@ -104,6 +105,7 @@ __all__ = [
     "SlotRole",
     "SplittingOpError",
     "StaticAddressError",
+    "TokenSpecializationError",
     "UnknownDeviceError",
     "UnsupportedModeError",
     "WarmUpError",

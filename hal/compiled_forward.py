@@ -13,6 +13,7 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch.utils import _pytree as pytree
 
+from hal import token_specialization
 from hal.errors import GraphHalError
 
 
@@ -21,11 +22,14 @@ class InductorBackend:
 
     def __init__(self) -> None:
         self.compile_count = 0
+        self.shape_env: Any = None  # the compile's ShapeEnv, to say where a token-size specialisation came from
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
         from torch._inductor.compile_fx import compile_fx
 
         self.compile_count += 1
+        fake_mode = torch._guards.detect_fake_mode(example_inputs)
+        self.shape_env = fake_mode.shape_env if fake_mode is not None else None
         return compile_fx(gm, example_inputs)
 
 
@@ -83,8 +87,20 @@ class CompiledForward:
         return outputs
 
     def _call_compiled(self, inputs: dict[str, Any]) -> Any:
+        from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
+
         try:
             return self._compiled(**inputs)
+        except ConstraintViolationError as exc:
+            # Dynamo raises this when it builds its guards, after the backend: the ShapeEnv the backend saw
+            # still holds the user frames where the token dimension was fixed.
+            error = token_specialization.from_traced(getattr(self.backend, "shape_env", None))
+            if error is None:
+                error = token_specialization.TokenSpecializationError(
+                    f"torch.compile specialised the token dimension of {', '.join(self.token_inputs)} to one size "
+                    f"({exc}); run with TORCH_LOGS=dynamic to see where, or {token_specialization.WORKING_MODES}."
+                )
+            raise error from exc
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             inner = getattr(exc, "inner_exception", None)
             if isinstance(inner, RecompileError) and not _debug_cache_entries(self._entry.__code__):

@@ -27,15 +27,30 @@ class CapturedBucket:
     outputs: Any  # the outputs as captured (non-owning aliases for a graph: see hal.pool_aliases)
 
 
-class GraphCapture:
-    """Modes ``full`` and ``breakable``: the whole forward as one device graph per bucket."""
+class BucketCapture:
+    """What a runner's capture loop calls, per mode: ``prepare`` once into a pool, ``capture`` per bucket
+    (largest first), ``drop`` after a failure so the next ``prepare`` starts afresh."""
 
     def __init__(self, forward: Callable[..., Any], device: "hal.Device", config: PhaseConfig, token_inputs: Sequence[str]) -> None:
         self.device = device
         self.config = config
         self.plain_forward = forward
-        self.token_inputs = tuple(token_inputs)
-        self.graphs: hal.GraphPerKey | None = None
+        self.token_inputs = tuple(token_inputs)  # the slots whose first dimension is the bucket
+
+    def prepare(self, pool: Any) -> None:
+        raise NotImplementedError
+
+    def capture(self, bucket: int, inputs: Mapping[str, torch.Tensor]) -> CapturedBucket:
+        raise NotImplementedError
+
+    def drop(self) -> None:
+        raise NotImplementedError
+
+
+class GraphCapture(BucketCapture):
+    """Modes ``full`` and ``breakable``: the whole forward as one device graph per bucket."""
+
+    graphs: hal.GraphPerKey | None = None
 
     def prepare(self, pool: Any) -> None:
         forward = self.plain_forward
@@ -67,16 +82,11 @@ class GraphCapture:
         self.graphs = None  # the next capture() prepares again: a new pool and, with inductor, a new compile
 
 
-class PiecewiseCapture:
+class PiecewiseCapture(BucketCapture):
     """Mode ``piecewise``: pieces between splitting ops captured per bucket by ``hal.PiecewiseBackend``."""
 
-    def __init__(self, forward: Callable[..., Any], device: "hal.Device", config: PhaseConfig, token_inputs: Sequence[str]) -> None:
-        self.device = device
-        self.config = config
-        self.plain_forward = forward
-        self.token_inputs = tuple(token_inputs)
-        self.backend: hal.PiecewiseBackend | None = None
-        self.forward: Any = None
+    backend: hal.PiecewiseBackend | None = None
+    forward: Any = None
 
     def prepare(self, pool: Any) -> None:
         assert self.config.buckets is not None and self.config.compiler is not None
@@ -99,7 +109,7 @@ class PiecewiseCapture:
         self.backend = self.forward = None  # the next capture() prepares a new backend, pool and compile
 
 
-def bucket_capture(forward: Callable[..., Any], device: "hal.Device", config: PhaseConfig, token_inputs: Sequence[str]) -> Any:
+def bucket_capture(forward: Callable[..., Any], device: "hal.Device", config: PhaseConfig, token_inputs: Sequence[str]) -> BucketCapture:
     if config.mode == hal.GraphMode.PIECEWISE:
         return PiecewiseCapture(forward, device, config, token_inputs)
     return GraphCapture(forward, device, config, token_inputs)

@@ -68,6 +68,26 @@ def test_data_dependent_shapes_fail_during_capture(cpu):
             torch.nonzero(x)
 
 
+def test_indexing_with_integer_tensors_is_captured_and_replayed(cpu):
+    # aten.index.Tensor carries the dynamic-output-shape tag for boolean masks only; with integer indices its
+    # shape follows from theirs and a CUDA graph captures it (transformers builds attention masks so).
+    x = torch.arange(12.0).reshape(3, 4)
+    rows, cols = torch.tensor([2, 0]), torch.tensor([1, 3])
+    graph, out = capture(cpu, lambda: x[rows[:, None], cols[None, :]])
+    x.copy_(-x)
+    rows.copy_(torch.tensor([1, 1]))
+    cpu.replay(graph)
+    assert torch.equal(out, (-torch.arange(12.0).reshape(3, 4))[torch.tensor([1, 1])[:, None], cols[None, :]])
+
+
+def test_indexing_with_a_boolean_mask_fails_during_capture(cpu):
+    x = torch.arange(4.0)
+    graph = cpu.make_graph("full")
+    with pytest.raises(HostSyncDuringCaptureError, match=r"aten.index.Tensor reads a device value"):
+        with cpu.capture_session(graph, None):
+            x[x > 1]
+
+
 def test_in_place_writes_are_repeated_on_every_replay(cpu):
     cache = torch.zeros(6)
     slots = torch.tensor([1])

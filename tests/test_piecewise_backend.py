@@ -226,3 +226,98 @@ def test_a_single_one_token_bucket_compiles_statically_and_still_captures(graph_
         torch.testing.assert_close(compiled(**static), step(**fresh))
     assert backend.compile_count == 1
     assert all(sorted(piece.graphs) == [1] for piece in backend.pieces)
+
+
+# --- the token dimension stays symbolic ---------------------------------------------------------------------
+
+
+class UpsampledStep(torch.nn.Module):
+    """A composite op whose C++ decomposition reads concrete sizes (interpolate; matmul on torch 2.11, which
+    is what broke transformers' rotary embedding): run outside the python dispatcher, as the backend ran its
+    fake pass before, it fixed the token dimension to the compile's bucket."""
+
+    def forward(self, *, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        upsampled = torch.nn.functional.interpolate(x[:, None, :], scale_factor=2)  # the sizing op
+        return upsampled[:, 0, ::2] + pos[:, None]
+
+
+def compile_upsampled(device: hal.Device, buckets):
+    torch._dynamo.reset()
+    step = UpsampledStep()
+    backend = hal.PiecewiseBackend(device, device.graph_pool(), buckets, splitting_ops=[])
+    return step, backend, hal.CompiledForward(step, backend, token_inputs=["x", "pos"])
+
+
+def test_the_backends_fake_pass_keeps_the_token_dimension_symbolic(graph_device):
+    device = hal.get_device(graph_device)
+    step, backend, compiled = compile_upsampled(device, [8, 4])
+    with torch.no_grad():
+        static = {rows: make_inputs(rows, device.torch_device, seed=rows) for rows in (8, 4)}
+        for rows in (8, 4):  # fails at the first call without the python dispatcher: ConstraintViolationError
+            torch.testing.assert_close(compiled(**static[rows]), step(**static[rows]))
+    assert backend.compile_count == 1
+
+
+@pytest.mark.cpu
+def test_a_specialisation_during_the_backends_fake_pass_names_the_model_line(monkeypatch):
+    # Without the python dispatcher (as before the fix) interpolate specialises in the backend: the error
+    # names the line of the model that did it, from the FX node's stack trace.
+    import contextlib
+
+    import hal.piecewise.backend
+
+    monkeypatch.setattr(hal.piecewise.backend, "enable_python_dispatcher", contextlib.nullcontext)
+    device = hal.get_device("cpu")
+    _, _, compiled = compile_upsampled(device, [8, 4])
+    with torch.no_grad(), pytest.raises(hal.TokenSpecializationError) as error:
+        compiled(**make_inputs(8, device.torch_device, seed=0))
+    message = str(error.value)
+    assert ".size()[0]) was specialised to 8" in message  # x and pos share the symbol: either is named
+    assert f"{__file__}:" in message and "in forward: upsampled = " in message and "the sizing op" in message
+    assert "mode 'full' (decode) or 'breakable'" in message
+
+
+class RowLoopStep(torch.nn.Module):
+    """Model code that truly fixes the row count: a Python loop over the rows (one iteration per row)."""
+
+    def forward(self, *, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        rows = [row * 2 for row in x.unbind(0)]  # the specialising line
+        return torch.stack(rows) + pos[:, None]
+
+
+@pytest.mark.cpu
+def test_model_code_that_fixes_the_token_dimension_gets_an_error_naming_its_line_and_a_mode_that_works():
+    from runners import DecodeConfig, DecodeRunner, InputSlot
+
+    torch._dynamo.reset()
+    slots = [InputSlot("x", torch.float32, row_shape=(8,)), InputSlot("pos", torch.float32)]
+    piecewise = DecodeRunner(RowLoopStep(), slots, "cpu", DecodeConfig(mode="piecewise", max_bs=8, show_progress=False))
+    with pytest.raises(hal.CaptureError) as error:
+        piecewise.capture()
+    assert isinstance(error.value.__cause__, hal.TokenSpecializationError)
+    message = str(error.value)
+    assert f"{__file__}:" in message and "the specialising line" in message
+    assert ".size()[0]) was specialised to 8" in message and "mode 'full' (decode) or 'breakable'" in message
+    full = DecodeRunner(RowLoopStep(), slots, "cpu", DecodeConfig(mode="full", max_bs=8, show_progress=False))
+    full.capture()  # the mode the error suggests works
+    batch = make_inputs(3, torch.device("cpu"), seed=4)
+    torch.testing.assert_close(full.run(batch), RowLoopStep()(**batch))
+
+
+@pytest.mark.cpu
+def test_a_specialisation_reported_by_dynamos_guards_names_the_model_line_too():
+    # Backends that do not split (compiler "inductor" in full mode) compile the specialised graph, and Dynamo
+    # raises ConstraintViolationError when it builds its guards: the error says where instead.
+    class CountingBackend:
+        compile_count = 0
+        shape_env = None
+
+        def __call__(self, gm, example_inputs):
+            self.compile_count += 1
+            self.shape_env = torch._guards.detect_fake_mode(example_inputs).shape_env
+            return gm
+
+    torch._dynamo.reset()
+    compiled = hal.CompiledForward(RowLoopStep(), CountingBackend(), token_inputs=["x", "pos"])
+    with torch.no_grad(), pytest.raises(hal.TokenSpecializationError, match=r"specialised to 8 at .*the specialising line"):
+        compiled(**make_inputs(8, torch.device("cpu"), seed=0))

@@ -7,6 +7,7 @@ and what is allowed, and the runner stays usable afterwards.
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -142,50 +143,45 @@ def test_one_runner_per_thread_runs_concurrently_and_right(mode):
 # --- 2. tensors moved after capture: checked before every replay -------------------------------------------
 
 
-def test_a_weight_swapped_after_its_bucket_was_checked_is_caught_on_the_next_replay(graph_device):
+def _swap_a_weight(reference: Reference, runner: DecodeRunner) -> None:
+    layer = reference.model.layers[0]
+    layer.o_proj.data = layer.o_proj.data.clone()  # a weight reload done wrong
+
+
+def _rebind_a_cache_layer(reference: Reference, runner: DecodeRunner) -> None:
+    reference.kv_cache.key_caches[1] = reference.kv_cache.key_caches[1].clone()
+
+
+def _replace_the_cache_list(reference: Reference, runner: DecodeRunner) -> None:
+    reference.kv_cache.key_caches = list(reference.kv_cache.key_caches)
+
+
+def _swap_a_submodule(reference: Reference, runner: DecodeRunner) -> None:
+    reference.model.layers[1] = copy.deepcopy(reference.model.layers[1])
+
+
+def _replace_a_runner_buffer(reference: Reference, runner: DecodeRunner) -> None:
+    runner.static_inputs.buffers["positions"] = runner.static_inputs.buffers["positions"].clone()
+
+
+@pytest.mark.parametrize(
+    ("move", "message"),
+    [
+        (_swap_a_weight, r"watched 'model'\.layers\.0\.o_proj moved since the decode graph for bucket 2"),
+        (_rebind_a_cache_layer, r"watched 'kv_cache'\.key_caches\[1\] moved"),
+        (_replace_the_cache_list, r"watched 'kv_cache'\.key_caches moved"),
+        (_swap_a_submodule, r"watched 'model'\.layers\.1 moved"),
+        (_replace_a_runner_buffer, r"input slot 'positions' moved"),
+    ],
+)
+def test_a_tensor_moved_after_its_bucket_was_checked_is_caught_on_the_next_replay(graph_device, move, message):
     reference = Reference(graph_device)
-    runner = reference.decode_runner(watched={"model": reference.model})
+    runner = reference.decode_runner(watched={"model": reference.model, "kv_cache": reference.kv_cache})
     batch = reference.workload(2, seed=3).batch(2)
     runner.run(batch)
     runner.run(batch)  # bucket 2 has replayed twice: a first-replay check would never look again
-    layer = reference.model.layers[0]
-    layer.o_proj.data = layer.o_proj.data.clone()  # a weight reload done wrong
-    with pytest.raises(hal.StaticAddressError, match=r"watched 'model'\.layers\.0\.o_proj moved since the decode graph for bucket 2"):
-        runner.run(batch)
-
-
-def test_a_kv_cache_layer_rebound_is_caught_through_the_cache_object(graph_device):
-    reference = Reference(graph_device)
-    runner = reference.decode_runner(watched={"kv_cache": reference.kv_cache})
-    batch = reference.workload(1, seed=4).batch(1)
-    runner.run(batch)
-    reference.kv_cache.key_caches[1] = reference.kv_cache.key_caches[1].clone()
-    with pytest.raises(hal.StaticAddressError, match=r"watched 'kv_cache'\.key_caches\[1\] moved"):
-        runner.run(batch)
-    reference.kv_cache.key_caches = list(reference.kv_cache.key_caches)  # the list itself replaced
-    with pytest.raises(hal.StaticAddressError, match=r"watched 'kv_cache'\.key_caches moved"):
-        runner.run(batch)
-
-
-def test_a_submodule_swapped_for_a_copy_is_caught(graph_device):
-    reference = Reference(graph_device)
-    runner = reference.decode_runner(watched={"model": reference.model})
-    batch = reference.workload(1, seed=5).batch(1)
-    runner.run(batch)
-    import copy
-
-    reference.model.layers[1] = copy.deepcopy(reference.model.layers[1])
-    with pytest.raises(hal.StaticAddressError, match=r"watched 'model'\.layers\.1 moved"):
-        runner.run(batch)
-
-
-def test_a_runner_buffer_replaced_is_caught(graph_device):
-    reference = Reference(graph_device)
-    runner = reference.decode_runner()
-    batch = reference.workload(1, seed=6).batch(1)
-    runner.run(batch)
-    runner.static_inputs.buffers["positions"] = runner.static_inputs.buffers["positions"].clone()
-    with pytest.raises(hal.StaticAddressError, match=r"input slot 'positions' moved"):
+    move(reference, runner)
+    with pytest.raises(hal.StaticAddressError, match=message):
         runner.run(batch)
 
 

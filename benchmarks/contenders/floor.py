@@ -32,7 +32,7 @@ class HandWrittenFloor(Contender[Batch]):
         )
 
     def skip_reason(self, device: hal.Device) -> str | None:
-        if "full" not in device.graph_modes:
+        if hal.GraphMode.FULL not in device.graph_modes:
             return f"device {device} has no full graphs to hand-write a floor with"
         return None
 
@@ -74,7 +74,7 @@ class HandWrittenFloor(Contender[Batch]):
         step(**static)
         device.synchronize()
         pool = device.graph_pool()
-        graph = device.make_graph("full")
+        graph = device.make_graph(hal.GraphMode.FULL)
         with device.capture_session(graph, pool):
             outputs = step(**static)
         replay = device.replayer(graph)

@@ -18,17 +18,17 @@ from benchmarks.contenders.runner_modes import DecodeRunnerMode, PrefillRunnerMo
 from benchmarks.names import FLOOR, FULL_INDUCTOR, REDUCE_OVERHEAD
 from benchmarks.workload import PrefillCase
 
-RUNNER_MODES = ("full", "breakable", "piecewise")
+RUNNER_MODES = (hal.GraphMode.FULL, hal.GraphMode.BREAKABLE, hal.GraphMode.PIECEWISE)
 
 DECODE_CONTENDERS: dict[str, Callable[[hal.Device], Contender[Batch]]] = {
     FLOOR: HandWrittenFloor,
-    **{mode: (lambda device, mode=mode: DecodeRunnerMode(mode)) for mode in RUNNER_MODES},
-    FULL_INDUCTOR: lambda device: DecodeRunnerMode("full", compiler="inductor"),
+    **{mode.value: (lambda device, mode=mode: DecodeRunnerMode(mode.value)) for mode in RUNNER_MODES},
+    FULL_INDUCTOR: lambda device: DecodeRunnerMode(hal.GraphMode.FULL.value, compiler="inductor"),
     REDUCE_OVERHEAD: lambda device: ReduceOverhead(),
 }
 
 PREFILL_CONTENDERS: dict[str, Callable[[hal.Device], Contender[PrefillCase]]] = {
-    mode: (lambda device, mode=mode: PrefillRunnerMode(mode)) for mode in ("piecewise", "breakable")
+    mode.value: (lambda device, mode=mode: PrefillRunnerMode(mode.value)) for mode in (hal.GraphMode.PIECEWISE, hal.GraphMode.BREAKABLE)
 }
 PREFILL_MODES = tuple(PREFILL_CONTENDERS)
 

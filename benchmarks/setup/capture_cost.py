@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from functools import partial
 
+import hal
 from benchmarks.contenders import DECODE_CONTENDERS
 from benchmarks.contenders.static_buffers import static_copy
 from benchmarks.measurements import Measurements, release_memory
@@ -34,7 +35,7 @@ def measure_capture_cost(
     cost = measurements.attempt(DECODE, "capture cost", f"buckets up to {max_bs}", every_bucket)
     if isinstance(cost, Failed):
         return None
-    if "breakable" not in device.modes:
+    if hal.GraphMode.BREAKABLE not in device.modes:
         cost.note = f"no one-break cost: device {device} has no breakable mode"
         return cost
     breaks = measurements.attempt(DECODE, "break count", "1", partial(count_breaks, workload))
@@ -88,7 +89,7 @@ def count_breaks(workload: Workload) -> int:
     static = static_copy(workload.decode_batch(1))
     workload.decode_step(**static)  # warm-up: nothing lazy may happen inside the capture
     device.synchronize()
-    graph = device.make_graph("breakable")
+    graph = device.make_graph(hal.GraphMode.BREAKABLE)
     with device.capture_session(graph, device.graph_pool()):
         workload.decode_step(**static)
     device.synchronize()

@@ -39,6 +39,10 @@ _UNINITIALISED_FACTORIES = frozenset(
 )
 # Tags of ops that need a device value on the host: illegal inside a device-graph capture.
 _HOST_SYNC_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
+# Tagged ``dynamic_output_shape`` for boolean-mask indexing only: with integer index tensors their output
+# shape follows from the index shapes, and a CUDA graph captures them (transformers builds its attention
+# masks by advanced integer indexing). A boolean or uint8 index still reads the mask on the host.
+_MASK_ONLY_DYNAMIC = frozenset({torch.ops.aten.index.Tensor})
 
 
 class HostSyncDuringCaptureError(GraphHalError, RuntimeError):
@@ -173,7 +177,7 @@ class _OpRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        _refuse_host_read(func)
+        _refuse_host_read(func, args, kwargs)
         result = _run_watching_for_host_reads(func, args, kwargs)
         if func.is_view or torch.Tag.inplace_view in func.tags:
             # A view aliases memory the other ops refresh; an in-place view (unsqueeze_, t_) changes only
@@ -213,8 +217,9 @@ class _HostReadDetector(TorchDispatchMode):
     they hide, so the reference device must too."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        _refuse_host_read(func)
-        return _run_watching_for_host_reads(func, args, kwargs or {})
+        kwargs = kwargs or {}
+        _refuse_host_read(func, args, kwargs)
+        return _run_watching_for_host_reads(func, args, kwargs)
 
 
 # Namespaces of torch's own ops: their decompositions already reach the modes op by op.
@@ -235,13 +240,22 @@ def _run_watching_for_host_reads(func: torch._ops.OpOverload, args: Any, kwargs:
         return func.redispatch(keys & torch._C._dispatch_keys(tensor), *args, **kwargs)
 
 
-def _refuse_host_read(func: torch._ops.OpOverload) -> None:
-    if any(tag in func.tags for tag in _HOST_SYNC_TAGS):
+def _refuse_host_read(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    if _reads_host(func, args, kwargs):
         raise HostSyncDuringCaptureError(
             f"{func} reads a device value back to the host (item(), tolist(), a data-dependent shape), "
             "which is not permitted while a device graph is being captured: the value would be baked in. "
             "Keep the value on the device, or move the op out of the captured region."
         )
+
+
+def _reads_host(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    if not any(tag in func.tags for tag in _HOST_SYNC_TAGS):
+        return False
+    if func in _MASK_ONLY_DYNAMIC:
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        return any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in indices)
+    return True
 
 
 def _is_dense(value: object) -> bool:

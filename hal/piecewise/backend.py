@@ -17,7 +17,9 @@ import contextlib
 from typing import Any, Iterable, Sequence
 
 import torch
+from torch._dispatch.python import enable_python_dispatcher
 
+from hal import token_specialization
 from hal.breakable import BreakPoint
 from hal.compiled_forward import RecompileError
 from hal.device import Device
@@ -67,6 +69,7 @@ class PiecewiseBackend:
         self.compile_count = 0
         self.pieces: list[PiecewisePiece] = []
         self.num_splits = 0
+        self.shape_env: Any = None  # the compile's ShapeEnv, to say where a token-size specialisation came from
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
         self.compile_count += 1
@@ -84,15 +87,23 @@ class PiecewiseBackend:
             fake_mode.from_tensor(value) if fake_mode is not None and isinstance(value, torch.Tensor) else value
             for value in example_inputs
         ]
+        self.shape_env = fake_mode.shape_env if fake_mode is not None else None
         token_symbol = _token_symbol(fake_inputs)
         if token_symbol is None and len(self.captures.buckets) > 1:
+            traced = token_specialization.from_traced(self.shape_env)
+            if traced is not None:  # marked dynamic, but the model's code fixed it while Dynamo traced
+                raise traced
             raise GraphHalError(
                 "the piecewise backend got a graph with no dynamic dimension: one compile must serve every "
                 "token-count bucket, so compile with the token dimension marked dynamic (hal.CompiledForward "
                 "does this when the first call has more than one token)"
             )
         compiler = _PieceCompiler(split.module, set(split.pieces), self, token_symbol, _producer_of_outputs(split.module))
-        with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        # The python dispatcher, as Dynamo and AOTAutograd use when they run a graph on fake tensors: without
+        # it, composite ops run their C++ decomposition, and one that reads concrete sizes (matmul in torch
+        # 2.11, interpolate in 2.13) specialises the token dimension to this bucket in the shared ShapeEnv,
+        # so the compile would serve one size only (ConstraintViolationError when Dynamo builds its guards).
+        with fake_mode if fake_mode is not None else contextlib.nullcontext(), enable_python_dispatcher():
             compiler.run(*fake_inputs)
         for name, piece in compiler.compiled.items():
             split.module.__dict__[name] = piece  # shadows the submodule: the split graph calls the piece
@@ -132,6 +143,7 @@ class _PieceCompiler(torch.fx.Interpreter):
         self, module: torch.fx.GraphModule, pieces: set[str], backend: PiecewiseBackend, token_symbol: Any, final: str | None
     ) -> None:
         super().__init__(module)
+        self.extra_traceback = False  # its notes name split-graph nodes, which have no model source line
         self.pieces = pieces
         self.backend = backend
         self.token_symbol = token_symbol
@@ -142,7 +154,11 @@ class _PieceCompiler(torch.fx.Interpreter):
         }
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        outputs = super().call_module(target, args, kwargs)
+        if target in self.pieces and self.token_symbol is not None:
+            shape_env = self.backend.shape_env
+            outputs = _SpecializationWatch(self.fetch_attr(target), shape_env, self.token_symbol).run(*args)
+        else:
+            outputs = super().call_module(target, args, kwargs)
         if target in self.pieces:
             submodule = self.fetch_attr(target)
             compiled = _compile_piece(submodule, list(args), self.backend.compiler)
@@ -163,6 +179,28 @@ class _PieceCompiler(torch.fx.Interpreter):
             buckets = self.backend.captures.buckets
             return ShapeKey(constant=next(iter(buckets))) if buckets else None
         return _shape_key(args, self.token_symbol)
+
+
+class _SpecializationWatch(torch.fx.Interpreter):
+    """Runs one piece on fake inputs node by node, and names the model line of a node that specialises the
+    token dimension (the ShapeEnv is the compile's own: a constant here would fix it for every bucket)."""
+
+    def __init__(self, module: torch.fx.GraphModule, shape_env: Any, token_symbol: Any) -> None:
+        super().__init__(module)
+        self.extra_traceback = False  # the error names the model line itself
+        self.shape_env = shape_env
+        self.token_symbol = token_symbol
+
+    def run_node(self, node: torch.fx.Node) -> Any:
+        result = super().run_node(node)
+        value = token_specialization.specialized_value(self.shape_env, self.token_symbol)
+        if value is not None:
+            raise token_specialization.token_specialization_error(
+                token_specialization.symbol_inputs(self.shape_env, self.token_symbol),
+                value,
+                token_specialization.node_location(node),
+            )
+        return result
 
 
 def _producer_of_outputs(module: torch.fx.GraphModule) -> str | None:

@@ -12,5 +12,6 @@ SETUP = "setup"  # what a server pays at startup, measured apart from the step t
 EAGER = "eager"  # the baseline every row's speedup is against; always runs, first
 FLOOR = "floor"  # the hand-written graph every row's overhead is against
 FULL_INDUCTOR = "full+inductor"  # graphhal's full mode over an Inductor-compiled forward
+FULL_FIRST_REPLAY_CHECK = "full (first-replay check)"  # full, addresses checked on a bucket's first replay only
 REDUCE_OVERHEAD = "reduce-overhead"  # torch.compile's own graphs: graphhal's peer
 STATIC_REDUCE_OVERHEAD = "reduce-overhead dynamic=False"  # a setup only: one compile per batch size

@@ -9,6 +9,7 @@ as skipped with the reason.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -17,7 +18,7 @@ from benchmarks.timing import TimerSettings
 from refmodel import ModelConfig
 from runners import PrefillConfig
 
-MODELS = {"tiny": ModelConfig.tiny, "default": ModelConfig}
+MODELS = {"tiny": ModelConfig.tiny, "default": ModelConfig, "large": ModelConfig.large}
 # Batch sizes of the dynamic=False reduce-overhead setup by default: both ends and two between, a compile each.
 DEFAULT_STATIC_SIZES = (1, 8, 64, 256)
 
@@ -71,6 +72,7 @@ class BenchPlan:
     cpu_threads: int = 1
     show_progress: bool = True
     seed: int = 0
+    tp_group: Any = None  # the model is sharded over this process group's ranks (benchmarks.tensor_parallel)
 
 
 class PlanDefaults:

@@ -45,6 +45,7 @@ def run_bench(plan: BenchPlan) -> BenchResult:
             context_len=plan.context_len,
             prefill_shapes=lineup.cache_shapes,
             seed=plan.seed,
+            tp_group=plan.tp_group,
         )
         timer = StepTimer(plan.device, plan.timer)
         result = BenchResult(header=_header(plan, workload, timer), skipped=lineup.skipped)

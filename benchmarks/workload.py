@@ -49,6 +49,11 @@ class Workload(Protocol):
     device: hal.Device
     decode_step: Callable[..., Any]  # one decode step: ``decode_step(**batch)``
     decode_slots: list[InputSlot]  # the inputs of ``decode_step``, for a ``DecodeRunner``
+    group: Any  # the process group the model's collectives run over (tensor parallel), or None
+
+    def watched(self) -> dict[str, Any]:
+        """What a runner should watch for moved tensors (``watched_tensors``): the weights and the KV cache."""
+        ...
 
     def decode_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
         """The first ``batch_size`` decode requests as one batch; the same tensors every call."""
@@ -84,12 +89,16 @@ class ReferenceWorkload:
     kv_cache: PagedKVCache
     decode: DecodeWorkload  # the decode requests, their contexts in the cache
     context_len: int  # the longest of those contexts
+    group: Any = None
     decode_step: DecodeStep = field(init=False)
     decode_slots: list[InputSlot] = field(init=False)
 
     def __post_init__(self) -> None:
         self.decode_step = self.model.decode_forward(self.kv_cache)
         self.decode_slots = self.decode.input_slots()
+
+    def watched(self) -> dict[str, Any]:
+        return {"model": self.model, "kv_cache": self.kv_cache}
 
     def decode_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
         return self.decode.batch(batch_size)
@@ -108,10 +117,11 @@ class ReferenceWorkload:
         return PrefillCase(shape, self.prefill_forward(), requests.batch(), requests.release)
 
     def describe(self) -> str:
-        c = self.kv_cache.config
+        c = self.model.config
+        tp = f", tensor parallel over {self.model.tp.size} ranks" if self.model.tp.size > 1 else ""
         return (
             f"reference decoder: {c.num_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}, "
-            f"{str(self.kv_cache.dtype).removeprefix('torch.')}, decode contexts up to {self.context_len}"
+            f"{str(self.kv_cache.dtype).removeprefix('torch.')}, decode contexts up to {self.context_len}{tp}"
         )
 
 
@@ -128,16 +138,19 @@ def build_reference_workload(
     context_len: int,
     prefill_shapes: list[PrefillShape] = (),  # type: ignore[assignment]
     seed: int = 0,
+    tp_group: Any = None,
 ) -> ReferenceWorkload:
+    """The reference model (this rank's shard of it under ``tp_group``), a KV cache with room for every request
+    (this rank's KV heads), and ``max_batch_size`` decode requests with contexts of up to ``context_len``."""
     blocks_per_request = blocks_for(context_len + 1, config.block_size)
     # Prefill cases are placed and released one at a time, so the cache needs room for the largest.
     prefill_blocks = max(
         (sum(blocks_for(n, config.block_size) for n in shape.query_lens()) for shape in prefill_shapes), default=0
     )
     num_blocks = 1 + max_batch_size * blocks_per_request + prefill_blocks  # block 0: the null block
-    kv_cache = PagedKVCache(config, num_blocks, device.torch_device, dtype)
-    model = LlamaDecoder(config, device.torch_device, dtype, seed=seed)
+    model = LlamaDecoder(config, device.torch_device, dtype, seed=seed, tp_group=tp_group)
+    kv_cache = PagedKVCache(model.local_config, num_blocks, device.torch_device, dtype)
     decode = DecodeWorkload(
         kv_cache, max_batch_size, max_context_len=context_len, max_blocks_per_seq=blocks_per_request, seed=seed
     )
-    return ReferenceWorkload(device, model, kv_cache, decode, context_len)
+    return ReferenceWorkload(device, model, kv_cache, decode, context_len, tp_group)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from benchmarks import (
     DECODE_CONTENDERS,
@@ -25,6 +27,7 @@ from benchmarks import (
 )
 from benchmarks.names import REDUCE_OVERHEAD
 from benchmarks.render import json_file, plot, table
+from benchmarks.tensor_parallel import run_bench_on_ranks
 from graphhal_cli.shared_options import DTYPES, chosen_device
 
 
@@ -108,15 +111,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch intra-op threads on cpu; default: 1 (the tiny model's ops gain nothing from more, and a "
         "parallel op stalls whenever another process holds one of its threads' cores)",
     )
+    parser.add_argument(
+        "--tp", type=_positive_int, default=1,
+        help="tensor-parallel ranks: spawns one process per rank (one GPU each; gloo on cpu), the model sharded "
+        "over them, every rank measuring in lockstep, rank 0 reporting; then the same model at TP=1 for the "
+        "speed-up. Default model with --tp: large; decode only",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--plot", type=Path, metavar="PATH", help="also plot step time and speedup vs batch size to a PNG (needs matplotlib)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def plan_from_arguments(args: argparse.Namespace) -> BenchPlan:
-    device = chosen_device(args.device)
+def plan_from_arguments(args: argparse.Namespace, rank: int | None = None) -> BenchPlan:
+    """The plan the options describe; ``rank``: for that rank of a tensor-parallel run (its own GPU)."""
+    device = chosen_device(args.device) if rank is None else _rank_device(args.device, rank)
     defaults = PlanDefaults(device)
-    config = MODELS[args.model or defaults.model]()
+    config = MODELS[args.model or ("large" if args.tp > 1 else defaults.model)]()
     if args.layers is not None:
         config = dataclasses.replace(config, num_layers=args.layers)
     return BenchPlan(
@@ -145,9 +155,27 @@ def plan_from_arguments(args: argparse.Namespace) -> BenchPlan:
     )
 
 
+def _rank_device(name: str | None, rank: int) -> Any:
+    """Rank ``rank``'s device: its own GPU (``cuda:<rank>``) where the run is on GPUs, else the cpu."""
+    device_type = chosen_device(name).type
+    return chosen_device(f"{device_type}:{rank}" if device_type != "cpu" else "cpu")
+
+
+def _tensor_parallel_plan(args: argparse.Namespace, rank: int) -> BenchPlan:
+    # Decode only, and no torch.compile reduce-overhead or compiled setups: the tensor-parallel run measures
+    # graphhal's modes against eager and the floor, every rank in lockstep.
+    plan = plan_from_arguments(args, rank)
+    modes = [m for m in (plan.decode_modes or DECODE_CONTENDERS) if m != REDUCE_OVERHEAD]
+    return dataclasses.replace(
+        plan, decode_modes=modes, prefill_modes=[], prefill_shapes=[], compiled_setups=False, prefill_setup_max_tokens=None
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     if args.plot is not None:  # fail before minutes of measuring, not after
         plot.require_matplotlib()
+    if args.tp > 1:
+        return _run_tensor_parallel(args)
     result = run_bench(plan_from_arguments(args))
     print(table.render(result))
     if args.json is not None:
@@ -160,3 +188,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"graphhal bench: {len(result.failed)} measurement(s) failed (listed above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_tensor_parallel(args: argparse.Namespace) -> int:
+    result = run_bench_on_ranks(partial(_tensor_parallel_plan, args), args.tp)
+    print(f"tensor parallel: {args.tp} ranks (rank 0 reports; every rank ran the same steps)")
+    print(table.render(result))
+    # The same model on one device, for the speed-up: eager, the floor and full.
+    single = run_bench(dataclasses.replace(_tensor_parallel_plan(args, 0), decode_modes=["floor", "full"], capture_max_bs=None))
+    print("\nthe same model on one device (TP=1):")
+    print(table.render(single))
+    print(f"\nTP={args.tp} against TP=1, mode full (ms per step):")
+    tp1 = {row.batch_size: row.median_ms for row in single.rows if row.mode == "full"}
+    for row in result.rows:
+        if row.mode == "full" and row.batch_size in tp1:
+            print(
+                f"  batch {row.batch_size:>4}: TP=1 {tp1[row.batch_size]:.3f}  TP={args.tp} {row.median_ms:.3f}  "
+                f"speed-up {tp1[row.batch_size] / row.median_ms:.2f}x"
+            )
+    if args.json is not None:
+        json_file.write_json(result, args.json)
+        json_file.write_json(single, args.json.with_name(args.json.stem + "-tp1" + args.json.suffix))
+        print(f"wrote {args.json}")
+    return 1 if result.failed or single.failed else 0

@@ -48,6 +48,10 @@ def hal_conventions(device: DeviceId) -> DeviceConventions:
     return DeviceConventions()
 
 
+def hal_distributed_backend(device: DeviceId) -> None:
+    return None
+
+
 def hal_memory_stats(device: DeviceId, pool: Any) -> MemoryStats:
     return MemoryStats()
 
@@ -62,4 +66,5 @@ OPTIONAL_HOOK_DEFAULTS = {
     "hal_memory_stats": hal_memory_stats,
     "hal_conventions": hal_conventions,
     "hal_captures_compiled_kernels": hal_captures_compiled_kernels,
+    "hal_distributed_backend": hal_distributed_backend,
 }

@@ -47,6 +47,7 @@ class Device:
         self.conventions: DeviceConventions = (
             self._answer("hal_conventions", DeviceConventions, "a hal.DeviceConventions") or DeviceConventions()
         )
+        self.distributed_backend: str | None = self._answer("hal_distributed_backend", str, "a backend name")
 
     def _answer(self, hook: str, expected: type | tuple[type, ...], description: str) -> Any:
         """The plugin's answer to a per-device hook: None or an instance of ``expected``."""
@@ -141,6 +142,23 @@ class Device:
 
     def synchronize(self) -> None:
         self._hooks["hal_synchronize"](self.id)
+
+    def check_group(self, group: Any) -> None:
+        """Raise ``UnsupportedModeError`` unless this device's graphs can capture ``group``'s collectives."""
+        import torch.distributed as dist  # only where process groups are used
+
+        backend = str(dist.get_backend(group))
+        if self.distributed_backend is None:
+            raise UnsupportedModeError(
+                f"device {self.id} (plugin {self.plugin_name!r}) declares no torch.distributed backend its graphs "
+                "can capture (hal_distributed_backend), so runners on it cannot take a process group"
+            )
+        # A group made for several devices names each: "cpu:gloo,cuda:nccl".
+        if self.distributed_backend not in backend.replace(":", ",").split(","):
+            raise UnsupportedModeError(
+                f"device {self.id} captures collectives of backend {self.distributed_backend!r}, but the process "
+                f"group's backend is {backend!r}; make the group with backend={self.distributed_backend!r}"
+            )
 
     def memory_stats(self, pool: Any = None) -> MemoryStats:
         stats = self._hooks["hal_memory_stats"](self.id, pool)

@@ -22,14 +22,17 @@ class UnsupportedModeError(GraphHalError, ValueError):
 class CaptureError(GraphHalError, RuntimeError):
     """Capturing one graph failed. The capture was ended; the device remains usable.
 
-    Carries ``bucket``, ``mode`` and ``device`` so a server log says which shape failed where.
+    Carries ``bucket``, ``mode`` and ``device`` so a server log says which shape failed where (``bucket`` is
+    None for a failure before any bucket, such as ranks disagreeing on what to capture), and, across ranks,
+    ``rank``: the rank that failed (None when this rank did, or in a single process).
     """
 
-    def __init__(self, message: str, *, bucket: int, mode: str, device: str) -> None:
+    def __init__(self, message: str, *, bucket: int | None, mode: str, device: str, rank: int | None = None) -> None:
         super().__init__(message)
         self.bucket = bucket
         self.mode = mode
         self.device = device
+        self.rank = rank
 
 
 class StaticAddressError(GraphHalError, RuntimeError):

@@ -8,7 +8,9 @@ Runners use it for a whole forward per bucket, the piecewise strategy for each p
 CUDAGraphWrapper serves both levels the same way). What it does, in the order the anchors learned it:
 
 - warm up eagerly before capturing (lazy initialisation, autotuning and allocator growth must not happen
-  inside a capture), then synchronize the device, then run ``before_capture`` (a group barrier across ranks);
+  inside a capture), then synchronize the device, then call ``after_warmup`` with this process's warm-up
+  outcome: across ranks, the group barrier at which every rank learns whether all warmed up (SGLang 33356:
+  warm-up work still running on one rank when another began capturing);
 - capture into the shared pool; on a device that only records, replay once when asked, so the outputs hold
   real values for whatever reads them next (the splitting op after a piece);
 - keep only non-owning aliases of the outputs when they leave the graph (``hal.pool_aliases``), so every
@@ -67,7 +69,9 @@ class GraphPerKey:
                           consumes them before the next replay); False keeps them alive (a piece whose
                           outputs later pieces of the same capture read).
     replay_after_capture: on a device whose capture only records, replay once right after capturing.
-    before_capture:       called after the warm-up's synchronize, right before the capture begins.
+    after_warmup:         ``after_warmup(key, error)``, called after the warm-ups (and the synchronize when
+                          they succeeded) with the ``WarmUpError`` or None, right before the capture would
+                          begin; it raises to stop the capture (every rank agrees there), or returns.
     """
 
     def __init__(
@@ -79,7 +83,7 @@ class GraphPerKey:
         warmup_runs: int = 1,
         outputs_leave: bool = True,
         replay_after_capture: bool = False,
-        before_capture: Callable[[], None] | None = None,
+        after_warmup: Callable[[Any, BaseException | None], None] | None = None,
     ) -> None:
         self.device = device
         self.pool = pool
@@ -87,7 +91,7 @@ class GraphPerKey:
         self.warmup_runs = warmup_runs
         self.outputs_leave = outputs_leave
         self.replay_after_capture = replay_after_capture
-        self.before_capture = before_capture
+        self.after_warmup = after_warmup
         self.graphs: dict[Any, CapturedGraph] = {}
 
     def get(self, key: Any) -> CapturedGraph | None:
@@ -106,14 +110,18 @@ class GraphPerKey:
     def capture(self, key: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> CapturedGraph:
         """Warm ``fn`` up, capture one call of it for ``key``, and keep the graph."""
         device = self.device
+        error: WarmUpError | None = None
         try:
             for _ in range(self.warmup_runs):
                 fn(*args, **kwargs)
+            device.synchronize()
         except Exception as exc:
-            raise WarmUpError(f"{type(exc).__name__}: {exc}") from exc
-        device.synchronize()
-        if self.before_capture is not None:
-            self.before_capture()
+            error = WarmUpError(f"{type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+        if self.after_warmup is not None:
+            self.after_warmup(key, error)
+        if error is not None:
+            raise error
         graph = device.make_graph(self.mode)
         with device.capture_session(graph, self.pool):
             outputs = fn(*args, **kwargs)

@@ -265,6 +265,22 @@ def hal_synchronize(device: "DeviceId") -> bool | None:
 
 
 @hookspec(firstresult=True)
+def hal_distributed_backend(device: "DeviceId") -> str | None:
+    """Return the ``torch.distributed`` backend whose collectives this device's graphs can capture
+    (``"nccl"`` for CUDA, ``"hccl"`` for Ascend, ``"gloo"`` for the cpu reference device), or None.
+
+    Called when a runner is given a process group (tensor or data parallel): the group's backend must be
+    this one, or the captured collectives would not be the device's own work (a gloo all-reduce of CUDA
+    tensors cannot live in a CUDA graph). What the device needs around capturing collectives (stream
+    ordering, communicator limits) belongs in its capture session and its errors, not in the runners.
+
+    Default: ``hal.default_hooks.hal_distributed_backend`` (None: graphs of this device hold no collectives).
+
+    :param device: the device asked about.
+    """
+
+
+@hookspec(firstresult=True)
 def hal_memory_stats(device: "DeviceId", pool: Any) -> "MemoryStats | None":
     """Return the memory in use on ``device``; with ``pool`` given, also the bytes held by that graph pool.
 

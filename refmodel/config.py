@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,21 @@ class ModelConfig:
             max_seq_len=64,
         )
 
+    @classmethod
+    def large(cls) -> "ModelConfig":
+        """Big enough for tensor parallelism to matter (hidden 4096, 8 layers of a 7B-shaped Llama, about
+        1.7B parameters): each rank's matmuls are large enough that halving them beats the all-reduces."""
+        return cls(
+            vocab_size=32000,
+            hidden_size=4096,
+            num_layers=8,
+            num_heads=32,
+            num_kv_heads=8,
+            head_dim=128,
+            intermediate_size=11008,
+            max_seq_len=4096,
+        )
+
     def __post_init__(self) -> None:
         positive = (
             "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -66,6 +81,24 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
         if not self.rms_eps > 0:
             raise ValueError(f"ModelConfig.rms_eps must be > 0, got {self.rms_eps!r}")
+
+    def tensor_parallel_shard(self, tp_size: int) -> "ModelConfig":
+        """The shapes one of ``tp_size`` tensor-parallel ranks computes: its query and KV heads and its slice
+        of the MLP's inner dimension (what its layers and its KV cache are built from)."""
+        if tp_size == 1:
+            return self
+        for name in ("num_heads", "num_kv_heads", "intermediate_size"):
+            if getattr(self, name) % tp_size:
+                raise ValueError(
+                    f"ModelConfig.{name} ({getattr(self, name)}) must be divisible by the tensor-parallel size "
+                    f"({tp_size}): each rank holds an equal share"
+                )
+        return replace(
+            self,
+            num_heads=self.num_heads // tp_size,
+            num_kv_heads=self.num_kv_heads // tp_size,
+            intermediate_size=self.intermediate_size // tp_size,
+        )
 
     @property
     def queries_per_kv_head(self) -> int:

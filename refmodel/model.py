@@ -19,7 +19,7 @@ Both are written to be captured as device graphs, or split around their attentio
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from refmodel.kv_cache import PagedKVCache, write_kv_cache_step
 from refmodel.prefill_attention_op import prefill_attention_break
 from refmodel.rms_norm import RMSNorm
 from refmodel.rotary import RotaryEmbedding
+from refmodel.tensor_parallel import TensorParallel
 
 
 class _SeededInit:
@@ -44,31 +45,42 @@ class _SeededInit:
         self.device = device
         self.dtype = dtype
 
-    def normal(self, *shape: int, std: float) -> torch.nn.Parameter:
+    def normal(self, *shape: int, std: float, shard: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.nn.Parameter:
+        """A weight of the full ``shape``, drawn whatever ``shard`` keeps of it (a tensor-parallel rank's
+        slice), so every rank's draws, and a single process's, follow one sequence."""
         weight = torch.randn(shape, generator=self.generator) * std
+        if shard is not None:
+            weight = shard(weight)
         return torch.nn.Parameter(weight.to(self.device, self.dtype), requires_grad=False)
 
 
 class DecoderLayer(torch.nn.Module):
-    """Pre-norm attention block then pre-norm SwiGLU MLP block, each added to the residual stream."""
+    """Pre-norm attention block then pre-norm SwiGLU MLP block, each added to the residual stream.
 
-    def __init__(self, config: ModelConfig, init: _SeededInit) -> None:
+    Under tensor parallelism (``tp``) the layer holds its rank's heads and MLP slice (``local``: the shapes
+    this rank computes) and sums the row-parallel projections' partial outputs with an all-reduce.
+    """
+
+    def __init__(self, config: ModelConfig, local: ModelConfig, init: _SeededInit, tp: TensorParallel) -> None:
         super().__init__()
-        self.config = config
+        self.config = local
+        self.tp = tp
         hidden, inter = config.hidden_size, config.intermediate_size
         q_size = config.num_heads * config.head_dim
         kv_size = config.num_kv_heads * config.head_dim
-        self.q_size, self.kv_size = q_size, kv_size
+        self.q_size, self.kv_size = local.num_heads * local.head_dim, local.num_kv_heads * local.head_dim
         # Fan-in scaled weights keep each projection's output near unit variance; the two projections that
         # feed the residual stream are further shrunk by sqrt(2 * layers), so the stream's variance grows
         # only to about 2x over the whole stack and bf16 never overflows.
         residual_shrink = 1.0 / math.sqrt(2 * config.num_layers)
         self.input_norm = RMSNorm(hidden, config.rms_eps, init.device, init.dtype)
-        self.qkv_proj = init.normal(q_size + 2 * kv_size, hidden, std=hidden**-0.5)
-        self.o_proj = init.normal(hidden, q_size, std=q_size**-0.5 * residual_shrink)
+        self.qkv_proj = init.normal(
+            q_size + 2 * kv_size, hidden, std=hidden**-0.5, shard=lambda w: tp.rows(w, q_size, kv_size, kv_size)
+        )
+        self.o_proj = init.normal(hidden, q_size, std=q_size**-0.5 * residual_shrink, shard=tp.columns)
         self.post_attention_norm = RMSNorm(hidden, config.rms_eps, init.device, init.dtype)
-        self.gate_up_proj = init.normal(2 * inter, hidden, std=hidden**-0.5)
-        self.down_proj = init.normal(hidden, inter, std=inter**-0.5 * residual_shrink)
+        self.gate_up_proj = init.normal(2 * inter, hidden, std=hidden**-0.5, shard=lambda w: tp.rows(w, inter, inter))
+        self.down_proj = init.normal(hidden, inter, std=inter**-0.5 * residual_shrink, shard=tp.columns)
 
     def forward(
         self,
@@ -99,10 +111,10 @@ class DecoderLayer(torch.nn.Module):
         write_kv_cache_step(k, v, key_cache, value_cache, slot_mapping)
         attn = q.new_empty(q.shape)  # contiguous (q is a view into the rotated block)
         attention(q, key_cache, value_cache, attn)
-        hidden = hidden + F.linear(attn.reshape(tokens, self.q_size), self.o_proj)
+        hidden = hidden + self.tp.all_reduce(F.linear(attn.reshape(tokens, self.q_size), self.o_proj))
 
         gate, up = F.linear(self.post_attention_norm(hidden), self.gate_up_proj).chunk(2, dim=-1)
-        return hidden + F.linear(F.silu(gate) * up, self.down_proj)
+        return hidden + self.tp.all_reduce(F.linear(F.silu(gate) * up, self.down_proj))
 
 
 # What a layer calls to attend: (q, key_cache, value_cache, out) -> None, writing attention of q [tokens,
@@ -119,14 +131,27 @@ class LlamaDecoder(torch.nn.Module):
     the step's input slots, logits out.
     """
 
-    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        *,
+        tp_group: Any = None,
+    ) -> None:
         super().__init__()
         self.config = config
+        self.tp = TensorParallel.of(tp_group)
+        # What this rank computes: its heads, its MLP slice. Its KV cache is built from it (its KV heads).
+        self.local_config = config.tensor_parallel_shard(self.tp.size)
         self.device = torch.device(device)
         self.dtype = dtype
         init = _SeededInit(seed, self.device, dtype)
         self.embed_tokens = init.normal(config.vocab_size, config.hidden_size, std=1.0)
-        self.layers = torch.nn.ModuleList(DecoderLayer(config, init) for _ in range(config.num_layers))
+        self.layers = torch.nn.ModuleList(
+            DecoderLayer(config, self.local_config, init, self.tp) for _ in range(config.num_layers)
+        )
         self.final_norm = RMSNorm(config.hidden_size, config.rms_eps, self.device, dtype)
         self.lm_head = init.normal(config.vocab_size, config.hidden_size, std=config.hidden_size**-0.5)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta, self.device)
@@ -211,8 +236,11 @@ class _BoundStep(torch.nn.Module):
 
     def __init__(self, model: LlamaDecoder, kv_cache: PagedKVCache) -> None:
         super().__init__()
-        if kv_cache.config != model.config:
-            raise ValueError("the KV cache was built for a different ModelConfig than the model")
+        if kv_cache.config != model.local_config:
+            raise ValueError(
+                "the KV cache was built for a different ModelConfig than the model"
+                + (" (under tensor parallelism, build it from model.local_config: this rank's KV heads)" if model.tp.size > 1 else "")
+            )
         if kv_cache.device != model.device or kv_cache.dtype != model.dtype:
             raise ValueError(
                 f"the KV cache is {kv_cache.dtype} on {kv_cache.device}, the model {model.dtype} on {model.device}"

@@ -31,11 +31,19 @@ class BucketCapture:
     """What a runner's capture loop calls, per mode: ``prepare`` once into a pool, ``capture`` per bucket
     (largest first), ``drop`` after a failure so the next ``prepare`` starts afresh."""
 
-    def __init__(self, forward: Callable[..., Any], device: "hal.Device", config: PhaseConfig, token_inputs: Sequence[str]) -> None:
+    def __init__(
+        self,
+        forward: Callable[..., Any],
+        device: "hal.Device",
+        config: PhaseConfig,
+        token_inputs: Sequence[str],
+        after_warmup: Callable[[Any, BaseException | None], None] | None = None,
+    ) -> None:
         self.device = device
         self.config = config
         self.plain_forward = forward
         self.token_inputs = tuple(token_inputs)  # the slots whose first dimension is the bucket
+        self.after_warmup = after_warmup  # across ranks: where they agree that all warmed up (hal.GraphPerKey)
 
     def prepare(self, pool: Any) -> None:
         raise NotImplementedError
@@ -62,7 +70,12 @@ class GraphCapture(BucketCapture):
         self.forward = forward
         # The runner keeps only aliases of the outputs: free for the next (smaller) bucket's capture to reuse.
         self.graphs = hal.GraphPerKey(
-            self.device, pool, mode=self.config.mode, warmup_runs=self.config.warmup_runs, outputs_leave=True
+            self.device,
+            pool,
+            mode=self.config.mode,
+            warmup_runs=self.config.warmup_runs,
+            outputs_leave=True,
+            after_warmup=self.after_warmup,
         )
 
     def _compile_backend(self, pool: Any) -> Any:
@@ -91,7 +104,12 @@ class PiecewiseCapture(BucketCapture):
     def prepare(self, pool: Any) -> None:
         assert self.config.buckets is not None and self.config.compiler is not None
         self.backend = hal.PiecewiseBackend(
-            self.device, pool, self.config.buckets, compiler=self.config.compiler, warmup_runs=self.config.warmup_runs
+            self.device,
+            pool,
+            self.config.buckets,
+            compiler=self.config.compiler,
+            warmup_runs=self.config.warmup_runs,
+            after_warmup=self.after_warmup,
         )
         self.forward = hal.CompiledForward(self.plain_forward, self.backend, self.token_inputs)
 
@@ -109,10 +127,15 @@ class PiecewiseCapture(BucketCapture):
         self.backend = self.forward = None  # the next capture() prepares a new backend, pool and compile
 
 
-def bucket_capture(forward: Callable[..., Any], device: "hal.Device", config: PhaseConfig, token_inputs: Sequence[str]) -> BucketCapture:
-    if config.mode == hal.GraphMode.PIECEWISE:
-        return PiecewiseCapture(forward, device, config, token_inputs)
-    return GraphCapture(forward, device, config, token_inputs)
+def bucket_capture(
+    forward: Callable[..., Any],
+    device: "hal.Device",
+    config: PhaseConfig,
+    token_inputs: Sequence[str],
+    after_warmup: Callable[[Any, BaseException | None], None] | None = None,
+) -> BucketCapture:
+    kind = PiecewiseCapture if config.mode == hal.GraphMode.PIECEWISE else GraphCapture
+    return kind(forward, device, config, token_inputs, after_warmup)
 
 
 def _breakable_debug(config: PhaseConfig) -> bool:

@@ -28,6 +28,7 @@ from runners.gc_freeze import frozen_gc
 from runners.graph_outputs import GraphOutputs
 from runners.input_slots import InputSlot
 from runners.progress import progress
+from runners.rank_group import RankCaptureError, RankGroup
 from runners.static_inputs import StaticInputs
 from runners.thread_owner import ThreadOwner, owner_of_pool
 
@@ -68,11 +69,19 @@ class BucketedRunner:
         fixed_rows: int = 0,
         pool: Any = None,
         watched_tensors: Mapping[str, Any] | None = None,
+        group: Any = None,
+        consensus_group: Any = None,
     ) -> None:
         self.forward = forward
         self.config = config
         self.device = hal.get_device(device)
         config.check_device(self.device)
+        # Across ranks: ``group`` captures in lockstep (its collectives are in the graphs), ``consensus_group``
+        # also agrees on every run's bucket and on graph vs eager (data parallel).
+        if group is not None:
+            self.device.check_group(group)
+        self.group = RankGroup(group, config.agreement_timeout_s) if group is not None else None
+        self.consensus = RankGroup(consensus_group, config.agreement_timeout_s) if consensus_group is not None else None
         assert config.buckets is not None  # resolved by the config
         self.buckets = BucketPolicy(config.buckets)
         # Role slots (cache locations, sequence lengths) take their dtype and fill from the device.
@@ -89,7 +98,13 @@ class BucketedRunner:
         self._check_every_replay = config.check_addresses == "every_replay"
         self._thread_owner: ThreadOwner | None = None  # bound on the first run, shared by the pool's runners
         self._inference_mode = False  # the inference mode capture ran in (see capture)
-        self._capture = bucket_capture(forward, self.device, config, [slot.name for slot in self.slots])
+        self._capture = bucket_capture(
+            forward,
+            self.device,
+            config,
+            [slot.name for slot in self.slots],
+            after_warmup=self._agree_after_warmup if self.group is not None else None,
+        )
         self._graphs: dict[int, _Bucket] = {}
         self.report: CaptureReport | None = None
         # On devices that bake host values into graphs (NPU attention lengths), these slots' live values go
@@ -148,10 +163,12 @@ class BucketedRunner:
         self._inference_mode = torch.is_inference_mode_enabled()
         try:
             self._address_watch.snapshot()
+            if self.group is not None:
+                self.group.agree_on_plan(self._plan(), mode=mode, device=str(device))
             self._capture.prepare(self.pool)
             with frozen_gc(), torch.no_grad():
                 for bucket in progress(order, f"graphhal: capturing {phase} graphs", self.config.show_progress):
-                    self._graphs[bucket] = self._capture_bucket(bucket)
+                    self._graphs[bucket] = self._capture_bucket_with_ranks(bucket)
         except BaseException:
             self._graphs.clear()
             self._capture.drop()
@@ -167,6 +184,41 @@ class BucketedRunner:
         logger.info(self.report.summary())
         return self.report
 
+    def _plan(self) -> dict[str, Any]:
+        """What this rank is about to capture: every rank of the group must say the same."""
+        def slots(slots: Sequence[InputSlot]) -> list[tuple[str, str, tuple[int, ...]]]:
+            return [(slot.name, str(slot.dtype), slot.row_shape) for slot in slots]
+
+        return {
+            "phase": self.phase,
+            "mode": self.config.mode,
+            "compiler": self.config.compiler,
+            "buckets": list(self.buckets.buckets),
+            "input slots": slots(self.slots),
+            "request slots": slots(self.fixed_slots),
+            "request rows": 0 if self.fixed_inputs is None else self.fixed_inputs.capacity,
+            "warm-up runs": self.config.warmup_runs,
+        }
+
+    def _agree_after_warmup(self, key: Any, error: BaseException | None) -> None:
+        assert self.group is not None
+        bucket = key if isinstance(key, int) else None
+        self.group.agree(f"the warm-up of {key}", error, bucket=bucket, mode=self.config.mode, device=str(self.device))
+
+    def _capture_bucket_with_ranks(self, bucket: int) -> _Bucket:
+        """One bucket; across ranks, then agree that every rank captured it (or raise on all of them)."""
+        if self.group is None:
+            return self._capture_bucket(bucket)
+        try:
+            captured = self._capture_bucket(bucket)
+        except RankCaptureError:
+            raise  # every rank raises it at the same agreement point: nothing more to agree on
+        except Exception as exc:
+            self.group.agree(f"the capture of bucket {bucket}", exc, bucket=bucket, mode=self.config.mode, device=str(self.device))
+            raise  # unreachable: agreeing on a failure raises
+        self.group.agree(f"the capture of bucket {bucket}", None, bucket=bucket, mode=self.config.mode, device=str(self.device))
+        return captured
+
     def _capture_bucket(self, bucket: int) -> _Bucket:
         self.static_inputs.fill_padding(bucket)
         if self.fixed_inputs is not None:
@@ -175,6 +227,8 @@ class BucketedRunner:
         try:
             captured = self._capture.capture(bucket, inputs)
             outputs = GraphOutputs(captured.outputs, bucket)
+        except RankCaptureError:
+            raise  # already says which rank failed where
         except hal.WarmUpError as exc:
             what = (
                 f"the eager warm-up of the {self.phase} forward for bucket {bucket} on {self.device} failed, before "
@@ -197,15 +251,16 @@ class BucketedRunner:
 
     # --- run --------------------------------------------------------------------------------------------
 
-    def _check(self, batch: Mapping[str, torch.Tensor]) -> tuple[int, int]:
-        """Validate a live batch; return its bucketed rows and fixed rows (0 without fixed slots)."""
+    def _check(self, batch: Mapping[str, torch.Tensor], allow_empty: bool = False) -> tuple[int, int]:
+        """Validate a live batch; return its bucketed rows and fixed rows (0 without fixed slots). An empty
+        batch (no rows) is a rank's idle step, allowed only with a consensus group."""
         if not isinstance(batch, Mapping):
             raise TypeError(
                 f"run() takes a mapping of slot name to tensor (e.g. {{'input_ids': tensor, ...}}), got "
                 f"{type(batch).__name__}; this runner's slots: {', '.join(self._slot_names())}"
             )
         if self.fixed_inputs is None:
-            rows, fixed_rows = self.static_inputs.check(batch), 0
+            rows, fixed_rows = self.static_inputs.check(batch, allow_empty), 0
         else:
             names = set(batch)
             fixed_names = {slot.name for slot in self.fixed_slots}
@@ -219,8 +274,8 @@ class BucketedRunner:
                     + (f"; unexpected: {', '.join(unexpected)}" if unexpected else "")
                     + f"; expected exactly: {', '.join(self._slot_names())}"
                 )
-            rows = self.static_inputs.check({name: batch[name] for name in row_names})
-            fixed_rows = self.fixed_inputs.check({name: batch[name] for name in fixed_names})
+            rows = self.static_inputs.check({name: batch[name] for name in row_names}, allow_empty)
+            fixed_rows = self.fixed_inputs.check({name: batch[name] for name in fixed_names}, allow_empty)
         for slot in self._query_len_slots:
             self._check_query_lens(slot, batch[slot.name], rows)
         return rows, fixed_rows
@@ -253,7 +308,7 @@ class BucketedRunner:
 
     def _fits(self, rows: int, fixed_rows: int) -> bool:
         fixed_fits = self.fixed_inputs is None or fixed_rows <= self.fixed_inputs.capacity
-        return self.buckets.fits(rows) and fixed_fits
+        return (rows == 0 or self.buckets.fits(rows)) and fixed_fits
 
     def can_run(self, batch: Mapping[str, torch.Tensor] | int) -> bool:
         """Whether a live batch (or a row count) runs on captured graphs rather than eagerly."""
@@ -282,16 +337,51 @@ class BucketedRunner:
         (CPU) tensor: the runner copies it into its device buffer.
         """
         (self._thread_owner or self._owner()).check(f"this {self.phase} runner")
-        rows, fixed_rows = self._check(batch)
-        if not self._fits(rows, fixed_rows):
+        rows, fixed_rows = self._check(batch, allow_empty=self.consensus is not None)
+        if self.captures_graphs and not self.captured:
+            raise RunnerStateError("call capture() before run() (or use mode 'disabled' to run eagerly)")
+        fits = self._fits(rows, fixed_rows)
+        if self.consensus is not None:
+            return self._run_with_consensus(batch, rows, fixed_rows, fits)
+        if not fits:
             if not self.config.eager_fallback:
                 raise ValueError(f"{self._describe_misfit(rows, fixed_rows)} and eager fallback is off; split the batch")
             return self._run_eager(batch)
         if not self.captures_graphs:
             return self._run_eager(batch)
-        if not self.captured:
-            raise RunnerStateError("call capture() before run() (or use mode 'disabled' to run eagerly)")
-        bucket = self.buckets.bucket_for(rows)
+        return self._replay_bucket(batch, rows, fixed_rows, self.buckets.bucket_for(rows))
+
+    def _run_with_consensus(self, batch: Mapping[str, torch.Tensor], rows: int, fixed_rows: int, fits: bool) -> Any:
+        """Data parallel: every rank pads to the bucket of the largest batch across ranks, and all take graphs
+        or all run eagerly, so no rank replays a graph holding collectives while another runs eagerly."""
+        assert self.consensus is not None
+        largest, misfits = self.consensus.agree_on_batch(rows, fits)
+        if misfits:
+            if not self.config.eager_fallback:
+                mine = f"; here: {self._describe_misfit(rows, fixed_rows)}" if not fits else ""
+                raise ValueError(
+                    f"the batch of rank(s) {', '.join(map(str, misfits))} of the consensus group does not fit the "
+                    f"graphs and eager fallback is off{mine}; every rank refuses this step"
+                )
+            return self._run_eager_padded(batch, rows, largest)
+        if not self.captures_graphs:
+            return self._run_eager_padded(batch, rows, largest)
+        return self._replay_bucket(batch, rows, fixed_rows, self.buckets.bucket_for(max(largest, 1)))
+
+    def _run_eager_padded(self, batch: Mapping[str, torch.Tensor], rows: int, largest: int) -> Any:
+        """Eagerly, but padded to the largest batch across ranks, so collectives inside the forward see the
+        same shapes on every rank (an idle rank runs padded rows only); the outputs' live rows come back."""
+        if rows == largest:
+            return self._run_eager(batch)
+        device = self.device.torch_device
+        padded = dict(batch)
+        for slot in self.slots:
+            value = batch[slot.name].to(device)
+            fill = torch.full((largest - rows, *slot.row_shape), slot.fill, dtype=slot.dtype, device=device)
+            padded[slot.name] = torch.cat([value, fill])
+        return GraphOutputs(self._run_eager(padded), largest).live_rows(rows)
+
+    def _replay_bucket(self, batch: Mapping[str, torch.Tensor], rows: int, fixed_rows: int, bucket: int) -> Any:
         captured = self._graphs[bucket]
         if self._check_every_replay or not captured.addresses_checked:
             self._address_watch.check(f"the {self.phase} graph for bucket {bucket}")

@@ -52,6 +52,10 @@ class PhaseConfig:
     check_addresses: ``every_replay`` (default): before every replay, check that the static inputs and the
                      watched tensors are where the graphs were captured with (a few microseconds per step,
                      measured in README); ``first_replay``: only on each bucket's first replay.
+    agreement_timeout_s: with a process group, how long a rank waits for the others at an agreement point
+                     (before capturing, after each warm-up and capture, per run with a consensus group)
+                     before it fails naming the stage. Generous by default: a first bucket's warm-up may
+                     compile kernels for minutes.
     breakable_debug: in mode ``breakable``, capture the whole forward as one eager step through the same
                      capture and replay path: if results go right this way and wrong with real segments, the
                      bug is in the graph, not the model. Also switched on by GRAPHHAL_BREAKABLE_DEBUG=1 in the
@@ -69,6 +73,7 @@ class PhaseConfig:
     show_progress: bool = True
     breakable_debug: bool = False
     check_addresses: str = "every_replay"
+    agreement_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         # Pure: nothing here asks a device or the environment; check_device adds what depends on the device.
@@ -82,6 +87,8 @@ class PhaseConfig:
             raise ValueError(
                 f"{self.phase}: warmup_runs must be at least 1 (capture needs a warmed-up forward), got {self.warmup_runs!r}"
             )
+        if not self.agreement_timeout_s > 0:
+            raise ValueError(f"{self.phase}: agreement_timeout_s must be positive, got {self.agreement_timeout_s!r}")
         if self.check_addresses not in ADDRESS_CHECKS:
             raise ValueError(
                 f"{self.phase}: check_addresses must be one of {', '.join(ADDRESS_CHECKS)}, got {self.check_addresses!r}"
@@ -101,6 +108,9 @@ class PhaseConfig:
             elif expected is int:
                 if not isinstance(value, int) or isinstance(value, bool):
                     raise ValueError(f"{self.phase}: {f.name} must be an integer, got {value!r} ({type(value).__name__})")
+            elif expected is float:
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    raise ValueError(f"{self.phase}: {f.name} must be a number, got {value!r} ({type(value).__name__})")
             elif expected is str:
                 if not isinstance(value, str):
                     raise ValueError(f"{self.phase}: {f.name} must be a string, got {value!r} ({type(value).__name__})")
@@ -236,6 +246,7 @@ _FIELD_TYPES: dict[str, type] = {
     "show_progress": bool,
     "breakable_debug": bool,
     "check_addresses": str,
+    "agreement_timeout_s": float,
     "max_bs": int,
     "max_tokens": int,
     "max_requests": int,

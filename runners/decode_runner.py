@@ -31,10 +31,20 @@ class DecodeRunner(BucketedRunner):
     config:         ``DecodeConfig``: mode (full, breakable, piecewise, disabled), max_bs, buckets, compiler...
     pool:           a graph pool to share with another runner that never replays at the same time
                     (decode and prefill); default: a new pool for this runner.
-    watched_tensors: tensors the forward reads that live outside the runner (KV cache, weights). Their
-                    addresses are checked, like the static inputs', on each bucket's first replay: a cache
+    watched_tensors: what the forward reads that lives outside the runner, by name: tensors, modules (their
+                    parameters and buffers) or objects holding tensors (a KV cache). Their addresses are
+                    checked, like the static inputs', before every replay (``check_addresses``): a cache
                     re-allocated or weights swapped with ``param.data = ...`` after capture would otherwise
                     be read at their old addresses.
+    group:          a ``torch.distributed`` process group whose ranks capture together (tensor parallel: the
+                    forward's collectives are captured). Every rank agrees on what to capture before the
+                    capture, synchronizes and meets after each warm-up, and agrees on success after each
+                    bucket: a mismatch or a failure is a ``CaptureError`` on every rank, never a hang. Every
+                    rank must then run the same batches (a server broadcasts them).
+    consensus_group: a process group whose ranks also agree on every ``run`` (data parallel): all pad to the
+                    bucket of the largest batch across ranks and all take graphs or all run eagerly; a rank
+                    with no work passes an empty batch and runs a padded idle step. One host all-gather per
+                    step.
     """
 
     phase = "decode"
@@ -47,9 +57,13 @@ class DecodeRunner(BucketedRunner):
         config: DecodeConfig | None = None,
         *,
         pool: Any = None,
-        watched_tensors: Mapping[str, torch.Tensor] | None = None,
+        watched_tensors: Mapping[str, Any] | None = None,
+        group: Any = None,
+        consensus_group: Any = None,
     ) -> None:
         config = config or DecodeConfig()
         if not isinstance(config, DecodeConfig):
             raise TypeError(f"DecodeRunner takes a DecodeConfig, got {type(config).__name__}")
-        super().__init__(forward, slots, device, config, pool=pool, watched_tensors=watched_tensors)
+        super().__init__(
+            forward, slots, device, config, pool=pool, watched_tensors=watched_tensors, group=group, consensus_group=consensus_group
+        )

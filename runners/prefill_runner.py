@@ -33,7 +33,7 @@ class PrefillRunner(BucketedRunner):
                    ``config.max_requests`` rows; their fills must mark a request with no tokens.
     config:        ``PrefillConfig``: mode (piecewise, breakable, disabled), max_tokens, buckets, max_requests,
                    compiler.
-    pool, watched_tensors: as for ``DecodeRunner``.
+    pool, watched_tensors, group, consensus_group: as for ``DecodeRunner``.
 
     A batch with more tokens than ``max_tokens`` or more requests than ``max_requests`` runs eagerly (or
     raises with eager fallback off).
@@ -50,7 +50,9 @@ class PrefillRunner(BucketedRunner):
         config: PrefillConfig | None = None,
         *,
         pool: Any = None,
-        watched_tensors: Mapping[str, torch.Tensor] | None = None,
+        watched_tensors: Mapping[str, Any] | None = None,
+        group: Any = None,
+        consensus_group: Any = None,
     ) -> None:
         config = config or PrefillConfig()
         if not isinstance(config, PrefillConfig):
@@ -69,4 +71,6 @@ class PrefillRunner(BucketedRunner):
             fixed_rows=config.max_requests,
             pool=pool,
             watched_tensors=watched_tensors,
+            group=group,
+            consensus_group=consensus_group,
         )

@@ -35,8 +35,9 @@ class StaticInputs:
             }
         self._expected_names = frozenset(names)
 
-    def check(self, batch: Mapping[str, torch.Tensor]) -> int:
-        """Validate a live batch against the slots; return its row count. ValueError names the bad slot."""
+    def check(self, batch: Mapping[str, torch.Tensor], allow_empty: bool = False) -> int:
+        """Validate a live batch against the slots; return its row count. ValueError names the bad slot.
+        ``allow_empty``: a batch of no rows is valid (an idle rank's step)."""
         names = batch.keys()
         if names != self._expected_names:
             missing = sorted(self._expected_names - names)
@@ -77,8 +78,11 @@ class StaticInputs:
                     "every slot needs one row per request"
                 )
         assert rows is not None
-        if rows < 1:
-            raise ValueError("batch has no rows; a step needs at least one request")
+        if rows < 1 and not allow_empty:
+            raise ValueError(
+                "batch has no rows; a step needs at least one request (a rank with no work passes an empty "
+                "batch only to a runner with a consensus_group, which runs it as a padded idle step)"
+            )
         return rows
 
     def load(self, batch: Mapping[str, torch.Tensor], rows: int, bucket: int) -> None:

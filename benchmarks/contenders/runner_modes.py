@@ -24,11 +24,16 @@ from runners import DecodeConfig, DecodeRunner, PrefillConfig, PrefillRunner
 class DecodeRunnerMode(Contender[Batch]):
     """graphhal's ``DecodeRunner`` in one mode, optionally with a compiler, one bucket per batch size."""
 
-    def __init__(self, mode: str, compiler: str | None = None) -> None:
+    def __init__(self, mode: str, compiler: str | None = None, check_addresses: str = "every_replay") -> None:
         self.mode = mode
         self.compiler = compiler
+        self.check_addresses = check_addresses
         self.name = mode if compiler is None else f"{mode}+{compiler}"
-        self.detail = f"DecodeRunner(mode={mode!r}" + (f", compiler={compiler!r})" if compiler else ")")
+        self.detail = f"DecodeRunner(mode={mode!r}" + (f", compiler={compiler!r}" if compiler else "")
+        if check_addresses != "every_replay":
+            self.name += f" ({check_addresses.replace('_', '-')} check)"
+            self.detail += f", check_addresses={check_addresses!r}"
+        self.detail += "), weights and KV cache watched"
 
     def skip_reason(self, device: hal.Device) -> str | None:
         missing = missing_mode(device, self.mode)
@@ -42,9 +47,14 @@ class DecodeRunnerMode(Contender[Batch]):
 
     def prepare(self, workload: Workload, batch: Batch) -> Prepared:
         rows = next(iter(batch.values())).shape[0]
-        config = DecodeConfig(mode=self.mode, buckets=[rows], compiler=self.compiler, show_progress=False)
+        config = DecodeConfig(
+            mode=self.mode, buckets=[rows], compiler=self.compiler, show_progress=False, check_addresses=self.check_addresses
+        )
         started = time.perf_counter()
-        runner = DecodeRunner(workload.decode_step, workload.decode_slots, workload.device, config)
+        runner = DecodeRunner(
+            workload.decode_step, workload.decode_slots, workload.device, config,
+            watched_tensors=workload.watched(), group=workload.group,
+        )
         report = runner.capture()
         workload.device.synchronize()
         return Prepared(run=lambda: runner.run(batch), setup_s=time.perf_counter() - started, pool_bytes=report.pool_bytes)
@@ -64,7 +74,7 @@ class PrefillRunnerMode(Contender[PrefillCase]):
         shape, device = case.shape, workload.device
         config = PrefillConfig(mode=self.mode, buckets=[shape.tokens], max_requests=shape.requests, show_progress=False)
         started = time.perf_counter()
-        runner = PrefillRunner(case.forward, *workload.prefill_slots(), device, config)
+        runner = PrefillRunner(case.forward, *workload.prefill_slots(), device, config, group=workload.group)
         report = runner.capture()
         device.synchronize()
         batch = case.batch

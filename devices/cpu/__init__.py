@@ -90,6 +90,11 @@ def hal_synchronize(device: DeviceId) -> bool | None:
 
 
 @hookimpl
+def hal_distributed_backend(device: DeviceId) -> str | None:
+    return "gloo" if _mine(device) else None
+
+
+@hookimpl
 def hal_memory_stats(device: DeviceId, pool: Any) -> MemoryStats | None:
     if not _mine(device):
         return None

@@ -160,6 +160,12 @@ class _RecordedOp:
 
     def replay(self) -> None:
         result = self.func(*self.args, **self.kwargs)
+        if self.func.namespace == "c10d":
+            # A collective (torch.distributed's c10d ops) returns its Work; the program waited on it at capture,
+            # and on a device its kernels would be ordered before the next op's: wait for it here.
+            for leaf in tree_leaves(result):
+                if isinstance(leaf, torch.ScriptObject):  # the op returns its Work boxed
+                    torch._C._distributed_c10d.Work.unbox(leaf).wait()
         if self.outputs:
             fresh = [leaf for leaf in tree_leaves(result) if isinstance(leaf, torch.Tensor)]
             for target, value in zip(self.outputs, fresh):

@@ -14,7 +14,7 @@ serves every bucket: the token count is a symbol, not a constant (``compile_coun
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch._dispatch.python import enable_python_dispatcher
@@ -44,6 +44,8 @@ class PiecewiseBackend:
                    splitting op becomes a break point, so a breakable graph around the compiled forward
                    cuts there (``compiler: inductor`` in breakable mode: fused kernels in the segments, the
                    splitting ops eager between them).
+    after_warmup:  called after each piece's warm-up, before its capture (``hal.GraphPerKey``): across
+                   ranks, where they agree that every rank warmed up.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class PiecewiseBackend:
         warmup_runs: int = 1,
         splitting_ops: Iterable[Any] | None = None,
         splitting_ops_as_break_points: bool = False,
+        after_warmup: Callable[[Any, BaseException | None], None] | None = None,
     ) -> None:
         if compiler not in PIECE_COMPILERS:
             raise ValueError(f"unknown piece compiler {compiler!r}; choose one of: {', '.join(PIECE_COMPILERS)}")
@@ -65,7 +68,7 @@ class PiecewiseBackend:
         self.compiler = compiler
         self.splitting_ops = resolve_splitting_ops(splitting_ops)
         self.splitting_ops_as_break_points = splitting_ops_as_break_points
-        self.captures = PieceCaptures(device, pool, buckets, warmup_runs)
+        self.captures = PieceCaptures(device, pool, buckets, warmup_runs, after_warmup)
         self.compile_count = 0
         self.pieces: list[PiecewisePiece] = []
         self.num_splits = 0

@@ -1,0 +1,137 @@
+"""What the ranks of a process group agree on, so that none hangs while another fails or goes its own way.
+
+Capturing across ranks is a collective act (tensor parallel: every rank's graphs hold the same all-reduces):
+every rank must capture the same buckets in the same order, and a rank that fails must make every rank fail,
+never leave the others waiting in a collective. The anchors paid for each rule:
+
+- ranks disagreeing on what to capture, or on graph vs eager at run time: vLLM 25906, 30173, 45094;
+- warm-up work still running on one rank when another began capturing: SGLang 33356 (PR 33795, 34286),
+  fixed by a synchronize and a group barrier after the last warm-up.
+
+Agreement runs on a gloo group of the same ranks (the control group, made once per group): host-side,
+bounded by its timeout, and independent of the device's own communicator (NCCL, HCCL), whose collectives
+the graphs capture. Each agreement point is one ``all_gather_object`` of (stage, outcome), so every rank makes
+the same number of control collectives whatever happened locally, and every rank raises the same error.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+
+import hal
+
+
+class RankCaptureError(hal.CaptureError):
+    """Capturing failed on some rank (``rank``: the first that did); every rank of the group raises it, at the
+    same point, so none is left waiting."""
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    stage: str
+    error: str | None  # "Type: message" of what this rank raised there, None when it succeeded
+
+
+_control_groups: dict[tuple[str, float], Any] = {}
+_control_lock = threading.Lock()
+
+
+def control_group(group: Any, timeout_s: float) -> Any:
+    """A gloo group of ``group``'s ranks, made once per (group, timeout); ``group`` itself when it is gloo.
+
+    Made with ``use_local_synchronization``: only the group's own ranks take part, so a server with several
+    tensor-parallel groups in one world does not need every rank to make every group's control group.
+    """
+    if str(dist.get_backend(group)) == "gloo":
+        return group
+    key = (group.group_name, timeout_s)
+    with _control_lock:
+        if key not in _control_groups:
+            _control_groups[key] = dist.new_group(
+                dist.get_process_group_ranks(group),
+                backend="gloo",
+                timeout=datetime.timedelta(seconds=timeout_s),
+                use_local_synchronization=True,
+            )
+        return _control_groups[key]
+
+
+class RankGroup:
+    """One runner's view of a process group: its rank, its size, and the agreements it takes part in.
+
+    group:     the process group (tensor or data parallel) whose ranks capture and run together.
+    timeout_s: how long a rank waits for the others at an agreement point before it gives up with an error
+               naming the stage (a rank that died, or one stuck in a collective of the device's own).
+    """
+
+    def __init__(self, group: Any, timeout_s: float) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("a runner's process group needs torch.distributed initialised (init_process_group)")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        self.timeout_s = timeout_s
+        self.control = control_group(group, timeout_s)
+
+    # --- capture ----------------------------------------------------------------------------------------
+
+    def agree_on_plan(self, plan: Mapping[str, Any], *, mode: str, device: str) -> None:
+        """Raise ``RankCaptureError`` on every rank unless all ranks are about to capture the same thing."""
+        plans = self._gather(dict(plan), "agreeing on what to capture", mode=mode, device=device, bucket=None)
+        differences = []
+        for rank, other in enumerate(plans):
+            for field, value in other.items():
+                if value != plans[0].get(field):
+                    differences.append(f"rank {rank} has {field} {value!r} where rank 0 has {plans[0].get(field)!r}")
+        if differences:
+            first = next(rank for rank, other in enumerate(plans) if other != plans[0])
+            raise RankCaptureError(
+                "the ranks of the process group would capture different graphs: " + "; ".join(differences)
+                + ". Every rank must build its runner with the same mode, compiler, buckets and input slots.",
+                bucket=None, mode=mode, device=device, rank=first,
+            )
+
+    def agree(self, stage: str, error: BaseException | None, *, bucket: int | None, mode: str, device: str) -> None:
+        """All ranks report how ``stage`` went here; raise ``RankCaptureError`` on every rank unless all
+        reached it and succeeded. This rank's own error is chained as the cause."""
+        outcome = _Outcome(stage, None if error is None else f"{type(error).__name__}: {error}")
+        outcomes = self._gather(outcome, stage, mode=mode, device=device, bucket=bucket)
+        failed = [(rank, o) for rank, o in enumerate(outcomes) if o.error is not None or o.stage != stage]
+        if not failed:
+            return
+        reports = [
+            f"rank {rank} failed at {o.stage}: {o.error}" if o.error is not None else f"rank {rank} was at {o.stage}"
+            for rank, o in failed
+        ]
+        raise RankCaptureError(
+            f"capture stopped on every rank of the group at {stage} (this is rank {self.rank}): " + "; ".join(reports),
+            bucket=bucket, mode=mode, device=device, rank=failed[0][0],
+        ) from error
+
+    def _gather(self, value: Any, stage: str, *, mode: str, device: str, bucket: int | None) -> list[Any]:
+        gathered: list[Any] = [None] * self.size
+        try:
+            dist.all_gather_object(gathered, value, group=self.control)
+        except Exception as exc:  # the control group's timeout, or a peer that went away
+            raise RankCaptureError(
+                f"rank {self.rank}: the ranks of the group did not all reach {stage} within {self.timeout_s:g} s "
+                f"({type(exc).__name__}: {exc}); a rank died, or waits in a collective of its own",
+                bucket=bucket, mode=mode, device=device,
+            ) from exc
+        return gathered
+
+    # --- run --------------------------------------------------------------------------------------------
+
+    def agree_on_batch(self, rows: int, fits: bool) -> tuple[int, list[int]]:
+        """Every rank's row count and whether it fits its graphs; returns (largest row count, the ranks
+        whose batch does not fit). One small host all-gather per step (data-parallel consensus)."""
+        mine = torch.tensor([rows, 0 if fits else 1], dtype=torch.int64)
+        everyone = [torch.empty_like(mine) for _ in range(self.size)]
+        dist.all_gather(everyone, mine, group=self.control)
+        return max(int(t[0]) for t in everyone), [rank for rank, t in enumerate(everyone) if int(t[1])]

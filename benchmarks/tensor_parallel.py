@@ -86,6 +86,9 @@ def _rank_main(rank: int, tp_size: int, port: int, rank_plan: RankPlan, results:
             plan, tp_group=dist.group.WORLD, timer=lockstep_timer(plan.timer), show_progress=plan.show_progress and rank == 0
         )
         result = run_bench(plan)
+        # Every rank leaves together: rank 0 hosts the store, and a peer still running when it exits would
+        # flood the log with its watchdog's lost-connection warnings.
+        dist.barrier()
         results.put((rank, "ok", result if rank == 0 else None))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))

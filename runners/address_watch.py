@@ -28,6 +28,9 @@ MAX_OBJECT_DEPTH = 4
 
 _data_ptr = torch.Tensor.data_ptr
 _getitem = operator.getitem
+# torch's own check for cudagraph trees, in C++ (CUDA builds): one call compares every tensor's address with
+# what was recorded, where Python pays a data_ptr call per tensor. Used when present and answering right.
+_native_check = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
 
 
 class AddressWatch:
@@ -43,6 +46,8 @@ class AddressWatch:
         self._containers: list[Any] = []  # dicts (an object's __dict__ too), lists and tuples
         self._keys: list[Any] = []
         self._expected: list[int] = []
+        self._indices: list[int] = []
+        self._native: Any = None
         self._link_labels: list[str] = []
         self._link_containers: list[Any] = []
         self._link_keys: list[Any] = []
@@ -85,16 +90,38 @@ class AddressWatch:
     def snapshot(self) -> None:
         """Record where every watched tensor is now: the addresses the graphs are about to be captured with."""
         self._expected = self._addresses()
+        self._indices = list(range(len(self._expected)))
+        self._native = _native_check if self._native_check_works() else None
 
     def _addresses(self) -> list[int]:
         return list(map(_data_ptr, map(_getitem, self._containers, self._keys)))
+
+    def _tensors_in_place(self) -> bool:
+        tensors = list(map(_getitem, self._containers, self._keys))
+        if self._native is not None:
+            return bool(self._native(tensors, self._expected, self._indices))
+        return list(map(_data_ptr, tensors)) == self._expected
+
+    def _native_check_works(self) -> bool:
+        """Whether torch's native check exists here and tells a moved tensor from one in place."""
+        if _native_check is None or not self._expected:
+            return False
+        tensors = list(map(_getitem, self._containers, self._keys))
+        try:
+            moved = list(self._expected)
+            moved[0] += 1
+            return _native_check(tensors, self._expected, self._indices) is True and not _native_check(
+                tensors, moved, self._indices
+            )
+        except Exception:  # another signature in this torch build: the Python check serves
+            return False
 
     def _links_hold(self) -> bool:
         return all(map(operator.is_, map(_getitem, self._link_containers, self._link_keys), self._link_objects))
 
     def check(self, where: str) -> None:
         """Raise ``StaticAddressError`` naming every tensor that moved since ``snapshot``."""
-        if self._addresses() == self._expected and self._links_hold():  # the hot path: C-level maps
+        if self._tensors_in_place() and self._links_hold():  # the hot path: C-level maps (or one native call)
             return
         moved = [label for label, now, then in zip(self._labels, self._addresses(), self._expected) if now != then]
         moved += [

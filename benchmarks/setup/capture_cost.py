@@ -42,7 +42,7 @@ def measure_capture_cost(
     if isinstance(breaks, Failed):
         return cost
     cost.breaks = breaks
-    cost.full_bs1_ms, cost.breakable_bs1_ms = _bs1_ms(workload, measurements, "full", "breakable")
+    cost.full_bs1_ms, cost.breakable_bs1_ms = _bs1_ms(workload, measurements, hal.GraphMode.FULL.value, hal.GraphMode.BREAKABLE.value)
     return cost
 
 
@@ -56,13 +56,13 @@ def capture_all_buckets(workload: Workload, max_bs: int, show_progress: bool) ->
     """
     device = workload.device
     first_capture = DecodeRunner(
-        workload.decode_step, workload.decode_slots, device, DecodeConfig(mode="full", buckets=[1], show_progress=False),
+        workload.decode_step, workload.decode_slots, device, DecodeConfig(mode=hal.GraphMode.FULL, buckets=[1], show_progress=False),
         group=workload.group,
     )
     first_capture.capture()
     started = time.perf_counter()
     runner = DecodeRunner(
-        workload.decode_step, workload.decode_slots, device, DecodeConfig(mode="full", max_bs=max_bs, show_progress=show_progress),
+        workload.decode_step, workload.decode_slots, device, DecodeConfig(mode=hal.GraphMode.FULL, max_bs=max_bs, show_progress=show_progress),
         group=workload.group,
     )
     report = runner.capture()
@@ -73,7 +73,7 @@ def capture_all_buckets(workload: Workload, max_bs: int, show_progress: bool) ->
     release_memory(device)  # the largest bucket alone gets none of the memory all buckets were captured in
 
     largest = DecodeRunner(
-        workload.decode_step, workload.decode_slots, device, DecodeConfig(mode="full", buckets=[max_bs], show_progress=False),
+        workload.decode_step, workload.decode_slots, device, DecodeConfig(mode=hal.GraphMode.FULL, buckets=[max_bs], show_progress=False),
         group=workload.group,
     )
     pool_largest = largest.capture().pool_bytes

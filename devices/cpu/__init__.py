@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from devices.cpu.recorded_graph import RecordedGraph, RecordingPool
-from hal import DeviceId, MemoryStats, hookimpl
+from hal import DeviceId, GraphMode, MemoryStats, hookimpl
 
 DEVICE_TYPE = "cpu"
-GRAPH_MODES = ("full",)
+GRAPH_MODES = (GraphMode.FULL.value,)
 
 
 def _mine(device: DeviceId) -> bool:

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 
 from devices.cuda.capture_session import CudaCaptureSession
-from hal import DeviceId, MemoryStats, hookimpl
+from hal import DeviceId, GraphMode, MemoryStats, hookimpl
 
 DEVICE_TYPE = "cuda"
-GRAPH_MODES = ("full",)
+GRAPH_MODES = (GraphMode.FULL.value,)
 
 _capture_streams: dict[int, torch.cuda.Stream] = {}
 

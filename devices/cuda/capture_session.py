@@ -29,7 +29,10 @@ class CudaCaptureSession:
 
     def __enter__(self) -> torch.cuda.CUDAGraph:
         # Work queued before the capture (static-input copies, warm-up) must finish first: the capture
-        # stream does not wait on other streams by itself.
+        # stream does not wait on other streams by itself. That covers collectives too: a warm-up's NCCL
+        # all-reduce is complete (on every rank, since it completes only when all took part) before this
+        # stream records the captured one (vLLM's graph_capture makes its capture stream wait on the current
+        # stream for the same reason).
         torch.cuda.synchronize(self._stream.device)
         self._stream_context = torch.cuda.stream(self._stream)
         self._stream_context.__enter__()

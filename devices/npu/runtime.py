@@ -74,8 +74,9 @@ class TorchNpu:
 
     @property
     def build(self) -> str:
-        """How errors name this build: its version and where it came from."""
-        return f"torch_npu {self.version} ({getattr(self.module, '__file__', None) or 'no file'})"
+        """How errors name this build: its version, and where it is installed."""
+        location = getattr(self.module, "__file__", None)
+        return f"torch_npu {self.version}" + (f" ({location})" if location else "")
 
     def capture_stream(self, index: int) -> Any:
         """The side stream every capture on device ``index`` runs on (never the default stream)."""

@@ -21,6 +21,11 @@ Semantics followed (aclmdlRI stream capture as torch_npu's NPUGraph drives it, t
   ``graph_task_update_end``) keeps the stream updating: the next ``graph_task_update_begin`` there fails.
 - An updatable launch (in a task group) of an op that takes a workspace must be given one, at capture and
   at every update (``MissingWorkspaceError``).
+- A task holds addresses, not tensors (``weak_refs``): memory the capture allocated stays with the graph's
+  pool, any other tensor must be kept alive by its owner, and a replay through freed memory is an error.
+
+Not simulated: kernels that bypass the dispatcher (Inductor's compiled CPU kernels) are invisible to the
+device queue, so the simulator cannot capture them, where a real stream capture would.
 
 Ordering the simulator enforces (``clocks``): a replay that reads a group's host values needs the group's
 latest update to finish before it (``StaleHostValuesError``), and an update needs every earlier replay that

@@ -24,7 +24,7 @@ from devices.npu.host_length_launches import ExplicitLaunch
 from devices.npu.host_length_ops import HostLengthUpdateError
 from devices.npu.runtime import UnsupportedTorchNpuError
 from runners import DecodeConfig, DecodeRunner, InputSlot
-from support.npu_simulator import PROFILES_BY_NAME, SimulatorState
+from support.npu_simulator import SimulatorState
 from support.npu_simulator.fixture import (  # noqa: F401 (fixtures)
     npu_profile,
     npu_simulated_on_cpu,
@@ -289,16 +289,18 @@ def test_the_plugins_capture_mode_is_an_infra_mode_so_compiled_code_keeps_runnin
 
 
 @pytest.mark.cpu
-def test_updates_and_torch_npus_own_streams_live_on_the_graphs_device():
-    with npu_simulated_on_cpu(PROFILES_BY_NAME["26.0"], device_count=2) as simulator:
+def test_updates_and_torch_npus_own_streams_live_on_the_graphs_device(npu_profile):
+    with npu_simulated_on_cpu(npu_profile, device_count=2) as simulator:
         device = hal.DeviceRegistry(load_entry_points=False).get_device("npu:1")
         step = FusedOutStep(max_rows=2)
         runner = DecodeRunner(step, step.slots(), device, DecodeConfig(buckets=[2], show_progress=False))
         runner.capture()
         runner.run(step.batch([3, 4], seed=0))
         assert runtime.torch_npu_runtime().update_stream(1).device_index == 1
-        # torch_npu 7.3+ makes its one update stream at the first NPUGraph(): built under npu:1, not npu:0
-        assert simulator.class_attributes["update_stream"].device_index == 1
+        # torch_npu makes an update stream at NPUGraph() on the current device (one per graph on 7.1/7.2, one
+        # per process from 7.3): the plugin builds the graph with npu:1 current, while npu:0 stays current here
+        (npu_graph,) = [graph.npu_graph for graph in _runner_graphs(runner)]
+        assert npu_graph.graph_dispatch_mode.update_stream.device_index == 1
         assert simulator.current_device == 0
 
 

@@ -19,7 +19,6 @@ import torch
 
 from refmodel import decode_attention_reference
 from support.npu_simulator import (
-    PROFILES_BY_NAME,
     DanglingRecordError,
     HiddenLaunchError,
     HostReadDuringCaptureError,
@@ -491,8 +490,9 @@ def test_installing_and_uninstalling_leaves_the_process_as_it_was(profile):
         current()
 
 
-def test_a_mode_left_behind_by_torch_npu_is_popped_when_the_simulator_is_removed():
-    with installed(PROFILES_BY_NAME["7.3"]) as simulator:
+@pytest.mark.parametrize("profile", PROFILE_PARAMS)
+def test_a_mode_left_behind_by_torch_npu_is_popped_when_the_simulator_is_removed(profile):
+    with installed(profile) as simulator:
         npu = sys.modules["torch_npu"].npu
         simulator.faults.add("capture_begin")
         with pytest.raises(RuntimeError):

@@ -324,6 +324,17 @@ def test_graph_arguments_in_cudas_positional_order_are_refused(torch_npu):
 # --- torch_npu's own auto_dispatch_capture, per line -----------------------------------------------------
 
 
+def capture_fused_out_with_auto_dispatch(torch_npu, case: AttentionCase):
+    """A graph captured with torch_npu's auto dispatch around ``npu_fused_infer_attention_score.out``, the one
+    overload every line handles (7.1 included, graphs.py L159). Returns (graph, out)."""
+    graph = torch_npu.npu.NPUGraph()
+    with torch_npu.npu.graph(graph, auto_dispatch_capture=True):
+        workspace = case.fused_workspace(torch_npu, [CAPACITY] * BATCH)
+        out = [torch.empty(BATCH, 1, HEADS * HEAD_DIM, dtype=case.q.dtype), torch.empty(1, dtype=case.q.dtype)]
+        case.fused_out(torch_npu, [CAPACITY] * BATCH, workspace, out)
+    return graph, out
+
+
 def test_torch_npus_auto_dispatch_of_the_fused_op_records_nothing_on_7_1_and_its_update_is_silent(torch_npu):
     """torch_npu 7.1 matches the op name ``npu_fused_infer_attention_score`` (graphs.py L138), which an
     OpOverload never is: the ``.default`` call passes through, and ``NPUGraph.update`` updates zero records
@@ -346,18 +357,17 @@ def test_torch_npus_auto_dispatch_of_the_fused_op_records_nothing_on_7_1_and_its
 
 def test_torch_npu_brackets_paged_attention_itself_on_7_2s_pytorch_2_6_cut_7_3_and_26_0(torch_npu):
     profile = torch_npu.simulator.profile
-    if not profile.paged_attention_workspace:
-        return  # 7.1: not handled, and no workspace to capture it with (see the plugin's refusal)
     case = AttentionCase()
     npu = torch_npu.npu
     captured = torch.full((BATCH,), CAPACITY, dtype=torch.int32)
-    workspace = case.paged_workspace(torch_npu, captured)
+    # 7.1's op takes no workspace at all (op-plugin 480bc431)
+    workspace = case.paged_workspace(torch_npu, captured) if profile.paged_attention_workspace else None
     graph = npu.NPUGraph()
     with npu.graph(graph, auto_dispatch_capture=True):
         case.paged(torch_npu, captured, workspace)
     handled = profile.name in ("7.2-pt2.6", "7.3", "26.0")
     assert len(graph.graph_dispatch_mode.graph_dispatch_records) == (1 if handled else 0)
-    if not handled:  # 7.2's 2.7.1/2.8.0 cuts: a plugin must bracket it itself
+    if not handled:  # 7.1, and 7.2's 2.7.1/2.8.0 cuts: a plugin must bracket it itself
         with pytest.raises(StaleHostValuesError, match="in no task group"):
             graph.replay()
         return
@@ -376,23 +386,27 @@ def test_torch_npu_brackets_paged_attention_itself_on_7_2s_pytorch_2_6_cut_7_3_a
 
 
 def test_bracketing_an_op_torch_npu_also_brackets_nests_task_groups(torch_npu):
-    """What the plugin did before issue 16 on 7.2's PyTorch 2.6 cut, 7.3 and 26.0: its own bracket around
-    ``_npu_paged_attention`` with torch_npu's below it."""
+    """What the plugin did before issue 16: its own bracket around ``_npu_paged_attention``, with torch_npu's
+    below it. Nested on 7.2's PyTorch 2.6 cut, 7.3 and 26.0; on 7.1 the op cannot be bracketed at all (its
+    kernel allocates its own workspace)."""
     profile = torch_npu.simulator.profile
-    if not profile.paged_attention_workspace:
-        return
     case = AttentionCase()
     npu = torch_npu.npu
     captured = torch.full((BATCH,), CAPACITY, dtype=torch.int32)
-    workspace = case.paged_workspace(torch_npu, captured)
+    workspace = case.paged_workspace(torch_npu, captured) if profile.paged_attention_workspace else None
     graph = npu.NPUGraph()
-    nested = profile.name in ("7.2-pt2.6", "7.3", "26.0")
+    if profile.name in ("7.2-pt2.6", "7.3", "26.0"):
+        expected = pytest.raises(SimulatorError, match="groups cannot nest")
+    elif profile.name == "7.1":
+        expected = pytest.raises(MissingWorkspaceError, match="takes no workspace at all")
+    else:
+        expected = _no_error()
     stream = npu.Stream()
     with npu.stream(stream):
         graph.capture_begin()
         with graph.graph_dispatch_mode:  # as torch.npu.graph(..., auto_dispatch_capture=True) pushes it
             npu.graph_task_group_begin(stream)
-            with pytest.raises(SimulatorError, match="groups cannot nest") if nested else _no_error():
+            with expected:
                 case.paged(torch_npu, captured, workspace)
 
 
@@ -424,11 +438,7 @@ def test_a_failing_capture_begin_inside_torch_npu_graph_leaves_its_mode_pushed(t
 
 
 def test_npugraph_reset_keeps_torch_npus_dispatch_records(torch_npu):
-    if torch_npu.simulator.profile.name == "7.1":
-        return  # nothing is recorded for the fused op on 7.1
-    graph = torch_npu.npu.NPUGraph()
-    with torch_npu.npu.graph(graph, auto_dispatch_capture=True):
-        AttentionCase().fused(torch_npu, [CAPACITY] * BATCH)
+    graph, _ = capture_fused_out_with_auto_dispatch(torch_npu, AttentionCase())
     graph.reset()
     assert len(graph.graph_dispatch_mode.graph_dispatch_records) == 1
 
@@ -441,13 +451,15 @@ def test_torch_npus_dispatch_mode_is_an_infra_mode_from_7_3_and_its_update_strea
 
 
 def test_torch_npus_records_hold_weak_aliases_that_dangle_once_a_recorded_tensor_is_freed(torch_npu):
-    """The query below lives outside the graph pool; torch_npu's record holds it weakly (every line)."""
-    if torch_npu.simulator.profile.name == "7.1":
-        return  # nothing is recorded for the fused op on 7.1
+    """The query below lives outside the graph pool; torch_npu's record holds it weakly (every line). The
+    workspace and outputs were allocated by the capture: the pool keeps them, so the update before the query
+    is freed works."""
     case = AttentionCase()
-    graph = torch_npu.npu.NPUGraph()
-    with torch_npu.npu.graph(graph, auto_dispatch_capture=True):
-        case.fused(torch_npu, [CAPACITY] * BATCH)
+    graph, out = capture_fused_out_with_auto_dispatch(torch_npu, case)
+    graph.update(cpu_update_input=[{"actual_seq_lengths_kv": [4, 0, 9]}])
+    graph.replay()
+    torch.testing.assert_close(out[0].view(BATCH, HEADS, HEAD_DIM), case.fused(torch_npu, [4, 0, 9]), rtol=0, atol=0)
+    torch_npu.npu.synchronize()
     case.q = None  # the caller frees its query after capture
     with pytest.raises(DanglingRecordError, match="weak alias .* that was freed"):
         graph.update(cpu_update_input=[{"actual_seq_lengths_kv": [1, 2, 3]}])
@@ -455,12 +467,8 @@ def test_torch_npus_records_hold_weak_aliases_that_dangle_once_a_recorded_tensor
 
 def test_only_26_0_checks_the_update_inputs_against_the_records(torch_npu):
     profile = torch_npu.simulator.profile
-    if profile.name == "7.1":
-        return
-    case = AttentionCase()
-    graph = torch_npu.npu.NPUGraph()
-    with torch_npu.npu.graph(graph, auto_dispatch_capture=True):
-        case.fused(torch_npu, [CAPACITY] * BATCH)
+    case = AttentionCase()  # kept alive: the captured task and torch_npu's record read its memory
+    graph, _ = capture_fused_out_with_auto_dispatch(torch_npu, case)
     two = [{"actual_seq_lengths_kv": [1, 2, 3]}, {"actual_seq_lengths_kv": [1, 2, 3]}]
     if profile.checks_record_count:
         with pytest.raises(RuntimeError, match="there are 1 operators"):

@@ -149,9 +149,13 @@ def _paged_attention(runtime: TorchNpu, func: Any, args: tuple[Any, ...], kwargs
         )
     context_lens = args[7] if len(args) > 7 else kwargs.get("context_lens")
     if not isinstance(context_lens, torch.Tensor) or context_lens.device.type != "cpu":
+        # ATB takes either (ParamSetter::Input clones a CPU one, AtbCommon.cpp L157-178 at op-plugin 691bf15a);
+        # updates re-issue it with a CPU int32 tensor, as vllm-ascend builds it (attention_v1.py L323-330, main
+        # 182b75ea), so the capture must pass one too.
+        got = f"{context_lens.dtype} on {context_lens.device}" if isinstance(context_lens, torch.Tensor) else type(context_lens).__name__
         raise HostLengthUpdateError(
-            f"{func} takes context_lens as a host (CPU) int32 tensor, got {type(context_lens).__name__}"
-            + (f" on {context_lens.device}" if isinstance(context_lens, torch.Tensor) else "")
+            f"{func} in an npu graph takes context_lens as a host (CPU) int32 tensor, which its updates re-issue; "
+            f"got {got}"
         )
     if kwargs.get("workspace") is None:
         get_workspace = _needed(

@@ -44,6 +44,10 @@ def hal_captures_compiled_kernels(device: DeviceId) -> bool:
     return True
 
 
+def hal_compiled_capture_problem(device: DeviceId, mode: str, compiler: str) -> None:
+    return None
+
+
 def hal_conventions(device: DeviceId) -> DeviceConventions:
     return DeviceConventions()
 
@@ -66,5 +70,6 @@ OPTIONAL_HOOK_DEFAULTS = {
     "hal_memory_stats": hal_memory_stats,
     "hal_conventions": hal_conventions,
     "hal_captures_compiled_kernels": hal_captures_compiled_kernels,
+    "hal_compiled_capture_problem": hal_compiled_capture_problem,
     "hal_distributed_backend": hal_distributed_backend,
 }

@@ -134,6 +134,14 @@ class Device:
             )
         return graph
 
+    def compiled_capture_problem(self, mode: str, compiler: str) -> str | None:
+        """Why this device cannot capture ``mode`` graphs of a forward compiled with ``compiler``; None when
+        it can (``hal_compiled_capture_problem``)."""
+        problem = self._hooks["hal_compiled_capture_problem"](self.id, mode, compiler)
+        if problem is not None and not isinstance(problem, str):
+            raise PluginContractError(self.plugin_name, "hal_compiled_capture_problem", problem, "a reason (str) or None")
+        return problem
+
     # --- plumbing ---------------------------------------------------------------------------------------
 
     def graph_pool(self) -> Any:

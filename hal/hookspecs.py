@@ -213,6 +213,25 @@ def hal_captures_compiled_kernels(device: "DeviceId") -> bool | None:
 
 
 @hookspec(firstresult=True)
+def hal_compiled_capture_problem(device: "DeviceId", mode: str, compiler: str) -> str | None:
+    """Return why this device cannot capture ``mode`` graphs of a forward compiled with ``compiler``, or None
+    when it can.
+
+    Called when a runner checks its config against the device (``PhaseConfig.check_device``), for every
+    mode but ``disabled``; the runner raises ``hal.UnsupportedModeError`` with the answer, so it should say
+    why and what to use instead. This is for limits that depend on the pair, not on the compiler alone
+    (that is ``hal_captures_compiled_kernels``): a device whose updates find host values by watching torch
+    ops during capture cannot find them where a compiled forward hides the op inside an opaque kernel.
+
+    Default: ``hal.default_hooks.hal_compiled_capture_problem`` (None: no objection).
+
+    :param device: the device asked about.
+    :param mode: the graph mode the runner will capture (one of ``Device.modes``, never ``disabled``).
+    :param compiler: how the forward is compiled first (``runners.config.COMPILERS_BY_MODE``).
+    """
+
+
+@hookspec(firstresult=True)
 def hal_conventions(device: "DeviceId") -> "DeviceConventions | None":
     """Return the dtypes and pad fills this device's kernels expect for role slots (``hal.SlotRole``).
 

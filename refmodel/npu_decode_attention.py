@@ -5,16 +5,17 @@ which a captured NPU graph bakes in; graphhal's npu device updates them before e
 
 - While an NPU graph is being captured, the device lengths cannot be read back (``.tolist()`` would sync with
   a stream that is only recording): the capture gets placeholder lengths, the largest the block tables allow,
-  so the workspace sized at capture covers every later update, and the update replaces them before any
-  replay.
-- The fused op must be called where torch_npu's capture dispatch mode sees it. A call made inside a custom
-  op's kernel is hidden from every dispatch mode, so its lengths could never be updated. ``calls_npu_directly``
-  therefore routes npu tensors to this kernel before the custom op is entered (outside torch.compile, where
-  the custom op must stay opaque so graphs can be split at it); the custom op's npu kernel (``register``)
-  serves compiled and eager calls.
+  so the workspace the npu device sizes at capture covers every later update, and the update replaces them
+  before any replay.
+- The fused op must be called where the npu device's capture sees it (a dispatch mode). A call made inside a
+  custom op's kernel is hidden from every dispatch mode, so its lengths could never be updated.
+  ``calls_npu_directly`` therefore routes npu tensors to this kernel before the custom op is entered (outside
+  torch.compile, where the custom op must stay opaque so graphs can be split at it); the custom op's npu
+  kernel (``register``) serves compiled and eager calls, which is why the npu device refuses ``full`` graphs
+  of an Inductor-compiled forward.
 
-Follows torch_npu 2.14's documented signature (BSH layout, paged KV with ``block_table`` and ``block_size``);
-the op takes float16 or bfloat16 only.
+Follows op-plugin's signature, the same on every torch_npu line from 7.1 (op_plugin_functions.yaml: BSH
+layout, paged KV with ``block_table`` and ``block_size``); the op takes float16 or bfloat16 only.
 """
 
 from __future__ import annotations

@@ -160,7 +160,8 @@ class PhaseConfig:
         raise NotImplementedError
 
     def check_device(self, device: "hal.Device") -> None:
-        """Raise when ``device`` cannot run this config (a mode it does not offer, a compiler it cannot record)."""
+        """Raise when ``device`` cannot run this config (a mode it does not offer, a compiler it cannot record,
+        a mode and compiler it cannot capture together: ``Device.compiled_capture_problem``)."""
         if self.mode not in device.modes:
             if self.mode in set(GraphMode):
                 problem = f"device {device} does not offer graph mode {self.mode!r}"
@@ -173,6 +174,13 @@ class PhaseConfig:
                 "ops, and Inductor's fused kernels bypass them); use compiler "
                 f"{COMPILERS_BY_MODE[self.mode][0]!r} on this device"
             )
+        if self.mode != GraphMode.DISABLED and self.compiler is not None:
+            problem = device.compiled_capture_problem(self.mode, self.compiler)
+            if problem is not None:
+                raise hal.UnsupportedModeError(
+                    f"{self.phase}: device {device} cannot capture mode {self.mode!r} with compiler {self.compiler!r}: "
+                    f"{problem}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

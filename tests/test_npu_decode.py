@@ -21,7 +21,13 @@ from devices.npu.npu_graph import MissingUpdateError
 from refmodel import DecodeWorkload, LlamaDecoder, ModelConfig, PagedKVCache
 from runners import DecodeConfig, DecodeRunner
 from support.npu_simulator import SimulatedHangError, SimulatorState, UpdateRaceError
-from support.npu_simulator.fixture import npu_simulated_on_cpu, npu_simulator, simulated_npu  # noqa: F401 (fixtures)
+from support.npu_simulator.fixture import (  # noqa: F401 (fixtures)
+    PROFILE_PARAMS,
+    npu_profile,
+    npu_simulated_on_cpu,
+    npu_simulator,
+    simulated_npu,
+)
 
 MAX_BS = 8
 BUCKETS = [1, 2, 4, 8]
@@ -29,13 +35,19 @@ DTYPE = torch.bfloat16  # the fused attention op takes float16 or bfloat16
 CONFIG = replace(ModelConfig.tiny(), block_size=16)  # the fused op's paged cache takes blocks of 16n tokens
 
 
-@pytest.fixture(params=[pytest.param("simulator", marks=pytest.mark.cpu), pytest.param("hardware", marks=pytest.mark.npu)])
+@pytest.fixture(
+    params=[
+        *(pytest.param(param.values[0], id=param.id, marks=pytest.mark.cpu) for param in PROFILE_PARAMS),
+        pytest.param("hardware", marks=pytest.mark.npu),
+    ]
+)
 def npu(request: pytest.FixtureRequest) -> Iterator[tuple[hal.Device, SimulatorState | None]]:
-    """The npu device, and the simulator's state when it runs on the simulator (None on hardware)."""
+    """The npu device, and the simulator's state when it runs on the simulator of one torch_npu line (None on
+    hardware)."""
     if request.param == "hardware":
         yield hal.get_device("npu"), None
         return
-    with npu_simulated_on_cpu() as simulator:
+    with npu_simulated_on_cpu(request.param) as simulator:
         yield hal.DeviceRegistry(load_entry_points=False).get_device("npu"), simulator
 
 

@@ -16,7 +16,7 @@ prefill_workload = pytest.importorskip("refmodel.prefill_workload", reason="the 
 
 from refmodel import LlamaDecoder, ModelConfig, PagedKVCache  # noqa: E402
 from runners.config import PrefillConfig  # noqa: E402
-from support.npu_simulator.fixture import npu_simulator, simulated_npu  # noqa: E402, F401 (fixtures)
+from support.npu_simulator.fixture import npu_profile, npu_simulator, simulated_npu  # noqa: E402, F401 (fixtures)
 
 pytestmark = pytest.mark.cpu
 

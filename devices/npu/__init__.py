@@ -1,14 +1,18 @@
 """The npu device (Ascend, through torch_npu): full graphs on ``torch.npu.NPUGraph``, host lengths updated per run.
 
-Ascend attention kernels take per-request lengths as host lists, and a captured NPU graph bakes them in. The
-plugin captures with torch_npu's ``auto_dispatch_capture`` (its handlers bracket each fused-attention launch
-in a task group gated by an ExternalEvent) and brackets ops without a handler itself; ``hal_update`` then
-re-issues those launches with the live lengths on an update stream, ordered after the graph's previous replay,
-and the replay's gated tasks wait for it (``npu_graph`` explains the order).
+Ascend attention kernels take per-request lengths as host values, and a captured NPU graph bakes them in.
+While a graph is captured, the plugin brackets every such launch itself in a task group gated by an
+ExternalEvent, with its outputs and workspace preallocated and held for the graph's life
+(``host_length_launches``); ``hal_update`` then re-issues those launches with the live lengths on an update
+stream of the graph's device, ordered after the graph's previous replay, and the replay's gated tasks wait
+for it (``npu_graph`` explains the order). torch_npu's own ``auto_dispatch_capture`` is never used: what it
+handles differs per release line (``capture_session`` says how).
 
-Supported: torch_npu 2.6 and newer; the plugin follows the NPUGraph API of torch_npu 2.14 and refuses older
-versions with ``TorchNpuVersionError`` (``runtime``). Conventions the runners ask for rather than
-hard-code: int32 cache locations, int32 lengths padded with 0.
+Supported: the torch_npu lines 7.1, 7.2, 7.3 and 26.0 on, decided by the API a build has, not its version
+(``runtime``); ``_npu_paged_attention`` in a graph needs 7.2 on (its workspace). ``full`` with
+``compiler="inductor"`` is refused (``hal_compiled_capture_problem``). Conventions the runners ask for rather
+than hard-code: int32 cache locations, int32 lengths padded with 0 (what vllm-ascend pads its graph's
+request slots with, acl_graph.py L290 at releases/v0.13.0).
 
 This module imports cleanly where torch_npu is absent or broken: torch_npu is only imported, guarded, when a
 hook first needs it. Where npu tensors live is the ``placement`` seam (``torch.device("npu", i)`` on
@@ -28,7 +32,7 @@ from devices.npu.capture_session import NpuCaptureSession
 from devices.npu.graph_update import update_graph
 from devices.npu.npu_graph import NpuGraph
 from devices.npu.runtime import find_torch_npu, torch_npu_runtime
-from hal import DeviceConventions, DeviceId, MemoryStats, hookimpl
+from hal import DeviceConventions, DeviceId, GraphMode, MemoryStats, hookimpl
 
 DEVICE_TYPE = "npu"
 GRAPH_MODES = ("full",)
@@ -71,7 +75,7 @@ def hal_is_available(device: DeviceId) -> bool | None:
 def hal_graph_modes(device: DeviceId) -> tuple[str, ...] | None:
     if not _mine(device):
         return None
-    torch_npu_runtime()  # refuses a torch_npu too old for graphs, naming its version and the minimum
+    torch_npu_runtime()  # refuses a torch_npu lacking the graph API, naming what is missing and its version
     return GRAPH_MODES
 
 
@@ -98,6 +102,33 @@ def hal_capture_executes_work(device: DeviceId) -> bool | None:
 @hookimpl
 def hal_captures_compiled_kernels(device: DeviceId) -> bool | None:
     return True if _mine(device) else None  # NPUGraph captures the stream: every launch, compiled kernels too
+
+
+# Why a full graph of an Inductor-compiled forward cannot be updated here: the attention runs inside the
+# compiled code's call to a custom op (refmodel::decode_attention), whose npu kernel issues the fused op below
+# every dispatch mode, so the capture cannot bracket it and its lengths would stay those of the capture. Its
+# output would be silently wrong from the second step on. Breakable and piecewise keep attention eager.
+FULL_INDUCTOR_PROBLEM = (
+    "npu attention takes per-request lengths as host values that the npu device re-issues before every replay, "
+    "finding those launches by watching torch ops during the capture; in an Inductor-compiled forward the "
+    "attention runs inside a compiled call to an opaque op whose kernel no dispatch mode sees, so its lengths "
+    "would stay those of the capture. Use compiler 'none' with mode 'full', or mode 'breakable' or 'piecewise' "
+    "with compiler 'inductor' (attention then runs eagerly between the captured parts)"
+)
+
+
+@hookimpl
+def hal_compiled_capture_problem(device: DeviceId, mode: str, compiler: str) -> str | None:
+    if _mine(device) and mode == GraphMode.FULL and compiler == "inductor":
+        return FULL_INDUCTOR_PROBLEM
+    return None
+
+
+@hookimpl
+def hal_distributed_backend(device: DeviceId) -> str | None:
+    # HCCL collectives are captured into an NPUGraph like any other launch on the capture stream; what that
+    # costs in device streams is said where a capture fails (capture_session.collective_capture_advice).
+    return "hccl" if _mine(device) else None
 
 
 @hookimpl

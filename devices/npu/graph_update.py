@@ -1,24 +1,19 @@
 """``hal_update`` for npu graphs: new host lengths into every attention launch of a graph, in order.
 
-The ordering (why each update waits for the graph's previous replay) is explained in ``npu_graph``. The
-update is asynchronous: the host returns once the re-issued launches are queued on the update streams, and
-the replay launched next overlaps with them up to its first gated attention task.
-
-- auto launches (torch_npu has a handler): ``NPUGraph.update(cpu_update_input=[{argument: lengths}])``.
-  torch_npu 2.14 broadcasts a one-element list to every recorded launch and issues the update on its own
-  update stream, ``NPUGraph.graph_dispatch_mode.update_stream``; that stream is made to wait for the
-  previous replay. A torch_npu that keeps the stream elsewhere gets a host-side wait for the previous
-  replay instead: still correct, but the host then waits for the device.
-- explicit launches: on the plugin's update stream for the device, per launch
-  ``graph_task_update_begin(stream, handle)``, the op re-issued with the new lengths,
-  ``graph_task_update_end(stream)``, then ``event.record(stream)`` to release the captured task.
+The ordering (why each update waits for the graph's previous replay) is explained in ``npu_graph``. On the
+plugin's update stream for the graph's device, per launch: ``graph_task_update_begin(stream, handle)``, the
+op re-issued on the captured memory and workspace with the new lengths (in the type its schema takes),
+``graph_task_update_end(stream)``, then ``event.record(stream)`` to release the captured task. vllm-ascend
+updates the same way (attention_v1.py update_graph_params, main 182b75ea); torch_npu's ``NPUGraph.update`` is
+not used (``capture_session`` says why). The update is asynchronous: the host returns once the re-issued
+launches are queued, and the replay launched next overlaps with them up to its first gated attention task.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from devices.npu.host_length_launches import HostLengthUpdateError
+from devices.npu.host_length_ops import HostLengthUpdateError
 from devices.npu.npu_graph import NpuGraph
 from hal import SlotRole
 
@@ -32,10 +27,20 @@ def update_graph(graph: NpuGraph, params: Mapping[str, Any]) -> None:
     lengths = _lengths(graph, params)
     if lengths is None:  # nothing in this graph bakes lengths (e.g. a breakable graph's segment): no-op
         return
-    if graph.auto_launches:
-        _update_auto(graph, lengths)
-    if graph.explicit_launches:
-        _update_explicit(graph, lengths)
+    calls = [launch.call_with(lengths) for launch in graph.launches]  # host values ready before any update begins
+    npu = graph.runtime.npu
+    stream = graph.runtime.update_stream(graph.index)
+    _after_previous_replay(graph, stream)
+    with npu.stream(stream):
+        for launch, (args, kwargs) in zip(graph.launches, calls):
+            npu.graph_task_update_begin(stream, launch.handle)
+            try:
+                launch.reissue(args, kwargs)
+            except BaseException:
+                _end_failed_update(npu, stream)
+                raise  # update_pending stays False: replaying now is refused (MissingUpdateError)
+            npu.graph_task_update_end(stream)
+            launch.event.record(stream)  # releases the captured task, and only after its update
     graph.update_pending = True
 
 
@@ -78,30 +83,16 @@ def _lengths(graph: NpuGraph, params: Mapping[str, Any]) -> list[int] | None:
     return lengths
 
 
-def _update_auto(graph: NpuGraph, lengths: list[int]) -> None:
-    stream = getattr(getattr(graph.npu_graph, "graph_dispatch_mode", None), "update_stream", None)
-    _after_previous_replay(graph, stream)
-    arguments = {launch.op.argument for launch in graph.auto_launches}
-    graph.npu_graph.update(cpu_update_input=[{argument: list(lengths) for argument in arguments}])
-
-
-def _update_explicit(graph: NpuGraph, lengths: list[int]) -> None:
-    npu = graph.runtime.npu
-    stream = graph.runtime.update_stream(graph.index)
-    _after_previous_replay(graph, stream)
-    with npu.stream(stream):
-        for launch in graph.explicit_launches:
-            npu.graph_task_update_begin(stream, launch.handle)
-            launch.reissue(lengths)
-            npu.graph_task_update_end(stream)
-            launch.event.record(stream)  # releases the captured task, and only after its update
+def _end_failed_update(npu: Any, stream: Any) -> None:
+    """Close the update a failing re-issue left open, so the stream can update again; its error is the one
+    raised (torch_npu's NPUGraph.update leaves the stream inside the update, graphs.py L294-322 at v26.0.0)."""
+    try:
+        npu.graph_task_update_end(stream)
+    except Exception:  # an update that re-issued nothing may be refused: the re-issue's error says more
+        pass
 
 
 def _after_previous_replay(graph: NpuGraph, stream: Any) -> None:
     """Order what is issued next on ``stream`` after the graph's previous replay (``npu_graph``)."""
-    if graph.replayed_event is None:
-        return  # never replayed: nothing can still be reading its tasks
-    if stream is not None:
+    if graph.replayed_event is not None:  # never replayed: nothing can still be reading its tasks
         stream.wait_event(graph.replayed_event)
-    else:
-        graph.replayed_event.synchronize()

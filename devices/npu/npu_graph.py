@@ -4,22 +4,23 @@ Order of one step, for a graph whose attention takes host lengths (see ``graph_u
 
     update i:  update stream waits on the event recorded after replay i-1 of this graph,
                then re-issues each attention launch with the new lengths and records its ExternalEvent
-    replay i:  launched on the current stream; each attention task waits on its ExternalEvent, so it
-               runs only once update i has landed, while the kernels before it run meanwhile
+    replay i:  launched on the device's current stream; each attention task waits on its ExternalEvent, so
+               it runs only once update i has landed, while the kernels before it run meanwhile
                then ``replayed`` is recorded after it, for update i+1 to wait on
 
 So replay i never sees update i-1's lengths (its tasks wait for update i's event) and replay i-1 never sees
 update i's (update i starts only after replay i-1 finished). Without the second half, a host faster than the
 device updates the task while replay i-1 still waits to run it: replay i-1 reads step i's lengths and eats
 its event, and replay i then waits forever (vllm-ascend's hang under async scheduling, fixed there with a
-host synchronize; here the update stream waits on the device instead).
+host synchronize before every replay, acl_graph.py L252-266 at main 182b75ea; here the update stream waits on
+the device instead).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from devices.npu.host_length_launches import AutoLaunch, ExplicitLaunch, Launch
+from devices.npu.host_length_launches import ExplicitLaunch
 from devices.npu.runtime import TorchNpu
 from hal import GraphHalError
 
@@ -34,21 +35,17 @@ class NpuGraph:
     def __init__(self, runtime: TorchNpu, index: int) -> None:
         self.runtime = runtime
         self.index = index
-        self.npu_graph = runtime.npu.NPUGraph()
-        self.launches: list[Launch] = []  # host-length launches, in capture order
+        # Built with the graph's device current: from 7.3 on, the first NPUGraph() of a process also makes
+        # torch_npu's update stream on the current device (graphs.py L92-95 at v7.3.0), and on 7.1/7.2 every
+        # NPUGraph() makes one (L92-95 at v7.1.0); a stream on another device would open a context there.
+        with runtime.npu.device(index):
+            self.npu_graph = runtime.npu.NPUGraph()
+        self.launches: list[ExplicitLaunch] = []  # host-length launches, in capture order
         self.captured = False
         self.replays = 0
         self.update_pending = False  # an update arrived since the last replay
         # Recorded on the replay's stream after every replay; the next update waits on it (module docstring).
         self.replayed_event: Any = None
-
-    @property
-    def auto_launches(self) -> list[AutoLaunch]:
-        return [launch for launch in self.launches if isinstance(launch, AutoLaunch)]
-
-    @property
-    def explicit_launches(self) -> list[ExplicitLaunch]:
-        return [launch for launch in self.launches if isinstance(launch, ExplicitLaunch)]
 
     @property
     def batch(self) -> int | None:
@@ -69,7 +66,8 @@ class NpuGraph:
         self.npu_graph.replay()
         if self.replayed_event is None:
             self.replayed_event = npu.Event()
-        self.replayed_event.record(npu.current_stream())
+        # NPUGraph::replay runs on the current stream of the capture's device (NPUGraph.cpp, replay, v26.0.0).
+        self.replayed_event.record(npu.current_stream(self.index))
         self.replays += 1
         self.update_pending = False
 

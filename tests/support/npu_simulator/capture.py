@@ -1,19 +1,31 @@
 """The SIMULATED NPU graph: capture records launches, replay re-issues them, task groups update them.
 
-Semantics followed (torch_npu 2.14 NPUGraph, aclmdlRI capture):
+Semantics followed (aclmdlRI stream capture as torch_npu's NPUGraph drives it, the same on every profile):
 
-- Capture records every op issued on this thread (a dispatch mode that sits below torch_npu's Python-level
-  modes, as the stream capture sits below them on hardware) with its arguments. Host values are baked in:
-  a Python int stays its capture value, and the host arguments of the simulated kernels (attention lengths)
-  are copied at capture. Reading a tensor on the host inside the capture is an error. The captured work
-  does not count as run: outputs of recorded ops hold NaN until the first replay.
+- ``DeviceQueue`` stands for the device's streams. It is a dispatch mode pushed when the simulator is
+  installed, so it sits below every Python-level mode (torch_npu's capture mode, a plugin's), as the stream
+  sits below them on hardware, whatever order they are entered in. It is an infra mode: hardware is
+  invisible to Dynamo.
+- While a stream captures a graph (``capture_begin`` on this thread), every op issued on it is recorded with
+  its arguments. Host values are baked in: a Python int stays its capture value, and the host arguments of
+  the simulated kernels (attention lengths) are copied at capture. Reading a tensor on the host inside the
+  capture is an error. The captured work does not count as run: outputs of recorded ops hold NaN until the
+  first replay.
 - Replay re-issues the recorded ops on the same tensors, in order, as one task on the current stream.
 - ``graph_task_group_begin/end(stream)`` bracket launches into a task group; the handle names it.
   ``ExternalEvent.wait/reset`` issued on the capturing stream before a group gate it: at replay the group
-  waits for the event (never recorded: the replay would hang) and re-arms it.
+  waits for the event (never recorded: the replay would hang) and re-arms it. Groups cannot nest.
 - ``graph_task_update_begin(stream, handle)`` ... ``graph_task_update_end(stream)``: the ops issued on
   ``stream`` in between are not run; they replace the recorded launches' host arguments (tensors must be the
-  captured ones). The update is a task on ``stream``.
+  captured ones). The update is a task on ``stream``. An update left open (its re-issue raised before
+  ``graph_task_update_end``) keeps the stream updating: the next ``graph_task_update_begin`` there fails.
+- An updatable launch (in a task group) of an op that takes a workspace must be given one, at capture and
+  at every update (``MissingWorkspaceError``).
+- A task holds addresses, not tensors (``weak_refs``): memory the capture allocated stays with the graph's
+  pool, any other tensor must be kept alive by its owner, and a replay through freed memory is an error.
+
+Not simulated: kernels that bypass the dispatcher (Inductor's compiled CPU kernels) are invisible to the
+device queue, so the simulator cannot capture them, where a real stream capture would.
 
 Ordering the simulator enforces (``clocks``): a replay that reads a group's host values needs the group's
 latest update to finish before it (``StaleHostValuesError``), and an update needs every earlier replay that
@@ -27,11 +39,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_leaves
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map
 
 from support.npu_simulator import kernels, state
 from support.npu_simulator.clocks import Clock, Task, joined
 from support.npu_simulator.errors import (
+    MissingWorkspaceError,
     HostReadDuringCaptureError,
     NotSimulatedError,
     SimulatedHangError,
@@ -40,6 +54,7 @@ from support.npu_simulator.errors import (
     UpdateRaceError,
 )
 from support.npu_simulator.streams import ExternalEvent, Stream
+from support.npu_simulator.weak_refs import MemoryRef, resolved
 
 _UNINITIALISED_FACTORIES = frozenset(
     {
@@ -63,7 +78,7 @@ class _OpNode:
     group: "TaskGroup | None" = None
 
     def run(self) -> None:
-        args, kwargs = self.args, self.kwargs
+        args, kwargs = resolved((self.args, self.kwargs), f"the replay of {self.func}")
         for name, value in self.host_values.items():
             args, kwargs = kernels.with_argument(self.func, args, kwargs, name, value)
         result = self.func(*args, **kwargs)
@@ -127,8 +142,8 @@ class SimGraph:
         self.captured = False
         self.capture_stream: Stream | None = None
         self.pool: Any = None
-        self._recorder: _Recorder | None = None
         self.allocated: list[torch.Tensor] = []  # tensors the capture allocated (graph memory)
+        self._pool_pointers: set[int] = set()  # their storages: memory the graph pool keeps
         self._open_group: TaskGroup | None = None
         self._gate: ExternalEvent | None = None  # waited on since the last group: gates the next one
         self.replays = 0
@@ -144,17 +159,18 @@ class SimGraph:
         self.capture_stream, self.pool = stream, pool
         stream.capturing = self
         sim.capturing_graph = self
-        self._recorder = _Recorder(self)
-        self._recorder.__enter__()
+
+    def stop(self) -> None:
+        """The stream stops capturing (AclmdlRICaptureEnd returned, successfully or not)."""
+        sim = state.current()
+        if self.capture_stream is not None:
+            self.capture_stream.capturing = None
+        sim.capturing_graph = None
 
     def end(self) -> None:
-        sim = state.current()
-        if self.capture_stream is None or self._recorder is None:
+        if self.capture_stream is None or self.capture_stream.capturing is not self:
             raise SimulatorError("capture_end() without capture_begin()")
-        self._recorder.__exit__(None, None, None)
-        self._recorder = None
-        self.capture_stream.capturing = None
-        sim.capturing_graph = None
+        self.stop()
         if self._open_group is not None:
             self._open_group = None
             raise SimulatorError("capture ended inside a task group: graph_task_group_begin without graph_task_group_end")
@@ -164,11 +180,65 @@ class SimGraph:
             if tensor.is_floating_point() or tensor.is_complex():
                 tensor.fill_(math.nan)
 
+    def owns_memory(self, tensor: torch.Tensor) -> bool:
+        """``tensor``'s memory was allocated by this graph's capture (graph-pool memory the pool keeps)."""
+        return tensor.untyped_storage().data_ptr() in self._pool_pointers
+
+    def _allocate(self, tensors: list[torch.Tensor]) -> None:
+        self.allocated.extend(tensors)
+        self._pool_pointers.update(tensor.untyped_storage().data_ptr() for tensor in tensors)
+
+    def _addresses(self, value: Any) -> Any:
+        """What the task keeps of its arguments: pool memory held, any other tensor by address only."""
+        return tree_map(
+            lambda leaf: leaf if not isinstance(leaf, torch.Tensor) or self.owns_memory(leaf) else MemoryRef(leaf, False),
+            value,
+        )
+
     def reset(self) -> None:
         if self.capture_stream is not None and self.capture_stream.capturing is self:
             raise SimulatorError("reset() of a graph that is still capturing; end the capture first")
+        self._pool_pointers = set()
         self.nodes, self.groups, self.allocated = [], [], []
         self.captured, self.capture_stream, self._gate = False, None, None
+
+    def record(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], stream: Stream) -> Any:
+        """Record (and run) one op issued on this thread while this graph captures."""
+        if any(tag in func.tags for tag in _HOST_SYNC_TAGS):
+            raise HostReadDuringCaptureError(
+                f"{func} reads a tensor's values on the host while an NPU graph is being captured"
+            )
+        if stream is not self.capture_stream:
+            raise NotSimulatedError(
+                f"{func} was issued on {stream!r} while graph {self.number} captures on {self.capture_stream!r}: "
+                "multi-stream capture is not simulated"
+            )
+        if self._open_group is not None and kernels.allocates_workspace(func):
+            _check_workspace_given(func, kwargs, f"captured into {self._open_group!r}")
+        sim = state.current()
+        sim.ops_running.append(func)
+        try:
+            result = func(*args, **kwargs)
+        finally:
+            sim.ops_running.pop()
+        if func in _UNINITIALISED_FACTORIES:
+            self._allocate([result])  # graph memory: garbage until a replayed op writes it
+            return result
+        if func.is_view or torch.Tag.inplace_view in func.tags:
+            return result  # views follow the memory the other ops refresh; metadata changes are not replayed
+        host_values = {
+            name: kernels.copy_host_value(kernels.argument_value(func, args, kwargs, name))
+            for name in kernels.host_arguments(func)
+        }
+        inputs = {leaf.data_ptr() for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)}
+        outputs = (
+            []
+            if func._schema.is_mutable
+            else [t for t in tree_leaves(result) if isinstance(t, torch.Tensor) and t.data_ptr() not in inputs]
+        )
+        self._allocate(outputs)
+        self.record_op(_OpNode(func, self._addresses(tuple(args)), self._addresses(dict(kwargs)), outputs, host_values))
+        return result
 
     def record_op(self, node: _OpNode) -> None:
         if self._open_group is not None:
@@ -237,44 +307,24 @@ class SimGraph:
         stream.clock = joined(stream.clock, clock)  # the stream waited at the gates
 
 
-class _Recorder(state.SimulatorMode):
-    """Records (and runs) every op issued on this thread into the capturing graph."""
+class DeviceQueue(TorchDispatchMode):
+    """The device's streams, as the dispatch mode at the bottom of the stack: records what a capturing stream
+    is given, hands what an updating stream is given to the update, runs everything else."""
 
-    def __init__(self, graph: SimGraph) -> None:
-        super().__init__()
-        self._graph = graph
+    @classmethod
+    def is_infra_mode(cls) -> bool:
+        return True  # the device, not a Python-level mode: Dynamo must not skip compiled frames for it
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        if any(tag in func.tags for tag in _HOST_SYNC_TAGS):
-            raise HostReadDuringCaptureError(
-                f"{func} reads a tensor's values on the host while an NPU graph is being captured"
-            )
         sim = state.current()
         stream = sim.current_stream()
-        if stream is not self._graph.capture_stream:
-            raise NotSimulatedError(
-                f"{func} was issued on {stream!r} while graph {self._graph.number} captures on "
-                f"{self._graph.capture_stream!r}: multi-stream capture is not simulated"
-            )
-        sim.ops_running.append(func)
-        try:
-            result = func(*args, **kwargs)
-        finally:
-            sim.ops_running.pop()
-        if func in _UNINITIALISED_FACTORIES:
-            self._graph.allocated.append(result)  # graph memory: garbage until a replayed op writes it
-            return result
-        if func.is_view or torch.Tag.inplace_view in func.tags:
-            return result  # views follow the memory the other ops refresh; metadata changes are not replayed
-        host_values = {
-            name: kernels.copy_host_value(kernels.argument_value(func, args, kwargs, name))
-            for name in kernels.host_arguments(func)
-        }
-        outputs = [] if func._schema.is_mutable else [t for t in tree_leaves(result) if isinstance(t, torch.Tensor)]
-        self._graph.allocated.extend(outputs)
-        self._graph.record_op(_OpNode(func, tuple(args), dict(kwargs), outputs, host_values))
-        return result
+        if stream.updating is not None:
+            return stream.updating.take(func, args, kwargs)
+        graph = sim.capturing_graph
+        if graph is None:
+            return func(*args, **kwargs)
+        return graph.record(func, args, kwargs, stream)
 
 
 # --- task groups (torch.npu.graph_task_*) -----------------------------------------------------------------
@@ -293,10 +343,61 @@ def graph_task_group_end(stream: Stream) -> TaskGroup:
 
 
 @dataclass
-class _UpdateInProgress:
+class _Update:
+    """An update in progress on ``stream``: the ops issued there become new host values of ``group``'s launches."""
+
+    stream: Stream
     group: TaskGroup
-    interceptor: "_UpdateInterceptor"
     values: list[dict[str, Any]] = field(default_factory=list)
+
+    def take(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if _makes_host_tensor(func) or func.is_view:
+            # building a host argument (torch.tensor(...)) or a view of captured memory is no device launch
+            return func(*args, **kwargs)
+        position = len(self.values)
+        if position >= len(self.group.ops):
+            raise SimulatorError(f"the update of {self.group!r} re-issued more launches than the group holds ({func})")
+        node = self.group.ops[position]
+        if func is not node.func:
+            raise SimulatorError(f"the update of {self.group!r} re-issued {func}, but the group's launch is {node.func}")
+        if kernels.allocates_workspace(func):
+            _check_workspace_given(func, kwargs, f"re-issued to update {self.group!r}")
+        host = kernels.host_arguments(func)
+        for argument in func._schema.arguments:
+            if argument.name in host:
+                continue
+            old = _maybe_argument(func, node.args, node.kwargs, argument.name)
+            old = resolved(old, f"the update of {self.group!r}")
+            new = _maybe_argument(func, args, kwargs, argument.name)
+            if not _same_argument(old, new):
+                raise SimulatorError(
+                    f"the update of {self.group!r} changed {func}'s argument {argument.name!r}: only its host "
+                    f"arguments ({', '.join(host) or 'none'}) can change; tensors must be the captured ones"
+                )
+        self.values.append(
+            {name: kernels.copy_host_value(kernels.argument_value(func, args, kwargs, name)) for name in host}
+        )
+        return _update_result(func, kwargs)
+
+
+def _update_result(func: Any, kwargs: dict[str, Any]) -> Any:
+    """What the re-issued call returns to its caller (nothing runs): the out tensors an .out overload returns."""
+    if "out" in kwargs and isinstance(kwargs["out"], (list, tuple)):
+        return tuple(kwargs["out"])
+    return None
+
+
+def _check_workspace_given(func: Any, kwargs: dict[str, Any], where: str) -> None:
+    if kwargs.get("workspace") is not None:
+        return
+    if kernels.takes_workspace(func):
+        fix = "Pass the workspace the capture allocated (its get_workspace helper), and the same one at every update"
+    else:
+        fix = f"This build's {func} takes no workspace at all: it cannot be updated safely"
+    raise MissingWorkspaceError(
+        f"{func} was {where} without a workspace: on hardware its kernel allocates one, writes its address into the "
+        f"task and frees it when the launch returns, so every later replay uses freed memory. {fix}"
+    )
 
 
 def graph_task_update_begin(stream: Stream, handle: TaskGroup) -> None:
@@ -305,17 +406,17 @@ def graph_task_update_begin(stream: Stream, handle: TaskGroup) -> None:
     if stream.capturing is not None:
         raise SimulatorError("graph_task_update_begin on a stream that is capturing")
     if stream.updating is not None:
-        raise SimulatorError(f"graph_task_update_begin on {stream!r}, which is already updating {stream.updating.group!r}")
-    interceptor = _UpdateInterceptor(stream, handle)
-    stream.updating = _UpdateInProgress(handle, interceptor)
-    interceptor.__enter__()
+        raise SimulatorError(
+            f"graph_task_update_begin on {stream!r}, which is still updating {stream.updating.group!r} (an update "
+            "whose re-issue failed was never ended with graph_task_update_end)"
+        )
+    stream.updating = _Update(stream, handle)
 
 
 def graph_task_update_end(stream: Stream) -> None:
     update = stream.updating
     if update is None:
         raise SimulatorError(f"graph_task_update_end({stream!r}) without graph_task_update_begin")
-    update.interceptor.__exit__(None, None, None)
     stream.updating = None
     group = update.group
     if len(update.values) != len(group.ops):
@@ -333,58 +434,6 @@ def graph_task_update_end(stream: Stream) -> None:
     for op, values in zip(group.ops, update.values):
         op.host_values = values
     group.updated_by = task
-
-
-class _UpdateInterceptor(state.SimulatorMode):
-    """Between graph_task_update_begin and _end: ops issued become new host values of the group's launches."""
-
-    def __init__(self, stream: Stream, group: TaskGroup) -> None:
-        super().__init__()
-        self._stream = stream
-        self._group = group
-        self._failed = False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if self._failed:  # a failed update left this mode on the stack (it cannot pop itself from in here)
-            return func(*args, **(kwargs or {}))
-        try:
-            return self._reissue(func, args, kwargs or {})
-        except Exception:
-            self._failed = True
-            self._stream.updating = None  # the update is over: the stream can update again
-            raise
-
-    def _reissue(self, func, args, kwargs):  # type: ignore[no-untyped-def]
-        if _makes_host_tensor(func):
-            return func(*args, **kwargs)  # building a host argument (torch.tensor(...)) is no device launch
-        update = self._stream.updating
-        current = state.current().current_stream()
-        if current is not self._stream:
-            raise SimulatorError(
-                f"{func} was issued on {current!r} between graph_task_update_begin({self._stream!r}) and its end: "
-                "issue the re-launch on the updating stream (inside torch.npu.stream(update_stream))"
-            )
-        position = len(update.values)
-        if position >= len(self._group.ops):
-            raise SimulatorError(f"the update of {self._group!r} re-issued more launches than the group holds ({func})")
-        node = self._group.ops[position]
-        if func is not node.func:
-            raise SimulatorError(f"the update of {self._group!r} re-issued {func}, but the group's launch is {node.func}")
-        host = kernels.host_arguments(func)
-        for argument in func._schema.arguments:
-            if argument.name in host:
-                continue
-            old = _maybe_argument(func, node.args, node.kwargs, argument.name)
-            new = _maybe_argument(func, args, kwargs, argument.name)
-            if not _same_argument(old, new):
-                raise SimulatorError(
-                    f"the update of {self._group!r} changed {func}'s argument {argument.name!r}: only its host "
-                    f"arguments ({', '.join(host) or 'none'}) can change; tensors must be the captured ones"
-                )
-        update.values.append(
-            {name: kernels.copy_host_value(kernels.argument_value(func, args, kwargs, name)) for name in host}
-        )
-        return None
 
 
 _MISSING = object()

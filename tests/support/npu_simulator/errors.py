@@ -39,3 +39,14 @@ class HiddenLaunchError(SimulatorError):
 
 class NotSimulatedError(SimulatorError, NotImplementedError):
     """Valid torch_npu usage the simulator does not model; the message says what to do instead."""
+
+
+class MissingWorkspaceError(SimulatorError):
+    """An updatable launch of an op that takes a workspace ran without one: on hardware the kernel allocates
+    its own, writes its address into the captured task and frees it when the launch returns, so later
+    replays read and write memory that belongs to something else."""
+
+
+class DanglingRecordError(SimulatorError):
+    """torch_npu's dispatch record re-issued an op through a weak alias (``_weak_ref_tensor``) of a tensor
+    that was freed since the capture: on hardware the update points the task at memory now used elsewhere."""

@@ -1,8 +1,9 @@
-"""pytest fixtures that run graphhal's npu device and reference model on the CPU SIMULATOR of torch_npu.
+"""pytest fixtures that run graphhal's npu device and reference model on the CPU SIMULATOR of torch_npu,
+once per simulated torch_npu release line.
 
     from support.npu_simulator.fixture import npu_simulator, simulated_npu  # noqa: F401 (fixtures)
 
-    def test_x(simulated_npu):            # a hal.Device("npu") backed by the simulator
+    def test_x(simulated_npu):            # a hal.Device("npu") backed by the simulator; runs per profile
         ...
 
 Besides installing the simulator, they point the two seams that say where npu tensors live at the CPU:
@@ -20,28 +21,39 @@ import pytest
 import torch
 
 import hal
-from devices.npu import placement
+from devices.npu import placement, runtime
 from refmodel import npu_decode_attention
-from support.npu_simulator.namespace import SIMULATED_TORCH_NPU_VERSION, installed
+from support.npu_simulator.namespace import installed
+from support.npu_simulator.profiles import NEWEST, PROFILES, TorchNpuProfile
 from support.npu_simulator.state import SimulatorState
+
+# One test per simulated torch_npu line; ids like "torch_npu-7.2-pt2.6".
+PROFILE_PARAMS = [pytest.param(profile, id=f"torch_npu-{profile.name}") for profile in PROFILES]
 
 
 @contextmanager
-def npu_simulated_on_cpu(version: str = SIMULATED_TORCH_NPU_VERSION, device_count: int = 1) -> Iterator[SimulatorState]:
-    """The simulator installed, with graphhal's npu tensors placed on the CPU, for the duration of the block."""
+def npu_simulated_on_cpu(profile: TorchNpuProfile = NEWEST, device_count: int = 1) -> Iterator[SimulatorState]:
+    """The simulator of ``profile`` installed, with graphhal's npu tensors placed on the CPU, for the block."""
     try:
-        with installed(version, device_count) as simulator, placement.tensors_on(
+        with installed(profile, device_count) as simulator, placement.tensors_on(
             lambda index: torch.device("cpu")
         ), npu_decode_attention.npu_tensors_on("cpu"):
             yield simulator
     finally:
+        runtime._runtime = None  # the plugin's cached torch_npu belongs to this installation
         hal.reload_plugins()
 
 
+@pytest.fixture(params=PROFILE_PARAMS)
+def npu_profile(request: pytest.FixtureRequest) -> TorchNpuProfile:
+    """Each simulated torch_npu release line in turn."""
+    return request.param
+
+
 @pytest.fixture
-def npu_simulator() -> Iterator[SimulatorState]:
-    """The simulator's state (launch log, cache flushes) while graphhal's npu device runs on it."""
-    with npu_simulated_on_cpu() as simulator:
+def npu_simulator(npu_profile: TorchNpuProfile) -> Iterator[SimulatorState]:
+    """The simulator's state (launch log, pools, faults) while graphhal's npu device runs on it."""
+    with npu_simulated_on_cpu(npu_profile) as simulator:
         yield simulator
 
 

@@ -1,19 +1,28 @@
 """SIMULATED Ascend attention kernels that take per-request lengths as host values, run on the CPU.
 
-Registered as real torch ops (namespace ``npu_simulator``, defined once per process) so that dispatch modes
-see them exactly as they see torch_npu's ops:
+Registered as real torch ops so that dispatch modes see them exactly as they see torch_npu's ops, with the
+schemas torch_npu registers (op-plugin's op_plugin_functions.yaml and ops/atb/PagedAttentionAtb.cpp, with
+torch_npu's codegen turning two out arguments into ``Tensor[] out -> (Tensor, Tensor)``,
+codegen/custom_functions.py L213-221), cut to the arguments the decode branch uses. One namespace per op-plugin
+generation, since a torch op's schema cannot change within a process:
 
-- ``npu_fused_infer_attention_score`` (and ``.out``): torch_npu 2.14's fused infer attention, incremental
-  (decode) branch with a paged KV cache: query ``[B, 1, N*D]`` (``input_layout="BSH"``) or ``[B, 1, N, D]``
-  ("BSND"), key/value ``[num_blocks, block_size, KV_N*D]``, ``block_table`` int32 ``[B, max_blocks]``,
-  ``actual_seq_lengths_kv`` a HOST list of B ints. float16/bfloat16 only, as on hardware. torch_npu 2.14 has
-  a capture handler for it (``auto_dispatch``).
-- ``_npu_paged_attention``: paged attention writing into ``out``, lengths as a host (CPU) int32 tensor
-  ``context_lens``; torch_npu has no capture handler for it, so graphs need the explicit task-group path.
+- ``npu_simulator_op_plugin_7_1`` (op-plugin 480bc431, torch_npu 7.1): ``npu_fused_infer_attention_score``
+  (``.default``, ``.out``) and ``_npu_paged_attention`` without a workspace.
+- ``npu_simulator_op_plugin_7_2`` (691bf15a on, 7.2 to 26.x): the same FIA, ``npu_fused_infer_attention_score_v2``
+  and ``_npu_paged_attention(..., Tensor(a!) out, *, Tensor? workspace=None)``.
 
-A row whose length is 0 attends to nothing and gets zeros. Shape limits of the real kernels (head dims,
-block sizes that are multiples of 16) are not checked. A launch made inside another op's kernel while a
-graph is captured is an error (``HiddenLaunchError``): no dispatch mode, torch_npu's included, saw it.
+The ops: the fused infer attention (v1: ``actual_seq_lengths_kv``; v2: ``actual_seq_kvlen``), incremental
+(decode) branch with a paged KV cache: query ``[B, 1, N*D]`` ("BSH") or ``[B, 1, N, D]`` ("BSND"), key/value
+``[num_blocks, block_size, KV_N*D]``, ``block_table`` int32 ``[B, max_blocks]``, lengths a HOST list of B ints.
+``_npu_paged_attention``: query ``[B, N, D]``, caches ``[blocks, block_size, KV_N, D]``, lengths as a host
+(CPU) int32 tensor ``context_lens`` (positional 7), output ``out`` (positional 8). float16/bfloat16 only, as on
+hardware. A row whose length is 0 attends to nothing and gets zeros (what hardware gives there is not
+documented). The workspace helpers size the workspace by the lengths they are given, and a launch whose
+lengths need more than its workspace fails, so a capture must size it by the largest lengths an update may
+bring (whether torch_npu's "max workspace" covers every length is not documented).
+
+A launch made inside another op's kernel while a graph is captured is an error (``HiddenLaunchError``): no
+dispatch mode, torch_npu's included, saw it.
 """
 
 from __future__ import annotations
@@ -24,36 +33,69 @@ import torch
 
 from support.npu_simulator import state
 from support.npu_simulator.errors import HiddenLaunchError, NotSimulatedError
+from support.npu_simulator.profiles import TorchNpuProfile
 
-NAMESPACE = "npu_simulator"
 _DTYPES = (torch.float16, torch.bfloat16)
 _ORIGINAL_TOLIST = torch._C.TensorBase.tolist  # the simulator reads its own host arguments unpatched
+WORKSPACE_BYTES_PER_BLOCK = 64  # the simulated kernels' scratch per (request, KV block)
 
-_FIA_ARGUMENTS = (
-    "Tensor query, Tensor key, Tensor value, *, Tensor? block_table=None, SymInt[]? actual_seq_lengths_kv=None, "
-    "int num_heads=1, float scale=1.0, str input_layout=\"BSH\", int num_key_value_heads=0, int block_size=0, "
-    "bool softmax_lse_flag=False"
+_FIA_V1 = (
+    "Tensor query, Tensor key, Tensor value, *, Tensor? atten_mask=None, SymInt[]? actual_seq_lengths=None, "
+    "SymInt[]? actual_seq_lengths_kv=None, Tensor? block_table=None, int num_heads=1, float scale=1.0, "
+    'str input_layout="BSH", int num_key_value_heads=0, int block_size=0, bool softmax_lse_flag=False'
 )
-SCHEMAS = {
-    "npu_fused_infer_attention_score": f"npu_fused_infer_attention_score({_FIA_ARGUMENTS}) -> (Tensor, Tensor)",
+_FIA_V2 = (
+    "Tensor query, Tensor key, Tensor value, *, Tensor? atten_mask=None, SymInt[]? actual_seq_qlen=None, "
+    "SymInt[]? actual_seq_kvlen=None, Tensor? block_table=None, int num_query_heads=1, int num_key_value_heads=0, "
+    'float softmax_scale=1.0, str input_layout="BSH", int block_size=0, bool return_softmax_lse=False'
+)
+_PA = (
+    "Tensor query, Tensor key_cache, Tensor value_cache, int num_kv_heads, int num_heads, float scale_value, "
+    "Tensor block_table, Tensor context_lens, Tensor(a!) out"
+)
+SCHEMAS_7_1 = {
+    "npu_fused_infer_attention_score": f"npu_fused_infer_attention_score({_FIA_V1}) -> (Tensor, Tensor)",
     "npu_fused_infer_attention_score.out": (
-        f"npu_fused_infer_attention_score.out({_FIA_ARGUMENTS}, Tensor? workspace=None, Tensor(a!)[] out) -> ()"
+        f"npu_fused_infer_attention_score.out({_FIA_V1}, Tensor? workspace=None, Tensor[] out) -> (Tensor, Tensor)"
     ),
-    "_npu_paged_attention": (
-        "_npu_paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, int num_kv_heads, int num_heads, "
-        "float scale_value, Tensor block_table, Tensor context_lens, *, Tensor(a!) out) -> ()"
-    ),
+    "_npu_paged_attention": f"_npu_paged_attention({_PA}) -> ()",
 }
+SCHEMAS_7_2 = {
+    **SCHEMAS_7_1,
+    "npu_fused_infer_attention_score_v2": f"npu_fused_infer_attention_score_v2({_FIA_V2}) -> (Tensor, Tensor)",
+    "npu_fused_infer_attention_score_v2.out": (
+        f"npu_fused_infer_attention_score_v2.out({_FIA_V2}, Tensor? workspace=None, Tensor[] out) -> (Tensor, Tensor)"
+    ),
+    "_npu_paged_attention": f"_npu_paged_attention({_PA}, *, Tensor? workspace=None) -> ()",
+}
+NAMESPACES = {"npu_simulator_op_plugin_7_1": SCHEMAS_7_1, "npu_simulator_op_plugin_7_2": SCHEMAS_7_2}
 # Host arguments of each simulated op: copied at capture, replaceable by an update.
 HOST_ARGUMENTS = {
     "npu_fused_infer_attention_score": ("actual_seq_lengths_kv",),
+    "npu_fused_infer_attention_score_v2": ("actual_seq_kvlen",),
     "_npu_paged_attention": ("context_lens",),
 }
 
 
+def is_simulated(func: torch._ops.OpOverload) -> bool:
+    return func._schema.name.partition("::")[0] in NAMESPACES
+
+
 def host_arguments(func: torch._ops.OpOverload) -> tuple[str, ...]:
     namespace, _, name = func._schema.name.partition("::")
-    return HOST_ARGUMENTS.get(name, ()) if namespace == NAMESPACE else ()
+    return HOST_ARGUMENTS.get(name, ()) if namespace in NAMESPACES else ()
+
+
+def takes_workspace(func: torch._ops.OpOverload) -> bool:
+    """The overload accepts a workspace (FIA ``.out``; ``_npu_paged_attention`` from op-plugin 7.2)."""
+    return is_simulated(func) and any(argument.name == "workspace" for argument in func._schema.arguments)
+
+
+def allocates_workspace(func: torch._ops.OpOverload) -> bool:
+    """The kernel needs a workspace, and allocates one itself when the call passes none (every simulated op:
+    op-plugin's FIA runs EXEC_NPU_CMD without one, FusedInferAttentionScoreKernelNpuOpApi.cpp L478-505 at
+    7213914d; ATB's RunAtbCmd, PagedAttentionAtb.cpp L48 at 480bc431 and L50 at 691bf15a)."""
+    return is_simulated(func)
 
 
 def copy_host_value(value: Any) -> Any:
@@ -112,7 +154,7 @@ def _paged_decode(q, key_cache, value_cache, block_table, lengths, scale):  # ty
 
 def _checked_lengths(op: str, lengths: Any, batch: int, capacity: int) -> list[int]:
     if lengths is None:
-        raise ValueError(f"{op}: the paged (block_table) branch needs actual_seq_lengths_kv, one host int per request")
+        raise ValueError(f"{op}: the paged (block_table) branch needs the KV lengths, one host int per request")
     lengths = [int(length) for length in lengths]
     if len(lengths) != batch:
         raise ValueError(f"{op}: {len(lengths)} lengths for a batch of {batch}")
@@ -122,32 +164,35 @@ def _checked_lengths(op: str, lengths: Any, batch: int, capacity: int) -> list[i
     return lengths
 
 
+def workspace_bytes(lengths: Sequence[int], block_size: int) -> int:
+    """Scratch the simulated kernels need for ``lengths``: grows with the longest request."""
+    longest_blocks = max([-(-int(length) // max(block_size, 1)) for length in lengths] + [1])
+    return WORKSPACE_BYTES_PER_BLOCK * len(lengths) * longest_blocks
+
+
+def _check_workspace(op: str, workspace: torch.Tensor | None, lengths: Sequence[int], block_size: int) -> None:
+    if workspace is None:
+        return  # the kernel allocates its own (capture and update check where that matters)
+    needed = workspace_bytes(lengths, block_size)
+    if workspace.numel() * workspace.element_size() < needed:
+        raise ValueError(
+            f"{op}: the workspace holds {workspace.numel() * workspace.element_size()} bytes but these lengths need "
+            f"{needed}: it was sized for shorter lengths (size it at capture by the longest an update may bring)"
+        )
+
+
 def _check_visible(op: str) -> None:
     """Inside a capture, a host-argument launch must be the op the recorder is running, not hidden in another."""
     sim = state.current()
     running = sim.ops_running
-    if sim.capturing_graph is not None and running and running[-1]._schema.name != f"{NAMESPACE}::{op}":
+    if sim.capturing_graph is not None and running and running[-1]._schema.name.partition("::")[2] != op:
         raise HiddenLaunchError(
             f"{op} was launched inside {running[-1]}'s kernel while a graph was captured: no dispatch mode saw it, "
             "so its host lengths are baked in and no update can reach them. Call it directly from Python"
         )
 
 
-def _fused_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    *,
-    block_table: torch.Tensor | None = None,
-    actual_seq_lengths_kv: Sequence[int] | None = None,
-    num_heads: int = 1,
-    scale: float = 1.0,
-    input_layout: str = "BSH",
-    num_key_value_heads: int = 0,
-    block_size: int = 0,
-    softmax_lse_flag: bool = False,
-) -> torch.Tensor:
-    op = "npu_fused_infer_attention_score"
+def _fused_attention(op: str, query, key, value, block_table, lengths, num_heads, scale, input_layout, num_kv_heads, block_size, lse):  # type: ignore[no-untyped-def]  # noqa: E501
     _check_visible(op)
     if query.dtype not in _DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
         raise TypeError(
@@ -159,30 +204,56 @@ def _fused_attention(
         raise NotSimulatedError(f"{op}: only the paged KV cache (block_table) is simulated")
     if query.shape[1] != 1:
         raise NotSimulatedError(f"{op}: only the incremental branch (query S == 1) is simulated")
-    if softmax_lse_flag:
-        raise NotSimulatedError(f"{op}: softmax_lse_flag=True is not simulated")
+    if lse:
+        raise NotSimulatedError(f"{op}: returning the softmax lse is not simulated")
     batch = query.shape[0]
-    num_kv_heads = num_key_value_heads or num_heads
+    num_kv_heads = num_kv_heads or num_heads
     head_dim = (query.shape[2] // num_heads) if input_layout == "BSH" else query.shape[3]
     if block_size != key.shape[1]:
         raise ValueError(f"{op}: block_size {block_size} but the key cache has blocks of {key.shape[1]}")
-    lengths = _checked_lengths(op, actual_seq_lengths_kv, batch, block_table.shape[1] * block_size)
+    lengths = _checked_lengths(op, lengths, batch, block_table.shape[1] * block_size)
     state.current().log_launch(op, lengths)
     key_cache = key.reshape(key.shape[0], block_size, num_kv_heads, head_dim)
     value_cache = value.reshape(value.shape[0], block_size, num_kv_heads, head_dim)
     queries = query.reshape(batch, num_heads, head_dim)
-    return _paged_decode(queries, key_cache, value_cache, block_table, lengths, scale).reshape(query.shape)
+    return _paged_decode(queries, key_cache, value_cache, block_table, lengths, scale).reshape(query.shape), lengths
 
 
-def fused_infer_attention_score(query, key, value, **options):  # type: ignore[no-untyped-def]
-    return _fused_attention(query, key, value, **options), torch.zeros(1, dtype=torch.float32)
+def _fia_v1(query, key, value, *, atten_mask=None, actual_seq_lengths=None, actual_seq_lengths_kv=None, block_table=None, num_heads=1, scale=1.0, input_layout="BSH", num_key_value_heads=0, block_size=0, softmax_lse_flag=False):  # type: ignore[no-untyped-def]  # noqa: E501
+    op = "npu_fused_infer_attention_score"
+    return _fused_attention(
+        op, query, key, value, block_table, actual_seq_lengths_kv, num_heads, scale, input_layout, num_key_value_heads,
+        block_size, softmax_lse_flag,
+    )
 
 
-def fused_infer_attention_score_out(query, key, value, *, workspace=None, out, **options):  # type: ignore[no-untyped-def]
-    out[0].copy_(_fused_attention(query, key, value, **options))
+def _fia_v2(query, key, value, *, atten_mask=None, actual_seq_qlen=None, actual_seq_kvlen=None, block_table=None, num_query_heads=1, num_key_value_heads=0, softmax_scale=1.0, input_layout="BSH", block_size=0, return_softmax_lse=False):  # type: ignore[no-untyped-def]  # noqa: E501
+    op = "npu_fused_infer_attention_score_v2"
+    return _fused_attention(
+        op, query, key, value, block_table, actual_seq_kvlen, num_query_heads, softmax_scale, input_layout,
+        num_key_value_heads, block_size, return_softmax_lse,
+    )
 
 
-def paged_attention(query, key_cache, value_cache, num_kv_heads, num_heads, scale_value, block_table, context_lens, *, out):  # type: ignore[no-untyped-def]  # noqa: E501
+def _default(attention):  # type: ignore[no-untyped-def]
+    def default(query, key, value, **options):  # type: ignore[no-untyped-def]
+        output, _ = attention(query, key, value, **options)
+        return output, torch.zeros(1, dtype=query.dtype)
+
+    return default
+
+
+def _out(attention, op):  # type: ignore[no-untyped-def]
+    def out_overload(query, key, value, *, workspace=None, out, **options):  # type: ignore[no-untyped-def]
+        output, lengths = attention(query, key, value, **options)
+        _check_workspace(f"{op}.out", workspace, lengths, options.get("block_size", 0))
+        out[0].copy_(output)
+        return out[0], out[1]
+
+    return out_overload
+
+
+def paged_attention(query, key_cache, value_cache, num_kv_heads, num_heads, scale_value, block_table, context_lens, out, *, workspace=None):  # type: ignore[no-untyped-def]  # noqa: E501
     op = "_npu_paged_attention"
     _check_visible(op)
     if query.dtype not in _DTYPES or key_cache.dtype != query.dtype:
@@ -192,31 +263,66 @@ def paged_attention(query, key_cache, value_cache, num_kv_heads, num_heads, scal
         raise TypeError(f"{op}: context_lens must be a 1-D int32 host tensor, got {context_lens.dtype} {shape}")
     block_size = key_cache.shape[1]
     lengths = _checked_lengths(op, _ORIGINAL_TOLIST(context_lens), query.shape[0], block_table.shape[1] * block_size)
+    _check_workspace(op, workspace, lengths, block_size)
     state.current().log_launch(op, lengths)
     out.copy_(_paged_decode(query, key_cache, value_cache, block_table, lengths, scale_value))
 
 
-def max_workspace(query: torch.Tensor) -> torch.Tensor:
-    """``_npu_fused_infer_attention_score_get_max_workspace``: the simulated kernel needs none; a token buffer."""
-    return torch.empty(1, dtype=torch.uint8, device=query.device)
+# --- helpers torch_npu has besides the ops (allocations, no launches) --------------------------------------
 
 
-def _define_ops() -> Any:
-    if hasattr(torch.ops, NAMESPACE) and hasattr(getattr(torch.ops, NAMESPACE), "_npu_paged_attention"):
-        return None  # defined by an earlier import of this module under another name
-    library = torch.library.Library(NAMESPACE, "DEF")
-    for schema in SCHEMAS.values():
-        library.define(schema)
-    library.impl("npu_fused_infer_attention_score", fused_infer_attention_score, "CPU")
-    library.impl("npu_fused_infer_attention_score.out", fused_infer_attention_score_out, "CPU")
-    library.impl("_npu_paged_attention", paged_attention, "CPU")
-    return library
+def _lengths_of(kwargs: dict[str, Any], name: str) -> list[int]:
+    lengths = kwargs.get(name)
+    return [int(length) for length in lengths] if lengths is not None else [1]
+
+
+def fia_max_workspace(query, key, value, **kwargs):  # type: ignore[no-untyped-def]
+    """``_npu_fused_infer_attention_score_get_max_workspace``: scratch for the lengths given."""
+    size = workspace_bytes(_lengths_of(kwargs, "actual_seq_lengths_kv"), kwargs.get("block_size", 0))
+    return torch.empty(size, dtype=torch.uint8, device=query.device)
+
+
+def fia_v2_max_workspace(query, key, value, **kwargs):  # type: ignore[no-untyped-def]
+    size = workspace_bytes(_lengths_of(kwargs, "actual_seq_kvlen"), kwargs.get("block_size", 0))
+    return torch.empty(size, dtype=torch.uint8, device=query.device)
+
+
+def fia_infer_output(query, value, **kwargs):  # type: ignore[no-untyped-def]
+    """``_npu_fused_infer_attention_score{,_v2}_infer_output`` (7.3 on): outputs shaped as the kernel writes."""
+    return torch.empty_like(query), torch.empty(1, dtype=torch.float32, device=query.device)
+
+
+def paged_attention_workspace(query, key_cache, value_cache, num_kv_heads, num_heads, scale_value, block_table, context_lens, out):  # type: ignore[no-untyped-def]  # noqa: E501
+    """``_npu_paged_attention_get_workspace`` (op-plugin 7.2 on)."""
+    size = workspace_bytes(_ORIGINAL_TOLIST(context_lens), key_cache.shape[1])
+    return torch.empty(size, dtype=torch.uint8, device=query.device)
+
+
+def _define_ops() -> list[Any]:
+    libraries = []
+    for namespace, schemas in NAMESPACES.items():
+        if hasattr(torch.ops, namespace) and hasattr(getattr(torch.ops, namespace), "_npu_paged_attention"):
+            continue  # defined by an earlier import of this module under another name
+        library = torch.library.Library(namespace, "DEF")
+        for schema in schemas.values():
+            library.define(schema)
+        library.impl("npu_fused_infer_attention_score", _default(_fia_v1), "CPU")
+        library.impl("npu_fused_infer_attention_score.out", _out(_fia_v1, "npu_fused_infer_attention_score"), "CPU")
+        if "npu_fused_infer_attention_score_v2" in schemas:
+            library.impl("npu_fused_infer_attention_score_v2", _default(_fia_v2), "CPU")
+            library.impl(
+                "npu_fused_infer_attention_score_v2.out", _out(_fia_v2, "npu_fused_infer_attention_score_v2"), "CPU"
+            )
+        library.impl("_npu_paged_attention", paged_attention, "CPU")
+        libraries.append(library)
+    return libraries
 
 
 # Kept for the process's lifetime: a Library unregisters its ops when collected. The ops are inert without
-# the simulator installed (nothing outside it names this namespace).
-_LIBRARY = _define_ops()
+# the simulator installed (nothing outside it names these namespaces).
+_LIBRARIES = _define_ops()
 
 
-def ops() -> Any:
-    return getattr(torch.ops, NAMESPACE)
+def ops(profile: TorchNpuProfile) -> Any:
+    """The op namespace of ``profile``'s op-plugin generation."""
+    return getattr(torch.ops, "npu_simulator_op_plugin_7_2" if profile.paged_attention_workspace else "npu_simulator_op_plugin_7_1")

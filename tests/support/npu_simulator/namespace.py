@@ -1,9 +1,12 @@
-"""Installing the SIMULATED ``torch_npu`` module and ``torch.npu`` namespace, and taking them away again.
+"""Installing the SIMULATED ``torch_npu`` module and ``torch.npu`` namespace of one profile, and removing them.
 
 While installed: ``sys.modules["torch_npu"]`` (and the submodules graphhal looks into) are the simulator's,
-``torch.npu`` is its namespace, and ``Tensor.tolist``/``Tensor.numpy`` refuse to run inside a capture (they
-read values on the host without going through the dispatcher, so the capture recorder cannot see them).
-Uninstalling restores every one of those exactly as it was.
+``torch.npu`` is its namespace, ``DeviceQueue`` (the device's streams) is the bottom dispatch mode of the
+installing thread, and ``Tensor.tolist``/``Tensor.numpy`` refuse to run inside a capture (they read values on
+the host without going through the dispatcher, so the device queue cannot see them). What the module offers
+follows the profile (``profiles``): FIA v2 and the paged-attention workspace helper from 7.2, the
+``_infer_output`` helpers from 7.3, the handler registry module from 26.0. Uninstalling restores everything
+exactly as it was, popping any dispatch mode a failed capture left pushed.
 """
 
 from __future__ import annotations
@@ -16,14 +19,15 @@ from typing import Any, Iterator
 
 import torch
 
-from support.npu_simulator import auto_dispatch, capture, kernels, npugraph, state, streams
+from support.npu_simulator import capture, kernels, npugraph, npugraph_handlers, state, streams, weak_refs
 from support.npu_simulator.errors import HostReadDuringCaptureError, SimulatorError
+from support.npu_simulator.profiles import NEWEST, TorchNpuProfile
 
-SIMULATED_TORCH_NPU_VERSION = "2.14.0"
 LABEL = "graphhal tests' CPU SIMULATOR of torch_npu's graph API (not torch_npu)"
 
 _MODULE_NAMES = (
     "torch_npu",
+    "torch_npu._C",
     "torch_npu.npu",
     "torch_npu.npu._npugraph_handlers",
     "torch_npu.npu._npugraph_handlers.npugraph_handler",
@@ -58,6 +62,7 @@ def _npu_namespace(sim: state.SimulatorState) -> ModuleType:
         device_count=lambda: sim.device_count,
         current_device=lambda: sim.current_device,
         set_device=set_device,
+        device=streams.device,
         synchronize=synchronize,
         current_stream=lambda device=None: sim.current_stream(None if device is None else streams._device_index(device)),
         default_stream=lambda device=None: sim.default_stream(None if device is None else streams._device_index(device)),
@@ -67,7 +72,7 @@ def _npu_namespace(sim: state.SimulatorState) -> ModuleType:
         ExternalEvent=streams.ExternalEvent,
         NPUGraph=npugraph.NPUGraph,
         graph=npugraph.graph,
-        graph_pool_handle=lambda: object(),
+        graph_pool_handle=lambda: sim.new_pool_id(user_created=True),
         is_current_stream_capturing=lambda: sim.current_stream().capturing is not None,
         graph_task_group_begin=capture.graph_task_group_begin,
         graph_task_group_end=capture.graph_task_group_end,
@@ -80,43 +85,72 @@ def _npu_namespace(sim: state.SimulatorState) -> ModuleType:
     )
 
 
+def _torch_npu_module(sim: state.SimulatorState, npu: ModuleType) -> tuple[ModuleType, ...]:
+    profile = sim.profile
+    ops = kernels.ops(profile)
+    compiled = _module(
+        "torch_npu._C",
+        _npu_endAllocateCurrentStreamToPool=lambda device, pool: sim.end_allocate_to_pool(int(device), pool),
+        _weak_ref_tensor=weak_refs.weak_ref_tensor,
+    )
+    attributes: dict[str, Any] = {
+        "npu_fused_infer_attention_score": ops.npu_fused_infer_attention_score,
+        "_npu_fused_infer_attention_score_get_max_workspace": kernels.fia_max_workspace,
+        "_npu_paged_attention": ops._npu_paged_attention,
+    }
+    if profile.fia_v2:
+        attributes["npu_fused_infer_attention_score_v2"] = ops.npu_fused_infer_attention_score_v2
+        attributes["_npu_fused_infer_attention_score_v2_get_max_workspace"] = kernels.fia_v2_max_workspace
+    if profile.paged_attention_workspace:
+        attributes["_npu_paged_attention_get_workspace"] = kernels.paged_attention_workspace
+    if profile.infer_output:
+        attributes["_npu_fused_infer_attention_score_infer_output"] = kernels.fia_infer_output
+        attributes["_npu_fused_infer_attention_score_v2_infer_output"] = kernels.fia_infer_output
+    torch_npu = _module("torch_npu", __version__=profile.version, npu=npu, _C=compiled, **attributes)
+    if not profile.has_handler_registry:
+        return torch_npu, compiled, npu
+    handlers = _module(
+        "torch_npu.npu._npugraph_handlers.npugraph_handler",
+        _NPU_GRAPH_OP_HANDLERS=npugraph_handlers.NPU_GRAPH_OP_HANDLERS,
+        NpuGraphOpHandler=npugraph_handlers.NpuGraphOpHandler,
+    )
+    npu._npugraph_handlers = _module("torch_npu.npu._npugraph_handlers", npugraph_handler=handlers)
+    return torch_npu, compiled, npu, npu._npugraph_handlers, handlers
+
+
 @contextmanager
-def installed(version: str = SIMULATED_TORCH_NPU_VERSION, device_count: int = 1) -> Iterator[state.SimulatorState]:
-    """Install the simulator for the duration of the block; yields its state (launch log, flush count)."""
+def installed(profile: TorchNpuProfile = NEWEST, device_count: int = 1) -> Iterator[state.SimulatorState]:
+    """Install the simulator of ``profile`` for the duration of the block; yields its state."""
     if "torch_npu" in sys.modules and not getattr(sys.modules["torch_npu"], "__simulator__", None):
         raise SimulatorError("a real torch_npu is imported in this process; the simulator will not shadow it")
     if state._active is not None:
         raise SimulatorError("the npu simulator is already installed")
-    sim = state.SimulatorState(version=version, device_count=device_count)
+    if torch._C._len_torch_dispatch_stack():
+        raise SimulatorError("install the simulator with no dispatch mode active: its device queue must be the bottom mode")
+    sim = state.SimulatorState(profile=profile, device_count=device_count)
     npu = _npu_namespace(sim)
     sim.namespace = npu
-    ops = kernels.ops()
-    handlers = _module(
-        "torch_npu.npu._npugraph_handlers.npugraph_handler", _NPU_GRAPH_OP_HANDLERS=auto_dispatch.NPU_GRAPH_OP_HANDLERS
-    )
-    npu._npugraph_handlers = _module("torch_npu.npu._npugraph_handlers", npugraph_handler=handlers)
-    torch_npu = _module(
-        "torch_npu",
-        __version__=version,
-        npu=npu,
-        npu_fused_infer_attention_score=ops.npu_fused_infer_attention_score,
-        _npu_fused_infer_attention_score_get_max_workspace=lambda query, *args, **kwargs: kernels.max_workspace(query),
-        _npu_paged_attention=ops._npu_paged_attention,
-    )
-    modules = dict(zip(_MODULE_NAMES, (torch_npu, npu, npu._npugraph_handlers, handlers)))
+    modules = _torch_npu_module(sim, npu)
+    sim.torch_npu = modules[0]
 
     saved_modules = {name: sys.modules.get(name) for name in _MODULE_NAMES}
     had_torch_npu_attr, saved_torch_npu_attr = hasattr(torch, "npu"), getattr(torch, "npu", None)
     saved_reads = {name: torch.Tensor.__dict__.get(name) for name in _HOST_READS}
     state.activate(sim)
-    sys.modules.update(modules)
+    sys.modules.update({module.__name__: module for module in modules})
     torch.npu = npu
     for name in _HOST_READS:
         setattr(torch.Tensor, name, _refused_in_capture(name, getattr(torch._C.TensorBase, name)))
+    sim.device_queue = capture.DeviceQueue()
+    sim.device_queue.__enter__()
     try:
         yield sim
     finally:
-        state.SimulatorMode.exit_all(sim)  # a capture or update a failing test left open
+        state.SimulatorMode.exit_all(sim)  # torch_npu's mode a failing torch.npu.graph left pushed
+        left = sim.modes_above_device()  # someone else's (a plugin's): popped, and reported below
+        for mode in reversed(left):
+            mode.__exit__(None, None, None)
+        sim.device_queue.__exit__(None, None, None)
         for name, saved in saved_reads.items():
             if saved is None:
                 delattr(torch.Tensor, name)
@@ -132,6 +166,8 @@ def installed(version: str = SIMULATED_TORCH_NPU_VERSION, device_count: int = 1)
             else:
                 sys.modules[name] = module
         state.activate(None)
+        if left and sys.exc_info()[0] is None:
+            raise SimulatorError(f"dispatch modes the simulator did not push were left active above it: {left}")
 
 
 def _refused_in_capture(name: str, original: Any) -> Any:

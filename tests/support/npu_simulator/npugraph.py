@@ -1,13 +1,28 @@
-"""SIMULATED ``torch.npu.NPUGraph`` and ``torch.npu.graph(...)`` (torch_npu 2.14 signatures).
+"""SIMULATED ``torch.npu.NPUGraph`` and ``torch.npu.graph(...)``, as torch_npu 7.1 to 26.0 behave.
 
-``torch.npu.graph(npu_graph, pool=None, stream=None, auto_dispatch_capture=False, capture_error_mode="global")``
-orders its parameters differently from ``torch.cuda.graph``; the simulator rejects the values a call
-written for CUDA would put in the wrong place. Entering it synchronizes the device and empties the device
-and host caches (as 2.14 does; the simulator counts the flushes) and makes ``stream`` current; with
-``auto_dispatch_capture`` the handler mode is active inside (``auto_dispatch``). One difference in how it is
-built, not in what it does: the simulator starts the capture before entering the handler mode, because its
-capture is itself a dispatch mode and must sit below torch_npu's Python-level modes, as the stream capture
-sits below them on hardware.
+``NPUGraph`` follows the C++ ``NPUGraph`` (torch_npu/csrc/core/npu/NPUGraph.cpp at v26.0.0; the same order at
+v7.1.0) and its Python wrapper (torch_npu/npu/graphs.py):
+
+- ``capture_begin(pool=None, capture_error_mode="global")``: the TASK_QUEUE_ENABLE check, "already owns a
+  captured graph", the non-default-stream check; then the caching allocator starts routing this device's
+  allocations into the pool (``beginAllocateToPool``: "already recording to mempool_id" if a capture routes
+  into it already); then ``AclmdlRICaptureBegin``. A failure after the routing began leaves it on.
+- ``capture_end()``: "Capture must end on the same stream it began on"; ``AclmdlRICaptureEnd`` (the stream
+  stops capturing, whether it succeeds or not); on its error it throws *before* ``endAllocateToPool``, so the
+  routing stays on (L247-249; master reorders this). A capture ended inside an open task group fails there.
+- ``reset()``: releases the graph only when a capture succeeded; the Python wrapper never clears the dispatch
+  mode's records.
+- ``update(cpu_update_input)``: RuntimeError unless captured with ``auto_dispatch_capture``; otherwise the
+  dispatch mode's ``update_capture_record`` (``auto_dispatch``, ``npugraph_handlers``).
+
+``graph`` follows torch_npu's context manager at every line: ``__init__`` makes a class-level default capture
+stream and sets ``npu_graph.auto_dispatch_capture``; ``__enter__`` synchronizes, runs ``gc.collect()``
+(7.1/7.2; counted, not run) and ``empty_cache()``, enters the stream, pushes the dispatch mode when
+``auto_dispatch_capture``, then calls ``capture_begin``; ``__exit__`` calls ``capture_end`` first, then pops the
+mode, then leaves the stream, with no try/finally (L308-318 at v7.1.0, L386-400 at v7.3.0, L522-536 at
+v26.0.0). So a failing ``capture_begin`` or ``capture_end`` leaves the mode pushed and the stream current, as
+on hardware. The simulator rejects values a call written for ``torch.cuda.graph`` would put in the wrong place
+(its parameters are ordered differently).
 """
 
 from __future__ import annotations
@@ -17,7 +32,8 @@ from typing import Any
 from support.npu_simulator import state
 from support.npu_simulator.auto_dispatch import GraphDispatchMode
 from support.npu_simulator.capture import SimGraph
-from support.npu_simulator.streams import Stream, stream
+from support.npu_simulator.npugraph_handlers import RegistryGraphDispatchMode
+from support.npu_simulator.streams import Stream, StreamContext
 
 CAPTURE_ERROR_MODES = ("global", "thread_local", "relaxed")
 
@@ -26,27 +42,54 @@ class NPUGraph:
     """A simulated ``torch.npu.NPUGraph``."""
 
     def __init__(self) -> None:
-        state.current()
-        self.graph_dispatch_mode = GraphDispatchMode()
+        sim = state.current()
+        mode = RegistryGraphDispatchMode if sim.profile.has_handler_registry else GraphDispatchMode
+        self.graph_dispatch_mode = mode()
         self.auto_dispatch_capture = False
         self._graph = SimGraph()
+        self._mempool: Any = None
+        self._device: int | None = None
 
     def capture_begin(self, pool: Any = None, capture_error_mode: str = "global") -> None:
         _check_error_mode(capture_error_mode)
-        self._graph.begin(state.current().current_stream(), pool)
+        sim = state.current()
+        sim.take_fault("capture_begin_check")
+        if self._graph.captured:
+            raise RuntimeError(
+                "This NPUGraph instance already owns a captured graph. To capture a new graph, create a new instance."
+            )
+        current = sim.current_stream()
+        if current is sim.default_stream(current.device_index):
+            raise RuntimeError("NPU graphs must be captured on a non-default stream.")
+        mempool = pool if pool is not None else sim.new_pool_id(user_created=False)
+        sim.begin_allocate_to_pool(current.device_index, mempool)
+        self._mempool, self._device = mempool, current.device_index
+        sim.take_fault("capture_begin")  # AclmdlRICaptureBegin failed: the routing above stays on
+        self._graph.begin(current, mempool)
 
     def capture_end(self) -> None:
-        self._graph.end()
+        sim = state.current()
+        if self._graph.capture_stream is None or sim.current_stream() is not self._graph.capture_stream:
+            raise RuntimeError("Capture must end on the same stream it began on.")
+        if "capture_end" in sim.faults:
+            self._graph.stop()
+            sim.take_fault("capture_end")  # raises before endAllocateToPool: the routing stays on
+        self._graph.end()  # inside an open task group this fails too, before endAllocateToPool
+        sim.end_allocate_to_pool(self._device, self._mempool)
 
     def replay(self) -> None:
         self._graph.replay()
 
     def reset(self) -> None:
-        self._graph.reset()
-        self.graph_dispatch_mode.graph_dispatch_records.clear()
+        # Only a graph whose capture succeeded holds anything to release (NPUGraph::reset, has_graph_exec_);
+        # the dispatch mode's records are never cleared (graphs.py L227-229 at v7.1.0 ... L642-645 on master).
+        if self._graph.capture_stream is None or self._graph.capture_stream.capturing is not self._graph:
+            self._graph.reset()
 
     def pool(self) -> Any:
-        return self._graph.pool
+        if not self._graph.captured:
+            raise RuntimeError("Called NPUGraph::pool() without a preceding successful capture.")
+        return self._mempool
 
     def update(self, cpu_update_input: list[dict[str, Any]]) -> None:
         if not self.auto_dispatch_capture:
@@ -86,32 +129,32 @@ class graph:  # noqa: N801 - torch_npu's name
                 "are (npu_graph, pool, stream, auto_dispatch_capture, capture_error_mode): pass them by keyword"
             )
         _check_error_mode(capture_error_mode)
+        sim = state.current()
+        default_stream = sim.class_attributes.setdefault("default_capture_stream", Stream())
+        self.pool = () if pool is None else (pool,)
+        self.capture_stream = stream if stream is not None else default_stream
+        self.stream_ctx = StreamContext(self.capture_stream)
         self.npu_graph = npu_graph
-        self.pool = pool
-        self.capture_stream = stream if stream is not None else Stream()
         self.capture_error_mode = capture_error_mode
         npu_graph.auto_dispatch_capture = auto_dispatch_capture
-        self._stream_context: Any = None
 
     def __enter__(self) -> None:
         sim = state.current()
         npu = sim.namespace  # looked up at call time, as torch_npu calls torch.npu.empty_cache()
         npu.synchronize()
+        if not sim.profile.infra_mode:  # 7.1/7.2 always collect; 7.3 on only with force_npugraph_gc
+            sim.gc_collects += 1
         npu.empty_cache()
-        npu.host_empty_cache()
-        self._stream_context = stream(self.capture_stream)
-        self._stream_context.__enter__()
-        self.npu_graph.capture_begin(self.pool, capture_error_mode=self.capture_error_mode)
+        self.stream_ctx.__enter__()
         if self.npu_graph.auto_dispatch_capture:
             self.npu_graph.graph_dispatch_mode.__enter__()
+        self.npu_graph.capture_begin(*self.pool, capture_error_mode=self.capture_error_mode)
 
     def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
-        try:
-            if self.npu_graph.auto_dispatch_capture:
-                self.npu_graph.graph_dispatch_mode.__exit__(exc_type, exc, tb)
-            self.npu_graph.capture_end()
-        finally:
-            self._stream_context.__exit__(exc_type, exc, tb)
+        self.npu_graph.capture_end()
+        if self.npu_graph.auto_dispatch_capture:
+            self.npu_graph.graph_dispatch_mode.__exit__(exc_type, exc, tb)
+        self.stream_ctx.__exit__(exc_type, exc, tb)
 
 
 def _check_error_mode(mode: Any) -> None:

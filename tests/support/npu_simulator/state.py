@@ -6,13 +6,24 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from support.npu_simulator.clocks import Clock, joined
 from support.npu_simulator.errors import SimulatorError
+from support.npu_simulator.profiles import TorchNpuProfile
 
 if TYPE_CHECKING:
     from support.npu_simulator.streams import Stream
+
+# Where a test can make the simulated C++ NPUGraph fail, and what torch_npu would say there (NPUGraph.cpp at
+# v26.0.0): before the allocator routes into the pool (the TASK_QUEUE_ENABLE check, L163-167), after it
+# (AclmdlRICaptureBegin, L220), and at the end (AclmdlRICaptureEnd, L247, before endAllocateToPool).
+FAULTS = {
+    "capture_begin_check": "Do not support TASK_QUEUE_ENABLE = 2 during NPU graph capture (simulated fault)",
+    "capture_begin": "AclmdlRICaptureBegin failed (simulated fault)",
+    "capture_end": "AclmdlRICaptureEnd failed: the capture was invalidated (simulated fault)",
+}
 
 
 @dataclass(frozen=True)
@@ -26,18 +37,27 @@ class Launch:
 
 @dataclass
 class SimulatorState:
-    """One installation of the simulator: devices, streams, the host's view of finished work, a launch log."""
+    """One installation of the simulator: its torch_npu profile, devices, streams, the host's view of
+    finished work, the allocator's routing into graph pools, injected faults, a launch log."""
 
-    version: str
+    profile: TorchNpuProfile
     device_count: int
     namespace: Any = None  # the simulated torch.npu module, looked up at call time like torch_npu does
+    torch_npu: Any = None  # the simulated torch_npu module
     host_clock: Clock = field(default_factory=dict)
     launches: list[Launch] = field(default_factory=list)
     cache_flushes: int = 0  # empty_cache / host_empty_cache calls
+    gc_collects: int = 0  # gc.collect() calls torch.npu.graph would make (counted, not made)
     streams: list["Stream"] = field(default_factory=list)
+    # The caching allocator's captures underway, per device: pool id routed into (beginAllocateToPool).
+    pools_routed: dict[int, list[Any]] = field(default_factory=dict)
+    faults: set[str] = field(default_factory=set)
+    # Class attributes of torch_npu objects, kept per installation (they hold simulated streams).
+    class_attributes: dict[str, Any] = field(default_factory=dict)
+    device_queue: Any = None  # the mode standing for the device's streams (capture.DeviceQueue)
     _next_stream_id: int = 0
+    _next_pool_id: int = 0
     _default_streams: dict[int, "Stream"] = field(default_factory=dict)
-    _auto_update_stream: "Stream | None" = None
     _thread: threading.local = field(default_factory=threading.local)
 
     # --- ids, devices, streams ----------------------------------------------------------------------------
@@ -47,6 +67,11 @@ class SimulatorState:
         self.streams.append(stream)
         self._next_stream_id += 1
         return self._next_stream_id
+
+    def new_pool_id(self, user_created: bool) -> tuple[int, int]:
+        """A MempoolId: (0, n) from graph_pool_handle(), (n, 0) for a graph's private pool (NPUGraph.cpp)."""
+        self._next_pool_id += 1
+        return (0, self._next_pool_id) if user_created else (self._next_pool_id, 0)
 
     def check_device(self, index: int) -> int:
         if not 0 <= index < self.device_count:
@@ -82,14 +107,29 @@ class SimulatorState:
         self._thread.streams[stream.device_index] = stream
         return previous
 
-    @property
-    def auto_update_stream(self) -> "Stream":
-        """The stream ``NPUGraph.update`` issues on (torch_npu 2.14: one per process, made on first use)."""
-        from support.npu_simulator.streams import Stream
+    # --- the caching allocator's routing into graph pools ---------------------------------------------------
 
-        if self._auto_update_stream is None:
-            self._auto_update_stream = Stream()
-        return self._auto_update_stream
+    def begin_allocate_to_pool(self, device: int, pool: Any) -> None:
+        """NPUCachingAllocator::beginAllocateToPool (NPUCachingAllocator.cpp L2094-2113 at v26.0.0)."""
+        routed = self.pools_routed.setdefault(device, [])
+        if pool in routed:
+            raise RuntimeError(f"beginAllocateToPool: already recording to mempool_id {pool} (simulated)")
+        routed.append(pool)
+
+    def end_allocate_to_pool(self, device: int, pool: Any) -> None:
+        """NPUCachingAllocator::endAllocateToPool (L2116-2126 at v26.0.0)."""
+        routed = self.pools_routed.get(device, [])
+        if pool not in routed:
+            raise RuntimeError(f"endAllocatePool: not currently recording to mempool_id {pool} (simulated)")
+        routed.remove(pool)
+        if not routed:
+            del self.pools_routed[device]
+
+    def take_fault(self, point: str) -> None:
+        """Raise torch_npu's error for ``point`` if a test asked for a fault there (once)."""
+        if point in self.faults:
+            self.faults.discard(point)
+            raise RuntimeError(FAULTS[point])
 
     # --- what this thread is doing ------------------------------------------------------------------------
 
@@ -125,6 +165,14 @@ class SimulatorState:
         phase = "capture" if self.capturing_graph is not None else "replay" if self.replaying else "eager"
         self.launches.append(Launch(op, phase, tuple(lengths)))
 
+    # --- dispatch modes -------------------------------------------------------------------------------------
+
+    def modes_above_device(self) -> list[TorchDispatchMode]:
+        """The dispatch modes on this thread's stack above the device's own (what a capture may leave behind:
+        torch_npu's capture mode, a plugin's), bottom first."""
+        stack = torch.utils._python_dispatch._get_current_dispatch_mode_stack()
+        return [mode for mode in stack if mode is not self.device_queue]
+
 
 class SimulatorMode(TorchDispatchMode):
     """A dispatch mode of the simulator: tracked, so uninstalling can take off any a failed test left on."""
@@ -142,13 +190,16 @@ class SimulatorMode(TorchDispatchMode):
 
     @staticmethod
     def exit_all(sim: "SimulatorState") -> None:
+        """Pop every simulator mode still on this thread's stack, top first (a test that failed mid-capture,
+        or torch_npu's own mode that a failing ``torch.npu.graph`` left pushed)."""
         modes = sim._thread.__dict__.get("modes", [])
         while modes:
             mode = modes[-1]
             try:
                 mode.__exit__(None, None, None)
             except Exception:
-                modes.remove(mode) if mode in modes else None
+                if mode in modes:
+                    modes.remove(mode)
 
 
 _active: SimulatorState | None = None

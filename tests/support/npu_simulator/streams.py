@@ -1,7 +1,7 @@
 """SIMULATED ``torch.npu.Stream``, ``Event``, ``ExternalEvent`` and ``torch.npu.stream(...)``.
 
 Work runs when the host issues it; what the classes track is the order the device would guarantee
-(``clocks``). Semantics followed (torch_npu 2.14, as CUDA's): a stream runs its tasks in issue order;
+(``clocks``). Semantics followed (torch_npu/npu/streams.py, the same from 7.1 to 26.0, as CUDA's): a stream runs its tasks in issue order;
 ``stream.wait_event(event)`` makes later tasks on the stream wait for the work recorded in the event;
 ``event.synchronize()`` / ``stream.synchronize()`` / ``torch.npu.synchronize()`` make the host wait.
 
@@ -12,8 +12,7 @@ nodes of the graph (the replayed task waits until the event is recorded, then re
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -132,15 +131,48 @@ class ExternalEvent:
             self.recorded = None
 
 
-@contextmanager
-def stream(chosen: Stream | None) -> Iterator[Stream | None]:
-    """``torch.npu.stream(s)``: ``s`` is the current stream of its device inside the block (None: no change)."""
-    if chosen is None:
-        yield None
-        return
-    sim = state.current()
-    previous = sim.set_current_stream(chosen)
-    try:
-        yield chosen
-    finally:
-        sim.set_current_stream(previous)
+class StreamContext:
+    """``torch.npu.stream(s)``: ``s`` is the current stream, and its device the current device, inside the block
+    (None: no change). A plain object, as torch_npu's StreamContext (torch_npu/npu/utils.py L150-200 at
+    v7.1.0): a block left without ``__exit__`` (a failing ``torch.npu.graph.__exit__``) keeps ``s`` current."""
+
+    def __init__(self, chosen: Stream | None) -> None:
+        self.stream = chosen
+        self._previous: tuple[int, Stream] | None = None
+
+    def __enter__(self) -> Stream | None:
+        if self.stream is None:
+            return None
+        sim = state.current()
+        previous_device, sim.current_device = sim.current_device, self.stream.device_index
+        self._previous = (previous_device, sim.set_current_stream(self.stream))
+        return self.stream
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is None:
+            return
+        sim = state.current()
+        previous_device, previous_stream = self._previous
+        sim.set_current_stream(previous_stream)
+        sim.current_device = previous_device
+        self._previous = None
+
+
+def stream(chosen: Stream | None) -> StreamContext:
+    return StreamContext(chosen)
+
+
+class device:  # noqa: N801 - torch_npu's name
+    """``torch.npu.device(index)``: ``index`` is the current device inside the block."""
+
+    def __init__(self, index: Any) -> None:
+        self.index = _device_index(index)
+        self._previous: int | None = None
+
+    def __enter__(self) -> None:
+        sim = state.current()
+        self._previous, sim.current_device = sim.current_device, self.index
+
+    def __exit__(self, *exc: Any) -> None:
+        assert self._previous is not None
+        state.current().current_device = self._previous

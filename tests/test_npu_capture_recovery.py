@@ -109,22 +109,26 @@ def test_a_failing_capture_begin_or_end_leaves_nothing_behind(simulated_npu, npu
     assert_captures_again_into(simulated_npu, pool, step)
 
 
-def test_a_failing_body_leaves_nothing_behind(simulated_npu, npu_simulator):
-    step = FusedAttentionStep()
-    pool = simulated_npu.graph_pool()
+def _fail_in_the_body(step: "FusedAttentionStep") -> None:
     step.fail_with = RuntimeError("the model failed")
-    with pytest.raises(RuntimeError, match="the model failed"):
-        with simulated_npu.capture_session(simulated_npu.make_graph("full"), pool):
-            step(**step.batch([1, 1]))
-    assert_left_clean(npu_simulator)
-    assert_captures_again_into(simulated_npu, pool, step)
 
 
-def test_an_op_failing_inside_its_task_group_leaves_nothing_behind(simulated_npu, npu_simulator):
+def _fail_inside_a_task_group(step: "FusedAttentionStep") -> None:
+    step.lengths_at_capture = CAPACITY + 1  # the kernel refuses lengths past the block tables, inside the group
+
+
+@pytest.mark.parametrize(
+    ("fail", "error", "message"),
+    [
+        (_fail_in_the_body, RuntimeError, "the model failed"),
+        (_fail_inside_a_task_group, ValueError, r"length 13 outside 0\.\.12"),
+    ],
+)
+def test_a_failing_body_or_op_inside_its_task_group_leaves_nothing_behind(simulated_npu, npu_simulator, fail, error, message):
     step = FusedAttentionStep()
     pool = simulated_npu.graph_pool()
-    step.lengths_at_capture = CAPACITY + 1  # the kernel refuses lengths past the block tables, inside the group
-    with pytest.raises(ValueError, match=r"length 13 outside 0\.\.12"):
+    fail(step)
+    with pytest.raises(error, match=message):
         with simulated_npu.capture_session(simulated_npu.make_graph("full"), pool):
             step(**step.batch([1, 1]))
     assert_left_clean(npu_simulator)

@@ -17,7 +17,8 @@ allocator's routing into the pool (master reordered that; no profile here follow
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -67,77 +68,27 @@ class TorchNpuProfile:
         return f"torch_npu {self.name} (simulated from {self.tag}, version {self.version})"
 
 
-PROFILES = (
-    TorchNpuProfile(
-        name="7.1",
-        tag="v7.1.0-pytorch2.6.0",  # pip 2.6.0, 2.6.0.post1, 2.6.0.post2
-        version="2.6.0",
-        op_plugin="480bc431",
-        dispatch="7.1",
-        infra_mode=False,
-        shared_update_stream=False,
-        weak_npu_tensors_only=False,
-        checks_record_count=False,
-        fia_v2=False,
-        paged_attention_workspace=False,
-        infer_output=False,
-    ),
-    TorchNpuProfile(
-        name="7.2",
-        tag="v7.2.0-pytorch2.7.1",  # also the 2.8.0 cut: pip 2.7.1, 2.7.1.post1, 2.8.0, 2.8.0.post1
-        version="2.7.1",
-        op_plugin="691bf15a",
-        dispatch="7.2",
-        infra_mode=False,
-        shared_update_stream=False,
-        weak_npu_tensors_only=False,
-        checks_record_count=False,
-        fia_v2=True,
-        paged_attention_workspace=True,
-        infer_output=False,
-    ),
-    TorchNpuProfile(
-        name="7.2-pt2.6",
-        tag="v7.2.0-pytorch2.6.0",  # pip 2.6.0.post3, 2.6.0.post4
-        version="2.6.0.post3",
-        op_plugin="691bf15a",
-        dispatch="7.2-pt2.6",
-        infra_mode=False,
-        shared_update_stream=False,
-        weak_npu_tensors_only=False,
-        checks_record_count=False,
-        fia_v2=True,
-        paged_attention_workspace=True,
-        infer_output=False,
-    ),
-    TorchNpuProfile(
-        name="7.3",
-        tag="v7.3.0-pytorch2.9.0",  # every 7.3.0/7.3.1 cut: 2.6.0.post5 ... 2.9.0.post1
-        version="2.9.0",
-        op_plugin="7213914d",
-        dispatch="7.3",
-        infra_mode=True,
-        shared_update_stream=True,
-        weak_npu_tensors_only=True,
-        checks_record_count=False,
-        fia_v2=True,
-        paged_attention_workspace=True,
-        infer_output=True,
-    ),
-    TorchNpuProfile(
-        name="26.0",
-        tag="v26.0.0-pytorch2.9.0",  # 26.0.x cuts; 26.1 and master keep the same skeleton for these ops
-        version="2.9.0.post2",
-        op_plugin="dedc3167",
-        dispatch="registry",
-        infra_mode=True,
-        shared_update_stream=True,
-        weak_npu_tensors_only=True,
-        checks_record_count=True,
-        fia_v2=True,
-        paged_attention_workspace=True,
-        infer_output=True,
-    ),
+def _after(previous: TorchNpuProfile, name: str, tag: str, version: str, op_plugin: str, **changes: Any) -> TorchNpuProfile:
+    """A release line as what it changed from ``previous`` (the fields are documented on TorchNpuProfile)."""
+    return replace(previous, name=name, tag=tag, version=version, op_plugin=op_plugin, dispatch=changes.pop("dispatch", name), **changes)
+
+
+_LINE_7_1 = TorchNpuProfile(
+    name="7.1", tag="v7.1.0-pytorch2.6.0", version="2.6.0", op_plugin="480bc431", dispatch="7.1",  # pip 2.6.0, .post1, .post2
+    infra_mode=False, shared_update_stream=False, weak_npu_tensors_only=False, checks_record_count=False,
+    fia_v2=False, paged_attention_workspace=False, infer_output=False,
 )
+# The 2.7.1 cut, also the 2.8.0 one: pip 2.7.1, 2.7.1.post1, 2.8.0, 2.8.0.post1.
+_LINE_7_2 = _after(_LINE_7_1, "7.2", "v7.2.0-pytorch2.7.1", "2.7.1", "691bf15a", fia_v2=True, paged_attention_workspace=True)
+# The PyTorch 2.6 cut of 7.2 (pip 2.6.0.post3, .post4) brackets _npu_paged_attention itself.
+_LINE_7_2_PT26 = _after(_LINE_7_2, "7.2-pt2.6", "v7.2.0-pytorch2.6.0", "2.6.0.post3", "691bf15a")
+# Every 7.3.0/7.3.1 cut: 2.6.0.post5 ... 2.9.0.post1.
+_LINE_7_3 = _after(
+    _LINE_7_2, "7.3", "v7.3.0-pytorch2.9.0", "2.9.0", "7213914d",
+    infra_mode=True, shared_update_stream=True, weak_npu_tensors_only=True, infer_output=True,
+)
+# The 26.0.x cuts; 26.1 and master keep the same skeleton for these ops.
+_LINE_26_0 = _after(_LINE_7_3, "26.0", "v26.0.0-pytorch2.9.0", "2.9.0.post2", "dedc3167", dispatch="registry", checks_record_count=True)
+PROFILES = (_LINE_7_1, _LINE_7_2, _LINE_7_2_PT26, _LINE_7_3, _LINE_26_0)
 PROFILES_BY_NAME = {profile.name: profile for profile in PROFILES}
 NEWEST = PROFILES[-1]

@@ -5,7 +5,8 @@ the all-reduces, so a step only completes when every rank issues it. Every rank 
 the same steps in the same order, so the timer is made deterministic here (a fixed number of steps per
 sample and of samples: the adaptive stopping rule could stop one rank a sample before another, which would
 leave the other waiting in an all-reduce for good). Rank 0's result is the one reported; the others measure
-the same steps.
+the same steps. A contender failing on one rank only would leave the others waiting in its collectives until
+the process group's timeout (10 minutes): the run then fails, naming the ranks.
 
 The same model on one device (TP=1) is measured afterwards in the calling process, for the speed-up.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import queue
 import socket
 import traceback
 from typing import Any, Callable
@@ -51,6 +53,8 @@ def run_bench_on_ranks(rank_plan: RankPlan, tp_size: int, timeout_s: float = 360
         for _ in range(tp_size):
             rank, status, value = results.get(timeout=timeout_s)
             reports[rank] = (status, value)
+    except queue.Empty:
+        pass  # a rank that did not report in time is named below
     finally:
         for process in processes:
             process.join(timeout=30)

@@ -25,7 +25,8 @@ from benchmarks import (
     prefill_shapes,
     run_bench,
 )
-from benchmarks.names import REDUCE_OVERHEAD
+from benchmarks.names import FLOOR, REDUCE_OVERHEAD
+from hal import GraphMode
 from benchmarks.render import json_file, plot, table
 from benchmarks.tensor_parallel import run_bench_on_ranks
 from graphhal_cli.shared_options import DTYPES, chosen_device
@@ -195,13 +196,15 @@ def _run_tensor_parallel(args: argparse.Namespace) -> int:
     print(f"tensor parallel: {args.tp} ranks (rank 0 reports; every rank ran the same steps)")
     print(table.render(result))
     # The same model on one device, for the speed-up: eager, the floor and full.
-    single = run_bench(dataclasses.replace(_tensor_parallel_plan(args, 0), decode_modes=["floor", "full"], capture_max_bs=None))
+    single = run_bench(
+        dataclasses.replace(_tensor_parallel_plan(args, 0), decode_modes=[FLOOR, GraphMode.FULL.value], capture_max_bs=None)
+    )
     print("\nthe same model on one device (TP=1):")
     print(table.render(single))
     print(f"\nTP={args.tp} against TP=1, mode full (ms per step):")
-    tp1 = {row.batch_size: row.median_ms for row in single.rows if row.mode == "full"}
+    tp1 = {row.batch_size: row.median_ms for row in single.rows if row.mode == GraphMode.FULL}
     for row in result.rows:
-        if row.mode == "full" and row.batch_size in tp1:
+        if row.mode == GraphMode.FULL and row.batch_size in tp1:
             print(
                 f"  batch {row.batch_size:>4}: TP=1 {tp1[row.batch_size]:.3f}  TP={args.tp} {row.median_ms:.3f}  "
                 f"speed-up {tp1[row.batch_size] / row.median_ms:.2f}x"
@@ -210,4 +213,7 @@ def _run_tensor_parallel(args: argparse.Namespace) -> int:
         json_file.write_json(result, args.json)
         json_file.write_json(single, args.json.with_name(args.json.stem + "-tp1" + args.json.suffix))
         print(f"wrote {args.json}")
+    if args.plot is not None:
+        plot.write_plot(result, args.plot)
+        print(f"wrote {args.plot}")
     return 1 if result.failed or single.failed else 0

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 import hal
-from hal import BUILTIN_DEVICE_PLUGINS
 
 # Distributions whose versions decide what works; looked up by metadata, never imported.
 VERSIONED = ("graphhal", "torch", "triton", "pluggy", "torch-npu")
@@ -60,17 +59,8 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _entry_point_origins() -> dict[str, str]:
-    origins = {}
-    for entry_point in importlib.metadata.entry_points(group=hal.ENTRY_POINT_GROUP):
-        dist = entry_point.dist.name if entry_point.dist else "unknown distribution"
-        origins[entry_point.name] = f"entry point {entry_point.name} = {entry_point.value} ({dist})"
-    return origins
-
-
-def _device_info(registry: hal.DeviceRegistry, device_type: str, plugin: str, origins: dict[str, str]) -> DeviceInfo:
-    origin = "built-in" if plugin in BUILTIN_DEVICE_PLUGINS else origins.get(plugin, "registered in code")
-    info = DeviceInfo(device_type, plugin, origin, available=False)
+def _device_info(registry: hal.DeviceRegistry, device_type: str, plugin: str) -> DeviceInfo:
+    info = DeviceInfo(device_type, plugin, registry.origin_of(plugin) or "registered in code", available=False)
     # Third-party plugin code: anything may come out of it, and each answer is worth having on its own.
     try:
         info.available = registry.is_available(device_type)
@@ -114,13 +104,8 @@ def collect() -> MachineInfo:
     except Exception as exc:
         machine.errors.append(f"discovering device plugins failed: {_error(exc)}")
     else:
-        try:
-            origins = _entry_point_origins()
-        except Exception as exc:
-            origins = {}
-            machine.errors.append(f"reading entry points failed: {_error(exc)}")
         for device_type, plugin in sorted(registry.device_types().items()):
-            machine.devices.append(_device_info(registry, device_type, plugin, origins))
+            machine.devices.append(_device_info(registry, device_type, plugin))
         machine.broken_plugins = [asdict(broken) for broken in registry.broken.values()]
     machine.cuda_runtime = torch.version.cuda
     try:

@@ -30,7 +30,7 @@ from hal.errors import (
 )
 from hal.graph import DeviceGraph
 from hal.graph_modes import GraphMode
-from hal.graph_per_key import CapturedGraph, GraphPerKey, WarmUpError
+from hal.graph_per_key import AfterWarmup, CapturedGraph, GraphPerKey, WarmUpError
 from hal.hookspecs import REQUIRED_HOOKS
 from hal.markers import ENTRY_POINT_GROUP, PROJECT_NAME, hookimpl, hookspec
 from hal.memory_stats import MIB, MemoryStats
@@ -69,6 +69,7 @@ from hal.piecewise import (
 )
 
 __all__ = [
+    "AfterWarmup",
     "BUILTIN_DEVICE_PLUGINS",
     "ENTRY_POINT_GROUP",
     "MIB",

@@ -46,6 +46,10 @@ class CompiledForward:
     to the compiled code; a recompile is counted by the backend, and ``fullgraph`` turns graph breaks (which
     would hide ops from the split) into errors.
 
+    Shape guards are dropped (``_drop_shape_guards``): the caller must check every input's dtype, shape and
+    row count before calling, as graphhal's runners do, or a call of another shape would run code traced
+    for the compile's shapes.
+
     Each ``CompiledForward`` compiles its own copy of a one-line entry function. Dynamo keeps its compiled
     code per code object, at most ``recompile_limit`` (8) entries each, and every backend is an entry of its
     own (a BACKEND_MATCH guard): compiling the shared ``forward`` itself, the ninth runner of one model in a

@@ -14,7 +14,8 @@ import torch
 
 
 class SlotRole:
-    """Roles an input slot can declare so that the device decides its dtype and fill."""
+    """Roles an input slot can declare: the device decides the dtype and fill of cache locations and
+    sequence lengths (``DeviceConventions``); query lengths keep theirs and are checked by the runner."""
 
     CACHE_LOCATIONS = "cache_locations"  # the KV-cache slot each token writes (slot mapping)
     SEQ_LENS = "seq_lens"  # per-request lengths attention reads; on devices that bake host values, updated per run

@@ -15,7 +15,10 @@ CUDAGraphWrapper serves both levels the same way). What it does, in the order th
   real values for whatever reads them next (the splitting op after a piece);
 - keep only non-owning aliases of the outputs when they leave the graph (``hal.pool_aliases``), so every
   key's outputs reuse the memory the largest key captured;
-- remember the addresses of the tensor arguments, to refuse a first replay at other addresses.
+- remember the addresses of the tensor arguments, to refuse a first replay at other addresses
+  (``CapturedGraph.replay_with``, what a piece calls: its arguments are the previous piece's outputs, the
+  runner's buffers and the weights; a runner checks its buffers and watched tensors itself before every
+  replay, and replays through ``CapturedGraph.replay``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ from hal.errors import GraphHalError, StaticAddressError
 from hal.graph import DeviceGraph
 from hal.graph_modes import GraphMode
 from hal.pool_aliases import non_owning_outputs
+
+
+# after_warmup(key, error, what): called after a key's warm-up with its WarmUpError (or None) and what was
+# warmed up ("the forward", "piece 3"); it raises to stop the capture, or returns.
+AfterWarmup = Callable[[Any, "BaseException | None", str], None]
 
 
 class WarmUpError(GraphHalError, RuntimeError):
@@ -69,9 +77,10 @@ class GraphPerKey:
                           consumes them before the next replay); False keeps them alive (a piece whose
                           outputs later pieces of the same capture read).
     replay_after_capture: on a device whose capture only records, replay once right after capturing.
-    after_warmup:         ``after_warmup(key, error)``, called after the warm-ups (and the synchronize when
-                          they succeeded) with the ``WarmUpError`` or None, right before the capture would
+    after_warmup:         ``after_warmup(key, error, what)``, called after the warm-ups (and the synchronize
+                          when they succeeded) with the ``WarmUpError`` or None, right before the capture would
                           begin; it raises to stop the capture (every rank agrees there), or returns.
+    what:                 what is captured, for ``after_warmup`` and messages ("the forward", "piece 3").
     """
 
     def __init__(
@@ -83,7 +92,8 @@ class GraphPerKey:
         warmup_runs: int = 1,
         outputs_leave: bool = True,
         replay_after_capture: bool = False,
-        after_warmup: Callable[[Any, BaseException | None], None] | None = None,
+        after_warmup: AfterWarmup | None = None,
+        what: str = "the forward",
     ) -> None:
         self.device = device
         self.pool = pool
@@ -92,6 +102,7 @@ class GraphPerKey:
         self.outputs_leave = outputs_leave
         self.replay_after_capture = replay_after_capture
         self.after_warmup = after_warmup
+        self.what = what
         self.graphs: dict[Any, CapturedGraph] = {}
 
     def get(self, key: Any) -> CapturedGraph | None:
@@ -119,7 +130,7 @@ class GraphPerKey:
             error = WarmUpError(f"{type(exc).__name__}: {exc}")
             error.__cause__ = exc
         if self.after_warmup is not None:
-            self.after_warmup(key, error)
+            self.after_warmup(key, error, self.what)
         if error is not None:
             raise error
         graph = device.make_graph(self.mode)

@@ -52,7 +52,7 @@ def hal_device_types() -> Sequence[str]:
     package can replace a built-in device); two entry-point plugins claiming one type make the second one
     broken.
 
-    Required. Not firstresult: every plugin answers, with a non-empty list of names (a bare string is
+    Required. Every plugin answers with a non-empty list of names (a bare string is
     refused).
     """
 

@@ -23,7 +23,7 @@ from hal.default_hooks import OPTIONAL_HOOK_DEFAULTS
 from hal.hookspecs import REQUIRED_HOOKS
 from hal.device import Device
 from hal.device_id import DeviceId
-from hal.errors import DeviceUnavailableError, UnknownDeviceError
+from hal.errors import DeviceUnavailableError, PluginContractError, UnknownDeviceError
 from hal.markers import ENTRY_POINT_GROUP, PROJECT_NAME
 
 logger = logging.getLogger(__name__)
@@ -198,6 +198,9 @@ class DeviceRegistry:
             available = self._impl(owner, "hal_is_available")(device_id)  # type: ignore[misc]
         except Exception as exc:
             self._unavailable_reasons[device_id] = f"plugin {owner!r} raised in hal_is_available: {type(exc).__name__}: {exc}"
+            return False
+        if available is not None and not isinstance(available, bool):  # "no" would read as available
+            self._unavailable_reasons[device_id] = str(PluginContractError(owner, "hal_is_available", available, "True or False"))
             return False
         self._unavailable_reasons.pop(device_id, None)
         return bool(available)

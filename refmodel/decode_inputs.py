@@ -8,7 +8,7 @@ from hal import DeviceConventions, SlotRole
 from refmodel.block_allocator import NULL_BLOCK
 from refmodel.config import ModelConfig
 from refmodel.kv_cache import NULL_SLOT
-from runners.input_slots import InputSlot
+from runners import InputSlot
 
 
 def decode_input_slots(

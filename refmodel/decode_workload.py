@@ -9,7 +9,7 @@ from refmodel.block_allocator import NULL_BLOCK
 from refmodel.decode_inputs import decode_input_slots
 from refmodel.kv_cache import PagedKVCache
 from refmodel.random_context import fill_random_context
-from runners.input_slots import InputSlot
+from runners import InputSlot
 
 
 class DecodeWorkload:

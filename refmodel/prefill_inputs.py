@@ -12,7 +12,7 @@ from hal import SlotRole
 from refmodel.block_allocator import NULL_BLOCK
 from refmodel.config import ModelConfig
 from refmodel.kv_cache import NULL_SLOT
-from runners.input_slots import InputSlot
+from runners import InputSlot
 
 
 def prefill_token_slots() -> list[InputSlot]:

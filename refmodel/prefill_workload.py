@@ -12,7 +12,7 @@ from refmodel.decode_inputs import decode_input_slots
 from refmodel.kv_cache import PagedKVCache
 from refmodel.prefill_inputs import prefill_request_slots, prefill_token_slots
 from refmodel.random_context import fill_random_context
-from runners.input_slots import InputSlot
+from runners import InputSlot
 
 
 class PrefillWorkload:

@@ -3,6 +3,7 @@
 A server imports this package and ``hal`` for device names; nothing here names a device.
 """
 
+from runners.bucketed_runner import RunnerStateError
 from runners.buckets import BucketPolicy, default_decode_buckets, default_prefill_buckets
 from runners.capture_report import CaptureReport
 from runners.config import DecodeConfig, PhaseConfig, PrefillConfig
@@ -10,7 +11,9 @@ from runners.decode_runner import DecodeRunner
 from runners.graph_config import GraphConfig
 from runners.input_slots import InputSlot
 from runners.prefill_runner import PrefillRunner
+from runners.rank_group import RankCaptureError, RankRunError
 from runners.static_inputs import StaticInputs
+from runners.thread_owner import RunnerThreadError
 
 __all__ = [
     "BucketPolicy",
@@ -22,6 +25,10 @@ __all__ = [
     "PhaseConfig",
     "PrefillConfig",
     "PrefillRunner",
+    "RankCaptureError",
+    "RankRunError",
+    "RunnerStateError",
+    "RunnerThreadError",
     "StaticInputs",
     "default_decode_buckets",
     "default_prefill_buckets",

@@ -34,14 +34,18 @@ _native_check = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
 
 
 class AddressWatch:
-    """The tensors to check, each as (label, container, key); ``snapshot`` records their addresses.
+    """What to check, and the addresses ``snapshot`` found: the runner's own buffers plus the watched sources.
 
-    Besides the tensors, the containers on the way to them are checked to still be in place (links): a cache
-    whose ``key_caches`` list was replaced, or a submodule swapped for another, holds tensors this watch
-    never saw.
+    Sources are walked when the snapshot is taken, right after the largest bucket's capture, so a tensor a
+    model allocates lazily in its first forward, or a KV cache bound after the runner was built, is watched as
+    the graphs read it. Besides the tensors, the containers on the way to them are checked to still be in
+    place (links): a cache whose ``key_caches`` list was replaced, or a submodule swapped for another, holds
+    tensors the graphs never saw.
     """
 
     def __init__(self) -> None:
+        self._buffers: list[tuple[str, Any, Any]] = []  # (label, container, key) of the runner's own buffers
+        self._sources: dict[str, Any] = {}
         self._labels: list[str] = []
         self._containers: list[Any] = []  # dicts (an object's __dict__ too), lists and tuples
         self._keys: list[Any] = []
@@ -55,11 +59,38 @@ class AddressWatch:
 
     def add_entries(self, label: str, container: Any, keys: Any) -> None:
         """Watch ``container[key]`` for each key (the runner's own static buffers)."""
-        for key in keys:
-            self._add_tensor(f"{label} {key!r}", container, key)
+        self._buffers.extend((f"{label} {key!r}", container, key) for key in keys)
 
     def add_source(self, name: str, source: Any) -> None:
-        """Watch every tensor ``source`` holds; TypeError naming ``name`` when it holds none."""
+        """Watch every tensor ``source`` holds at snapshot time; TypeError naming ``name`` now for a value that
+        can hold none (a number, a string, None)."""
+        if not isinstance(name, str):
+            raise TypeError(f"watched_tensors keys must be names (str), got {name!r}")
+        if not isinstance(source, (torch.Tensor, torch.nn.Module, list, tuple, dict)) and (
+            not hasattr(source, "__dict__") or isinstance(source, type) or callable(source)
+        ):
+            raise TypeError(
+                f"watched_tensors[{name!r}] is a {type(source).__name__}; pass a tensor, an nn.Module (its "
+                "parameters and buffers are watched), or an object, list or dict holding tensors (such as a KV cache)"
+            )
+        self._sources[name] = source
+
+    def snapshot(self) -> None:
+        """Walk the sources and record where every tensor is now: the addresses the graphs read.
+
+        TypeError naming the source when it holds no tensor by now.
+        """
+        self._labels, self._containers, self._keys = [], [], []
+        self._link_labels, self._link_containers, self._link_keys, self._link_objects = [], [], [], []
+        for label, container, key in self._buffers:
+            self._add_tensor(label, container, key)
+        for name, source in self._sources.items():
+            self._walk(name, source)
+        self._expected = self._addresses()
+        self._indices = list(range(len(self._expected)))
+        self._native = _native_check if self._native_check_works() else None
+
+    def _walk(self, name: str, source: Any) -> None:
         before = len(self._labels)
         if isinstance(source, torch.Tensor):
             self._add_tensor(f"watched tensor {name!r}", [source], 0)
@@ -83,15 +114,6 @@ class AddressWatch:
         self._labels.append(label)
         self._containers.append(container)
         self._keys.append(key)
-
-    def __len__(self) -> int:
-        return len(self._labels)
-
-    def snapshot(self) -> None:
-        """Record where every watched tensor is now: the addresses the graphs are about to be captured with."""
-        self._expected = self._addresses()
-        self._indices = list(range(len(self._expected)))
-        self._native = _native_check if self._native_check_works() else None
 
     def _addresses(self) -> list[int]:
         return list(map(_data_ptr, map(_getitem, self._containers, self._keys)))
@@ -119,22 +141,28 @@ class AddressWatch:
     def _links_hold(self) -> bool:
         return all(map(operator.is_, map(_getitem, self._link_containers, self._link_keys), self._link_objects))
 
-    def check(self, where: str) -> None:
-        """Raise ``StaticAddressError`` naming every tensor that moved since ``snapshot``."""
+    def moved(self) -> list[str]:
+        """What moved since ``snapshot`` (empty when everything is in place): the cheap check first."""
         if self._tensors_in_place() and self._links_hold():  # the hot path: C-level maps (or one native call)
-            return
+            return []
         moved = [label for label, now, then in zip(self._labels, self._addresses(), self._expected) if now != then]
-        moved += [
+        return moved + [
             label
             for label, container, key, then in zip(
                 self._link_labels, self._link_containers, self._link_keys, self._link_objects
             )
             if container[key] is not then
         ]
-        raise StaticAddressError(
-            f"{', '.join(moved)} moved since {where} was captured: the graph would read the old memory. Keep these "
-            "tensors in place (copy_ into them rather than rebinding or assigning .data), or capture again."
-        )
+
+    def check(self, where: str) -> None:
+        """Raise ``StaticAddressError`` naming every tensor that moved since ``snapshot``."""
+        moved = self.moved()
+        if moved:
+            raise StaticAddressError(
+                f"{', '.join(moved)} moved since {where} was captured: the graph would read the old memory. Keep "
+                "these tensors in place (copy_ into them rather than rebinding or assigning .data), or build a new "
+                "runner and capture it."
+            )
 
 
 def _entries(value: Any, label: str, depth: int, seen: set[int]) -> Iterator[tuple[str, str, Any, Any]]:

@@ -37,7 +37,7 @@ class BucketCapture:
         device: "hal.Device",
         config: PhaseConfig,
         token_inputs: Sequence[str],
-        after_warmup: Callable[[Any, BaseException | None], None] | None = None,
+        after_warmup: "hal.AfterWarmup | None" = None,
     ) -> None:
         self.device = device
         self.config = config
@@ -52,6 +52,7 @@ class BucketCapture:
         raise NotImplementedError
 
     def drop(self) -> None:
+        """Let go of every graph and of the pool (after a failed capture, or when the runner closes)."""
         raise NotImplementedError
 
 
@@ -64,7 +65,7 @@ class GraphCapture(BucketCapture):
         forward = self.plain_forward
         if self.config.compiler == "inductor":
             forward = hal.CompiledForward(forward, self._compile_backend(pool), self.token_inputs)
-        if self.config.mode == hal.GraphMode.BREAKABLE and _breakable_debug(self.config):
+        if self.config.mode == hal.GraphMode.BREAKABLE and breakable_debug(self.config):
             # The whole forward as one eager step through the same capture and replay path.
             forward = hal.break_point(forward, name="the whole forward (breakable debug mode)")
         self.forward = forward
@@ -124,6 +125,8 @@ class PiecewiseCapture(BucketCapture):
         return CapturedBucket(run, None, outputs)
 
     def drop(self) -> None:
+        if self.backend is not None:
+            self.backend.release()  # torch.compile keeps the backend itself alive: empty it
         self.backend = self.forward = None  # the next capture() prepares a new backend, pool and compile
 
 
@@ -132,11 +135,12 @@ def bucket_capture(
     device: "hal.Device",
     config: PhaseConfig,
     token_inputs: Sequence[str],
-    after_warmup: Callable[[Any, BaseException | None], None] | None = None,
+    after_warmup: "hal.AfterWarmup | None" = None,
 ) -> BucketCapture:
     kind = PiecewiseCapture if config.mode == hal.GraphMode.PIECEWISE else GraphCapture
     return kind(forward, device, config, token_inputs, after_warmup)
 
 
-def _breakable_debug(config: PhaseConfig) -> bool:
+def breakable_debug(config: PhaseConfig) -> bool:
+    """Whether breakable debug mode is on: the config field, or GRAPHHAL_BREAKABLE_DEBUG in this process."""
     return config.breakable_debug or os.environ.get(BREAKABLE_DEBUG_ENV, "") not in ("", "0")

@@ -20,7 +20,7 @@ import torch
 
 import hal
 from runners.address_watch import AddressWatch
-from runners.bucket_capture import CapturedBucket, bucket_capture
+from runners.bucket_capture import CapturedBucket, breakable_debug, bucket_capture
 from runners.buckets import BucketPolicy
 from runners.capture_report import CaptureReport
 from runners.config import PhaseConfig
@@ -98,6 +98,7 @@ class BucketedRunner:
         self._check_every_replay = config.check_addresses == "every_replay"
         self._thread_owner: ThreadOwner | None = None  # bound on the first run, shared by the pool's runners
         self._inference_mode = False  # the inference mode capture ran in (see capture)
+        self._owns_pool = False  # whether capture() made the pool (rather than being handed one to share)
         self._capture = bucket_capture(
             forward,
             self.device,
@@ -124,8 +125,6 @@ class BucketedRunner:
         if self.fixed_inputs is not None:
             watch.add_entries("input slot", self.fixed_inputs.buffers, list(self.fixed_inputs.buffers))
         for name, source in watched_tensors.items():
-            if not isinstance(name, str):
-                raise TypeError(f"watched_tensors keys must be names (str), got {name!r}")
             watch.add_source(name, source)
         return watch
 
@@ -148,13 +147,16 @@ class BucketedRunner:
         if self.captured:
             raise RunnerStateError("this runner has already captured its graphs; make a new runner to capture again")
         mode, device, phase = self.config.mode, self.device, self.phase
+        if self.group is not None:  # in every mode: a rank running eagerly while the others capture is a mismatch
+            self.group.agree_on_plan(self._plan(), mode=mode, device=str(device))
         if not self.captures_graphs:
             self.report = CaptureReport(phase, mode, str(device), (), 0.0, 0)
             logger.info(self.report.summary())
             return self.report
-        owns_pool = self.pool is None
+        owns_pool = self._owns_pool = self.pool is None
         if owns_pool:
             self.pool = device.graph_pool()
+        self._thread_owner = owner_of_pool(self.pool).adopting(self._thread_owner)
         started = time.perf_counter()
         order = self.buckets.capture_order()
         # Replays run in the inference mode the graphs were captured in, whatever mode the server runs them
@@ -162,20 +164,12 @@ class BucketedRunner:
         # during an inference-mode capture cannot be written outside inference mode (breakable eager steps).
         self._inference_mode = torch.is_inference_mode_enabled()
         try:
-            self._address_watch.snapshot()
-            if self.group is not None:
-                self.group.agree_on_plan(self._plan(), mode=mode, device=str(device))
             self._capture.prepare(self.pool)
             with frozen_gc(), torch.no_grad():
                 for bucket in progress(order, f"graphhal: capturing {phase} graphs", self.config.show_progress):
                     self._graphs[bucket] = self._capture_bucket_with_ranks(bucket)
         except BaseException:
-            self._graphs.clear()
-            self._capture.drop()
-            if owns_pool:
-                # With its last graph gone a device may release a private pool (CUDA does): a retry must
-                # start from a new one rather than capture into the released handle.
-                self.pool = None
+            self._release_graphs(owns_pool)
             raise
         pool_stats = device.memory_stats(self.pool)
         self.report = CaptureReport(
@@ -183,6 +177,25 @@ class BucketedRunner:
         )
         logger.info(self.report.summary())
         return self.report
+
+    def close(self) -> None:
+        """Drop every graph this runner captured and let go of its pool; the runner can capture again.
+
+        Graph memory goes back to the device once nothing else holds the pool (a runner sharing it keeps it).
+        Outputs handed out before are views into that memory: do not read them after closing.
+        """
+        self._release_graphs(self._owns_pool)
+        self.report = None
+
+    def _release_graphs(self, owns_pool: bool) -> None:
+        self._graphs.clear()
+        self._capture.drop()
+        if owns_pool:
+            # With its last graph gone a device may release a private pool (CUDA does): a retry must start
+            # from a new one rather than capture into the released handle. The thread rule stays this
+            # runner's own until it has a pool again.
+            self.pool = None
+            self._thread_owner = ThreadOwner().adopting(self._thread_owner)
 
     def _plan(self) -> dict[str, Any]:
         """What this rank is about to capture: every rank of the group must say the same."""
@@ -198,12 +211,15 @@ class BucketedRunner:
             "request slots": slots(self.fixed_slots),
             "request rows": 0 if self.fixed_inputs is None else self.fixed_inputs.capacity,
             "warm-up runs": self.config.warmup_runs,
+            "eager fallback": self.config.eager_fallback,
+            "breakable debug": breakable_debug(self.config),
         }
 
-    def _agree_after_warmup(self, key: Any, error: BaseException | None) -> None:
+    def _agree_after_warmup(self, bucket: int, error: BaseException | None, what: str) -> None:
         assert self.group is not None
-        bucket = key if isinstance(key, int) else None
-        self.group.agree(f"the warm-up of {key}", error, bucket=bucket, mode=self.config.mode, device=str(self.device))
+        self.group.agree(
+            f"the warm-up of {what} at bucket {bucket}", error, bucket=bucket, mode=self.config.mode, device=str(self.device)
+        )
 
     def _capture_bucket_with_ranks(self, bucket: int) -> _Bucket:
         """One bucket; across ranks, then agree that every rank captured it (or raise on all of them)."""
@@ -227,6 +243,7 @@ class BucketedRunner:
         try:
             captured = self._capture.capture(bucket, inputs)
             outputs = GraphOutputs(captured.outputs, bucket)
+            self._settle_addresses(bucket)
         except RankCaptureError:
             raise  # already says which rank failed where
         except hal.WarmUpError as exc:
@@ -242,6 +259,21 @@ class BucketedRunner:
             )
             raise hal.CaptureError(what, bucket=bucket, mode=self.config.mode, device=str(self.device)) from exc
         return _Bucket(captured, outputs, outputs_static=captured.graph is not None)
+
+    def _settle_addresses(self, bucket: int) -> None:
+        """After the largest bucket: record where the graphs read (what a first forward allocated lazily
+        included). After every later one: refuse a tensor that moved during the capture loop, since the graphs
+        captured before it read the old one."""
+        if bucket == self.buckets.max_size:
+            self._address_watch.snapshot()
+            return
+        moved = self._address_watch.moved()
+        if moved:
+            raise hal.StaticAddressError(
+                f"{', '.join(moved)} moved while the {self.phase} graphs were being captured (after the largest "
+                f"bucket, before bucket {bucket}); the graphs captured earlier read the old memory. Allocate "
+                "these tensors before capture and keep them in place."
+            )
 
     def _views(self, bucket: int) -> dict[str, torch.Tensor]:
         views = self.static_inputs.views(bucket)
@@ -324,7 +356,7 @@ class BucketedRunner:
         self._owner().claim()
 
     def _owner(self) -> ThreadOwner:
-        if self._thread_owner is None:
+        if self._thread_owner is None:  # bound to the pool's owner at capture (adopting this one's thread)
             self._thread_owner = owner_of_pool(self.pool)
         return self._thread_owner
 
@@ -336,14 +368,13 @@ class BucketedRunner:
         is off. Only one thread runs a runner (``claim_current_thread``). Any slot may be passed as a host
         (CPU) tensor: the runner copies it into its device buffer.
         """
+        if self.consensus is not None:
+            return self._run_agreed(batch)
         (self._thread_owner or self._owner()).check(f"this {self.phase} runner")
-        rows, fixed_rows = self._check(batch, allow_empty=self.consensus is not None)
+        rows, fixed_rows = self._check(batch)
         if self.captures_graphs and not self.captured:
             raise RunnerStateError("call capture() before run() (or use mode 'disabled' to run eagerly)")
-        fits = self._fits(rows, fixed_rows)
-        if self.consensus is not None:
-            return self._run_with_consensus(batch, rows, fixed_rows, fits)
-        if not fits:
+        if not self._fits(rows, fixed_rows):
             if not self.config.eager_fallback:
                 raise ValueError(f"{self._describe_misfit(rows, fixed_rows)} and eager fallback is off; split the batch")
             return self._run_eager(batch)
@@ -351,11 +382,28 @@ class BucketedRunner:
             return self._run_eager(batch)
         return self._replay_bucket(batch, rows, fixed_rows, self.buckets.bucket_for(rows))
 
-    def _run_with_consensus(self, batch: Mapping[str, torch.Tensor], rows: int, fixed_rows: int, fits: bool) -> Any:
+    def _run_agreed(self, batch: Mapping[str, torch.Tensor]) -> Any:
         """Data parallel: every rank pads to the bucket of the largest batch across ranks, and all take graphs
-        or all run eagerly, so no rank replays a graph holding collectives while another runs eagerly."""
+        or all run eagerly, so no rank replays a graph holding collectives while another runs eagerly.
+
+        Every rank takes part in the agreement whatever went wrong here first (a refused batch, a moved
+        tensor, a wrong thread): a rank that left without it would pair its peers' next agreement, and their
+        collectives, with its own next step. A failure on any rank is an error on every rank.
+        """
         assert self.consensus is not None
-        largest, misfits = self.consensus.agree_on_batch(rows, fits)
+        rows = fixed_rows = 0
+        fits, error = True, None
+        try:
+            (self._thread_owner or self._owner()).check(f"this {self.phase} runner")
+            rows, fixed_rows = self._check(batch, allow_empty=True)
+            if self.captures_graphs and not self.captured:
+                raise RunnerStateError("call capture() before run() (or use mode 'disabled' to run eagerly)")
+            fits = self._fits(rows, fixed_rows)
+            if fits and self.captures_graphs:
+                self._address_watch.check(f"the {self.phase} graphs")
+        except Exception as exc:
+            error = exc
+        largest, misfits = self.consensus.agree_on_batch(rows, fits, error)
         if misfits:
             if not self.config.eager_fallback:
                 mine = f"; here: {self._describe_misfit(rows, fixed_rows)}" if not fits else ""
@@ -366,7 +414,7 @@ class BucketedRunner:
             return self._run_eager_padded(batch, rows, largest)
         if not self.captures_graphs:
             return self._run_eager_padded(batch, rows, largest)
-        return self._replay_bucket(batch, rows, fixed_rows, self.buckets.bucket_for(max(largest, 1)))
+        return self._replay_bucket(batch, rows, fixed_rows, self.buckets.bucket_for(max(largest, 1)), checked=True)
 
     def _run_eager_padded(self, batch: Mapping[str, torch.Tensor], rows: int, largest: int) -> Any:
         """Eagerly, but padded to the largest batch across ranks, so collectives inside the forward see the
@@ -381,9 +429,11 @@ class BucketedRunner:
             padded[slot.name] = torch.cat([value, fill])
         return GraphOutputs(self._run_eager(padded), largest).live_rows(rows)
 
-    def _replay_bucket(self, batch: Mapping[str, torch.Tensor], rows: int, fixed_rows: int, bucket: int) -> Any:
+    def _replay_bucket(
+        self, batch: Mapping[str, torch.Tensor], rows: int, fixed_rows: int, bucket: int, *, checked: bool = False
+    ) -> Any:
         captured = self._graphs[bucket]
-        if self._check_every_replay or not captured.addresses_checked:
+        if not checked and (self._check_every_replay or not captured.addresses_checked):
             self._address_watch.check(f"the {self.phase} graph for bucket {bucket}")
             captured.addresses_checked = True
         if torch.is_inference_mode_enabled() == self._inference_mode:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -32,34 +33,44 @@ class RankCaptureError(hal.CaptureError):
     same point, so none is left waiting."""
 
 
+class RankRunError(hal.GraphHalError, RuntimeError):
+    """A run failed on some rank of a consensus group; every rank raises it at the same point."""
+
+
+_FITS, _MISFIT, _FAILED = 0, 1, 2  # a rank's status in the per-run agreement
+
+
 @dataclass(frozen=True)
 class _Outcome:
     stage: str
     error: str | None  # "Type: message" of what this rank raised there, None when it succeeded
+    # When this rank reported its failure (host clock). A rank whose peer failed mid-collective fails too,
+    # later, when its collective times out: the earliest failure is the cause, the others are its echoes.
+    failed_at: float | None = None
 
 
-_control_groups: dict[tuple[str, float], Any] = {}
+_control_groups: dict[str, Any] = {}
 _control_lock = threading.Lock()
 
 
 def control_group(group: Any, timeout_s: float) -> Any:
-    """A gloo group of ``group``'s ranks, made once per (group, timeout); ``group`` itself when it is gloo.
+    """A gloo group of ``group``'s ranks for agreements, made once per group (the first runner's timeout).
 
-    Made with ``use_local_synchronization``: only the group's own ranks take part, so a server with several
+    Always a group of its own, a gloo device group included: agreements must never interleave with the
+    model's own collectives on one communicator (a rank that failed between two of them would send its
+    agreement against its peer's all-reduce), and they need their own timeout. Made with
+    ``use_local_synchronization``: only the group's ranks take part, so a server with several
     tensor-parallel groups in one world does not need every rank to make every group's control group.
     """
-    if str(dist.get_backend(group)) == "gloo":
-        return group
-    key = (group.group_name, timeout_s)
     with _control_lock:
-        if key not in _control_groups:
-            _control_groups[key] = dist.new_group(
+        if group.group_name not in _control_groups:
+            _control_groups[group.group_name] = dist.new_group(
                 dist.get_process_group_ranks(group),
                 backend="gloo",
                 timeout=datetime.timedelta(seconds=timeout_s),
                 use_local_synchronization=True,
             )
-        return _control_groups[key]
+        return _control_groups[group.group_name]
 
 
 class RankGroup:
@@ -100,18 +111,20 @@ class RankGroup:
     def agree(self, stage: str, error: BaseException | None, *, bucket: int | None, mode: str, device: str) -> None:
         """All ranks report how ``stage`` went here; raise ``RankCaptureError`` on every rank unless all
         reached it and succeeded. This rank's own error is chained as the cause."""
-        outcome = _Outcome(stage, None if error is None else f"{type(error).__name__}: {error}")
+        outcome = _Outcome(stage, None, None) if error is None else _Outcome(stage, f"{type(error).__name__}: {error}", time.time())
         outcomes = self._gather(outcome, stage, mode=mode, device=device, bucket=bucket)
-        failed = [(rank, o) for rank, o in enumerate(outcomes) if o.error is not None or o.stage != stage]
-        if not failed:
+        errors = sorted((rank for rank, o in enumerate(outcomes) if o.error is not None), key=lambda r: outcomes[r].failed_at)
+        elsewhere = [rank for rank, o in enumerate(outcomes) if o.error is None and o.stage != outcomes[0].stage]
+        if not errors and not elsewhere and outcomes[0].stage == stage:
             return
-        reports = [
-            f"rank {rank} failed at {o.stage}: {o.error}" if o.error is not None else f"rank {rank} was at {o.stage}"
-            for rank, o in failed
-        ]
+        reports = [f"rank {rank} failed at {outcomes[rank].stage}: {outcomes[rank].error}" for rank in errors]
+        reports += [f"rank {rank} was at {outcomes[rank].stage}" for rank in elsewhere]
+        # The same rank on every rank, whoever reports it: the one that failed first, else the first elsewhere.
+        culprit = (errors or elsewhere or [0])[0]
         raise RankCaptureError(
-            f"capture stopped on every rank of the group at {stage} (this is rank {self.rank}): " + "; ".join(reports),
-            bucket=bucket, mode=mode, device=device, rank=failed[0][0],
+            f"capture stopped on every rank of the group at {outcomes[culprit].stage} (this is rank {self.rank}): "
+            + "; ".join(reports),
+            bucket=bucket, mode=mode, device=device, rank=culprit,
         ) from error
 
     def _gather(self, value: Any, stage: str, *, mode: str, device: str, bucket: int | None) -> list[Any]:
@@ -128,10 +141,31 @@ class RankGroup:
 
     # --- run --------------------------------------------------------------------------------------------
 
-    def agree_on_batch(self, rows: int, fits: bool) -> tuple[int, list[int]]:
-        """Every rank's row count and whether it fits its graphs; returns (largest row count, the ranks
-        whose batch does not fit). One small host all-gather per step (data-parallel consensus)."""
-        mine = torch.tensor([rows, 0 if fits else 1], dtype=torch.int64)
+    def agree_on_batch(self, rows: int, fits: bool, error: BaseException | None = None) -> tuple[int, list[int]]:
+        """Every rank's row count and whether it fits its graphs; returns (largest row count, the ranks whose
+        batch does not fit). One small host all-gather per step (data-parallel consensus).
+
+        ``error``: what this rank's step failed on before the agreement (a refused batch, a moved tensor). Any
+        rank's error is a ``RankRunError`` on every rank, raised here, so all leave the step together.
+        """
+        status = _FAILED if error is not None else (_FITS if fits else _MISFIT)
+        mine = torch.tensor([rows, status], dtype=torch.int64)
         everyone = [torch.empty_like(mine) for _ in range(self.size)]
-        dist.all_gather(everyone, mine, group=self.control)
-        return max(int(t[0]) for t in everyone), [rank for rank, t in enumerate(everyone) if int(t[1])]
+        try:
+            dist.all_gather(everyone, mine, group=self.control)
+            failed = [rank for rank, t in enumerate(everyone) if int(t[1]) == _FAILED]
+            texts: list[Any] = [None] * self.size
+            if failed:  # every rank sees it, so every rank makes this second exchange
+                dist.all_gather_object(texts, None if error is None else f"{type(error).__name__}: {error}", group=self.control)
+        except Exception as exc:
+            raise RankRunError(
+                f"rank {self.rank}: the ranks of the consensus group did not all agree on a run within "
+                f"{self.timeout_s:g} s ({type(exc).__name__}: {exc}); a rank died, or is stuck"
+            ) from exc
+        if failed:
+            raise RankRunError(
+                f"the step failed on rank(s) {', '.join(map(str, failed))} of the consensus group, so every rank "
+                f"refuses it (this is rank {self.rank}): "
+                + "; ".join(f"rank {rank}: {texts[rank]}" for rank in failed)
+            ) from error
+        return max(int(t[0]) for t in everyone), [rank for rank, t in enumerate(everyone) if int(t[1]) == _MISFIT]

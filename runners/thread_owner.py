@@ -50,6 +50,15 @@ class ThreadOwner:
         with self._lock:
             self._take(threading.get_ident())
 
+    def adopting(self, earlier: "ThreadOwner | None") -> "ThreadOwner":
+        """This owner, taking the thread ``earlier`` (a runner's own, bound before it had a pool) had claimed,
+        unless this one already has a thread: a runner claimed before its capture joins its pool's rule."""
+        if earlier is not None and earlier is not self and earlier.ident is not None:
+            with self._lock:
+                if self.ident is None:
+                    self.ident, self.thread_name = earlier.ident, earlier.thread_name
+        return self
+
     def _take(self, ident: int) -> None:
         self.ident = ident
         self.thread_name = threading.current_thread().name

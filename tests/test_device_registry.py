@@ -296,3 +296,11 @@ def test_memory_stats_of_the_wrong_type_is_named_when_asked(site: Path):
     device = hal.DeviceRegistry().get_device("statsdev")
     with pytest.raises(hal.PluginContractError, match=r"'statsdev': hal_memory_stats returned \{'pool_bytes': 1\}.*expected a hal.MemoryStats"):
         device.memory_stats()
+
+
+def test_is_available_answering_other_than_a_bool_counts_as_unavailable_naming_the_hook(site: Path):
+    source = _plugin_variant("saysno", {'return True if device.type == "saysno" else None': 'return "no"'})
+    install_distribution(site, "no_plugin", {"saysno": "saysno_impl"}, {"saysno_impl": source})
+    registry = hal.DeviceRegistry()
+    assert not registry.is_available("saysno")  # a non-empty string would read as True
+    assert "hal_is_available returned 'no' (str); expected True or False" in registry.unavailable_reason("saysno")

@@ -16,7 +16,7 @@ import torch
 import hal
 from refmodel import DecodeWorkload, LlamaDecoder, ModelConfig, PagedKVCache, PrefillWorkload, decode_input_slots
 from runners import DecodeConfig, DecodeRunner, InputSlot, PrefillConfig, PrefillRunner
-from runners.thread_owner import RunnerThreadError
+from runners import RunnerThreadError
 
 GRAPH_MODES = ["full", "breakable", "piecewise"]
 
@@ -200,16 +200,105 @@ def test_first_replay_policy_checks_each_bucket_once():
 @pytest.mark.parametrize(
     ("watched", "message"),
     [
-        ({"cache": 3}, r"watched_tensors\['cache'\] is a int holding no tensor; pass a tensor, an nn.Module"),
-        ({"cache": object()}, r"watched_tensors\['cache'\] is a object holding no tensor"),
-        ({"empty": []}, r"watched_tensors\['empty'\] is a list holding no tensor"),
+        ({"cache": 3}, r"watched_tensors\['cache'\] is a int; pass a tensor, an nn.Module"),
+        ({"cache": None}, r"watched_tensors\['cache'\] is a NoneType; pass a tensor"),
         ({1: torch.zeros(1)}, r"watched_tensors keys must be names"),
     ],
 )
-def test_a_watched_value_that_holds_no_tensor_is_refused_naming_the_key(watched, message):
+def test_a_watched_value_that_can_hold_no_tensor_is_refused_naming_the_key(watched, message):
     reference = Reference("cpu")
     with pytest.raises(TypeError, match=message):
         DecodeRunner(reference.step, decode_input_slots(reference.config), "cpu", DecodeConfig(), watched_tensors=watched)
+
+
+@pytest.mark.cpu
+def test_a_watched_object_still_holding_no_tensor_at_capture_is_refused_and_the_runner_can_retry():
+    reference = Reference("cpu")
+
+    class LateCache:  # a server's cache manager, its tensors allocated once memory was profiled
+        key_caches: list = []
+
+    late = LateCache()
+    late.key_caches = []
+    runner = DecodeRunner(
+        reference.step, decode_input_slots(reference.config), "cpu", DecodeConfig(buckets=[1, 2], show_progress=False),
+        watched_tensors={"cache": late},
+    )
+    with pytest.raises(hal.CaptureError, match=r"watched_tensors\['cache'\] is a LateCache holding no tensor"):
+        runner.capture()
+    late.key_caches = list(reference.kv_cache.key_caches)  # allocated after the runner was built: watched now
+    runner.capture()
+    batch = reference.workload(1, seed=11).batch(1)
+    runner.run(batch)
+    late.key_caches[0] = late.key_caches[0].clone()
+    with pytest.raises(hal.StaticAddressError, match=r"watched 'cache'\.key_caches\[0\] moved"):
+        runner.run(batch)
+
+
+def test_a_tensor_a_model_allocates_in_its_first_forward_is_watched_as_the_graphs_read_it(graph_device):
+    device = hal.get_device(graph_device)
+
+    class GrowsATableOnFirstUse(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = torch.zeros(1, 4, device=device.torch_device)
+
+        def forward(self, *, x):
+            if self.table.shape[0] == 1:  # lazily sized on the first call, as rotary caches often are
+                self.table = torch.ones(16, 4, device=device.torch_device)
+            return x + self.table[: x.shape[0]]
+
+    model = GrowsATableOnFirstUse()
+    runner = DecodeRunner(
+        model, [InputSlot("x", torch.float32, (4,))], device, DecodeConfig(buckets=[2, 4], show_progress=False),
+        watched_tensors={"model": model},
+    )
+    runner.capture()
+    x = torch.zeros(3, 4, device=device.torch_device)
+    for _ in range(3):
+        torch.testing.assert_close(runner.run({"x": x}), torch.ones(3, 4, device=device.torch_device))
+
+
+def test_a_tensor_moved_between_two_buckets_captures_is_refused_at_capture(graph_device):
+    device = hal.get_device(graph_device)
+    state = {"weight": torch.ones(4, device=device.torch_device)}
+
+    def forward(*, x):
+        if x.shape[0] == 2 and hal.current_capture() is None:
+            state["weight"] = torch.ones(4, device=device.torch_device)  # rebound between captures
+        return x * state["weight"]
+
+    runner = DecodeRunner(
+        forward, [InputSlot("x", torch.float32, (4,))], device, DecodeConfig(buckets=[2, 4], show_progress=False),
+        watched_tensors={"weights": state},
+    )
+    with pytest.raises(hal.CaptureError, match=r"watched 'weights'\['weight'\] moved while the decode graphs were being captured.*before bucket 2"):
+        runner.capture()
+
+
+def test_a_runner_claimed_before_capture_shares_its_pools_thread_rule(graph_device):
+    reference = Reference(graph_device)
+    first = DecodeRunner(reference.step, decode_input_slots(reference.config), reference.device, DecodeConfig(buckets=[1], show_progress=False))
+    first.claim_current_thread()  # before it has a pool
+    first.capture()
+    second = DecodeRunner(
+        reference.step, decode_input_slots(reference.config), reference.device,
+        DecodeConfig(buckets=[1], show_progress=False), pool=first.pool,
+    )
+    second.capture()
+    refused = []
+    thread = threading.Thread(target=lambda: refused.append(_raises_thread_error(second, reference)))
+    thread.start()
+    thread.join()
+    assert refused == [True]  # second shares first's pool, which this thread owns
+
+
+def _raises_thread_error(runner: DecodeRunner, reference: Reference) -> bool:
+    try:
+        runner.run(reference.workload(1, seed=12).batch(1))
+    except RunnerThreadError:
+        return True
+    return False
 
 
 # --- 3. inconsistent prefill batches ---------------------------------------------------------------------
@@ -459,3 +548,37 @@ def test_json_booleans_are_read_as_booleans():
 def test_a_slot_fill_its_dtype_cannot_hold_is_refused_naming_the_slot(slot, message):
     with pytest.raises(ValueError, match=message):
         slot()
+
+
+# --- memory: a failed or closed capture lets go of its graphs and pool ------------------------------------
+
+
+@pytest.mark.parametrize("mode", GRAPH_MODES)
+def test_a_failed_capture_and_a_closed_runner_let_go_of_their_pool(mode, monkeypatch):
+    import gc
+    import weakref
+
+    reference = Reference("cpu")
+    pools: list[weakref.ref] = []
+    make_pool = reference.device.graph_pool
+    monkeypatch.setattr(reference.device, "graph_pool", lambda: pools.append(weakref.ref(pool := make_pool())) or pool)
+
+    def flaky(**inputs):  # captures fail while the host read is on (in a piece, for piecewise)
+        return reference.step(**inputs) + torch.ops.graphhal_test.host_read_when_on(inputs["positions"])[:, None]
+
+    runner = DecodeRunner(flaky, decode_input_slots(reference.config), "cpu", DecodeConfig(mode=mode, buckets=[1, 2], show_progress=False))
+    _host_read_at_capture["on"] = True
+    try:
+        for _ in range(3):
+            with pytest.raises(hal.CaptureError, match="reads a device value back to the host"):
+                runner.capture()
+    finally:
+        _host_read_at_capture["on"] = False
+    runner.capture()
+    batch = reference.workload(2, seed=13).batch(2)
+    torch.testing.assert_close(runner.run(batch), flaky(**batch), rtol=1e-4, atol=1e-4)
+    runner.close()
+    gc.collect()
+    assert len(pools) == 4 and [pool() for pool in pools] == [None] * 4  # nothing holds a pool any more
+    runner.capture()  # and the runner captures again
+    torch.testing.assert_close(runner.run(batch), flaky(**batch), rtol=1e-4, atol=1e-4)

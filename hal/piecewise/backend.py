@@ -14,7 +14,7 @@ serves every bucket: the token count is a symbol, not a constant (``compile_coun
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch._dispatch.python import enable_python_dispatcher
@@ -25,6 +25,7 @@ from hal.compiled_forward import RecompileError
 from hal.device import Device
 from hal.errors import GraphHalError, UnsupportedModeError
 from hal.graph_modes import GraphMode
+from hal.graph_per_key import AfterWarmup
 from hal.graph_strategies import register_strategy
 from hal.piecewise.piece import PieceCaptures, PiecewisePiece, ShapeKey
 from hal.piecewise.split import split_at_ops
@@ -58,7 +59,7 @@ class PiecewiseBackend:
         warmup_runs: int = 1,
         splitting_ops: Iterable[Any] | None = None,
         splitting_ops_as_break_points: bool = False,
-        after_warmup: Callable[[Any, BaseException | None], None] | None = None,
+        after_warmup: AfterWarmup | None = None,
     ) -> None:
         if compiler not in PIECE_COMPILERS:
             raise ValueError(f"unknown piece compiler {compiler!r}; choose one of: {', '.join(PIECE_COMPILERS)}")
@@ -127,6 +128,16 @@ class PiecewiseBackend:
         for piece in self.pieces:
             piece.drop_graphs(pool)
         self.captures.pool = pool
+
+    def release(self) -> None:
+        """Drop every piece graph and let go of the pool for good (the runner is done with this compile).
+
+        torch.compile keeps every backend it was given for the life of the process (Dynamo's
+        ``cached_backends``, cleared only by ``torch._dynamo.reset()``), so whatever the backend still held
+        would stay allocated: the pieces' graphs, the outputs they keep for the next piece, the pool.
+        """
+        self.drop_graphs(None)
+        self.pieces.clear()
 
 
 def _no_single_graph(device: Device) -> Any:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from hal.device import Device
-from hal.graph_per_key import GraphPerKey
+from hal.graph_per_key import AfterWarmup, GraphPerKey
 
 
 @dataclass
@@ -17,7 +17,7 @@ class PieceCaptures:
     pool: Any
     buckets: frozenset[int]
     warmup_runs: int = 1
-    after_warmup: Callable[[Any, BaseException | None], None] | None = None  # see hal.GraphPerKey
+    after_warmup: AfterWarmup | None = None  # see hal.GraphPerKey
 
 
 @dataclass
@@ -69,9 +69,9 @@ class PiecewisePiece:
             warmup_runs=captures.warmup_runs,
             outputs_leave=outputs_leave,
             replay_after_capture=True,  # the splitting op after this piece reads its outputs right away
-            after_warmup=None if captures.after_warmup is None else self._after_warmup,
+            after_warmup=captures.after_warmup,
+            what=f"piece {index}",
         )
-        self._agree = captures.after_warmup
 
     def __call__(self, *args: Any) -> Any:
         bucket = self.shape_key(args) if self.shape_key is not None else None
@@ -81,10 +81,6 @@ class PiecewisePiece:
         if captured is None:
             return self.graphs.capture(bucket, self.compiled, *args).outputs
         return captured.replay_with(args, lambda moved: self._describe_moved(bucket, moved))
-
-    def _after_warmup(self, bucket: Any, error: BaseException | None) -> None:
-        assert self._agree is not None
-        self._agree(f"piece {self.index} at bucket {bucket}", error)
 
     def _describe_moved(self, bucket: int, moved: list[int]) -> str:
         return (

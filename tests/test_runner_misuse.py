@@ -433,6 +433,17 @@ def _(x):
     return torch.empty_like(x)
 
 
+def fail_captures(runner: DecodeRunner, times: int) -> None:
+    """Capture ``times`` times with the host read on: every capture fails (after compiling, in piecewise)."""
+    _host_read_at_capture["on"] = True
+    try:
+        for _ in range(times):
+            with pytest.raises(hal.CaptureError, match="reads a device value back to the host"):
+                runner.capture()
+    finally:
+        _host_read_at_capture["on"] = False
+
+
 def test_a_runner_can_retry_capture_any_number_of_times():
     reference = Reference("cpu")
 
@@ -440,13 +451,7 @@ def test_a_runner_can_retry_capture_any_number_of_times():
         return reference.step(**inputs) + torch.ops.graphhal_test.host_read_when_on(inputs["positions"])[:, None]
 
     runner = DecodeRunner(flaky, decode_input_slots(reference.config), "cpu", DecodeConfig(mode="piecewise", buckets=[2], show_progress=False))
-    _host_read_at_capture["on"] = True
-    try:
-        for _ in range(9):  # each retry compiles the forward again, then fails in the capture
-            with pytest.raises(hal.CaptureError, match="bucket 2.*reads a device value back to the host"):
-                runner.capture()
-    finally:
-        _host_read_at_capture["on"] = False
+    fail_captures(runner, 9)  # each retry compiles the forward again, then fails in the capture
     runner.capture()
     batch = reference.workload(2, seed=9).batch(2)
     torch.testing.assert_close(runner.run(batch), flaky(**batch), rtol=1e-4, atol=1e-4)
@@ -567,13 +572,7 @@ def test_a_failed_capture_and_a_closed_runner_let_go_of_their_pool(mode, monkeyp
         return reference.step(**inputs) + torch.ops.graphhal_test.host_read_when_on(inputs["positions"])[:, None]
 
     runner = DecodeRunner(flaky, decode_input_slots(reference.config), "cpu", DecodeConfig(mode=mode, buckets=[1, 2], show_progress=False))
-    _host_read_at_capture["on"] = True
-    try:
-        for _ in range(3):
-            with pytest.raises(hal.CaptureError, match="reads a device value back to the host"):
-                runner.capture()
-    finally:
-        _host_read_at_capture["on"] = False
+    fail_captures(runner, 3)
     runner.capture()
     batch = reference.workload(2, seed=13).batch(2)
     torch.testing.assert_close(runner.run(batch), flaky(**batch), rtol=1e-4, atol=1e-4)

@@ -118,14 +118,18 @@ def graphs_equal_eager_under_tp(rank: int, world_size: int, device_type: str, de
     return differences
 
 
-def ranks_with_different_buckets(rank: int, world_size: int, device_type: str) -> str:
+def ranks_capturing_differently(rank: int, world_size: int, device_type: str, field: str) -> str:
+    """Rank 1 differs from rank 0 in ``field`` (buckets, or mode: it would run eagerly)."""
     models = TwoModels(_device(device_type, rank), rank)
+    mode, buckets = "full", [1, 2, 4]
+    if rank == 1:
+        mode, buckets = ("disabled", buckets) if field == "mode" else (mode, [1, 2, 8])
     try:
-        models.decode_runner("full", [1, 2, 4] if rank == 0 else [1, 2, 8])
+        models.decode_runner(mode, buckets)
     except RankCaptureError as error:
         assert error.rank == 1 and error.bucket is None
         return str(error)
-    raise AssertionError("the ranks captured different buckets without an error")
+    raise AssertionError("the ranks went different ways without an error")
 
 
 def a_rank_whose_capture_raises(rank: int, world_size: int, device_type: str) -> str:
@@ -188,15 +192,6 @@ def a_rank_failing_between_collectives(rank: int, world_size: int, device_type: 
         assert not runner.captured
         return error.rank, error.bucket, str(error)
     raise AssertionError("capture succeeded although rank 1 failed")
-
-
-def a_rank_running_eagerly_while_the_other_captures(rank: int, world_size: int, device_type: str) -> str:
-    models = TwoModels(_device(device_type, rank), rank)
-    try:
-        models.decode_runner("full" if rank == 0 else "disabled", [1, 2])
-    except RankCaptureError as error:
-        return str(error)
-    raise AssertionError("the ranks went different ways without an error")
 
 
 def a_data_parallel_rank_refusing_its_batch(rank: int, world_size: int, device_type: str) -> list[str]:
@@ -297,9 +292,13 @@ def test_every_mode_under_tp2_equals_eager(device_type):
 
 
 @pytest.mark.parametrize("device_type", DEVICES)
-def test_ranks_with_different_buckets_fail_on_every_rank_naming_the_rank_and_field(device_type):
-    for message in run_on_ranks(ranks_with_different_buckets, device_type, backend=_backend(device_type)):
-        assert "rank 1 has buckets [1, 2, 8] where rank 0 has [1, 2, 4]" in message
+@pytest.mark.parametrize(
+    ("field", "difference"),
+    [("buckets", "rank 1 has buckets [1, 2, 8] where rank 0 has [1, 2, 4]"), ("mode", "rank 1 has mode 'disabled' where rank 0 has 'full'")],
+)
+def test_ranks_about_to_capture_differently_fail_on_every_rank_naming_the_rank_and_field(device_type, field, difference):
+    for message in run_on_ranks(ranks_capturing_differently, device_type, field, backend=_backend(device_type)):
+        assert difference in message
 
 
 @pytest.mark.parametrize("device_type", DEVICES)
@@ -337,12 +336,6 @@ def test_a_rank_failing_between_collectives_fails_capture_on_every_rank_naming_i
     for rank, (culprit, bucket, message) in enumerate(results):
         assert (culprit, bucket) == (1, 2), message  # the same rank and bucket on every rank
         assert "out of graph memory on rank 1" in message and f"(this is rank {rank})" in message
-
-
-@pytest.mark.parametrize("device_type", DEVICES)
-def test_a_rank_running_eagerly_while_the_other_captures_is_a_mismatch_on_every_rank(device_type):
-    for message in run_on_ranks(a_rank_running_eagerly_while_the_other_captures, device_type, backend=_backend(device_type)):
-        assert "rank 1 has mode 'disabled' where rank 0 has 'full'" in message
 
 
 @pytest.mark.parametrize("device_type", DEVICES)

@@ -566,7 +566,12 @@ def test_a_failed_capture_and_a_closed_runner_let_go_of_their_pool(mode, monkeyp
     reference = Reference("cpu")
     pools: list[weakref.ref] = []
     make_pool = reference.device.graph_pool
-    monkeypatch.setattr(reference.device, "graph_pool", lambda: pools.append(weakref.ref(pool := make_pool())) or pool)
+    def counted_pool():  # every pool a capture makes, watched without being kept alive
+        pool = make_pool()
+        pools.append(weakref.ref(pool))
+        return pool
+
+    monkeypatch.setattr(reference.device, "graph_pool", counted_pool)
 
     def flaky(**inputs):  # captures fail while the host read is on (in a piece, for piecewise)
         return reference.step(**inputs) + torch.ops.graphhal_test.host_read_when_on(inputs["positions"])[:, None]

@@ -25,17 +25,38 @@ DEFAULT_STATIC_SIZES = (1, 8, 64, 256)
 
 @dataclass(frozen=True)
 class PrefillShape:
-    """One prefill case: ``tokens`` new tokens in total, split as evenly as possible over ``requests``."""
+    """One prefill case: ``tokens`` new tokens in total, split as evenly as possible over ``requests``.
+
+    A mixed case (``decodes`` > 0), as a chunked-prefill scheduler batches them: ``decodes`` requests with one
+    new token each after ``decode_context`` cached tokens, and one chunk of ``tokens - decodes`` new tokens of
+    a long prompt whose first ``chunk_context`` tokens were prefilled by earlier chunks.
+    """
 
     tokens: int
     requests: int
+    decodes: int = 0
+    decode_context: int = 0
+    chunk_context: int = 0
+
+    @classmethod
+    def mixed(cls, decodes: int, decode_context: int, chunk: int, chunk_context: int) -> "PrefillShape":
+        return cls(chunk + decodes, decodes + 1, decodes, decode_context, chunk_context)
 
     def query_lens(self) -> list[int]:
+        if self.decodes:
+            return [self.tokens - self.decodes] + [1] * self.decodes
         base, extra = divmod(self.tokens, self.requests)
         return [base + (1 if i < extra else 0) for i in range(self.requests)]
 
+    def context_lens(self) -> list[int]:
+        if self.decodes:
+            return [self.chunk_context] + [self.decode_context] * self.decodes
+        return [0] * self.requests
+
     @property
     def label(self) -> str:
+        if self.decodes:
+            return f"mixed: {self.decodes} dec + {self.tokens - self.decodes} tok chunk"
         return f"{self.tokens} tok x{self.requests}"
 
 
@@ -85,6 +106,12 @@ class PlanDefaults:
         self.batch_sizes = [1, 4, 16] if on_cpu else [1, 4, 16, 64, 256]
         self.context_len = 32 if on_cpu else 512
         self.tokens = [16, 64] if on_cpu else [16, 64, 256, 1024]
+        # One mixed batch, as chunked prefill schedules it: decodes with long contexts beside a prompt's chunk.
+        self.mixed = (
+            PrefillShape.mixed(decodes=4, decode_context=24, chunk=16, chunk_context=16)
+            if on_cpu
+            else PrefillShape.mixed(decodes=32, decode_context=1024, chunk=256, chunk_context=512)
+        )
         self.budget_s = 1.0 if on_cpu else 3.0
         self.on_cpu = on_cpu
 

@@ -17,13 +17,14 @@ from benchmarks.timing import Timing
 @dataclass
 class Row:
     """One contender at one size. ``batch_size`` is set for decode rows, ``tokens`` and ``requests`` for
-    prefill rows. Ratios are None where their reference (eager, floor) did not run at that size."""
+    prefill rows (and ``decodes`` for a mixed batch: decodes beside one prompt chunk). Ratios are None where their reference (eager, floor) did not run at that size."""
 
     phase: str
     mode: str
     batch_size: int | None = None
     tokens: int | None = None
     requests: int | None = None
+    decodes: int | None = None  # a mixed batch: this many of the requests decode one token each
     median_ms: float = math.nan
     repeats: int = 0
     steps_per_repeat: int = 0
@@ -44,11 +45,13 @@ class Row:
     def size_label(self) -> str:
         if self.batch_size is not None:
             return str(self.batch_size)
+        if self.decodes:
+            return f"mixed: {self.decodes} dec + {self.tokens - self.decodes} tok chunk"
         return f"{self.tokens} tok x{self.requests}"
 
     def same_size(self, other: "Row") -> bool:
-        return (self.phase, self.batch_size, self.tokens, self.requests) == (
-            other.phase, other.batch_size, other.tokens, other.requests,
+        return (self.phase, self.batch_size, self.tokens, self.requests, self.decodes) == (
+            other.phase, other.batch_size, other.tokens, other.requests, other.decodes,
         )
 
 

@@ -97,7 +97,10 @@ def _measure_prefill(
         return
     try:
         sized = [(c.name, partial(c.prepare, workload, case)) for c in contenders]
-        measurements.size(PREFILL, {"tokens": shape.tokens, "requests": shape.requests}, sized)
+        size = {"tokens": shape.tokens, "requests": shape.requests}
+        if shape.decodes:
+            size["decodes"] = shape.decodes
+        measurements.size(PREFILL, size, sized)
     finally:
         case.release()
 

@@ -113,7 +113,7 @@ class ReferenceWorkload:
         return prefill_token_slots(), prefill_request_slots(self.kv_cache.config)
 
     def prefill_case(self, shape: PrefillShape, seed: int) -> PrefillCase:
-        requests = PrefillWorkload(self.kv_cache, shape.query_lens(), seed=seed)
+        requests = PrefillWorkload(self.kv_cache, shape.query_lens(), context_lens=shape.context_lens(), seed=seed)
         return PrefillCase(shape, self.prefill_forward(), requests.batch(), requests.release)
 
     def describe(self) -> str:
@@ -145,7 +145,11 @@ def build_reference_workload(
     blocks_per_request = blocks_for(context_len + 1, config.block_size)
     # Prefill cases are placed and released one at a time, so the cache needs room for the largest.
     prefill_blocks = max(
-        (sum(blocks_for(n, config.block_size) for n in shape.query_lens()) for shape in prefill_shapes), default=0
+        (
+            sum(blocks_for(c + n, config.block_size) for c, n in zip(shape.context_lens(), shape.query_lens()))
+            for shape in prefill_shapes
+        ),
+        default=0,
     )
     num_blocks = 1 + max_batch_size * blocks_per_request + prefill_blocks  # block 0: the null block
     model = LlamaDecoder(config, device.torch_device, dtype, seed=seed, tp_group=tp_group)

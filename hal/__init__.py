@@ -30,6 +30,14 @@ from hal.errors import (
 )
 from hal.graph import DeviceGraph
 from hal.graph_modes import GraphMode
+from hal.graph_support import (
+    BatchKind,
+    GraphSupport,
+    ReachedOp,
+    declare_graph_support,
+    graph_support_of,
+    ops_reached,
+)
 from hal.graph_per_key import AfterWarmup, CapturedGraph, GraphPerKey, WarmUpError
 from hal.hookspecs import REQUIRED_HOOKS
 from hal.markers import ENTRY_POINT_GROUP, PROJECT_NAME, hookimpl, hookspec
@@ -70,6 +78,12 @@ from hal.piecewise import (
 
 __all__ = [
     "AfterWarmup",
+    "BatchKind",
+    "GraphSupport",
+    "ReachedOp",
+    "declare_graph_support",
+    "graph_support_of",
+    "ops_reached",
     "BUILTIN_DEVICE_PLUGINS",
     "ENTRY_POINT_GROUP",
     "MIB",

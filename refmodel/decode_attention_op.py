@@ -116,5 +116,9 @@ decode_attention_break = hal.break_point(
     required=False,
 )
 
+# Its kernels read lengths and block tables from device memory (npu: host lengths the device updates before
+# each replay), and launch one program per row: capturable in any decode batch. Prefill never calls it.
+hal.declare_graph_support(_decode_attention_op, hal.GraphSupport.UNIFORM_DECODE)
+
 # Piecewise graphs split at this op: it writes into `out`, so the pieces around it keep fixed addresses.
 hal.register_splitting_op(torch.ops.refmodel.decode_attention.default)

@@ -11,9 +11,9 @@ Both are written to be captured as device graphs, or split around their attentio
 - a row's logits depend only on its own request's inputs and the cache, so padded rows cannot change live rows;
 - the cache is written with ``refmodel::write_kv_cache`` at ``slot_mapping`` before attention reads it
   (eagerly, where nothing traces or records the call, its kernel runs directly: ``refmodel.direct_kernels``);
-- decode attention (``refmodel::decode_attention``) is an optional break point: captured inline in full
-  graphs, run eagerly between segments in breakable graphs. Prefill attention
-  (``refmodel::prefill_attention``) reads lengths on the host, so it is a required break point.
+- both attentions (``refmodel::decode_attention``, ``refmodel::prefill_attention``) are optional break points:
+  captured inline in full graphs where their kernels allow (each declares its ``hal.GraphSupport``), run
+  eagerly between segments in breakable graphs and between pieces in piecewise ones.
 """
 
 from __future__ import annotations

@@ -4,19 +4,30 @@ Like ``refmodel::decode_attention`` it writes into a caller-provided ``out`` (vL
 convention): a graph strategy that splits the compiled graph at this op runs it eagerly between captured
 pieces, and the next piece reads ``out`` at the address it was captured with.
 
-Unlike decode attention it is never captured: its kernels read the request lengths on the host to slice the
-packed batch per request, so the op is a required break point. Kernels: CPU and CUDA run one
-``scaled_dot_product_attention`` per request over only that request's tokens; any other device runs the
-token-by-token reference.
+Its CPU and CUDA kernels read every length and block table from device memory, so the op can be captured in a
+full graph of a whole prefill step, whatever the batch's split into requests (it declares
+``GraphSupport.ANY_BATCH`` there). CUDA runs a Triton kernel (``refmodel.triton_prefill_attention``), CPU
+the masked torch version (``refmodel.prefill_attention_masked``) wherever a graph may record the call, and
+one SDPA per request over host lengths where nothing does (much faster, and on CPU the read is free). NPU
+runs torch_npu's fused infer-attention op in the packed layout (``refmodel.npu_prefill_attention``), whose host
+lengths the npu device updates before every replay, so it too is capturable in any batch; the model reaches it
+without going through the custom op, so that an NPU graph capture sees the fused op. Any other device runs the
+token-by-token reference, which reads the lengths on the host and declares that it cannot be captured.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 import hal
+from refmodel import npu_prefill_attention
+from refmodel.direct_kernels import unobserved_eager_call
+from refmodel.prefill_attention_masked import prefill_attention_masked
 from refmodel.prefill_attention_reference import prefill_attention_reference, prefill_layout
 
 
@@ -45,11 +56,27 @@ def _(q, key_cache, value_cache, block_tables, query_lens, seq_lens, scale, out)
     return None
 
 
-@prefill_attention.register_kernel(("cpu", "cuda"))
+@prefill_attention.register_kernel("cpu")
+def _prefill_attention_cpu(q, key_cache, value_cache, block_tables, query_lens, seq_lens, scale, out) -> None:
+    # Every request's tokens at once, masked: no length is read on the host, so a CPU graph can record it.
+    _check_out(q, out)
+    out.copy_(prefill_attention_masked(q, key_cache, value_cache, block_tables, query_lens, seq_lens, scale))
+
+
+@prefill_attention.register_kernel("cuda")
+def _prefill_attention_cuda(q, key_cache, value_cache, block_tables, query_lens, seq_lens, scale, out) -> None:
+    _check_out(q, out)
+    # A server's scheduler has the query lengths on the host; the kernel reads them from device memory. (In a
+    # runner's graphs they always are on the device: the runner copies every slot into its device buffer.)
+    query_lens = query_lens.to(q.device, non_blocking=True)
+    _triton_paged_prefill_attention()(q, key_cache, value_cache, block_tables, query_lens, seq_lens, scale, out)
+
+
 def _prefill_attention_by_request(q, key_cache, value_cache, block_tables, query_lens, seq_lens, scale, out) -> None:
-    # One SDPA call per request, over only the tokens that request has: the host lengths are known here, so
-    # nothing is padded to the longest request. Index tensors are built on q's device from host ints, so on
-    # CUDA the only syncs are the two length reads in prefill_layout.
+    # The CPU kernel of the model's unobserved eager calls (refmodel.direct_kernels): one SDPA call per
+    # request over only the tokens it has, reading the lengths on the host (free on CPU). Where a graph
+    # records the op, the masked kernel above serves; this one is 10x to 400x faster eagerly, since the masked
+    # one scores every slot of the block tables for every tile.
     _check_out(q, out)
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
@@ -79,6 +106,14 @@ def _prefill_attention_by_request(q, key_cache, value_cache, block_tables, query
     out[live_tokens:].zero_()  # padded tokens attend to nothing; zeros keep whatever follows finite
 
 
+@functools.cache
+def _triton_paged_prefill_attention() -> Callable[..., None]:
+    # Imported on the first CUDA call so that `import refmodel` needs neither triton nor CUDA.
+    from refmodel.triton_prefill_attention import paged_prefill_attention
+
+    return paged_prefill_attention
+
+
 def _check_out(q: torch.Tensor, out: torch.Tensor) -> None:
     if q.dim() != 3:
         raise ValueError(f"q must be [T, num_heads, head_dim], got shape {tuple(q.shape)}")
@@ -86,9 +121,35 @@ def _check_out(q: torch.Tensor, out: torch.Tensor) -> None:
         raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
 
 
-# What the model calls. Required (the default): the kernels read lengths on the host, so the op can never be
-# captured inline. In a breakable capture it is the break: it runs eagerly between captured segments.
-prefill_attention_break = hal.break_point(torch.ops.refmodel.prefill_attention.default, name="refmodel.prefill_attention")
+npu_prefill_attention.register(prefill_attention)
+
+_prefill_attention_op = torch.ops.refmodel.prefill_attention.default
+# npu tensors never get here from the model: npu_prefill_attention.calls_npu_directly routes them first.
+_DIRECT_KERNELS = {"cpu": _prefill_attention_by_request, "cuda": _prefill_attention_cuda}
+
+
+def _prefill_attention_step(q, key_cache, value_cache, block_tables, query_lens, seq_lens, scale, out) -> None:  # type: ignore[no-untyped-def]
+    # The op, or its kernel directly when nothing watches the call (refmodel.direct_kernels).
+    if unobserved_eager_call(q):
+        kernel = _DIRECT_KERNELS.get(q.device.type)
+        if kernel is not None:
+            return kernel(q, key_cache, value_cache, block_tables, query_lens, seq_lens, scale, out)
+    return _prefill_attention_op(q, key_cache, value_cache, block_tables, query_lens, seq_lens, scale, out)
+
+
+# What the model calls. In a breakable capture it is the break: it runs eagerly between captured segments. In a
+# full capture it is captured inline where the device's kernel allows (required=False, and the declaration
+# below): the CPU and CUDA kernels read every length from device memory, and the npu device updates the NPU
+# kernel's host lengths before every replay.
+prefill_attention_break = hal.break_point(
+    npu_prefill_attention.calls_npu_directly(_prefill_attention_step), name="refmodel.prefill_attention", required=False
+)
+
+# The CPU and CUDA kernels can be captured in any batch, prefill chunks and decodes mixed, and so can the NPU
+# one (its host lengths are updated before every replay); the reference (any other device) reads the lengths
+# on the host, so it cannot be captured at all.
+hal.declare_graph_support(_prefill_attention_op, hal.GraphSupport.NEVER)
+hal.declare_graph_support(_prefill_attention_op, hal.GraphSupport.ANY_BATCH, device_types=["cpu", "cuda", "npu"])
 
 # Piecewise graphs split here: the op writes into `out`, so the pieces around it keep fixed addresses.
 hal.register_splitting_op(torch.ops.refmodel.prefill_attention.default)

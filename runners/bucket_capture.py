@@ -2,8 +2,9 @@
 
 ``GraphCapture`` (full, breakable): one device graph per bucket around the forward (``hal.GraphPerKey``),
 compiled once first with ``compiler: inductor``. ``PiecewiseCapture``: the forward compiled once with the
-piecewise backend; calling it at a bucket captures its pieces (each through ``hal.GraphPerKey``), calling it
-again replays them.
+piecewise backend, split at the splitting ops that cannot be captured in the runner's batches
+(``runners.mode_choice.ops_to_split``); calling it at a bucket captures its pieces (each through
+``hal.GraphPerKey``), calling it again replays them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 import hal
 from runners.config import PhaseConfig
+from runners.mode_choice import ops_to_split
 
 BREAKABLE_DEBUG_ENV = "GRAPHHAL_BREAKABLE_DEBUG"
 
@@ -38,7 +40,9 @@ class BucketCapture:
         config: PhaseConfig,
         token_inputs: Sequence[str],
         after_warmup: "hal.AfterWarmup | None" = None,
+        batch: "hal.BatchKind" = hal.BatchKind.MIXED,
     ) -> None:
+        self.batch = batch  # what the runner's batches look like: piecewise splits only where they need it
         self.device = device
         self.config = config
         self.plain_forward = forward
@@ -110,6 +114,7 @@ class PiecewiseCapture(BucketCapture):
             self.config.buckets,
             compiler=self.config.compiler,
             warmup_runs=self.config.warmup_runs,
+            splitting_ops=ops_to_split(self.device, self.batch),
             after_warmup=self.after_warmup,
         )
         self.forward = hal.CompiledForward(self.plain_forward, self.backend, self.token_inputs)
@@ -136,9 +141,10 @@ def bucket_capture(
     config: PhaseConfig,
     token_inputs: Sequence[str],
     after_warmup: "hal.AfterWarmup | None" = None,
+    batch: "hal.BatchKind" = hal.BatchKind.MIXED,
 ) -> BucketCapture:
     kind = PiecewiseCapture if config.mode == hal.GraphMode.PIECEWISE else GraphCapture
-    return kind(forward, device, config, token_inputs, after_warmup)
+    return kind(forward, device, config, token_inputs, after_warmup, batch)
 
 
 def breakable_debug(config: PhaseConfig) -> bool:

@@ -23,10 +23,11 @@ from runners.address_watch import AddressWatch
 from runners.bucket_capture import CapturedBucket, breakable_debug, bucket_capture
 from runners.buckets import BucketPolicy
 from runners.capture_report import CaptureReport
-from runners.config import PhaseConfig
+from runners.config import AUTO, PhaseConfig
 from runners.gc_freeze import frozen_gc
 from runners.graph_outputs import GraphOutputs
 from runners.input_slots import InputSlot
+from runners.mode_choice import choose_mode
 from runners.progress import progress
 from runners.rank_group import RankCaptureError, RankGroup
 from runners.static_inputs import StaticInputs
@@ -57,6 +58,7 @@ class BucketedRunner:
     """See ``DecodeRunner`` and ``PrefillRunner`` for the arguments; this class holds the shared mechanics."""
 
     phase = ""
+    batch_kind: hal.BatchKind  # what its batches look like, for the ops' declared graph support
 
     def __init__(
         self,
@@ -99,25 +101,32 @@ class BucketedRunner:
         self._thread_owner: ThreadOwner | None = None  # bound on the first run, shared by the pool's runners
         self._inference_mode = False  # the inference mode capture ran in (see capture)
         self._owns_pool = False  # whether capture() made the pool (rather than being handed one to share)
-        self._capture = bucket_capture(
-            forward,
-            self.device,
-            config,
-            [slot.name for slot in self.slots],
-            after_warmup=self._agree_after_warmup if self.group is not None else None,
-        )
+        self.requested_mode = config.mode  # config.mode becomes the chosen one at capture (mode "auto")
+        self.mode_reason = ""  # why the runner captures in its mode (runners.mode_choice)
+        self._capture = self._bucket_capture(config)
         self._graphs: dict[int, _Bucket] = {}
         self.report: CaptureReport | None = None
         # On devices that bake host values into graphs (NPU attention lengths), these slots' live values go
-        # to Device.update before every replay of a graph that holds them.
+        # to Device.update before every replay of a graph that holds them: the lengths attended to, and in a
+        # packed (prefill) batch the new tokens per request.
         self._updated_slots = (
-            [s for s in (*self.slots, *self.fixed_slots) if s.role == hal.SlotRole.SEQ_LENS]
+            [s for s in (*self.slots, *self.fixed_slots) if s.role in (hal.SlotRole.SEQ_LENS, hal.SlotRole.QUERY_LENS)]
             if self.device.needs_graph_update
             else []
         )
         # Per-request token counts of a packed batch: checked on the host against the batch's token rows
         # before every replay, because a padded graph cannot tell (its bucket has room for the extra tokens).
         self._query_len_slots = [s for s in (*self.slots, *self.fixed_slots) if s.role == hal.SlotRole.QUERY_LENS]
+
+    def _bucket_capture(self, config: PhaseConfig) -> Any:
+        return bucket_capture(
+            self.forward,
+            self.device,
+            config,
+            [slot.name for slot in self.slots],
+            after_warmup=self._agree_after_warmup if self.group is not None else None,
+            batch=self.batch_kind,
+        )
 
     def _watch(self, watched_tensors: Mapping[str, Any]) -> AddressWatch:
         watch = AddressWatch()
@@ -146,9 +155,14 @@ class BucketedRunner:
         """
         if self.captured:
             raise RunnerStateError("this runner has already captured its graphs; make a new runner to capture again")
-        mode, device, phase = self.config.mode, self.device, self.phase
+        device, phase = self.device, self.phase
         if self.group is not None:  # in every mode: a rank running eagerly while the others capture is a mismatch
-            self.group.agree_on_plan(self._plan(), mode=mode, device=str(device))
+            # Before mode auto's eager run: it runs the forward's collectives, which every rank must join.
+            self.group.agree_on_plan(self._plan(), mode=self.config.mode, device=str(device))
+        self._choose_mode()
+        mode = self.config.mode
+        if self.group is not None and mode != self.requested_mode:
+            self.group.agree_on_plan(self._plan(), mode=mode, device=str(device))  # every rank chose the same
         if not self.captures_graphs:
             self.report = CaptureReport(phase, mode, str(device), (), 0.0, 0)
             logger.info(self.report.summary())
@@ -177,6 +191,40 @@ class BucketedRunner:
         )
         logger.info(self.report.summary())
         return self.report
+
+    def _choose_mode(self) -> None:
+        """Mode ``auto``: pick the mode from what the forward's ops allow; ``full``: check that they allow it
+        (``runners.mode_choice``). The forward runs once eagerly at the smallest bucket, all padding."""
+        if self.config.mode not in (AUTO, hal.GraphMode.FULL):
+            self.mode_reason = f"mode {self.config.mode} as configured"
+            return
+        smallest = self.buckets.capture_order()[-1]
+        self.static_inputs.fill_padding(smallest)
+        if self.fixed_inputs is not None:
+            self.fixed_inputs.fill_padding(self.fixed_inputs.capacity)
+        choice, error = None, None
+        try:
+            choice = choose_mode(self.config, self.device, self.batch_kind, self.phase, self.forward, self._views(smallest))
+        except Exception as exc:
+            error = exc
+        if self.group is not None:  # every rank learns whether every rank got through it (or raises on all)
+            stage = f"mode {self.config.mode}'s eager run at bucket {smallest}"
+            self.group.agree(stage, error, bucket=smallest, mode=self.config.mode, device=str(self.device))
+        if isinstance(error, hal.UnsupportedModeError):
+            raise error  # mode full over an op that cannot be captured: says which
+        if error is not None:
+            what = (
+                f"the eager run of the {self.phase} forward at bucket {smallest} on {self.device}, which mode "
+                f"{self.config.mode} makes to see what the forward's ops allow, failed before any capture (a model "
+                f"error, not a graph error): {type(error).__name__}: {error}"
+            )
+            raise hal.CaptureError(what, bucket=smallest, mode=self.config.mode, device=str(self.device)) from error
+        assert choice is not None
+        self.mode_reason = choice.reason
+        if choice.config.mode != self.config.mode:
+            self.config = choice.config
+            self._capture = self._bucket_capture(choice.config)
+        logger.info("graphhal %s on %s: %s", self.phase, self.device, choice.reason)
 
     def close(self) -> None:
         """Drop every graph this runner captured and let go of its pool; the runner can capture again.

@@ -21,6 +21,10 @@ from runners.buckets import (
 
 GraphMode = hal.GraphMode
 
+# Not a graph mode of any device: the runner picks one before capturing, from what the ops in its forward
+# declare (``runners.mode_choice``): full where every op allows it, piecewise (or breakable) otherwise.
+AUTO = "auto"
+
 # How the forward is compiled before graphhal captures it, per mode. "none": the forward as written.
 # "eager"/"inductor" in piecewise: how each piece between splitting ops is compiled (torch.compile always
 # traces a piecewise forward, to split it). "inductor" in full/breakable: the forward compiled once, with a
@@ -31,6 +35,7 @@ COMPILERS_BY_MODE = {
     GraphMode.BREAKABLE: ("none", "inductor"),
     GraphMode.PIECEWISE: ("eager", "inductor"),
     GraphMode.DISABLED: ("none",),
+    AUTO: ("none", "inductor"),  # "none" becomes "eager" where auto picks piecewise
 }
 ADDRESS_CHECKS = ("every_replay", "first_replay")
 
@@ -39,9 +44,12 @@ ADDRESS_CHECKS = ("every_replay", "first_replay")
 class PhaseConfig:
     """Fields every phase has. Use ``DecodeConfig`` or ``PrefillConfig``.
 
-    mode:            a graph mode the device offers (``hal.GraphMode`` or a mode a device plugin adds), or
-                     ``"disabled"`` to run eagerly through the same API (to tell a graph bug from a model bug,
-                     or on devices without graphs). Checked against the device by ``check_device``.
+    mode:            ``"auto"`` (the default): the runner picks, before capturing, ``full`` where every op in
+                     the forward allows it and ``piecewise`` (or ``breakable``) otherwise, and logs why
+                     (``runners.mode_choice``). Or a graph mode the device offers (``hal.GraphMode`` or a mode
+                     a device plugin adds), or ``"disabled"`` to run eagerly through the same API (to tell a
+                     graph bug from a model bug, or on devices without graphs). Checked against the device by
+                     ``check_device``; ``full`` also against the ops the forward reaches.
     buckets:         padded sizes to capture, strictly increasing; the last must equal the phase maximum.
     compiler:        ``none``, ``eager`` or ``inductor`` (see ``COMPILERS_BY_MODE``); default: ``eager`` for
                      piecewise, ``none`` otherwise.
@@ -65,7 +73,7 @@ class PhaseConfig:
     phase: ClassVar[str] = ""
     size_field: ClassVar[str] = ""  # the field holding the phase maximum (max_bs, max_tokens)
 
-    mode: str = GraphMode.FULL
+    mode: str = AUTO
     buckets: list[int] | None = None
     compiler: str | None = None
     eager_fallback: bool = True
@@ -79,7 +87,9 @@ class PhaseConfig:
         # Pure: nothing here asks a device or the environment; check_device adds what depends on the device.
         self._check_types()
         if not self.mode:
-            raise ValueError(f"{self.phase}: mode must name a graph mode, e.g. {', '.join(m.value for m in GraphMode)}")
+            raise ValueError(
+                f"{self.phase}: mode must name a graph mode, e.g. {', '.join([AUTO, *(m.value for m in GraphMode)])}"
+            )
         self.mode = _plain(self.mode)
         self._check_compiler()
         self._resolve_buckets()
@@ -161,7 +171,15 @@ class PhaseConfig:
 
     def check_device(self, device: "hal.Device") -> None:
         """Raise when ``device`` cannot run this config (a mode it does not offer, a compiler it cannot record,
-        a mode and compiler it cannot capture together: ``Device.compiled_capture_problem``)."""
+        a mode and compiler it cannot capture together: ``Device.compiled_capture_problem``). Mode ``auto`` is
+        checked when it has picked its mode."""
+        if self.mode == AUTO:
+            if self.compiler == "inductor" and not device.captures_compiled_kernels:
+                raise hal.UnsupportedModeError(
+                    f"{self.phase}: device {device} cannot capture Inductor-compiled kernels (its graphs record "
+                    "torch ops, and Inductor's fused kernels bypass them); use compiler 'none' on this device"
+                )
+            return
         if self.mode not in device.modes:
             if self.mode in set(GraphMode):
                 problem = f"device {device} does not offer graph mode {self.mode!r}"
@@ -214,25 +232,17 @@ class PrefillConfig(PhaseConfig):
 
     max_tokens:   the largest packed token count run on graphs (default: the largest bucket, or 4096).
     max_requests: the most requests one packed batch may hold; per-request inputs are padded to it.
-    Mode ``full`` is refused: a prefill batch of one token count splits into requests differently every
-    time, and attention over that split cannot be baked into one graph.
+    Mode ``full`` captures the whole step per token bucket: only for forwards whose ops all allow capture in
+    mixed batches (attention reading its lengths from device memory); the runner checks before capturing.
     """
 
     phase: ClassVar[str] = "prefill"
     size_field: ClassVar[str] = "max_tokens"
 
-    mode: str = GraphMode.PIECEWISE
     max_tokens: int | None = None
     max_requests: int = DEFAULT_MAX_REQUESTS
 
     def __post_init__(self) -> None:
-        if self.mode == GraphMode.FULL:
-            raise ValueError(
-                "prefill: mode 'full' cannot capture prefill: attention over a packed batch depends on how its "
-                "tokens split into requests, which changes from batch to batch at the same token count, so no "
-                "single graph serves a bucket. Use 'piecewise' (attention runs eagerly between captured pieces) "
-                "or 'breakable' (attention is the break between captured segments)."
-            )
         super().__post_init__()
         if not isinstance(self.max_requests, int) or isinstance(self.max_requests, bool) or self.max_requests < 1:
             raise ValueError(f"prefill: max_requests must be a positive integer, got {self.max_requests!r}")

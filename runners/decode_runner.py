@@ -28,7 +28,7 @@ class DecodeRunner(BucketedRunner):
                     Rows must be independent: padded rows must not change real rows' results.
     slots:          the named inputs (``InputSlot``), with the fill padded rows get.
     device:         a device name ("cuda:0", "cpu") or a ``hal.Device``.
-    config:         ``DecodeConfig``: mode (full, breakable, piecewise, disabled), max_bs, buckets, compiler...
+    config:         ``DecodeConfig``: mode (auto, full, breakable, piecewise, disabled), max_bs, buckets, compiler...
     pool:           a graph pool to share with another runner that never replays at the same time
                     (decode and prefill); default: a new pool for this runner.
     watched_tensors: what the forward reads that lives outside the runner, by name: tensors, modules (their
@@ -48,6 +48,7 @@ class DecodeRunner(BucketedRunner):
     """
 
     phase = "decode"
+    batch_kind = hal.BatchKind.UNIFORM_DECODE
 
     def __init__(
         self,

@@ -31,8 +31,8 @@ class PrefillRunner(BucketedRunner):
     token_slots:   per-token inputs (ids, positions, cache locations), padded to the bucket.
     request_slots: per-request inputs (query lengths, sequence lengths, block tables), padded to
                    ``config.max_requests`` rows; their fills must mark a request with no tokens.
-    config:        ``PrefillConfig``: mode (piecewise, breakable, disabled), max_tokens, buckets, max_requests,
-                   compiler.
+    config:        ``PrefillConfig``: mode (auto, full, piecewise, breakable, disabled), max_tokens, buckets,
+                   max_requests, compiler.
     pool, watched_tensors, group, consensus_group: as for ``DecodeRunner``.
 
     A batch with more tokens than ``max_tokens`` or more requests than ``max_requests`` runs eagerly (or
@@ -40,6 +40,7 @@ class PrefillRunner(BucketedRunner):
     """
 
     phase = "prefill"
+    batch_kind = hal.BatchKind.MIXED
 
     def __init__(
         self,

@@ -225,21 +225,22 @@ def test_bench_setup_cost_skips_the_compiled_setups_on_cpu_saying_why(tiny_bench
 
 
 @pytest.mark.cpu
-def test_bench_setup_cost_captures_every_default_prefill_bucket_piecewise_and_breakable(tiny_bench):
+def test_bench_setup_cost_captures_every_default_prefill_bucket_in_every_mode(tiny_bench):
     prefill = tiny_bench["json"]["setup_cost"]["prefill"]
     # On cpu the default max_tokens is the tiny model's max_seq_len: 4..32 step 4, 48, 64.
     buckets = default_prefill_buckets(ModelConfig.tiny().max_seq_len)
     assert [(s["mode"], s["max_tokens"], s["num_buckets"]) for s in prefill] == [
-        ("piecewise", 64, len(buckets)), ("breakable", 64, len(buckets)),
+        ("full", 64, len(buckets)), ("breakable", 64, len(buckets)), ("piecewise", 64, len(buckets)),
     ]
-    piecewise, breakable = prefill
+    full, breakable, piecewise = prefill
+    assert full["compiles"] == 0
     assert piecewise["compiles"] == 1  # one torch.compile serves every bucket
     assert breakable["compiles"] == 0  # breakable captures the model as written
     assert all(s["setup_s"] > 0 and s["pool_bytes"] > 0 and s["max_requests"] == 64 for s in prefill)
     lines = tiny_bench["out"].splitlines()
     start = lines.index("setup: prefill graphs for every default bucket up to 64 tokens (64 requests)")
     assert lines[start + 1].split() == ["mode", "buckets", "setup", "s", "compiles", "pool", "MiB"]
-    assert lines[start + 2].split()[:4] == ["piecewise", str(len(buckets)), f"{piecewise['setup_s']:.2f}", "1"]
+    assert lines[start + 4].split()[:4] == ["piecewise", str(len(buckets)), f"{piecewise['setup_s']:.2f}", "1"]
 
 
 @pytest.mark.cpu
@@ -254,7 +255,7 @@ def test_bench_setup_flags_skip_each_part_or_size_the_prefill_setup(capsys, tmp_
     assert code == 0
     cost = json.loads(json_path.read_text())["setup_cost"]
     assert cost["max_bs"] is None and cost["decode"] == []  # not asked for, so neither run nor listed as skipped
-    assert [(s["mode"], s["num_buckets"]) for s in cost["prefill"]] == [("piecewise", 4), ("breakable", 4)]  # 4..16
+    assert [(s["mode"], s["num_buckets"]) for s in cost["prefill"]] == [("full", 4), ("breakable", 4), ("piecewise", 4)]  # 4..16
     assert "setup: compiled decode graphs" not in out and "setup full+inductor" not in out
 
     code, out, _ = run_cli(capsys, "bench", "--device", "cpu", *quick, "--no-compiled-setup", "--no-prefill-setup", "--json", str(json_path))
@@ -327,7 +328,11 @@ def test_bench_records_a_failing_setup_and_measures_the_others(monkeypatch, caps
 @pytest.mark.cpu
 def test_bench_prefill_runs_eager_and_each_runner_mode_at_each_shape(tiny_bench):
     prefill = [row for row in tiny_bench["json"]["rows"] if row["phase"] == "prefill"]
-    assert [(row["mode"], row["tokens"], row["requests"]) for row in prefill] == [("eager", 8, 2), ("breakable", 8, 2)]
+    # The asked-for shape, then the mixed batch of 4 decodes beside a 16-token chunk (on cpu by default).
+    assert [(row["mode"], row["tokens"], row["requests"], row["decodes"]) for row in prefill] == [
+        ("eager", 8, 2, None), ("breakable", 8, 2, None), ("eager", 20, 5, 4), ("breakable", 20, 5, 4),
+    ]
+    assert "1+4d" in tiny_bench["out"]
     breakable = prefill[1]
     assert breakable["setup_s"] > 0 and breakable["pool_bytes"] > 0
     assert breakable["max_abs_diff"] < 1e-4

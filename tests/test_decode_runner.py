@@ -97,9 +97,10 @@ def test_capture_goes_largest_first_with_an_eager_warmup_before_each_capture_and
     runner, step = make_runner(graph_device, max_bs=4, warmup_runs=2)
     frozen_before = gc.get_freeze_count()  # a library in this process may have frozen objects already
     runner.capture()
-    # Two eager warm-ups, then the capture, per bucket, largest first.
-    assert step.calls == [(4, False), (4, False), (4, True), (2, False), (2, False), (2, True), (1, False), (1, False), (1, True)]
-    assert set(step.gc_states) == {(False, True)}  # collector paused and survivors frozen throughout
+    # Mode auto's one eager run at the smallest bucket (what do the ops allow?), then two eager warm-ups and
+    # the capture per bucket, largest first.
+    assert step.calls == [(1, False), (4, False), (4, False), (4, True), (2, False), (2, False), (2, True), (1, False), (1, False), (1, True)]
+    assert set(step.gc_states[1:]) == {(False, True)}  # collector paused and survivors frozen throughout the loop
     assert gc.isenabled()
     if frozen_before == 0:
         assert gc.get_freeze_count() == 0  # what the loop froze is thawed again
@@ -257,9 +258,14 @@ def test_a_failing_warmup_is_reported_as_a_model_error(graph_device):
     def step(*, x, pos):
         raise IndexError("token id out of range")
 
-    runner, _ = make_runner(graph_device, step=step, max_bs=2)
+    runner, _ = make_runner(graph_device, step=step, max_bs=2, mode="breakable")
     with pytest.raises(hal.CaptureError, match=r"eager warm-up .* bucket 2 .*before any capture.*IndexError"):
         runner.capture()
+    # Mode auto (and full) runs the forward once at the smallest bucket before anything else.
+    runner, _ = make_runner(graph_device, step=step, max_bs=2)
+    with pytest.raises(hal.CaptureError, match=r"eager run .* bucket 1 .*mode auto.*before any capture.*IndexError"):
+        runner.capture()
+    assert not runner.captured
 
 
 def test_a_host_sync_inside_the_forward_fails_capture_cleanly(graph_device):

@@ -13,10 +13,10 @@ from runners import DecodeConfig, GraphConfig, PrefillConfig, default_prefill_bu
 pytestmark = pytest.mark.cpu
 
 
-def test_defaults_are_full_decode_and_piecewise_prefill():
+def test_both_phases_default_to_mode_auto():
     config = GraphConfig()
-    assert (config.decode.mode, config.decode.compiler, config.decode.max_bs) == ("full", "none", 256)
-    assert (config.prefill.mode, config.prefill.compiler, config.prefill.max_tokens) == ("piecewise", "eager", 4096)
+    assert (config.decode.mode, config.decode.compiler, config.decode.max_bs) == ("auto", "none", 256)
+    assert (config.prefill.mode, config.prefill.compiler, config.prefill.max_tokens) == ("auto", "none", 4096)
     assert config.prefill.buckets == default_prefill_buckets(4096)
 
 
@@ -66,9 +66,9 @@ def test_server_flags_override_the_json_config():
         ({"decode": {"buckets": [1, 2], "max_bs": 4}}, r"largest bucket \(2\) must equal max_bs \(4\)"),
         ({"prefill": {"max_tokens": -1}}, r"prefill: max_tokens must be a positive integer, got -1"),
         ({"prefill": {"max_requests": 0}}, r"prefill: max_requests must be a positive integer, got 0"),
-        ({"prefill": {"mode": "full"}}, r"mode 'full' cannot capture prefill.*'piecewise'.*'breakable'"),
-        ({"decode": {"compiler": "eager"}}, r"decode: compiler 'eager' does not go with mode 'full'; mode 'full' takes: none, inductor"),
-        ({"prefill": {"compiler": "none"}}, r"prefill: compiler 'none' does not go with mode 'piecewise'; .* takes: eager, inductor"),
+        ({"decode": {"compiler": "eager"}}, r"decode: compiler 'eager' does not go with mode 'auto'; mode 'auto' takes: none, inductor"),
+        ({"decode": {"mode": "full", "compiler": "eager"}}, r"decode: compiler 'eager' does not go with mode 'full'; mode 'full' takes: none, inductor"),
+        ({"prefill": {"mode": "piecewise", "compiler": "none"}}, r"prefill: compiler 'none' does not go with mode 'piecewise'; .* takes: eager, inductor"),
         ({"decode": {"warmup_runs": 0}}, r"warmup_runs must be at least 1"),
         ({"decode": "full"}, r"decode: settings must be a mapping"),
     ],
@@ -129,8 +129,9 @@ def test_a_mode_the_device_does_not_offer_is_refused_by_check_device():
     device = registry.get_device("plain")
     assert device.modes == ("disabled",)
     with pytest.raises(hal.UnsupportedModeError, match=r"decode: device plain does not offer graph mode 'full'; supported modes: disabled"):
-        GraphConfig().check_device(device)
+        GraphConfig.from_dict({"decode": {"mode": "full"}}).check_device(device)
     GraphConfig.from_dict({"decode": {"mode": "disabled"}, "prefill": {"mode": "disabled", "compiler": "none"}}).check_device(device)
+    GraphConfig().check_device(device)  # mode auto: it picks among what the device offers (disabled here)
 
 
 def test_an_unknown_mode_is_refused_by_check_device_with_the_modes_the_device_has():

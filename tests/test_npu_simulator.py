@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from refmodel import decode_attention_reference
+from refmodel.prefill_attention_reference import prefill_attention_reference
 from support.npu_simulator import (
     DanglingRecordError,
     HiddenLaunchError,
@@ -177,6 +178,86 @@ def test_a_workspace_sized_for_shorter_lengths_is_refused(torch_npu):
     out = [torch.empty(BATCH, 1, HEADS * HEAD_DIM, dtype=case.q.dtype), torch.empty(1, dtype=case.q.dtype)]
     with pytest.raises(ValueError, match="workspace holds .* bytes but these lengths need"):
         case.fused_out(torch_npu, [CAPACITY, 1, 1], workspace, out)
+
+
+class PackedCase:
+    """Random packed-prefill ("TND") inputs over a paged cache: two requests (4 new tokens; 5 new after 15
+    cached), then a token tail owning the last row, as refmodel's npu prefill kernel calls the op."""
+
+    HEAD_DIM, BLOCK_SIZE, TOKENS = 128, 16, 10
+
+    def __init__(self, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        shape = (8, self.BLOCK_SIZE, KV_HEADS, self.HEAD_DIM)
+        self.key_cache = torch.randn(shape, generator=generator).to(torch.bfloat16)
+        self.value_cache = torch.randn(shape, generator=generator).to(torch.bfloat16)
+        self.q = torch.randn(self.TOKENS, HEADS, self.HEAD_DIM, generator=generator).to(torch.bfloat16)
+        self.block_tables = torch.tensor([[1, 2], [3, 4], [0, 0]], dtype=torch.int32)
+        self.mask = torch.triu(torch.ones(2048, 2048), diagonal=1).to(torch.int8)
+
+    def kwargs(self, **changes) -> dict:
+        kwargs = dict(
+            atten_mask=self.mask, actual_seq_lengths=[4, 9, 10], actual_seq_lengths_kv=[4, 20, 1],
+            block_table=self.block_tables, num_heads=HEADS, num_key_value_heads=KV_HEADS, scale=self.HEAD_DIM**-0.5,
+            input_layout="TND", sparse_mode=3, block_size=self.BLOCK_SIZE,
+        )
+        return {**kwargs, **changes}
+
+    def fused(self, torch_npu, q=None, **changes) -> torch.Tensor:
+        blocks = self.key_cache.shape[0]
+        out, _ = torch_npu.npu_fused_infer_attention_score(
+            self.q if q is None else q,
+            self.key_cache.view(blocks, self.BLOCK_SIZE, -1),
+            self.value_cache.view(blocks, self.BLOCK_SIZE, -1),
+            **self.kwargs(**changes),
+        )
+        return out
+
+
+def test_packed_prefill_is_causal_from_each_requests_context_as_the_reference(torch_npu):
+    case = PackedCase()
+    out = case.fused(torch_npu)
+    query_lens, seq_lens = torch.tensor([4, 5], dtype=torch.int32), torch.tensor([4, 20], dtype=torch.int32)
+    expected = prefill_attention_reference(
+        case.q, case.key_cache, case.value_cache, case.block_tables[:2], query_lens, seq_lens, case.HEAD_DIM**-0.5
+    )
+    torch.testing.assert_close(out[:9], expected[:9], rtol=2e-2, atol=2e-2)
+    launch = torch_npu.simulator.launches[-1]
+    assert (launch.query_ends, launch.lengths) == ((4, 9, 10), (4, 20, 1))
+    # A request with no query tokens repeats the previous end (documented as valid) and changes nothing else.
+    block_tables = torch.tensor([[1, 2], [0, 0], [3, 4], [0, 0]], dtype=torch.int32)
+    with_empty = case.fused(
+        torch_npu, actual_seq_lengths=[4, 4, 9, 10], actual_seq_lengths_kv=[4, 0, 20, 1], block_table=block_tables
+    )
+    torch.testing.assert_close(with_empty, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "message"),
+    [
+        ({"actual_seq_lengths": None}, ValueError, "needs the cumulative query lengths"),
+        ({"actual_seq_lengths": [4, 3, 10]}, ValueError, "must not decrease"),
+        ({"actual_seq_lengths": [4, 9, 9]}, ValueError, "end at 9 but the query has T = 10 rows"),
+        ({"actual_seq_lengths_kv": [4, 20]}, ValueError, "2 KV lengths for a batch of 3"),
+        ({"actual_seq_lengths_kv": [4, 33, 1]}, ValueError, r"KV length 33 outside 0\.\.32"),
+        ({"sparse_mode": 3, "atten_mask": None}, ValueError, "needs the optimized atten_mask"),
+        ({"atten_mask": torch.ones(16, 16, dtype=torch.int8).triu(1)}, ValueError, r"a \(2048, 2048\) atten_mask"),
+        ({"atten_mask": torch.ones(2048, 2048, dtype=torch.int8).tril()}, ValueError, "the triangular mask"),
+        ({"sparse_mode": 2}, NotImplementedError, "sparse_mode 2 is not simulated"),
+        ({"block_table": torch.zeros(2, 2, dtype=torch.int32)}, ValueError, "block_table has 2 rows for a batch of 3"),
+    ],
+)
+def test_packed_prefill_checks_its_arguments_as_torch_npu_documents_them(torch_npu, changes, error, message):
+    with pytest.raises(error, match=message):
+        PackedCase().fused(torch_npu, **changes)
+
+
+def test_packed_prefill_takes_a_head_dim_of_128_or_192_and_a_contiguous_query(torch_npu):
+    case = PackedCase()
+    with pytest.raises(ValueError, match="head dim of 128 or 192, got 64"):
+        case.fused(torch_npu, q=case.q[..., :64].contiguous())
+    with pytest.raises(ValueError, match="must be contiguous"):
+        case.fused(torch_npu, q=case.q.transpose(0, 1).contiguous().transpose(0, 1))
 
 
 # --- capture and update, as the npu plugin drives them --------------------------------------------------

@@ -98,11 +98,20 @@ def test_a_call_whose_inputs_require_grad_goes_through_the_op_where_autograd_see
 @pytest.mark.parametrize("config", [TINY, GQA], ids=["tiny", "gqa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("phase", ["decode", "prefill"])
-def test_direct_kernels_give_the_ops_results_bit_for_bit(phase, dtype, config):
+def test_direct_kernels_give_the_ops_results(phase, dtype, config):
     direct_logits, direct_cache = run(*build_step(phase, config, dtype), through_ops=False)
     op_logits, op_cache = run(*build_step(phase, config, dtype), through_ops=True)
-    assert torch.equal(direct_logits, op_logits)
-    assert all(torch.equal(a, b) for a, b in zip(direct_cache, op_cache))
+    if phase == "decode":  # the same kernel either way: bit for bit
+        assert torch.equal(direct_logits, op_logits)
+        assert all(torch.equal(a, b) for a, b in zip(direct_cache, op_cache))
+        return
+    # Prefill on CPU: the op's kernel is the masked one a graph can record; the direct eager call runs one SDPA
+    # per request over host lengths (faster, not recordable). Same math, another summation order, which later
+    # layers' keys and values inherit.
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+    torch.testing.assert_close(direct_logits, op_logits, **tolerance)
+    for direct, op in zip(direct_cache, op_cache):
+        torch.testing.assert_close(direct, op, **tolerance)
 
 
 @pytest.mark.cpu

@@ -157,14 +157,24 @@ def test_attention_op_passes_opcheck():
         (dict(seq_lens=[9, 1]), "request 0: seq_len 9 does not fit its block table"),
         (dict(query_lens=[-1, 1]), "request 0: negative length"),
         (dict(query_lens=[2]), "one row per request"),
-        (dict(out=torch.empty(4, TINY.num_heads, 1)), "out must have q's shape"),
     ],
 )
-def test_attention_op_rejects_an_inconsistent_batch(change, message):
+def test_reference_rejects_an_inconsistent_batch(change, message):
+    # Only the reference reads the lengths on the host to check them; the graph-capturable kernels cannot, so
+    # the runner checks a batch's query lengths on the host before every replay (hal.SlotRole.QUERY_LENS).
     inputs = small_valid_batch()
-    prefill_attention(**inputs)  # as built, the batch is fine: only the change breaks it
-    inputs.update({name: torch.tensor(v, dtype=torch.int32) if isinstance(v, list) else v for name, v in change.items()})
+    del inputs["out"]
+    prefill_attention_reference(**inputs)  # as built, the batch is fine: only the change breaks it
+    inputs.update({name: torch.tensor(v, dtype=torch.int32) for name, v in change.items()})
     with pytest.raises(ValueError, match=message):
+        prefill_attention_reference(**inputs)
+
+
+@pytest.mark.cpu
+def test_attention_op_rejects_an_out_of_another_shape():
+    inputs = small_valid_batch()
+    inputs["out"] = torch.empty(4, TINY.num_heads, 1)
+    with pytest.raises(ValueError, match="out must have q's shape"):
         prefill_attention(**inputs)
 
 
@@ -180,9 +190,14 @@ def small_valid_batch() -> dict:
 
 
 @pytest.mark.cpu
-def test_attention_is_a_required_break_point():
-    assert prefill_attention_break.required and prefill_attention_break.name == "refmodel.prefill_attention"
-    assert prefill_attention_break.function is torch.ops.refmodel.prefill_attention.default
+def test_attention_is_an_optional_break_point_that_declares_where_it_can_be_captured():
+    assert not prefill_attention_break.required and prefill_attention_break.name == "refmodel.prefill_attention"
+    op = torch.ops.refmodel.prefill_attention.default
+    # The CPU and CUDA kernels read every length on the device; any other device but npu runs the host-reading
+    # reference.
+    assert hal.graph_support_of(op, "cpu") == hal.graph_support_of(op, "cuda") == hal.GraphSupport.ANY_BATCH
+    assert hal.graph_support_of(op, "npu") == hal.GraphSupport.ANY_BATCH  # host lengths updated before replays
+    assert hal.graph_support_of(op, "xpu") == hal.GraphSupport.NEVER
 
 
 # --- the model's prefill step -----------------------------------------------------------------------------
@@ -339,16 +354,35 @@ def test_breakable_capture_breaks_at_each_layers_attention_and_follows_new_input
     torch.testing.assert_close(logits, expected, **close(torch.float32, graph_device))
 
 
-def test_a_full_capture_refuses_prefill_attention(graph_device):
+def test_the_eager_prefill_step_captures_in_one_full_graph_that_follows_any_request_split(graph_device):
+    # The proof that nothing in the prefill step reads a length on the host: a CUDA capture would fail on the
+    # sync, and the cpu device refuses host reads while it records. The graph then serves a batch of the same
+    # token and request counts split differently, with other contexts.
     device = hal.get_device(graph_device)
-    _, _, workload, step = build(device=graph_device)
-    batch = workload.batch()
+    _, kv_cache, workload, step = build(device=graph_device)
+    shape = dict(tokens=workload.num_tokens + 3, requests=4)
+    # A graph's inputs are device buffers (the workload keeps query_lens on the host, as a scheduler does).
+    static = {name: tensor.to(device.torch_device) for name, tensor in pad(workload.batch(), **shape).items()}
     with torch.no_grad():
-        step(**batch)
+        step(**static)
         device.synchronize()
-        with pytest.raises(hal.BreakInFullGraphError, match="refmodel.prefill_attention"):
-            with device.capture_session(device.make_graph("full"), device.graph_pool()):
-                step(**batch)
+        graph = device.make_graph("full")
+        with device.capture_session(graph, device.graph_pool()):
+            logits = step(**static)
+
+    split_otherwise = PrefillWorkload(kv_cache, [1, workload.num_tokens - 4, 3], context_lens=[9, 0, 5], seed=7)
+    try:
+        other = pad(split_otherwise.batch(), **shape)
+        for name, tensor in other.items():
+            static[name].copy_(tensor)
+        device.replay(graph)
+        device.synchronize()
+        with torch.no_grad():
+            expected = step(**other)
+        live = workload.num_tokens
+        torch.testing.assert_close(logits[:live], expected[:live], **close(torch.float32, graph_device))
+    finally:
+        split_otherwise.release()
 
 
 # --- inputs and the synthetic workload --------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""Piecewise and breakable graphs through the runners on the reference model: graph output equals eager.
+"""Every graph mode through the runners on the reference model: graph output equals eager.
 
-Decode in mode piecewise, and prefill of random packed batches in all three prefill modes, across bucket
-boundaries, on every device with graphs (cpu here, cuda on a GPU machine).
+Decode in mode piecewise, and prefill of random packed batches and of mixed batches (decodes beside a
+prompt's chunk) in every prefill mode, across bucket boundaries, on every device with graphs (cpu here,
+cuda on a GPU machine).
 """
 
 from __future__ import annotations
@@ -74,7 +75,10 @@ def graph_equals_eager(model: Model, runner: PrefillRunner, query_lens: list[int
         workload.release()
 
 
-@pytest.mark.parametrize("mode", ["piecewise", "breakable", "disabled"])
+PREFILL_MODES = ["full", "piecewise", "breakable", "disabled"]
+
+
+@pytest.mark.parametrize("mode", PREFILL_MODES)
 def test_prefill_of_random_packed_batches_equals_eager(graph_device, mode):
     model = Model(graph_device)
     runner = model.prefill_runner(mode)
@@ -82,8 +86,20 @@ def test_prefill_of_random_packed_batches_equals_eager(graph_device, mode):
         graph_equals_eager(model, runner, query_lens, context_lens, seed)
 
 
+@pytest.mark.parametrize("mode", PREFILL_MODES)
+def test_mixed_batches_of_decodes_and_a_prompt_chunk_equal_eager(graph_device, mode):
+    # As a chunked-prefill scheduler batches them: requests decoding one token each after long contexts,
+    # beside one chunk of a long prompt whose earlier chunks are cached.
+    model = Model(graph_device)
+    runner = model.prefill_runner(mode, max_requests=6)
+    for seed, (decodes, chunk, chunk_context) in enumerate([(3, 12, 20), (5, 9, 0), (1, 31, 30), (4, 4, 7)]):
+        query_lens = [chunk] + [1] * decodes
+        context_lens = [chunk_context] + [30 + 5 * i for i in range(decodes)]
+        graph_equals_eager(model, runner, query_lens, context_lens, seed)
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("mode", ["piecewise", "breakable"])
+@pytest.mark.parametrize("mode", ["full", "piecewise", "breakable"])
 def test_prefill_in_bfloat16_equals_eager_on_cuda(mode):
     model = Model("cuda", torch.bfloat16)
     runner = model.prefill_runner(mode)
@@ -96,7 +112,8 @@ def test_piecewise_prefill_compiles_once_for_every_bucket(graph_device):
     runner = model.prefill_runner("piecewise")
     backend = runner._capture.backend
     assert backend.compile_count == 1
-    assert backend.num_splits == model.config.num_layers  # one attention per layer
+    # Prefill attention can be captured in any batch on cpu and cuda: it stays inside the one piece.
+    assert backend.num_splits == 0 and len(backend.pieces) == 1
     assert all(sorted(piece.graphs) == PREFILL_BUCKETS for piece in backend.pieces)
     graph_equals_eager(model, runner, [5, 6], [3, 0], seed=1)
     assert backend.compile_count == 1
@@ -123,9 +140,22 @@ def test_prefill_beyond_max_tokens_or_max_requests_runs_eagerly_or_raises(graph_
         workload.release()
 
 
-def test_prefill_refuses_mode_full_and_names_the_modes_that_work():
-    with pytest.raises(ValueError, match=r"mode 'full' cannot capture prefill.*'piecewise'.*'breakable'"):
-        PrefillConfig(mode="full")
+def test_mode_auto_captures_full_graphs_of_both_steps_where_attention_allows(graph_device):
+    from refmodel import DecodeWorkload
+
+    model = Model(graph_device)
+    prefill = model.prefill_runner("auto")
+    assert prefill.config.mode == "full" and prefill.requested_mode == "auto"
+    assert "refmodel::prefill_attention (any_batch)" in prefill.mode_reason
+    graph_equals_eager(model, prefill, [5, 6], [3, 0], seed=1)
+
+    workload = DecodeWorkload(model.kv_cache, 4, max_context_len=20, max_blocks_per_seq=8, seed=4)
+    decode = DecodeRunner(
+        model.model.decode_forward(model.kv_cache), workload.input_slots(), model.device,
+        DecodeConfig(buckets=[1, 4], show_progress=False),
+    )
+    decode.capture()
+    assert decode.config.mode == "full" and "refmodel::decode_attention (uniform_decode)" in decode.mode_reason
 
 
 def test_piecewise_decode_equals_eager_with_one_compile(graph_device):

@@ -1,8 +1,8 @@
 """Every contender a run can ask for, by name, per phase, in table order.
 
 Eager is in no table: it always runs, first, as the baseline of its size. A contender is one entry (a
-factory taking the device): prefill in mode ``full``, once ``PrefillConfig`` takes it, is one more line in
-``PREFILL_CONTENDERS``; a mixed decode+prefill row is a third table with its own inputs.
+factory taking the device). Mixed batches (decodes beside a prompt's chunk) are prefill shapes: every prefill
+contender runs them.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ DECODE_CONTENDERS: dict[str, Callable[[hal.Device], Contender[Batch]]] = {
 }
 
 PREFILL_CONTENDERS: dict[str, Callable[[hal.Device], Contender[PrefillCase]]] = {
-    mode.value: (lambda device, mode=mode: PrefillRunnerMode(mode.value)) for mode in (hal.GraphMode.PIECEWISE, hal.GraphMode.BREAKABLE)
+    mode.value: (lambda device, mode=mode: PrefillRunnerMode(mode.value)) for mode in RUNNER_MODES
 }
 PREFILL_MODES = tuple(PREFILL_CONTENDERS)
 

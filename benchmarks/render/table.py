@@ -31,7 +31,12 @@ _SHARED: list[_Column] = [
     ("repeats x steps", 17, _timing),
 ]
 _DECODE: list[_Column] = [("batch", 5, lambda r: str(r.batch_size)), *_SHARED]
-_PREFILL: list[_Column] = [("tokens", 6, lambda r: str(r.tokens)), ("reqs", 4, lambda r: str(r.requests)), *_SHARED]
+_PREFILL: list[_Column] = [
+    ("tokens", 6, lambda r: str(r.tokens)),
+    # A mixed batch: one prompt chunk plus this many one-token decodes.
+    ("reqs", 6, lambda r: f"1+{r.decodes}d" if r.decodes else str(r.requests)),
+    *_SHARED,
+]
 
 
 def _table(rows: list[Row], columns: list[_Column]) -> list[str]:

@@ -5,7 +5,9 @@ While a graph is captured, the plugin brackets every such launch itself in a tas
 ExternalEvent, with its outputs and workspace preallocated and held for the graph's life
 (``host_length_launches``); ``hal_update`` then re-issues those launches with the live lengths on an update
 stream of the graph's device, ordered after the graph's previous replay, and the replay's gated tasks wait
-for it (``npu_graph`` explains the order). torch_npu's own ``auto_dispatch_capture`` is never used: what it
+for it (``npu_graph`` explains the order). Decode launches take the KV lengths (``seq_lens``); packed prefill
+launches (FIA's "TND" layout) also the query lengths as cumulative ends (``query_lens``), so a whole prefill
+step is capturable too (``launch_lengths``). torch_npu's own ``auto_dispatch_capture`` is never used: what it
 handles differs per release line (``capture_session`` says how).
 
 Supported: the torch_npu lines 7.1, 7.2, 7.3 and 26.0 on, decided by the API a build has, not its version

@@ -2,7 +2,8 @@
 
 The ordering (why each update waits for the graph's previous replay) is explained in ``npu_graph``. On the
 plugin's update stream for the graph's device, per launch: ``graph_task_update_begin(stream, handle)``, the
-op re-issued on the captured memory and workspace with the new lengths (in the type its schema takes),
+op re-issued on the captured memory and workspace with the new lengths (in the types its schema takes; a
+packed prefill launch gets the query lengths as cumulative ends too, ``launch_lengths``),
 ``graph_task_update_end(stream)``, then ``event.record(stream)`` to release the captured task. vllm-ascend
 updates the same way (attention_v1.py update_graph_params, main 182b75ea); torch_npu's ``NPUGraph.update`` is
 not used (``capture_session`` says why). The update is asynchronous: the host returns once the re-issued
@@ -17,7 +18,10 @@ from devices.npu.host_length_ops import HostLengthUpdateError
 from devices.npu.npu_graph import NpuGraph
 from hal import SlotRole
 
-SUPPORTED_PARAMS = (SlotRole.SEQ_LENS,)
+# SEQ_LENS: the KV lengths every attention launch takes. QUERY_LENS: the new tokens per request of a packed
+# prefill batch, which only packed ("TND") launches take (as cumulative ends, ``launch_lengths``); a graph
+# whose launches take none (decode) ignores it.
+SUPPORTED_PARAMS = (SlotRole.SEQ_LENS, SlotRole.QUERY_LENS)
 
 
 def update_graph(graph: NpuGraph, params: Mapping[str, Any]) -> None:
@@ -27,7 +31,9 @@ def update_graph(graph: NpuGraph, params: Mapping[str, Any]) -> None:
     lengths = _lengths(graph, params)
     if lengths is None:  # nothing in this graph bakes lengths (e.g. a breakable graph's segment): no-op
         return
-    calls = [launch.call_with(lengths) for launch in graph.launches]  # host values ready before any update begins
+    seq_lens, query_lens = lengths
+    # Host values ready before any update begins (a misfit raises here, with nothing half-updated).
+    calls = [launch.call_with(seq_lens, query_lens) for launch in graph.launches]
     npu = graph.runtime.npu
     stream = graph.runtime.update_stream(graph.index)
     _after_previous_replay(graph, stream)
@@ -44,7 +50,9 @@ def update_graph(graph: NpuGraph, params: Mapping[str, Any]) -> None:
     graph.update_pending = True
 
 
-def _lengths(graph: NpuGraph, params: Mapping[str, Any]) -> list[int] | None:
+def _lengths(graph: NpuGraph, params: Mapping[str, Any]) -> tuple[list[int], list[int] | None] | None:
+    """The update's ``seq_lens`` and (for packed launches) ``query_lens``, checked against the graph; None when
+    the graph holds no host-length launch."""
     unknown = sorted(set(params) - set(SUPPORTED_PARAMS))
     if unknown:
         raise HostLengthUpdateError(
@@ -59,26 +67,34 @@ def _lengths(graph: NpuGraph, params: Mapping[str, Any]) -> list[int] | None:
             f"this npu graph's attention launches were captured for different request counts ({batches}); one "
             f"{SlotRole.SEQ_LENS!r} list cannot update them all"
         )
-    if SlotRole.SEQ_LENS not in params:
+    seq_lens = _host_ints(graph, params, SlotRole.SEQ_LENS)
+    packed = any(launch.lengths.takes_query_lens for launch in graph.launches)
+    return seq_lens, _host_ints(graph, params, SlotRole.QUERY_LENS) if packed else None
+
+
+def _host_ints(graph: NpuGraph, params: Mapping[str, Any], role: str) -> list[int]:
+    """``params[role]``: a host list of ``graph.batch`` non-negative ints."""
+    if role not in params:
+        packed = " of packed prefill tokens" if role == SlotRole.QUERY_LENS else ""
         raise HostLengthUpdateError(
-            f"this npu graph holds {len(graph.launches)} attention launch(es) taking host lengths; the update must "
-            f"give {SlotRole.SEQ_LENS!r} ({graph.batch} ints, padded with 0)"
+            f"this npu graph holds {len(graph.launches)} attention launch(es){packed} taking host lengths; the update "
+            f"must give {role!r} ({graph.batch} ints, padded with 0)"
         )
-    values = params[SlotRole.SEQ_LENS]
+    values = params[role]
     if not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
         raise HostLengthUpdateError(
-            f"{SlotRole.SEQ_LENS!r} must be a host list of ints, got {type(values).__name__}: a device tensor would "
-            "have to be read back to the host, which is the caller's choice to make, not the graph's"
+            f"{role!r} must be a host list of ints, got {type(values).__name__}: a device tensor would have to be "
+            "read back to the host, which is the caller's choice to make, not the graph's"
         )
     if len(values) != graph.batch:
         raise HostLengthUpdateError(
-            f"{SlotRole.SEQ_LENS!r} has {len(values)} lengths but this npu graph was captured for {graph.batch} "
-            "requests; pad the live lengths to the graph's bucket (with 0)"
+            f"{role!r} has {len(values)} lengths but this npu graph was captured for {graph.batch} requests; pad "
+            "the live lengths to the graph's bucket (with 0)"
         )
     lengths = []
     for value in values:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise HostLengthUpdateError(f"{SlotRole.SEQ_LENS!r} must hold non-negative ints, got {value!r}")
+            raise HostLengthUpdateError(f"{role!r} must hold non-negative ints, got {value!r}")
         lengths.append(value)
     return lengths
 

@@ -16,7 +16,7 @@ Only ops called where a dispatch mode sees them are found: an op launched inside
 custom op's npu kernel, which an Inductor-compiled forward calls) is hidden from every dispatch mode and its
 lengths would stay baked in. That is why ``full`` with ``compiler="inductor"`` is refused on npu
 (``devices.npu.hal_compiled_capture_problem``), and why refmodel calls the fused attention directly in eager
-code (``refmodel.npu_decode_attention``).
+code (``refmodel.npu_decode_attention``, ``refmodel.npu_prefill_attention``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from typing import Any, Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from devices.npu.host_length_ops import HostLengthOp, HostLengthUpdateError, host_length_op
+from devices.npu.host_length_ops import HostLengthOp, host_length_op
+from devices.npu.launch_lengths import LaunchLengths, launch_lengths
+from devices.npu.op_arguments import with_argument
 from devices.npu.runtime import TorchNpu
 
 
@@ -36,17 +38,28 @@ class ExplicitLaunch:
     """One bracketed launch of a graph: re-issued with new lengths between update_begin/end to update its task."""
 
     op: HostLengthOp
-    batch: int  # requests the launch was captured for: every update must give that many lengths
+    lengths: LaunchLengths  # what the launch takes as host lengths, and how an update's lists map onto it
     func: torch._ops.OpOverload
     args: tuple[Any, ...]  # held strongly, workspace and outputs included: the task reads and writes them
     kwargs: dict[str, Any]
     handle: Any  # from graph_task_group_end
     event: Any  # the ExternalEvent the captured task waits on
 
-    def call_with(self, lengths: Sequence[int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The captured call with ``lengths`` in place of the captured ones (in the schema's type). Built
-        before ``graph_task_update_begin``: between begin and end only the re-issued launch belongs."""
-        return with_argument(self.func, self.args, self.kwargs, self.op.argument, self.op.host_value(lengths))
+    @property
+    def batch(self) -> int:
+        """Requests the launch was captured for: every update must give that many lengths of each kind."""
+        return self.lengths.requests
+
+    def call_with(
+        self, seq_lens: Sequence[int], query_lens: Sequence[int] | None = None
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The captured call with these per-request lengths in place of the captured ones (in the schema's
+        types; ``launch_lengths``). Built before ``graph_task_update_begin``: between begin and end only the
+        re-issued launch belongs."""
+        args, kwargs = self.args, self.kwargs
+        for name, value in self.lengths.arguments(seq_lens, query_lens).items():
+            args, kwargs = with_argument(self.func, args, kwargs, name, value)
+        return args, kwargs
 
     def reissue(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.func(*args, **kwargs)
@@ -75,7 +88,7 @@ class HostLengthCapture(TorchDispatchMode):
         op = host_length_op(func)
         if op is None:
             return func(*args, **kwargs)
-        batch = len(argument_value(func, args, kwargs, op.argument))
+        lengths = launch_lengths(op, func, args, kwargs)
         prepared = op.prepare(self._runtime, func, tuple(args), dict(kwargs))
         npu = self._runtime.npu
         stream = npu.current_stream()
@@ -89,7 +102,7 @@ class HostLengthCapture(TorchDispatchMode):
             _close_group(npu, stream)
             raise
         handle = npu.graph_task_group_end(stream)
-        self._launches.append(ExplicitLaunch(op, batch, prepared.func, prepared.args, prepared.kwargs, handle, event))
+        self._launches.append(ExplicitLaunch(op, lengths, prepared.func, prepared.args, prepared.kwargs, handle, event))
         return prepared.result(issued)
 
 
@@ -99,31 +112,3 @@ def _close_group(npu: Any, stream: Any) -> None:
         npu.graph_task_group_end(stream)
     except Exception:  # an empty group may be refused: the op's own error explains the failure better
         pass
-
-
-def _position(func: torch._ops.OpOverload, name: str) -> int:
-    for position, argument in enumerate(func._schema.arguments):
-        if argument.name == name:
-            return position
-    raise HostLengthUpdateError(f"{func} has no argument {name!r}; its schema: {func._schema}")
-
-
-def argument_value(func: torch._ops.OpOverload, args: Sequence[Any], kwargs: dict[str, Any], name: str) -> Any:
-    """An argument of an op call as a dispatch mode sees it: positional schema arguments arrive in ``args``,
-    keyword-only ones in ``kwargs`` (and only when they differ from their default)."""
-    if name in kwargs:
-        return kwargs[name]
-    position = _position(func, name)
-    if position < len(args):
-        return args[position]
-    raise HostLengthUpdateError(f"{func} was called without {name!r}: its lengths are unknown, so it cannot be updated")
-
-
-def with_argument(
-    func: torch._ops.OpOverload, args: Sequence[Any], kwargs: dict[str, Any], name: str, value: Any
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``args``/``kwargs`` with argument ``name`` replaced by ``value``."""
-    if name in kwargs:
-        return tuple(args), {**kwargs, name: value}
-    position = _position(func, name)
-    return (*args[:position], value, *args[position + 1 :]), dict(kwargs)

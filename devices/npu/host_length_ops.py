@@ -8,7 +8,9 @@ workspace that outlive the capture and that the update passes again: an op that 
 So each op here has a recipe, the one vllm-ascend uses (vllm_ascend/attention/attention_v1.py full_graph_fia
 and full_graph_pa, main 182b75ea):
 
-- ``npu_fused_infer_attention_score`` (FIA v1): lengths ``actual_seq_lengths_kv``, a host ``SymInt[]``. A
+- ``npu_fused_infer_attention_score`` (FIA v1): lengths ``actual_seq_lengths_kv``, a host ``SymInt[]``; in the
+  packed "TND" layout (prefill) also the query tokens, ``actual_seq_lengths``, as cumulative ends
+  (``launch_lengths`` says how an update fills both). A
   ``.default`` call becomes ``.out`` with outputs allocated here (``_npu_fused_infer_attention_score_infer_output``
   where the build has it, 7.3 on; else ``empty_like(query)`` and a one-element lse, as torch_npu 7.1/7.2 do,
   graphs.py L147-148 at v7.1.0) and ``workspace=_npu_fused_infer_attention_score_get_max_workspace(...)``,
@@ -16,8 +18,8 @@ and full_graph_pa, main 182b75ea):
   the workspace when it has none. ``.out``'s registered schema has no alias annotation (torch_npu's codegen
   turns the two out arguments into ``Tensor[] out -> (Tensor, Tensor)``, codegen/custom_functions.py
   L213-221), so mutability is not read from the schema.
-- ``npu_fused_infer_attention_score_v2`` (op-plugin 7.2 on): the same with ``actual_seq_kvlen`` and the
-  ``_v2`` helpers.
+- ``npu_fused_infer_attention_score_v2`` (op-plugin 7.2 on): the same with ``actual_seq_kvlen`` (and
+  ``actual_seq_qlen``) and the ``_v2`` helpers.
 - ``_npu_paged_attention`` (ATB): lengths ``context_lens``, a host (CPU) int32 Tensor, positional 7; it writes
   ``out`` (positional 8). Its ``workspace`` keyword and ``_npu_paged_attention_get_workspace`` exist from
   op-plugin 7.2 on (PagedAttentionAtb.cpp L91-92 at 691bf15a; absent at 480bc431, torch_npu 7.1): a build
@@ -55,16 +57,19 @@ class PreparedLaunch:
 class HostLengthOp:
     """An op that takes per-request lengths as a host value.
 
-    name:        the op's name without namespace or overload (``func._schema.name`` after ``::``).
-    argument:    the schema argument that carries the lengths.
-    host_tensor: the schema takes them as a Tensor (a CPU int32 tensor), not as ``SymInt[]``.
-    prepare:     the recipe: the call as the model made it -> the updatable call (module docstring).
+    name:           the op's name without namespace or overload (``func._schema.name`` after ``::``).
+    argument:       the schema argument that carries the per-request KV lengths.
+    host_tensor:    the schema takes them as a Tensor (a CPU int32 tensor), not as ``SymInt[]``.
+    prepare:        the recipe: the call as the model made it -> the updatable call (module docstring).
+    query_argument: the schema argument that carries the query tokens as cumulative ends in the packed "TND"
+                    layout (a host ``SymInt[]``); None for an op without one.
     """
 
     name: str
     argument: str
     host_tensor: bool
     prepare: Callable[[TorchNpu, torch._ops.OpOverload, tuple[Any, ...], dict[str, Any]], PreparedLaunch]
+    query_argument: str | None = None
 
     def host_value(self, lengths: Sequence[int]) -> Any:
         """``lengths`` in the type the schema wants (issue 16: a list where the schema says Tensor fails inside
@@ -168,8 +173,12 @@ def _paged_attention(runtime: TorchNpu, func: Any, args: tuple[Any, ...], kwargs
 HOST_LENGTH_OPS = {
     op.name: op
     for op in (
-        HostLengthOp("npu_fused_infer_attention_score", "actual_seq_lengths_kv", False, _fused_attention("")),
-        HostLengthOp("npu_fused_infer_attention_score_v2", "actual_seq_kvlen", False, _fused_attention("_v2")),
+        HostLengthOp(
+            "npu_fused_infer_attention_score", "actual_seq_lengths_kv", False, _fused_attention(""), "actual_seq_lengths"
+        ),
+        HostLengthOp(
+            "npu_fused_infer_attention_score_v2", "actual_seq_kvlen", False, _fused_attention("_v2"), "actual_seq_qlen"
+        ),
         HostLengthOp("_npu_paged_attention", "context_lens", True, _paged_attention),
     )
 }

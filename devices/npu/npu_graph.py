@@ -60,7 +60,7 @@ class NpuGraph:
                 f"replay of an npu graph with {len(self.launches)} attention launch(es) taking host lengths, without "
                 f"an update since its {'capture' if self.replays == 0 else 'previous replay'}: on hardware their tasks "
                 "would wait forever for the update's event. Call Device.update(graph, {'seq_lens': [...]}) before "
-                "every replay"
+                "every replay (with 'query_lens' too for a packed prefill batch)"
             )
         npu = self.runtime.npu
         self.npu_graph.replay()

@@ -8,7 +8,8 @@ Outside a capture a break point is a plain call. Inside a breakable capture, rea
 segment, runs the function eagerly, and opens the next segment; at replay the function runs again between
 the segment replays. Inside a full capture, a required break point is an error (the op cannot be captured),
 while an optional one (``required=False``: capturable, but worth keeping out of the graph when breaking)
-is captured inline. A disabled break point (``enabled=False``) is always a plain call.
+is captured inline; how far the op inside it can be captured is the op's own declaration
+(``hal.declare_graph_support``). A disabled break point (``enabled=False``) is always a plain call.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from hal.capture_state import current_capture
 from hal.errors import GraphHalError
+from hal.graph_support import GraphSupport, note_break_point, probing
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,6 +48,8 @@ class BreakPoint:
             return self.function(*args, **kwargs)
         active = current_capture()
         if active is None or not self.enabled:
+            if self.required and self.enabled and probing():
+                note_break_point(self.name, GraphSupport.NEVER)  # a runner choosing its mode asks (ops_reached)
             return self.function(*args, **kwargs)
         if active.cutter is not None:
             return active.cutter.cut(self, args, kwargs)

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import torch
 
 from hal.errors import GraphHalError
+from hal.op_overloads import NotAnOpError, overloads_of
 
 
 class SplittingOpError(GraphHalError, ValueError):
@@ -27,17 +28,13 @@ _registered: set[torch._ops.OpOverload] = set()
 
 
 def _overloads(op: Any) -> list[torch._ops.OpOverload]:
-    if isinstance(op, torch._ops.OpOverload):
-        return [op]
-    if isinstance(op, torch._ops.OpOverloadPacket):
-        return [getattr(op, name) for name in op.overloads()]
-    custom_op = getattr(op, "_opoverload", None)  # a torch.library.custom_op object
-    if isinstance(custom_op, torch._ops.OpOverload):
-        return [custom_op]
-    raise SplittingOpError(
-        f"{op!r} is not a torch operator; a splitting op must be a custom op registered with torch.library "
-        "(pass torch.ops.<namespace>.<name> or its .default overload) so that torch.compile keeps it as one node"
-    )
+    try:
+        return overloads_of(op)
+    except NotAnOpError as exc:
+        raise SplittingOpError(
+            f"{exc}; a splitting op must be a custom op registered with torch.library so that torch.compile "
+            "keeps it as one node"
+        ) from None
 
 
 def check_writes_into_output(op: torch._ops.OpOverload) -> None:

@@ -7,9 +7,9 @@ once per simulated torch_npu release line.
         ...
 
 Besides installing the simulator, they point the two seams that say where npu tensors live at the CPU:
-the npu plugin's ``devices.npu.placement`` and the reference model's ``refmodel.npu_decode_attention``. On the way
-out everything is restored, and the process-wide registry is reloaded so that no Device facade built
-against the simulator outlives it.
+the npu plugin's ``devices.npu.placement`` and the reference model's ``refmodel.npu_decode_attention`` (whose
+``is_npu_tensor`` the npu prefill kernel shares). On the way out everything is restored, and the process-wide
+registry is reloaded so that no Device facade built against the simulator outlives it.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Registered as real torch ops so that dispatch modes see them exactly as they see torch_npu's ops, with the
 schemas torch_npu registers (op-plugin's op_plugin_functions.yaml and ops/atb/PagedAttentionAtb.cpp, with
 torch_npu's codegen turning two out arguments into ``Tensor[] out -> (Tensor, Tensor)``,
-codegen/custom_functions.py L213-221), cut to the arguments the decode branch uses. One namespace per op-plugin
-generation, since a torch op's schema cannot change within a process:
+codegen/custom_functions.py L213-221), cut to the arguments the decode and packed-prefill branches use. One
+namespace per op-plugin generation, since a torch op's schema cannot change within a process:
 
 - ``npu_simulator_op_plugin_7_1`` (op-plugin 480bc431, torch_npu 7.1): ``npu_fused_infer_attention_score``
   (``.default``, ``.out``) and ``_npu_paged_attention`` without a workspace.
@@ -17,9 +17,12 @@ The ops: the fused infer attention (v1: ``actual_seq_lengths_kv``; v2: ``actual_
 ``_npu_paged_attention``: query ``[B, N, D]``, caches ``[blocks, block_size, KV_N, D]``, lengths as a host
 (CPU) int32 tensor ``context_lens`` (positional 7), output ``out`` (positional 8). float16/bfloat16 only, as on
 hardware. A row whose length is 0 attends to nothing and gets zeros (what hardware gives there is not
-documented). The workspace helpers size the workspace by the lengths they are given, and a launch whose
-lengths need more than its workspace fails, so a capture must size it by the largest lengths an update may
-bring (whether torch_npu's "max workspace" covers every length is not documented).
+documented). FIA v1 and v2 also run the packed prefill branch, ``input_layout="TND"`` with cumulative query
+lengths (``actual_seq_lengths`` / ``actual_seq_qlen``) and ``sparse_mode`` 0 or 3 (``packed_prefill``); both
+length arguments are host arguments, copied at capture and replaced by updates. The workspace helpers size
+the workspace by the KV lengths they are given, and a launch whose lengths need more than its workspace fails,
+so a capture must size it by the largest lengths an update may bring (whether torch_npu's "max workspace"
+covers every length, or how the real one depends on the query split, is not documented).
 
 A launch made inside another op's kernel while a graph is captured is an error (``HiddenLaunchError``): no
 dispatch mode, torch_npu's included, saw it.
@@ -31,7 +34,7 @@ from typing import Any, Sequence
 
 import torch
 
-from support.npu_simulator import state
+from support.npu_simulator import packed_prefill, state
 from support.npu_simulator.errors import HiddenLaunchError, NotSimulatedError
 from support.npu_simulator.profiles import TorchNpuProfile
 
@@ -42,12 +45,14 @@ WORKSPACE_BYTES_PER_BLOCK = 64  # the simulated kernels' scratch per (request, K
 _FIA_V1 = (
     "Tensor query, Tensor key, Tensor value, *, Tensor? atten_mask=None, SymInt[]? actual_seq_lengths=None, "
     "SymInt[]? actual_seq_lengths_kv=None, Tensor? block_table=None, int num_heads=1, float scale=1.0, "
-    'str input_layout="BSH", int num_key_value_heads=0, int block_size=0, bool softmax_lse_flag=False'
+    'str input_layout="BSH", int num_key_value_heads=0, int sparse_mode=0, int block_size=0, '
+    "bool softmax_lse_flag=False"
 )
 _FIA_V2 = (
     "Tensor query, Tensor key, Tensor value, *, Tensor? atten_mask=None, SymInt[]? actual_seq_qlen=None, "
     "SymInt[]? actual_seq_kvlen=None, Tensor? block_table=None, int num_query_heads=1, int num_key_value_heads=0, "
-    'float softmax_scale=1.0, str input_layout="BSH", int block_size=0, bool return_softmax_lse=False'
+    'float softmax_scale=1.0, str input_layout="BSH", int sparse_mode=0, int block_size=0, '
+    "bool return_softmax_lse=False"
 )
 _PA = (
     "Tensor query, Tensor key_cache, Tensor value_cache, int num_kv_heads, int num_heads, float scale_value, "
@@ -71,8 +76,8 @@ SCHEMAS_7_2 = {
 NAMESPACES = {"npu_simulator_op_plugin_7_1": SCHEMAS_7_1, "npu_simulator_op_plugin_7_2": SCHEMAS_7_2}
 # Host arguments of each simulated op: copied at capture, replaceable by an update.
 HOST_ARGUMENTS = {
-    "npu_fused_infer_attention_score": ("actual_seq_lengths_kv",),
-    "npu_fused_infer_attention_score_v2": ("actual_seq_kvlen",),
+    "npu_fused_infer_attention_score": ("actual_seq_lengths", "actual_seq_lengths_kv"),
+    "npu_fused_infer_attention_score_v2": ("actual_seq_qlen", "actual_seq_kvlen"),
     "_npu_paged_attention": ("context_lens",),
 }
 
@@ -192,25 +197,32 @@ def _check_visible(op: str) -> None:
         )
 
 
-def _fused_attention(op: str, query, key, value, block_table, lengths, num_heads, scale, input_layout, num_kv_heads, block_size, lse):  # type: ignore[no-untyped-def]  # noqa: E501
+def _fused_attention(op: str, query, key, value, block_table, lengths, num_heads, scale, input_layout, num_kv_heads, block_size, lse, query_ends=None, atten_mask=None, sparse_mode=0):  # type: ignore[no-untyped-def]  # noqa: E501
     _check_visible(op)
     if query.dtype not in _DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
         raise TypeError(
             f"{op}: query, key and value must share float16 or bfloat16; got {query.dtype}, {key.dtype}, {value.dtype}"
         )
-    if input_layout not in ("BSH", "BSND"):
-        raise NotSimulatedError(f"{op}: input_layout {input_layout!r} is not simulated (BSH, BSND are)")
     if block_table is None:
         raise NotSimulatedError(f"{op}: only the paged KV cache (block_table) is simulated")
-    if query.shape[1] != 1:
-        raise NotSimulatedError(f"{op}: only the incremental branch (query S == 1) is simulated")
     if lse:
         raise NotSimulatedError(f"{op}: returning the softmax lse is not simulated")
-    batch = query.shape[0]
     num_kv_heads = num_kv_heads or num_heads
-    head_dim = (query.shape[2] // num_heads) if input_layout == "BSH" else query.shape[3]
     if block_size != key.shape[1]:
         raise ValueError(f"{op}: block_size {block_size} but the key cache has blocks of {key.shape[1]}")
+    if input_layout == "TND":
+        return packed_prefill.attention(
+            op, query, key, value, block_table, query_ends, lengths, num_heads, num_kv_heads, scale, block_size,
+            atten_mask, sparse_mode,
+        )
+    if input_layout not in ("BSH", "BSND"):
+        raise NotSimulatedError(f"{op}: input_layout {input_layout!r} is not simulated (BSH, BSND, TND are)")
+    if query.shape[1] != 1:
+        raise NotSimulatedError(f"{op}: in BSH/BSND only the incremental branch (query S == 1) is simulated")
+    if atten_mask is not None or sparse_mode:
+        raise NotSimulatedError(f"{op}: masks (atten_mask, sparse_mode) are simulated in the TND layout only")
+    batch = query.shape[0]
+    head_dim = (query.shape[2] // num_heads) if input_layout == "BSH" else query.shape[3]
     lengths = _checked_lengths(op, lengths, batch, block_table.shape[1] * block_size)
     state.current().log_launch(op, lengths)
     key_cache = key.reshape(key.shape[0], block_size, num_kv_heads, head_dim)
@@ -219,19 +231,19 @@ def _fused_attention(op: str, query, key, value, block_table, lengths, num_heads
     return _paged_decode(queries, key_cache, value_cache, block_table, lengths, scale).reshape(query.shape), lengths
 
 
-def _fia_v1(query, key, value, *, atten_mask=None, actual_seq_lengths=None, actual_seq_lengths_kv=None, block_table=None, num_heads=1, scale=1.0, input_layout="BSH", num_key_value_heads=0, block_size=0, softmax_lse_flag=False):  # type: ignore[no-untyped-def]  # noqa: E501
+def _fia_v1(query, key, value, *, atten_mask=None, actual_seq_lengths=None, actual_seq_lengths_kv=None, block_table=None, num_heads=1, scale=1.0, input_layout="BSH", num_key_value_heads=0, sparse_mode=0, block_size=0, softmax_lse_flag=False):  # type: ignore[no-untyped-def]  # noqa: E501
     op = "npu_fused_infer_attention_score"
     return _fused_attention(
         op, query, key, value, block_table, actual_seq_lengths_kv, num_heads, scale, input_layout, num_key_value_heads,
-        block_size, softmax_lse_flag,
+        block_size, softmax_lse_flag, actual_seq_lengths, atten_mask, sparse_mode,
     )
 
 
-def _fia_v2(query, key, value, *, atten_mask=None, actual_seq_qlen=None, actual_seq_kvlen=None, block_table=None, num_query_heads=1, num_key_value_heads=0, softmax_scale=1.0, input_layout="BSH", block_size=0, return_softmax_lse=False):  # type: ignore[no-untyped-def]  # noqa: E501
+def _fia_v2(query, key, value, *, atten_mask=None, actual_seq_qlen=None, actual_seq_kvlen=None, block_table=None, num_query_heads=1, num_key_value_heads=0, softmax_scale=1.0, input_layout="BSH", sparse_mode=0, block_size=0, return_softmax_lse=False):  # type: ignore[no-untyped-def]  # noqa: E501
     op = "npu_fused_infer_attention_score_v2"
     return _fused_attention(
         op, query, key, value, block_table, actual_seq_kvlen, num_query_heads, softmax_scale, input_layout,
-        num_key_value_heads, block_size, return_softmax_lse,
+        num_key_value_heads, block_size, return_softmax_lse, actual_seq_qlen, atten_mask, sparse_mode,
     )
 
 

@@ -32,7 +32,8 @@ class Launch:
 
     op: str
     phase: str  # "eager", "capture" or "replay"
-    lengths: tuple[int, ...]
+    lengths: tuple[int, ...]  # the KV lengths, one per request
+    query_ends: tuple[int, ...] | None = None  # packed ("TND") launches: the cumulative query lengths
 
 
 @dataclass
@@ -161,9 +162,9 @@ class SimulatorState:
         """The host waited until everything in ``clock`` finished."""
         self.host_clock = joined(self.host_clock, clock)
 
-    def log_launch(self, op: str, lengths: list[int]) -> None:
+    def log_launch(self, op: str, lengths: list[int], query_ends: list[int] | None = None) -> None:
         phase = "capture" if self.capturing_graph is not None else "replay" if self.replaying else "eager"
-        self.launches.append(Launch(op, phase, tuple(lengths)))
+        self.launches.append(Launch(op, phase, tuple(lengths), None if query_ends is None else tuple(query_ends)))
 
     # --- dispatch modes -------------------------------------------------------------------------------------
 

@@ -1,0 +1,118 @@
+"""Mode ``auto``, and the check behind ``full``: what the ops a forward reaches allow (``hal.graph_support``).
+
+Before it captures, a runner in mode ``auto`` or ``full`` runs its forward once eagerly at its smallest bucket
+and lists the ops it reached that declared how far they can be captured. Then:
+
+- ``full``: every such op must allow capture in this runner's batches (a decode runner's are uniform decode
+  batches, a prefill runner's mixed ones), or the capture is refused naming the ops;
+- ``auto``: ``full`` where every op allows it; otherwise ``piecewise`` when every op that does not is a
+  splitting op (it runs eagerly between the captured pieces), else ``breakable``, else ``disabled``; always
+  among the modes the device offers. The choice and its reason are logged and kept on the runner.
+
+This is vLLM's choice between FULL and PIECEWISE from ``AttentionCGSupport``, made per runner and per device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+
+import hal
+from hal.graph_support import BatchKind, ReachedOp, blocking, ops_reached
+from hal.op_overloads import op_name
+from runners.config import AUTO, PhaseConfig
+
+GraphMode = hal.GraphMode
+
+
+class OpNotCapturableError(hal.UnsupportedModeError):
+    """Mode ``full`` was asked for over an op that declared it cannot be captured in this runner's batches."""
+
+
+@dataclass(frozen=True)
+class ModeChoice:
+    config: PhaseConfig  # the runner's config with the mode (and compiler) it will capture with
+    reason: str  # why, in a sentence: logged, and in the capture report
+
+
+def choose_mode(
+    config: PhaseConfig,
+    device: "hal.Device",
+    batch: BatchKind,
+    phase: str,
+    forward: Callable[..., Any],
+    inputs: dict[str, torch.Tensor],
+) -> ModeChoice:
+    """The config a runner captures with: ``config`` itself unless its mode is ``auto`` or ``full`` (above)."""
+    if config.mode not in (AUTO, GraphMode.FULL):
+        return ModeChoice(config, f"mode {config.mode} as configured")
+    reached = ops_reached(forward, inputs, device.torch_device.type)
+    blocked = blocking(reached, batch)
+    if config.mode == GraphMode.FULL:
+        if blocked:
+            raise OpNotCapturableError(_refusal(phase, device, batch, blocked))
+        return ModeChoice(config, _why_full(reached, batch))
+    mode, reason = _auto(device, batch, reached, blocked)
+    compiler = config.compiler
+    if mode == GraphMode.PIECEWISE and compiler == "none":
+        compiler = "eager"  # piecewise always traces the forward to split it; "none" means "as written"
+    if mode == GraphMode.DISABLED:
+        compiler = "none"
+    chosen = replace(config, mode=mode, compiler=compiler)
+    chosen.check_device(device)
+    return ModeChoice(chosen, f"mode auto chose {mode}: {reason}")
+
+
+def ops_to_split(device: "hal.Device", batch: BatchKind) -> frozenset[torch._ops.OpOverload]:
+    """The registered splitting ops a piecewise compile of a runner with ``batch``es must split at.
+
+    An op that declares it can be captured in these batches stays inside its piece: running it eagerly between
+    pieces would cost its launch from Python on every step (a Triton decode-attention launch plus the custom
+    op's dispatch took ~100 us a layer on an H200 host, 8x the step's graph replays) and buy nothing. Except
+    on devices that bake host values into graphs (npu attention lengths): they are refreshed only in graphs
+    the runner updates, and a piece is not one of them.
+    """
+    registered = hal.registered_splitting_ops()
+    if device.needs_graph_update:
+        return registered
+    device_type = device.torch_device.type
+    return frozenset(
+        op for op in registered
+        if not ((support := hal.graph_support_of(op, device_type)) is not None and support.allows(batch))
+    )
+
+
+def _auto(device: "hal.Device", batch: BatchKind, reached: list[ReachedOp], blocked: list[ReachedOp]) -> tuple[str, str]:
+    offered = device.modes
+    if not blocked:
+        if GraphMode.FULL in offered:
+            return GraphMode.FULL, _why_full(reached, batch)
+        why_not_full = f"device {device} offers no full graphs"
+    else:
+        why_not_full = f"{_listed(blocked)} cannot be captured in {batch} batches on {device.torch_device.type}"
+    splitting = {op_name(op) for op in hal.registered_splitting_ops()}
+    if GraphMode.PIECEWISE in offered and all(op.name in splitting for op in blocked):
+        return GraphMode.PIECEWISE, f"{why_not_full}; they are splitting ops, run eagerly between captured pieces"
+    if GraphMode.BREAKABLE in offered:
+        return GraphMode.BREAKABLE, f"{why_not_full}; breakable runs them eagerly between captured segments"
+    return GraphMode.DISABLED, f"{why_not_full}, and the device offers neither piecewise nor breakable graphs"
+
+
+def _why_full(reached: list[ReachedOp], batch: BatchKind) -> str:
+    if not reached:
+        return "no op in the forward declares a limit on capture"
+    return f"every declared op allows capture in {batch} batches: {_listed(reached)}"
+
+
+def _refusal(phase: str, device: "hal.Device", batch: BatchKind, blocked: list[ReachedOp]) -> str:
+    return (
+        f"{phase}: mode 'full' cannot capture this forward on {device}: {_listed(blocked)} cannot be captured in "
+        f"{batch} batches (as declared with hal.declare_graph_support). Use mode 'auto' (picks the best mode the "
+        "ops allow), 'piecewise' (splitting ops run eagerly between captured pieces) or 'breakable'."
+    )
+
+
+def _listed(ops: list[ReachedOp]) -> str:
+    return ", ".join(op.describe() for op in ops)

@@ -87,6 +87,7 @@ class BenchPlan:
     prefill_shapes: list[PrefillShape] = field(default_factory=list)
     capture_max_bs: int | None = 256
     compiled_setups: bool = True
+    restart_setups: bool = False  # decode setups in fresh processes, cold and warm (benchmarks.setup.restart)
     static_sizes: list[int] = field(default_factory=lambda: list(DEFAULT_STATIC_SIZES))
     prefill_setup_max_tokens: int | None = None
     timer: TimerSettings = field(default_factory=TimerSettings)

@@ -85,6 +85,29 @@ class Failed:
 
 
 @dataclass
+class PoolShare:
+    """One runner's graph pool for all its buckets against its largest bucket captured alone, and the estimate
+    the runner made after capturing its largest bucket, before the others."""
+
+    phase: str
+    mode: str
+    num_buckets: int
+    largest: int
+    pool_bytes_all: int
+    pool_bytes_largest: int
+    estimate_bytes: int
+
+    @property
+    def ratio(self) -> float | None:
+        return self.pool_bytes_all / self.pool_bytes_largest if self.pool_bytes_largest else None
+
+    @property
+    def estimate_error(self) -> float | None:
+        """(estimate - measured) / measured."""
+        return (self.estimate_bytes - self.pool_bytes_all) / self.pool_bytes_all if self.pool_bytes_all else None
+
+
+@dataclass
 class CaptureCost:
     """Capture-only measurements: what a server pays at startup, and the price of one break."""
 
@@ -97,6 +120,7 @@ class CaptureCost:
     full_bs1_ms: float | None = None
     breakable_bs1_ms: float | None = None
     note: str = ""
+    pools: list[PoolShare] = field(default_factory=list)  # every decode mode's pool sharing, full included
 
     @property
     def pool_ratio(self) -> float | None:
@@ -153,6 +177,22 @@ class PrefillSetup:
     setup_s: float  # runner built and captured (piecewise: its one torch.compile included)
     compiles: int
     pool_bytes: int
+    pool: PoolShare | None = None  # the same buckets' pool against the largest alone, and the estimate
+
+
+@dataclass
+class RestartSetup:
+    """One compiled decode setup of every bucket in a fresh process: cold (empty compile cache directory), then
+    a warm restart over the same directory (``benchmarks.setup.restart``)."""
+
+    setup: str
+    num_buckets: int
+    cold_setup_s: float
+    warm_setup_s: float
+    cold_process_s: float  # the whole process: interpreter, imports, model, setup
+    warm_process_s: float
+    cold_compiles: int
+    warm_compiles: int
 
 
 @dataclass
@@ -162,6 +202,7 @@ class SetupCost:
     max_bs: int | None = None  # the compiled decode setups cover the default buckets up to this size
     decode: list[CompiledSetup] = field(default_factory=list)
     prefill: list[PrefillSetup] = field(default_factory=list)
+    restarts: list[RestartSetup] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def full_inductor_ratio(self, setup: CompiledSetup) -> float | None:

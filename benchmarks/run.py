@@ -20,10 +20,10 @@ from benchmarks.contenders import Contender
 from benchmarks.device_description import describe_device
 from benchmarks.lineup import Lineup, choose_lineup
 from benchmarks.measurements import Measurements
-from benchmarks.names import DECODE, PREFILL
+from benchmarks.names import DECODE, PREFILL, SETUP
 from benchmarks.plan import BenchPlan, PrefillShape
-from benchmarks.results import BenchResult, Header, SetupCost, fill_ratios
-from benchmarks.setup import capture_cost, compiled_setup, prefill_setup
+from benchmarks.results import BenchResult, Failed, Header, SetupCost, fill_ratios
+from benchmarks.setup import capture_cost, compiled_setup, prefill_setup, restart
 from benchmarks.timing import StepTimer
 from benchmarks.workload import PrefillCase, Workload, build_reference_workload
 
@@ -108,7 +108,7 @@ def _measure_prefill(
 def _setup_cost(plan: BenchPlan, lineup: Lineup, workload: Workload, measurements: Measurements) -> SetupCost | None:
     """The compiled decode setups for every bucket up to ``plan.capture_max_bs``, then the prefill setups; None
     if neither is asked for."""
-    if not plan.compiled_setups and lineup.prefill_setup_tokens is None:
+    if not plan.compiled_setups and not plan.restart_setups and lineup.prefill_setup_tokens is None:
         return None
     cost = SetupCost()
     if plan.compiled_setups:
@@ -116,6 +116,14 @@ def _setup_cost(plan: BenchPlan, lineup: Lineup, workload: Workload, measurement
         cost.decode = compiled_setup.measure_compiled_setups(
             workload, lineup.compiled_setups, plan.capture_max_bs, plan.static_sizes, measurements, plan.show_progress
         )
+    if plan.restart_setups and plan.tp_group is None:
+        for name in restart.runnable(plan.device, measurements):
+            measured = measurements.attempt(
+                SETUP, f"restart {name}", f"buckets up to {plan.capture_max_bs}",
+                partial(restart.measure_restart, name, str(plan.device), plan.config, plan.dtype, plan.capture_max_bs, plan.context_len),
+            )
+            if not isinstance(measured, Failed):
+                cost.restarts.append(measured)
     if lineup.prefill_setup_tokens is not None:
         cost.notes += [lineup.prefill_setup_note] if lineup.prefill_setup_note else []
         cost.prefill = prefill_setup.measure_prefill_setups(

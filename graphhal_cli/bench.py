@@ -96,6 +96,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"bucket is extrapolated from them; default: {','.join(map(str, DEFAULT_STATIC_SIZES))}",
     )
     parser.add_argument(
+        "--no-restart-setup", action="store_true",
+        help="skip the fresh-process setups (full, full+inductor, reduce-overhead for every decode bucket, cold "
+        "then a warm restart over one compile cache directory; run with the compiled setups, CUDA only)",
+    )
+    parser.add_argument(
         "--no-prefill-setup", action="store_true", help="skip the prefill setup (piecewise and breakable runners, every bucket)"
     )
     parser.add_argument(
@@ -141,6 +146,9 @@ def plan_from_arguments(args: argparse.Namespace, rank: int | None = None) -> Be
         prefill_shapes=[] if args.no_prefill else [*prefill_shapes(args.tokens or defaults.tokens, args.requests), defaults.mixed],
         capture_max_bs=None if args.no_capture_cost else args.capture_max_bs,
         compiled_setups=not args.no_compiled_setup,
+        # Fresh processes with one compile cache, cold then warm: where the compiled setups run, off the cpu
+        # (reduce-overhead and Inductor-captured graphs are CUDA's).
+        restart_setups=not (args.no_restart_setup or args.no_compiled_setup or args.no_capture_cost) and device.type != "cpu",
         static_sizes=args.static_sizes,
         prefill_setup_max_tokens=(
             None if args.no_prefill or args.no_prefill_setup else args.prefill_setup_max_tokens or defaults.prefill_setup_max_tokens(config)
@@ -168,7 +176,8 @@ def _tensor_parallel_plan(args: argparse.Namespace, rank: int) -> BenchPlan:
     plan = plan_from_arguments(args, rank)
     modes = [m for m in (plan.decode_modes or DECODE_CONTENDERS) if m != REDUCE_OVERHEAD]
     return dataclasses.replace(
-        plan, decode_modes=modes, prefill_modes=[], prefill_shapes=[], compiled_setups=False, prefill_setup_max_tokens=None
+        plan, decode_modes=modes, prefill_modes=[], prefill_shapes=[], compiled_setups=False, restart_setups=False,
+        prefill_setup_max_tokens=None,
     )
 
 

@@ -145,6 +145,16 @@ class GraphPerKey:
         entry = self.graphs[key] = CapturedGraph(graph, replay, outputs, addresses)
         return entry
 
+    def let_outputs_leave(self, key: Any) -> None:
+        """Keep only non-owning aliases of ``key``'s outputs from now on (``hal.pool_aliases``).
+
+        For outputs that had to stay allocated while the rest of one capture read them (a piece's, which later
+        pieces of the same forward read): once that capture is over, the next key's capture may reuse their
+        memory, since a replay rewrites them before anything reads them.
+        """
+        entry = self.graphs[key]
+        entry.outputs = non_owning_outputs(entry.outputs)
+
     def drop(self, pool: Any = None) -> None:
         """Forget every graph; later captures go into ``pool`` (a new one: a device may release a pool with
         its last graph, and capturing into the released handle fails)."""

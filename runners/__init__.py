@@ -3,7 +3,7 @@
 A server imports this package and ``hal`` for device names; nothing here names a device.
 """
 
-from runners.bucketed_runner import RunnerStateError
+from runners.bucketed_runner import PoolBudgetError, RunnerStateError
 from runners.buckets import BucketPolicy, default_decode_buckets, default_prefill_buckets
 from runners.capture_report import CaptureReport
 from runners.config import DecodeConfig, PhaseConfig, PrefillConfig
@@ -27,6 +27,7 @@ __all__ = [
     "PrefillRunner",
     "RankCaptureError",
     "RankRunError",
+    "PoolBudgetError",
     "RunnerStateError",
     "RunnerThreadError",
     "StaticInputs",

@@ -122,6 +122,9 @@ class PiecewiseCapture(BucketCapture):
     def capture(self, bucket: int, inputs: Mapping[str, torch.Tensor]) -> CapturedBucket:
         forward = self.forward
         outputs = forward(**inputs)  # compiles on the first (largest) bucket, then captures every piece
+        # Captured whole: its pieces' outputs (and the forward's) may now share memory with the next bucket's.
+        self.backend.let_outputs_leave(bucket)
+        outputs = hal.non_owning_outputs(outputs)
 
         def run() -> Any:
             with torch.no_grad():  # as at capture: the compiled code is guarded on the grad mode

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -23,6 +23,7 @@ from runners.address_watch import AddressWatch
 from runners.bucket_capture import CapturedBucket, breakable_debug, bucket_capture
 from runners.buckets import BucketPolicy
 from runners.capture_report import CaptureReport
+from runners.compile_cache import CompileCache
 from runners.config import AUTO, PhaseConfig
 from runners.gc_freeze import frozen_gc
 from runners.graph_outputs import GraphOutputs
@@ -38,6 +39,21 @@ logger = logging.getLogger(__name__)
 
 class RunnerStateError(hal.GraphHalError, RuntimeError):
     """A runner was used out of order: run before capture, or capture twice."""
+
+
+class PoolBudgetError(hal.GraphHalError, ValueError):
+    """Capturing every bucket would take more graph pool memory than the config's ``pool_budget_mib``."""
+
+
+@dataclass
+class _CaptureProgress:
+    """A capture under way: begun by ``estimate_pool_bytes`` (or ``capture``), finished by ``capture``."""
+
+    started: float
+    order: list[int]  # every bucket, largest first; empty when nothing is captured
+    before: int  # pool bytes before this runner captured (a shared pool holds another runner's graphs)
+    added: list[int] = field(default_factory=list)  # pool bytes each captured bucket added, in order
+    estimate: int = 0  # what the largest bucket took: what all of them will take
 
 
 @dataclass
@@ -105,6 +121,7 @@ class BucketedRunner:
         self.mode_reason = ""  # why the runner captures in its mode (runners.mode_choice)
         self._capture = self._bucket_capture(config)
         self._graphs: dict[int, _Bucket] = {}
+        self._progress: _CaptureProgress | None = None
         self.report: CaptureReport | None = None
         # On devices that bake host values into graphs (NPU attention lengths), these slots' live values go
         # to Device.update before every replay of a graph that holds them: the lengths attended to, and in a
@@ -152,9 +169,52 @@ class BucketedRunner:
 
         A failure raises ``hal.CaptureError`` naming the bucket, mode and device, after dropping every graph
         this call made: the runner is left uncaptured and the device usable, so ``capture()`` can be retried.
+        With ``pool_budget_mib`` set, a pool estimated over it stops the capture after the largest bucket
+        (``estimate_pool_bytes``), before any other bucket is captured.
         """
         if self.captured:
             raise RunnerStateError("this runner has already captured its graphs; make a new runner to capture again")
+        if self._progress is None:
+            self._start_capture()
+        progress_ = self._progress
+        assert progress_ is not None
+        if progress_.order:  # nothing to capture in mode disabled
+            try:
+                with frozen_gc(), torch.no_grad():
+                    rest = progress_.order[1:]
+                    for bucket in progress(rest, f"graphhal: capturing {self.phase} graphs", self.config.show_progress and bool(rest)):
+                        self._graphs[bucket] = self._capture_bucket_with_ranks(bucket)
+                        progress_.added.append(self._pool_bytes() - progress_.before - sum(progress_.added))
+            except BaseException:
+                self._release_graphs(self._owns_pool)
+                self._progress = None  # a retry starts from the beginning
+                raise
+        self._progress = None
+        if progress_.order and self.config.compile_cache_dir is not None:
+            CompileCache(self.config.compile_cache_dir).save()  # for the next process: what this one compiled
+        self.report = CaptureReport(
+            self.phase, self.config.mode, str(self.device), tuple(progress_.order), time.perf_counter() - progress_.started,
+            self._pool_bytes() if progress_.order else 0, tuple(progress_.added), progress_.estimate,
+        )
+        logger.info(self.report.summary())
+        return self.report
+
+    def estimate_pool_bytes(self) -> int:
+        """How much graph pool memory capturing every bucket will take, known before the other buckets are
+        captured: the largest bucket is captured (as ``capture()`` begins) and its pool measured; every smaller
+        bucket reuses that memory (graphs keep only aliases of what they leave in the pool), so the others add
+        little (the capture report lists what each added). ``capture()`` then goes on from there. Bytes this
+        runner adds to its pool (a shared pool's earlier contents not counted); 0 in mode disabled."""
+        if self.report is not None:
+            return self.report.pool_bytes
+        if self._progress is None:
+            self._start_capture()
+        assert self._progress is not None
+        return self._progress.estimate
+
+    def _start_capture(self) -> None:
+        """Choose the mode, agree across ranks, make the pool, prepare, and capture the largest bucket; check
+        the pool budget against it. Leaves ``_progress`` for ``capture()`` to go on with."""
         device, phase = self.device, self.phase
         if self.group is not None:  # in every mode: a rank running eagerly while the others capture is a mismatch
             # Before mode auto's eager run: it runs the forward's collectives, which every rank must join.
@@ -163,34 +223,53 @@ class BucketedRunner:
         mode = self.config.mode
         if self.group is not None and mode != self.requested_mode:
             self.group.agree_on_plan(self._plan(), mode=mode, device=str(device))  # every rank chose the same
+        started = time.perf_counter()
         if not self.captures_graphs:
-            self.report = CaptureReport(phase, mode, str(device), (), 0.0, 0)
-            logger.info(self.report.summary())
-            return self.report
+            self._progress = _CaptureProgress(started, [], 0)
+            return
         owns_pool = self._owns_pool = self.pool is None
         if owns_pool:
             self.pool = device.graph_pool()
         self._thread_owner = owner_of_pool(self.pool).adopting(self._thread_owner)
-        started = time.perf_counter()
         order = self.buckets.capture_order()
         # Replays run in the inference mode the graphs were captured in, whatever mode the server runs them
         # in: Dynamo guards compiled code on it (a piecewise forward would compile again), and tensors made
         # during an inference-mode capture cannot be written outside inference mode (breakable eager steps).
         self._inference_mode = torch.is_inference_mode_enabled()
+        progress_ = _CaptureProgress(started, order, self._pool_bytes())
+        if self.config.compile_cache_dir is not None:
+            CompileCache(self.config.compile_cache_dir).activate()  # before anything compiles
         try:
             self._capture.prepare(self.pool)
             with frozen_gc(), torch.no_grad():
-                for bucket in progress(order, f"graphhal: capturing {phase} graphs", self.config.show_progress):
-                    self._graphs[bucket] = self._capture_bucket_with_ranks(bucket)
+                self._graphs[order[0]] = self._capture_bucket_with_ranks(order[0])
+            progress_.added.append(self._pool_bytes() - progress_.before)
+            progress_.estimate = progress_.added[0]
+            self._check_budget(progress_.estimate, order[0])
         except BaseException:
             self._release_graphs(owns_pool)
             raise
-        pool_stats = device.memory_stats(self.pool)
-        self.report = CaptureReport(
-            phase, mode, str(device), tuple(order), time.perf_counter() - started, pool_stats.pool_bytes or 0
-        )
-        logger.info(self.report.summary())
-        return self.report
+        self._progress = progress_
+
+    def _check_budget(self, estimate: int, largest: int) -> None:
+        budget = self.config.pool_budget_mib
+        error = None
+        if budget is not None and estimate > budget * hal.MIB:
+            size = self.config.size_field
+            error = PoolBudgetError(
+                f"{self.phase}: the graph pool for {len(self.buckets.buckets)} buckets up to {largest} would take about "
+                f"{estimate / hal.MIB:.1f} MiB (bucket {largest} captured alone, which every smaller bucket reuses), "
+                f"over pool_budget_mib {budget:g}. Capture up to a smaller {size} (the pool grows with the largest "
+                "bucket), or raise the budget; fewer buckets save little, since they share the largest's memory. "
+                "Nothing else was captured."
+            )
+        if self.group is not None:
+            self.group.agree("the pool budget check", error, bucket=largest, mode=self.config.mode, device=str(self.device))
+        if error is not None:
+            raise error
+
+    def _pool_bytes(self) -> int:
+        return self.device.memory_stats(self.pool).pool_bytes or 0 if self.pool is not None else 0
 
     def _choose_mode(self) -> None:
         """Mode ``auto``: pick the mode from what the forward's ops allow; ``full``: check that they allow it
@@ -233,6 +312,7 @@ class BucketedRunner:
         Outputs handed out before are views into that memory: do not read them after closing.
         """
         self._release_graphs(self._owns_pool)
+        self._progress = None
         self.report = None
 
     def _release_graphs(self, owns_pool: bool) -> None:

@@ -14,16 +14,24 @@ class CaptureReport:
     device: str
     buckets: tuple[int, ...]  # in capture order, largest first
     seconds: float
-    pool_bytes: int
+    pool_bytes: int  # the pool after the capture (a shared pool: what every runner in it holds)
+    added_bytes: tuple[int, ...] = ()  # pool bytes each bucket added, in capture order (the first: the largest)
+    estimate_bytes: int = 0  # what the pool was estimated at before the other buckets (the largest alone)
 
     def summary(self) -> str:
         if not self.buckets:
             return f"graphhal: {self.phase} runs eagerly on {self.device} (mode {self.mode}); nothing captured"
         sizes = f"{self.buckets[0]}" if len(self.buckets) == 1 else f"{self.buckets[0]}..{self.buckets[-1]}"
+        others = sum(self.added_bytes[1:])
         return (
             f"graphhal: captured {len(self.buckets)} {self.phase} graphs ({self.mode}, {self.device}) "
-            f"for sizes {sizes} in {self.seconds:.2f} s, pool {self.pool_bytes / MIB:.1f} MiB"
+            f"for sizes {sizes} in {self.seconds:.2f} s, pool {self.pool_bytes / MIB:.1f} MiB "
+            f"(bucket {self.buckets[0]} {self.estimate_bytes / MIB:.1f} MiB, the other buckets {others / MIB:.1f} MiB more)"
         )
+
+    def bucket_bytes(self) -> dict[int, int]:
+        """What each bucket added to the pool, by bucket."""
+        return dict(zip(self.buckets, self.added_bytes))
 
     def __str__(self) -> str:
         return self.summary()

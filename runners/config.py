@@ -64,6 +64,14 @@ class PhaseConfig:
                      (before capturing, after each warm-up and capture, per run with a consensus group)
                      before it fails naming the stage. Generous by default: a first bucket's warm-up may
                      compile kernels for minutes.
+    pool_budget_mib: the most graph pool memory this runner may take (MiB; None: no limit). Checked after the
+                     largest bucket's capture, before any other (``estimate_pool_bytes``): over budget, the
+                     capture stops with ``PoolBudgetError`` giving the estimate and what to change. Size the
+                     KV cache with the budget set aside.
+    compile_cache_dir: a directory for everything compiled on the way to the graphs (Inductor's and Triton's
+                     on-disk caches, and torch's portable cache artifacts: ``runners.compile_cache``), so a
+                     restarted server with the same model and config loads instead of compiling. None: torch's
+                     defaults (caches under /tmp, no artifacts).
     breakable_debug: in mode ``breakable``, capture the whole forward as one eager step through the same
                      capture and replay path: if results go right this way and wrong with real segments, the
                      bug is in the graph, not the model. Also switched on by GRAPHHAL_BREAKABLE_DEBUG=1 in the
@@ -82,6 +90,8 @@ class PhaseConfig:
     breakable_debug: bool = False
     check_addresses: str = "every_replay"
     agreement_timeout_s: float = 600.0
+    pool_budget_mib: float | None = None
+    compile_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         # Pure: nothing here asks a device or the environment; check_device adds what depends on the device.
@@ -99,6 +109,8 @@ class PhaseConfig:
             )
         if not self.agreement_timeout_s > 0:
             raise ValueError(f"{self.phase}: agreement_timeout_s must be positive, got {self.agreement_timeout_s!r}")
+        if self.pool_budget_mib is not None and not self.pool_budget_mib > 0:
+            raise ValueError(f"{self.phase}: pool_budget_mib must be positive (or null for no limit), got {self.pool_budget_mib!r}")
         if self.check_addresses not in ADDRESS_CHECKS:
             raise ValueError(
                 f"{self.phase}: check_addresses must be one of {', '.join(ADDRESS_CHECKS)}, got {self.check_addresses!r}"
@@ -265,11 +277,13 @@ _FIELD_TYPES: dict[str, type] = {
     "breakable_debug": bool,
     "check_addresses": str,
     "agreement_timeout_s": float,
+    "pool_budget_mib": float,
+    "compile_cache_dir": str,
     "max_bs": int,
     "max_tokens": int,
     "max_requests": int,
 }
-_OPTIONAL_FIELDS = frozenset({"buckets", "compiler", "max_bs", "max_tokens"})
+_OPTIONAL_FIELDS = frozenset({"buckets", "compiler", "max_bs", "max_tokens", "pool_budget_mib", "compile_cache_dir"})
 
 
 def _plain(mode: str) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Callable
 
 from hal import MIB
-from benchmarks.names import DECODE, FULL_INDUCTOR, PREFILL
-from benchmarks.results import BenchResult, CaptureCost, CompiledSetup, Row, SetupCost
+from benchmarks.names import DECODE, FULL_INDUCTOR, PREFILL, REDUCE_OVERHEAD
+from benchmarks.results import BenchResult, CaptureCost, CompiledSetup, PoolShare, Row, SetupCost
 
 # (title, width, cell) per column; a cell is "-" where the value does not apply.
 _Column = tuple[str, int, Callable[[Row], str]]
@@ -62,6 +62,21 @@ def _capture_cost(cost: CaptureCost) -> list[str]:
         )
     if cost.note:
         lines.append(cost.note)
+    if cost.pools:
+        lines += ["", *_pool_shares(f"pools: every decode bucket up to {cost.max_bs} against bucket {cost.max_bs} alone", cost.pools)]
+    return lines
+
+
+def _pool_shares(title: str, shares: list[PoolShare]) -> list[str]:
+    """Per mode: the pool of all buckets, of the largest alone, their ratio, and the estimate made after the
+    largest bucket against what all of them took."""
+    lines = [title, f"{'mode':<12}  {'buckets':>7}  {'all MiB':>8}  {'largest MiB':>11}  {'ratio':>6}  {'estimate MiB':>12}  {'est. error':>10}"]
+    for s in shares:
+        error = s.estimate_error
+        lines.append(
+            f"{s.mode:<12}  {s.num_buckets:>7}  {_mib(s.pool_bytes_all):>8}  {_mib(s.pool_bytes_largest):>11}  "
+            f"{_number(s.ratio, '.2f', 'x'):>6}  {_mib(s.estimate_bytes):>12}  {_number(None if error is None else error * 100, '+.1f', '%'):>10}"
+        )
     return lines
 
 
@@ -115,11 +130,33 @@ def _prefill_setups(cost: SetupCost) -> list[str]:
     lines += [
         f"{s.mode:<30}  {s.num_buckets:>7}  {s.setup_s:>8.2f}  {s.compiles:>8}  {_mib(s.pool_bytes):>8}" for s in cost.prefill
     ]
+    shares = [s.pool for s in cost.prefill if s.pool is not None]
+    if shares:
+        lines += ["", *_pool_shares(f"pools: every prefill bucket up to {first.max_tokens} tokens against the largest alone", shares)]
+    return lines
+
+
+def _restarts(cost: SetupCost) -> list[str]:
+    """Cold and warm fresh-process setups, and each warm restart against reduce-overhead's."""
+    reference = next((r for r in cost.restarts if r.setup == REDUCE_OVERHEAD), None)
+    first = cost.restarts[0]
+    lines = [
+        f"setup in a fresh process, every decode bucket ({first.num_buckets}), cold then a warm restart over the same compile cache directory",
+        f"{'setup':<16}  {'cold s':>7}  {'warm s':>7}  {'warm/cold':>9}  {'warm / reduce-overhead warm':>27}  {'process cold s':>14}  {'process warm s':>14}  {'compiles':>8}",
+    ]
+    for r in cost.restarts:
+        versus = r.warm_setup_s / reference.warm_setup_s if reference is not None and reference.warm_setup_s else None
+        lines.append(
+            f"{r.setup:<16}  {r.cold_setup_s:>7.2f}  {r.warm_setup_s:>7.2f}  {_number(r.warm_setup_s / r.cold_setup_s if r.cold_setup_s else None, '.2f', 'x'):>9}  "
+            f"{_number(versus, '.2f', 'x'):>27}  {r.cold_process_s:>14.2f}  {r.warm_process_s:>14.2f}  {r.cold_compiles:>4}/{r.warm_compiles:<3}"
+        )
     return lines
 
 
 def _setup_cost(cost: SetupCost) -> list[str]:
     lines = _compiled_setups(cost) if cost.max_bs is not None else []
+    if cost.restarts:
+        lines += [""] * bool(lines) + _restarts(cost)
     if cost.prefill:
         lines += [""] * bool(lines) + _prefill_setups(cost)
     return lines + cost.notes

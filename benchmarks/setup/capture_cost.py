@@ -20,7 +20,8 @@ from benchmarks.contenders import DECODE_CONTENDERS
 from benchmarks.contenders.static_buffers import static_copy
 from benchmarks.measurements import Measurements, release_memory
 from benchmarks.names import DECODE
-from benchmarks.results import CaptureCost, Failed
+from benchmarks.results import CaptureCost, Failed, PoolShare
+from benchmarks.setup.pool_share import measure_pool_share
 from benchmarks.workload import Workload
 from runners import DecodeConfig, DecodeRunner
 
@@ -35,6 +36,12 @@ def measure_capture_cost(
     cost = measurements.attempt(DECODE, "capture cost", f"buckets up to {max_bs}", every_bucket)
     if isinstance(cost, Failed):
         return None
+    for mode in (hal.GraphMode.FULL, hal.GraphMode.BREAKABLE, hal.GraphMode.PIECEWISE):
+        if mode not in device.modes:
+            continue
+        share = measurements.attempt(DECODE, f"pool sharing {mode}", f"buckets up to {max_bs}", partial(decode_pool_share, workload, mode.value, max_bs))
+        if not isinstance(share, Failed):
+            cost.pools.append(share)
     if hal.GraphMode.BREAKABLE not in device.modes:
         cost.note = f"no one-break cost: device {device} has no breakable mode"
         return cost
@@ -80,6 +87,18 @@ def capture_all_buckets(workload: Workload, max_bs: int, show_progress: bool) ->
     return CaptureCost(
         max_bs=max_bs, num_buckets=num_buckets, capture_s=capture_s, pool_bytes_all=pool_all, pool_bytes_largest=pool_largest
     )
+
+
+def decode_pool_share(workload: Workload, mode: str, max_bs: int) -> PoolShare:
+    """Every default decode bucket up to ``max_bs`` in ``mode`` against bucket ``max_bs`` alone, and the estimate."""
+    buckets = DecodeConfig(max_bs=max_bs).buckets
+    assert buckets is not None
+
+    def runner(sizes: list[int]) -> DecodeRunner:
+        config = DecodeConfig(mode=mode, buckets=sizes, show_progress=False)
+        return DecodeRunner(workload.decode_step, workload.decode_slots, workload.device, config, group=workload.group)
+
+    return measure_pool_share("decode", mode, runner, buckets, workload.device)
 
 
 def count_breaks(workload: Workload) -> int:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from functools import partial
 
-from benchmarks.measurements import Measurements
+from benchmarks.measurements import Measurements, release_memory
 from benchmarks.names import SETUP
-from benchmarks.results import Failed, PrefillSetup
+from benchmarks.results import Failed, PoolShare, PrefillSetup
 from benchmarks.setup.setup_meter import metered_setup
 from benchmarks.plan import PrefillShape
 from benchmarks.workload import Workload
@@ -55,12 +55,30 @@ def cache_shape(config: ModelConfig, max_tokens: int) -> PrefillShape:
 
 
 def prefill_setup(workload: Workload, mode: str, max_tokens: int, show_progress: bool) -> PrefillSetup:
-    """A ``PrefillRunner`` in ``mode`` built and captured for every default bucket up to ``max_tokens``."""
+    """A ``PrefillRunner`` in ``mode`` built and captured for every default bucket up to ``max_tokens``, with its
+    pool against the largest bucket captured alone and the estimate it made before the other buckets."""
     device = workload.device
     phase = PrefillConfig(mode=mode, max_tokens=max_tokens, show_progress=show_progress)
+    assert phase.buckets is not None
+
+    def runner(buckets: list[int], progress: bool = False) -> PrefillRunner:
+        config = PrefillConfig(mode=mode, buckets=buckets, show_progress=progress)
+        return PrefillRunner(workload.prefill_forward(), *workload.prefill_slots(), device, config)
+
+    # Kept alive throughout: the first capture on the stream holds cuBLAS's workspace (``pool_share``).
+    first = runner([phase.buckets[0]])
+    first.capture()
+    alone = runner([phase.buckets[-1]])
+    pool_largest = alone.capture().pool_bytes
+    alone.close()
+    del alone
+    release_memory(device)
     with metered_setup(device) as meter:
-        runner = PrefillRunner(workload.prefill_forward(), *workload.prefill_slots(), device, phase)
-        report = runner.capture()
+        every = runner(phase.buckets, show_progress)
+        estimate = every.estimate_pool_bytes()
+        report = every.capture()
+    first.close()
+    share = PoolShare("prefill", mode, len(report.buckets), phase.buckets[-1], report.pool_bytes, pool_largest, estimate)
     return PrefillSetup(
         mode=mode,
         max_tokens=max_tokens,
@@ -69,4 +87,5 @@ def prefill_setup(workload: Workload, mode: str, max_tokens: int, show_progress:
         setup_s=meter.setup_s,
         compiles=meter.compiles,
         pool_bytes=report.pool_bytes,
+        pool=share,
     )

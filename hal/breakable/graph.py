@@ -4,10 +4,14 @@ Capture records segment, eager step, segment, ...; every segment is an ordinary 
 device, captured into the same pool. Replay walks the same list: replay a segment, run an eager step (its
 fresh result copied into the tensors the next segment reads), replay the next segment.
 
-Every tensor that crosses a break (the step's arguments and its captured result) is held by the step, per
-graph, for the graph's lifetime. Weak references are not enough: once the last Python reference to a tensor
-allocated in the pool dies, a later, smaller bucket's capture reuses its memory, and replaying the larger
-bucket then reads the smaller one's data (sglang issue 37606).
+Every tensor that crosses a break (the step's arguments and its result) must be where the segments read it
+at every replay. The result is the hazard: the eager function allocates it from the device's ordinary
+allocator, which hands the memory to anyone once the last reference dies, and the next segment reads it at
+that address for good (sglang issue 37606). So the result is copied into tensors allocated in the graph pool
+(``_pooled``): what the next segment reads is pool memory, like everything a segment allocates. Once the
+whole graph is captured, the steps keep only non-owning aliases of their pool tensors, and a later (smaller)
+bucket's capture reuses that memory: a replay rewrites every tensor that crosses a break before anything
+reads it, so buckets share the pool as full graphs do, instead of each holding its own.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
+
+import torch
+from torch.utils import _pytree as pytree
 
 from hal.breakable.break_points import BreakPoint
 from hal.breakable.break_results import copy_back
@@ -24,6 +31,7 @@ from hal.errors import GraphHalError
 from hal.graph import DeviceGraph
 from hal.graph_modes import GraphMode
 from hal.graph_strategies import register_strategy
+from hal.pool_aliases import non_owning_outputs
 
 
 class SegmentEndError(GraphHalError, RuntimeError):
@@ -39,10 +47,17 @@ class _EagerStep:
     point: BreakPoint
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
-    result: Any  # what the function returned at capture; segments after the break read these tensors
+    result: Any  # what the function returned at capture, in pool memory; segments after the break read it
+    holder: Any = None  # the empty graph the result was allocated under, keeping its pool in use
 
     def replay(self) -> None:
         copy_back(self.result, self.point.function(*self.args, **self.kwargs), f"break point {self.point.name!r}")
+
+    def let_tensors_leave(self) -> None:
+        """Keep only non-owning aliases of what crosses the break (after the whole graph is captured)."""
+        self.args = non_owning_outputs(self.args)
+        self.kwargs = non_owning_outputs(self.kwargs)
+        self.result = non_owning_outputs(self.result)
 
 
 class BreakableGraph(DeviceGraph):
@@ -117,6 +132,9 @@ class BreakableCapture:
         if exc_type is not None:
             self._graph.steps.clear()  # nothing half-captured survives
             return
+        for step in self._graph.steps:
+            if isinstance(step, _EagerStep):
+                step.let_tensors_leave()
         self._graph.captured = True
 
     def cut(self, point: BreakPoint, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -129,9 +147,27 @@ class BreakableCapture:
             self._device.synchronize()
         with capture_scope(None):  # break points inside the eager function are plain calls
             result = point.function(*args, **kwargs)
-        self._graph.steps.append(_EagerStep(point, args, kwargs, result))
+        result, holder = self._pooled(result, args, kwargs)
+        self._graph.steps.append(_EagerStep(point, args, kwargs, result, holder))
         self._open_segment()
         return result
+
+    def _pooled(self, result: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        """``result`` with every fresh tensor copied into one allocated in the pool (the module docstring says
+        why), and the graph whose capture allocated them. Tensors over an argument's memory (a function that
+        wrote into its input and returned it) stay as they are: that memory is already where segments read."""
+        given = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        fresh = [t for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given]
+        if not fresh:
+            return result, None
+        holder = self._device.make_graph(GraphMode.FULL)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Gg]raph is empty.*")
+            with holder.session(self._pool):  # records nothing: only allocates in the pool
+                pooled = {id(t): torch.empty_like(t) for t in fresh}
+        for t in fresh:
+            pooled[id(t)].copy_(t)  # eagerly, outside any capture: real values for what reads them next
+        return pytree.tree_map_only(torch.Tensor, lambda t: pooled.get(id(t), t), result), holder
 
     def _open_segment(self) -> None:
         segment = self._device.make_graph(GraphMode.FULL)

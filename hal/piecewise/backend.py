@@ -119,6 +119,14 @@ class PiecewiseBackend:
         self.num_splits += len(split.splits)
         return split.module
 
+    def let_outputs_leave(self, bucket: int) -> None:
+        """Call once the whole forward is captured at ``bucket``: every piece keeps only non-owning aliases of
+        its outputs there, so the next (smaller) bucket's capture reuses their pool memory and the pool for all
+        buckets stays near the largest one's. A replay of a bucket rewrites every piece's outputs before any
+        later piece or splitting op reads them, so nothing of another bucket must survive in that memory."""
+        for piece in self.pieces:
+            piece.let_outputs_leave(bucket)
+
     def drop_graphs(self, pool: Any) -> None:
         """Forget every captured piece graph (after a failed capture); the next calls capture into ``pool``.
 

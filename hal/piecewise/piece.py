@@ -62,7 +62,8 @@ class PiecewisePiece:
         self.arg_names = tuple(arg_names)
         # The piece whose outputs are the forward's outputs keeps only non-owning aliases of them, so each
         # bucket's outputs stop holding pool memory once captured (see hal.pool_aliases). Other pieces'
-        # outputs feed later pieces of the same capture and must stay allocated.
+        # outputs feed later pieces of the same capture and stay allocated until the whole forward is
+        # captured at that bucket (``PiecewiseBackend.let_outputs_leave``).
         self.graphs = GraphPerKey(
             captures.device,
             captures.pool,
@@ -89,6 +90,10 @@ class PiecewisePiece:
             "its graph would read stale memory. A splitting op must write into an output allocated by the piece "
             "before it (not return a fresh tensor), and the runner's inputs and weights must stay in place."
         )
+
+    def let_outputs_leave(self, bucket: int) -> None:
+        if bucket in self.graphs:
+            self.graphs.let_outputs_leave(bucket)
 
     def drop_graphs(self, pool: Any) -> None:
         self.graphs.drop(pool)

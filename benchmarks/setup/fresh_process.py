@@ -1,0 +1,65 @@
+"""The child of ``benchmarks.setup.restart``: one fresh process setting up every decode bucket, then reporting.
+
+    python -m benchmarks.setup.fresh_process --setup full+inductor --cache-dir DIR --device cuda:0 ...
+
+Prints one JSON line: the setup's seconds, Dynamo's compile count and the bucket count. Kept apart from
+``restart`` so that running it imports nothing of the bench it does not need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from benchmarks.names import FULL_INDUCTOR, REDUCE_OVERHEAD
+
+
+def set_up(argv: list[str]) -> dict:
+    """In the fresh process: build the model, set up ``--setup`` over every bucket, report."""
+    parser = argparse.ArgumentParser()
+    for flag in ("--setup", "--cache-dir", "--device", "--dtype", "--model"):
+        parser.add_argument(flag, required=True)
+    parser.add_argument("--max-bs", type=int, required=True)
+    parser.add_argument("--context-len", type=int, required=True)
+    args = parser.parse_args(argv)
+
+    import hal
+    from benchmarks.contenders.reduce_overhead import compile_reduce_overhead, mark_for_reduce_overhead, reduce_overhead_setup_calls
+    from benchmarks.contenders.static_buffers import padded_inputs
+    from benchmarks.setup.setup_meter import metered_setup
+    from benchmarks.workload import build_reference_workload
+    from refmodel import ModelConfig
+    from runners import DecodeConfig, DecodeRunner
+    from runners.compile_cache import CompileCache
+
+    device = hal.get_device(args.device)
+    cache = CompileCache(args.cache_dir)
+    cache.activate()  # every setup the same caches: before anything compiles
+    workload = build_reference_workload(
+        device, ModelConfig(**json.loads(args.model)), getattr(torch, args.dtype), max_batch_size=args.max_bs, context_len=args.context_len
+    )
+    buckets = sorted(DecodeConfig(max_bs=args.max_bs).buckets or [], reverse=True)
+    with metered_setup(device) as meter:
+        if args.setup == REDUCE_OVERHEAD:
+            limit = max(torch._dynamo.config.recompile_limit, len(buckets) + 1)
+            with torch._dynamo.config.patch(recompile_limit=limit):
+                compiled = compile_reduce_overhead(workload.decode_step, True)
+                statics = []  # every size's buffers stay alive, as in a server
+                for size in buckets:
+                    static = padded_inputs(workload, size)
+                    mark_for_reduce_overhead(workload, static, dynamic_batch=True)
+                    reduce_overhead_setup_calls(compiled, static, device.torch_device)
+                    statics.append(static)
+            cache.save()
+        else:
+            compiler = "inductor" if args.setup == FULL_INDUCTOR else "none"
+            config = DecodeConfig(mode="full", compiler=compiler, max_bs=args.max_bs, show_progress=False, compile_cache_dir=args.cache_dir)
+            DecodeRunner(workload.decode_step, workload.decode_slots, device, config).capture()  # saves the artifacts
+    return {"setup_s": meter.setup_s, "compiles": meter.compiles, "num_buckets": len(buckets)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(set_up(sys.argv[1:])))

@@ -11,6 +11,7 @@ pool) overwrites them, so consume or copy them before the next step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class _CaptureProgress:
     started: float
     order: list[int]  # every bucket, largest first; empty when nothing is captured
     before: int  # pool bytes before this runner captured (a shared pool holds another runner's graphs)
+    inference_mode: bool = False  # the inference mode the capture began in: every bucket is captured in it
     added: list[int] = field(default_factory=list)  # pool bytes each captured bucket added, in order
     estimate: int = 0  # what the largest bucket took: what all of them will take
 
@@ -180,7 +182,10 @@ class BucketedRunner:
         assert progress_ is not None
         if progress_.order:  # nothing to capture in mode disabled
             try:
-                with frozen_gc(), torch.no_grad():
+                # In the inference mode the largest bucket was captured in (estimate_pool_bytes may have run
+                # under another): one compile and one set of graphs serve every bucket.
+                same_mode = torch.is_inference_mode_enabled() == progress_.inference_mode
+                with contextlib.nullcontext() if same_mode else torch.inference_mode(progress_.inference_mode), frozen_gc(), torch.no_grad():
                     rest = progress_.order[1:]
                     for bucket in progress(rest, f"graphhal: capturing {self.phase} graphs", self.config.show_progress and bool(rest)):
                         self._graphs[bucket] = self._capture_bucket_with_ranks(bucket)
@@ -206,7 +211,7 @@ class BucketedRunner:
         little (the capture report lists what each added). ``capture()`` then goes on from there. Bytes this
         runner adds to its pool (a shared pool's earlier contents not counted); 0 in mode disabled."""
         if self.report is not None:
-            return self.report.pool_bytes
+            return sum(self.report.added_bytes)
         if self._progress is None:
             self._start_capture()
         assert self._progress is not None
@@ -216,6 +221,9 @@ class BucketedRunner:
         """Choose the mode, agree across ranks, make the pool, prepare, and capture the largest bucket; check
         the pool budget against it. Leaves ``_progress`` for ``capture()`` to go on with."""
         device, phase = self.device, self.phase
+        if self.config.compile_cache_dir is not None:
+            # Before anything runs the forward: mode auto's eager run already JIT-compiles Triton kernels.
+            CompileCache(self.config.compile_cache_dir).activate()
         if self.group is not None:  # in every mode: a rank running eagerly while the others capture is a mismatch
             # Before mode auto's eager run: it runs the forward's collectives, which every rank must join.
             self.group.agree_on_plan(self._plan(), mode=self.config.mode, device=str(device))
@@ -236,9 +244,7 @@ class BucketedRunner:
         # in: Dynamo guards compiled code on it (a piecewise forward would compile again), and tensors made
         # during an inference-mode capture cannot be written outside inference mode (breakable eager steps).
         self._inference_mode = torch.is_inference_mode_enabled()
-        progress_ = _CaptureProgress(started, order, self._pool_bytes())
-        if self.config.compile_cache_dir is not None:
-            CompileCache(self.config.compile_cache_dir).activate()  # before anything compiles
+        progress_ = _CaptureProgress(started, order, self._pool_bytes(), torch.is_inference_mode_enabled())
         try:
             self._capture.prepare(self.pool)
             with frozen_gc(), torch.no_grad():

@@ -4,13 +4,14 @@
 
 What a cold start pays before its first captured graph is mostly compiling: Inductor's code generation and
 autotuning, and Triton's JIT of every kernel (the model's own and Inductor's). torch keeps the results on
-disk (the FX graph, AOTAutograd and Inductor caches; Triton's kernel cache), each in a directory of its own
-under /tmp by default, and can pack what one process compiled into portable artifacts
+disk (the FX graph, AOTAutograd and Inductor caches under /tmp, Triton's kernel cache under ~/.triton), each
+in a directory of its own by default, and can pack what one process compiled into portable artifacts
 (``torch.compiler.save_cache_artifacts``) that another process, or another machine, loads back
 (``load_cache_artifacts``). One directory holds all of it here:
 
 - ``inductor/`` and ``triton/``: the on-disk caches, pointed there (``TORCHINDUCTOR_CACHE_DIR``,
-  ``TRITON_CACHE_DIR``) for the whole process before anything compiles;
+  ``TRITON_CACHE_DIR``) for the whole process before anything compiles: one directory per process, a second
+  one is refused (``CompileCacheConflictError``);
 - ``compile-artifacts.bin``: the portable artifacts, loaded before the capture and written after it, so a
   directory copied to a fresh machine (an image, a shared volume) warms it as well.
 
@@ -34,6 +35,11 @@ ARTIFACTS = "compile-artifacts.bin"
 ON_DISK_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
 
 _loaded: set[Path] = set()  # directories whose artifacts this process has loaded already
+_active: Path | None = None  # the process's one compile cache directory (the caches are process-wide)
+
+
+class CompileCacheConflictError(ValueError):
+    """A second, different compile cache directory was asked for in one process."""
 
 
 class CompileCache:
@@ -50,9 +56,25 @@ class CompileCache:
         An unreadable or incompatible artifact file (another torch version) is logged and skipped: the
         capture then compiles cold and saves fresh artifacts over it.
         """
-        self.directory.mkdir(parents=True, exist_ok=True)
+        global _active
+        if _active is not None and _active != self.directory:
+            # Inductor and Triton read these variables on every compile, for the whole process: a second
+            # directory would redirect the first runner's later compiles too.
+            raise CompileCacheConflictError(
+                f"compile_cache_dir {str(self.directory)!r} differs from {str(_active)!r}, which this process uses "
+                "already: the compile caches are process-wide, so every runner of a process must name the same one"
+            )
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a cache must never stop a server: compile with torch's own caches instead
+            logger.warning("graphhal: compile cache directory %s unusable (%s); compiling without it", self.directory, exc)
+            return
         for variable, name in ON_DISK_CACHES.items():
+            previous = os.environ.get(variable)
+            if previous is not None and previous != str(self.directory / name) and _active is None:
+                logger.warning("graphhal: compile_cache_dir overrides %s=%s for this process", variable, previous)
             os.environ[variable] = str(self.directory / name)
+        _active = self.directory
         if self.directory in _loaded or not self.artifacts.is_file():
             return
         try:
@@ -65,12 +87,17 @@ class CompileCache:
 
     def save(self) -> bool:
         """Write what this process compiled as portable artifacts (replacing the file atomically); whether any."""
-        packed = torch.compiler.save_cache_artifacts()
-        if packed is None:
+        try:
+            packed = torch.compiler.save_cache_artifacts()
+            if packed is None:
+                return False
+            data, _ = packed
+            with tempfile.NamedTemporaryFile(dir=self.directory, prefix=".artifacts-", delete=False) as handle:
+                handle.write(data)
+            os.chmod(handle.name, 0o644)  # readable wherever the directory is shared, like the caches beside it
+            os.replace(handle.name, self.artifacts)  # a concurrent reader sees the old file or the new, never half
+        except Exception as exc:  # the graphs are captured: a cache that cannot be written must not undo that
+            logger.warning("graphhal: could not save compile artifacts to %s (%s: %s)", self.artifacts, type(exc).__name__, exc)
             return False
-        data, _ = packed
-        with tempfile.NamedTemporaryFile(dir=self.directory, prefix=".artifacts-", delete=False) as handle:
-            handle.write(data)
-        os.replace(handle.name, self.artifacts)  # a concurrent reader sees the old file or the new, never half
         _loaded.add(self.directory)  # what it holds is in this process's caches already
         return True

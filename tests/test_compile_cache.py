@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from runners import DecodeConfig, GraphConfig
+from runners import compile_cache
 from runners.compile_cache import ARTIFACTS, CompileCache
 
 pytestmark = pytest.mark.cpu
@@ -54,13 +55,26 @@ def test_a_restarted_process_loads_what_the_first_compiled(tmp_path):
     assert warm["hits"] >= 1 and warm["misses"] == 0
 
 
-def test_a_broken_artifact_file_is_skipped_and_replaced(tmp_path, monkeypatch):
-    (tmp_path / ARTIFACTS).write_bytes(b"not torch cache artifacts")
+@pytest.fixture
+def fresh_process_state(monkeypatch):
+    """activate() points the caches for the whole process: undo it after the test."""
     for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
-        monkeypatch.setenv(variable, "restored after the test")  # activate() points them for the whole process
+        monkeypatch.setenv(variable, "restored after the test")
+    monkeypatch.setattr(compile_cache, "_active", None)
+
+
+def test_a_broken_artifact_file_is_skipped_not_fatal(tmp_path, fresh_process_state):
+    (tmp_path / ARTIFACTS).write_bytes(b"not torch cache artifacts")
     CompileCache(tmp_path).activate()  # logs and goes on: a cache must never stop a server
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "triton")
+
+
+def test_a_second_directory_in_one_process_is_refused_naming_both(tmp_path, fresh_process_state):
+    CompileCache(tmp_path / "a").activate()
+    CompileCache(tmp_path / "a").activate()  # the same one again is fine
+    with pytest.raises(compile_cache.CompileCacheConflictError, match=r"'.*/b' differs from '.*/a'.*process-wide"):
+        CompileCache(tmp_path / "b").activate()
 
 
 def test_the_cache_directory_is_one_config_field_checked_like_the_others():

@@ -164,3 +164,44 @@ def test_decode_and_prefill_runners_sharing_one_pool_take_the_larger_plus_a_tent
         expected = stack(x).clone()
     torch.testing.assert_close(decode.run({"x": x}), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(shared.run({"x": x, "lens": torch.tensor([20], dtype=torch.int32)}), expected, rtol=1e-4, atol=1e-4)
+
+
+@hal.break_point(name="reads host lengths")
+def _scaled_by_host_lengths(x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # What breakable mode is for: a host read. It returns a device tensor and a host one.
+    total = int(lengths.sum())
+    return x * total, torch.tensor([total, len(lengths)])
+
+
+@pytest.mark.cuda
+def test_host_tensors_crossing_a_break_stay_owned_while_device_ones_share_the_pool():
+    # On a GPU the pool is device memory: a host tensor made during a segment (lengths) or returned by a break
+    # is nobody else's, so the step must keep it; only device tensors become aliases.
+    device = hal.get_device("cuda")
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        lengths = torch.tensor([1, 2, 3])  # host lengths, built while a segment is being captured
+        scaled, host = _scaled_by_host_lengths(x @ x.T, lengths)
+        return scaled[:, :1] + host.sum().item()
+
+    runner = DecodeRunner(forward, [InputSlot("x", torch.float32, row_shape=(8,))], device, DecodeConfig(mode="breakable", buckets=[2, 4, 8], show_progress=False))
+    runner.capture()
+    garbage = [torch.full((1000,), 7.0) for _ in range(200)]  # the host heap moves on
+    for rows in (8, 3, 5, 1, 8):
+        x = torch.randn(rows, 8, device=device.torch_device)
+        torch.testing.assert_close(runner.run({"x": x}), forward(x))
+    del garbage
+
+
+def test_capture_goes_on_in_the_inference_mode_the_estimate_began_in(graph_device):
+    # The estimate captures the largest bucket; capture() may be called under another inference mode, and
+    # one compile and one set of graphs must still serve every bucket.
+    runner = decode_runner(graph_device, "piecewise", UNCAPTURABLE, [8, 16, 32])
+    with torch.inference_mode():
+        runner.estimate_pool_bytes()
+    runner.capture()
+    x = torch.randn(5, WIDTH).to(runner.device.torch_device)
+    with torch.no_grad():
+        expected = runner.forward(x).clone()
+    torch.testing.assert_close(runner.run({"x": x}), expected, rtol=1e-4, atol=1e-4)
+    assert runner.estimate_pool_bytes() == sum(runner.report.added_bytes)  # after capture: what this runner added

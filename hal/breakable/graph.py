@@ -9,9 +9,10 @@ at every replay. The result is the hazard: the eager function allocates it from 
 allocator, which hands the memory to anyone once the last reference dies, and the next segment reads it at
 that address for good (sglang issue 37606). So the result is copied into tensors allocated in the graph pool
 (``_pooled``): what the next segment reads is pool memory, like everything a segment allocates. Once the
-whole graph is captured, the steps keep only non-owning aliases of their pool tensors, and a later (smaller)
-bucket's capture reuses that memory: a replay rewrites every tensor that crosses a break before anything
-reads it, so buckets share the pool as full graphs do, instead of each holding its own.
+whole graph is captured, the steps keep only non-owning aliases of the tensors on the graph's device, and a
+later (smaller) bucket's capture reuses that memory: a replay rewrites every tensor that crosses a break
+before anything reads it, so buckets share the pool as full graphs do, instead of each holding its own.
+Tensors off the device (host lengths handed to a break on a GPU) are not pool memory: the step keeps them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from hal.errors import GraphHalError
 from hal.graph import DeviceGraph
 from hal.graph_modes import GraphMode
 from hal.graph_strategies import register_strategy
-from hal.pool_aliases import non_owning_outputs
+from hal.pool_aliases import non_owning_alias
 
 
 class SegmentEndError(GraphHalError, RuntimeError):
@@ -53,11 +54,18 @@ class _EagerStep:
     def replay(self) -> None:
         copy_back(self.result, self.point.function(*self.args, **self.kwargs), f"break point {self.point.name!r}")
 
-    def let_tensors_leave(self) -> None:
-        """Keep only non-owning aliases of what crosses the break (after the whole graph is captured)."""
-        self.args = non_owning_outputs(self.args)
-        self.kwargs = non_owning_outputs(self.kwargs)
-        self.result = non_owning_outputs(self.result)
+    def let_tensors_leave(self, device: torch.device) -> None:
+        """Keep only non-owning aliases of what crosses the break on ``device`` (after the whole graph is
+        captured): such a tensor is pool memory a segment allocated, a result ``_pooled`` copied there, or
+        something its owner keeps (weights, the KV cache, the runner's buffers). Anything else (a host tensor
+        of lengths, on a device whose pool is not host memory) stays owned here: nothing else would keep it."""
+        self.args = _aliases_on(device, self.args)
+        self.kwargs = _aliases_on(device, self.kwargs)
+        self.result = _aliases_on(device, self.result)
+
+
+def _aliases_on(device: torch.device, value: Any) -> Any:
+    return pytree.tree_map_only(torch.Tensor, lambda t: non_owning_alias(t) if t.device == device else t, value)
 
 
 class BreakableGraph(DeviceGraph):
@@ -134,7 +142,7 @@ class BreakableCapture:
             return
         for step in self._graph.steps:
             if isinstance(step, _EagerStep):
-                step.let_tensors_leave()
+                step.let_tensors_leave(self._device.torch_device)
         self._graph.captured = True
 
     def cut(self, point: BreakPoint, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -157,7 +165,11 @@ class BreakableCapture:
         why), and the graph whose capture allocated them. Tensors over an argument's memory (a function that
         wrote into its input and returned it) stay as they are: that memory is already where segments read."""
         given = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        fresh = [t for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given]
+        device = self._device.torch_device
+        fresh = [  # a result off the device (host values) stays as it is, owned by the step (let_tensors_leave)
+            t for t in pytree.tree_leaves(result)
+            if isinstance(t, torch.Tensor) and t.device == device and t.untyped_storage().data_ptr() not in given
+        ]
         if not fresh:
             return result, None
         holder = self._device.make_graph(GraphMode.FULL)

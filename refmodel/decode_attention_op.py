@@ -88,7 +88,7 @@ def _triton_paged_decode_attention() -> Callable[..., None]:
     return paged_decode_attention
 
 
-npu_decode_attention.register(decode_attention)
+npu_decode_attention.register_npu_kernel(decode_attention, npu_decode_attention.decode_attention_npu)
 
 _decode_attention_op = torch.ops.refmodel.decode_attention.default
 # The kernels the op dispatches to, by device type, for the model's direct eager calls (npu tensors never get

@@ -11,7 +11,7 @@ which a captured NPU graph bakes in; graphhal's npu device updates them before e
   custom op's kernel is hidden from every dispatch mode, so its lengths could never be updated.
   ``calls_npu_directly`` therefore routes npu tensors to this kernel before the custom op is entered (outside
   torch.compile, where the custom op must stay opaque so graphs can be split at it); the custom op's npu
-  kernel (``register``) serves compiled and eager calls, which is why the npu device refuses ``full`` graphs
+  kernel (``register_npu_kernel``) serves compiled and eager calls, which is why the npu device refuses ``full`` graphs
   of an Inductor-compiled forward.
 
 Follows op-plugin's signature, the same on every torch_npu line from 7.1 (op_plugin_functions.yaml: BSH
@@ -58,12 +58,7 @@ def decode_attention_npu(
     out: torch.Tensor,
 ) -> None:
     """``refmodel::decode_attention`` through ``torch_npu.npu_fused_infer_attention_score`` (same arguments)."""
-    torch_npu = sys.modules["torch_npu"]
-    if q.dtype not in _FUSED_ATTENTION_DTYPES:
-        raise TypeError(
-            f"npu decode attention runs torch_npu's fused infer-attention op, which takes float16 or bfloat16; "
-            f"the query is {q.dtype}: build the model and KV cache in one of those dtypes"
-        )
+    torch_npu = fused_attention_module(q, "decode")
     batch, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = key_cache.shape
     if torch.npu.is_current_stream_capturing():
@@ -85,6 +80,16 @@ def decode_attention_npu(
     out.copy_(attention.view(batch, num_heads, head_dim))
 
 
+def fused_attention_module(q: torch.Tensor, phase: str) -> Any:
+    """``torch_npu``, once ``q``'s dtype is one its fused infer-attention op takes (TypeError otherwise)."""
+    if q.dtype not in _FUSED_ATTENTION_DTYPES:
+        raise TypeError(
+            f"npu {phase} attention runs torch_npu's fused infer-attention op, which takes float16 or bfloat16; "
+            f"the query is {q.dtype}: build the model and KV cache in one of those dtypes"
+        )
+    return sys.modules["torch_npu"]
+
+
 def calls_npu_directly(op: Callable[..., Any]) -> Callable[..., Any]:
     """``op`` (the decode attention custom op), except that npu tensors outside torch.compile run
     ``decode_attention_npu`` directly, where an NPU graph capture sees the fused op (module docstring)."""
@@ -98,8 +103,8 @@ def calls_npu_directly(op: Callable[..., Any]) -> Callable[..., Any]:
     return decode_attention
 
 
-def register(custom_op: Any) -> None:
-    """Register ``decode_attention_npu`` as the custom op's npu kernel, once torch knows the npu backend
-    (torch_npu renames PrivateUse1 to "npu" when it is imported; before that there is nothing to register)."""
+def register_npu_kernel(custom_op: Any, kernel: Callable[..., None]) -> None:
+    """Register ``kernel`` as ``custom_op``'s npu kernel, once torch knows the npu backend (torch_npu renames
+    PrivateUse1 to "npu" when it is imported; before that there is nothing to register)."""
     if torch._C._get_privateuse1_backend_name() == "npu":
-        custom_op.register_kernel("npu")(decode_attention_npu)
+        custom_op.register_kernel("npu")(kernel)

@@ -24,24 +24,22 @@ Padding, which the runner adds and the op has no notion of:
   device (the live token count is read from ``query_lens`` in device memory, so a graph replays it right).
 
 Like decode, the op must be called where the npu device's capture sees it: ``calls_npu_directly`` routes npu
-tensors to this kernel before the custom op is entered (outside torch.compile); ``register`` makes it the
-custom op's npu kernel for the calls that do go through the op. float16 and bfloat16 only.
+tensors to this kernel before the custom op is entered (outside torch.compile); ``npu_decode_attention.register_npu_kernel``
+makes it the custom op's npu kernel for the calls that do go through the op. float16 and bfloat16 only.
 """
 
 from __future__ import annotations
 
 import functools
-import sys
 from itertools import accumulate
 from typing import Any, Callable
 
 import torch
 
 from refmodel.block_allocator import NULL_BLOCK
-from refmodel.npu_decode_attention import is_npu_tensor
+from refmodel.npu_decode_attention import fused_attention_module, is_npu_tensor
 from refmodel.prefill_attention_reference import prefill_layout
 
-_FUSED_ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
 CAUSAL_MASK_SIZE = 2048  # sparse_mode 3 takes this fixed "optimized" mask, whatever the lengths
 RIGHT_DOWN_CAUSAL = 3
 TAIL_KV_LENGTH = 1  # the token tail's KV length: any valid positive length (vllm-ascend pads with 1)
@@ -61,12 +59,7 @@ def prefill_attention_npu(
     out: torch.Tensor,
 ) -> None:
     """``refmodel::prefill_attention`` through ``torch_npu.npu_fused_infer_attention_score`` (same arguments)."""
-    torch_npu = sys.modules["torch_npu"]
-    if q.dtype not in _FUSED_ATTENTION_DTYPES:
-        raise TypeError(
-            f"npu prefill attention runs torch_npu's fused infer-attention op, which takes float16 or bfloat16; "
-            f"the query is {q.dtype}: build the model and KV cache in one of those dtypes"
-        )
+    torch_npu = fused_attention_module(q, "prefill")
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = key_cache.shape
     requests, max_blocks = block_tables.shape
@@ -131,10 +124,3 @@ def calls_npu_directly(op: Callable[..., Any]) -> Callable[..., Any]:
         return op(q, key_cache, value_cache, block_tables, query_lens, seq_lens, scale, out)
 
     return prefill_attention
-
-
-def register(custom_op: Any) -> None:
-    """Register ``prefill_attention_npu`` as the custom op's npu kernel, once torch knows the npu backend
-    (torch_npu renames PrivateUse1 to "npu" when it is imported; before that there is nothing to register)."""
-    if torch._C._get_privateuse1_backend_name() == "npu":
-        custom_op.register_kernel("npu")(prefill_attention_npu)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 import hal
-from refmodel import npu_prefill_attention
+from refmodel import npu_decode_attention, npu_prefill_attention
 from refmodel.direct_kernels import unobserved_eager_call
 from refmodel.prefill_attention_masked import prefill_attention_masked
 from refmodel.prefill_attention_reference import prefill_attention_reference, prefill_layout
@@ -121,7 +121,7 @@ def _check_out(q: torch.Tensor, out: torch.Tensor) -> None:
         raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
 
 
-npu_prefill_attention.register(prefill_attention)
+npu_decode_attention.register_npu_kernel(prefill_attention, npu_prefill_attention.prefill_attention_npu)
 
 _prefill_attention_op = torch.ops.refmodel.prefill_attention.default
 # npu tensors never get here from the model: npu_prefill_attention.calls_npu_directly routes them first.

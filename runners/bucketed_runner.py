@@ -57,6 +57,11 @@ class _CaptureProgress:
     added: list[int] = field(default_factory=list)  # pool bytes each captured bucket added, in order
     estimate: int = 0  # what the largest bucket took: what all of them will take
 
+    @property
+    def pool_bytes(self) -> int:
+        """The pool as last read: before this runner, plus what its buckets added so far."""
+        return self.before + sum(self.added)
+
 
 @dataclass
 class _Bucket:
@@ -189,7 +194,7 @@ class BucketedRunner:
                     rest = progress_.order[1:]
                     for bucket in progress(rest, f"graphhal: capturing {self.phase} graphs", self.config.show_progress and bool(rest)):
                         self._graphs[bucket] = self._capture_bucket_with_ranks(bucket)
-                        progress_.added.append(self._pool_bytes() - progress_.before - sum(progress_.added))
+                        progress_.added.append(self._pool_bytes() - progress_.pool_bytes)
             except BaseException:
                 self._release_graphs(self._owns_pool)
                 self._progress = None  # a retry starts from the beginning
@@ -199,7 +204,7 @@ class BucketedRunner:
             CompileCache(self.config.compile_cache_dir).save()  # for the next process: what this one compiled
         self.report = CaptureReport(
             self.phase, self.config.mode, str(self.device), tuple(progress_.order), time.perf_counter() - progress_.started,
-            self._pool_bytes() if progress_.order else 0, tuple(progress_.added), progress_.estimate,
+            progress_.pool_bytes if progress_.order else 0, tuple(progress_.added), progress_.estimate,
         )
         logger.info(self.report.summary())
         return self.report
@@ -249,7 +254,7 @@ class BucketedRunner:
             self._capture.prepare(self.pool)
             with frozen_gc(), torch.no_grad():
                 self._graphs[order[0]] = self._capture_bucket_with_ranks(order[0])
-            progress_.added.append(self._pool_bytes() - progress_.before)
+            progress_.added.append(self._pool_bytes() - progress_.pool_bytes)
             progress_.estimate = progress_.added[0]
             self._check_budget(progress_.estimate, order[0])
         except BaseException:

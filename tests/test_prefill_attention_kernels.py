@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 import refmodel.triton_prefill_attention as triton_prefill
 from refmodel.prefill_attention_masked import prefill_attention_masked
 from refmodel.prefill_attention_reference import prefill_attention_reference
+from support.paged_blocks import shuffled_block_tables
 
 # Where a GPU is present the kernel is compiled for it and these CPU-tensor cases cannot run; where none is,
 # conftest.py has switched the interpreter on, and a kernel that is not interpreted there must fail, not skip.
@@ -59,11 +60,7 @@ def make_prefill_batch(
     blocks_per_request = [-(-seq // block_size) if query else 0 for query, seq in zip(query_lens, seq_lens)]
     max_blocks = max(max_blocks or 0, max(blocks_per_request, default=0) + 1)
     num_blocks = max(num_blocks or 0, 1 + sum(blocks_per_request))
-    owned = (torch.randperm(num_blocks - 1, generator=generator) + 1).tolist()
-    block_tables = torch.zeros(len(query_lens), max_blocks, dtype=torch.int32)
-    for request, count in enumerate(blocks_per_request):
-        block_tables[request, :count] = torch.tensor(owned[:count], dtype=torch.int32)
-        owned = owned[count:]
+    block_tables = shuffled_block_tables(blocks_per_request, max_blocks, num_blocks, generator)
 
     cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
     key_cache = torch.randn(cache_shape, generator=generator)

@@ -12,6 +12,7 @@ import torch
 
 import refmodel.triton_decode_attention as triton_attention
 from refmodel import decode_attention_reference
+from support.paged_blocks import shuffled_block_tables
 
 # Where a GPU is present the kernel is compiled for it and these CPU-tensor cases cannot run; where none is,
 # conftest.py has switched the interpreter on, and a kernel that is not interpreted there must fail, not skip.
@@ -42,11 +43,7 @@ def make_paged_batch(
     blocks_per_row = [-(-n // block_size) for n in seq_lens]
     max_blocks = max(max(blocks_per_row), 1) + 1  # a spare column: tables are wider than any row needs
     num_blocks = 1 + sum(blocks_per_row)
-    owned = (torch.randperm(num_blocks - 1, generator=generator) + 1).tolist()
-    block_tables = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
-    for row, count in enumerate(blocks_per_row):
-        block_tables[row, :count] = torch.tensor(owned[:count], dtype=torch.int32)
-        owned = owned[count:]
+    block_tables = shuffled_block_tables(blocks_per_row, max_blocks, num_blocks, generator)
 
     cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
     key_cache = torch.randn(cache_shape, generator=generator)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import hal
 from benchmarks.contenders import PREFILL_CONTENDERS, PREFILL_MODES, Batch, Contender, decode_lineup, prefill_lineup
+from benchmarks.contenders.registry import TRANSFORMERS_BASELINES
 from benchmarks.names import DECODE, PREFILL, SETUP
 from benchmarks.plan import BenchPlan, PrefillShape
 from benchmarks.results import Skipped
@@ -38,7 +39,13 @@ class Lineup:
 
 def choose_lineup(plan: BenchPlan) -> Lineup:
     device, skipped = plan.device, []
-    decode = _runnable(decode_lineup(plan.decode_modes, device), DECODE, device, skipped)
+    transformers = plan.transformers_family is not None
+    decode = _runnable(decode_lineup(plan.decode_modes, device, transformers_baselines=transformers), DECODE, device, skipped)
+    if not transformers:  # named, but the reference model has no transformers step to time
+        skipped += [
+            Skipped(DECODE, name, "needs a transformers model (--model llama, qwen2 or mistral)")
+            for name in plan.decode_modes or () if name in TRANSFORMERS_BASELINES
+        ]
     prefill: list[Contender[PrefillCase]] = []
     if plan.prefill_modes and plan.prefill_shapes:
         eager, *modes = prefill_lineup(plan.prefill_modes, device)

@@ -15,3 +15,5 @@ FULL_INDUCTOR = "full+inductor"  # graphhal's full mode over an Inductor-compile
 FULL_FIRST_REPLAY_CHECK = "full (first-replay check)"  # full, addresses checked on a bucket's first replay only
 REDUCE_OVERHEAD = "reduce-overhead"  # torch.compile's own graphs: graphhal's peer
 STATIC_REDUCE_OVERHEAD = "reduce-overhead dynamic=False"  # a setup only: one compile per batch size
+TRANSFORMERS_EAGER = "transformers eager"  # transformers' own decode step with its default cache (--model llama...)
+TRANSFORMERS_STATIC_COMPILE = "transformers static+compile"  # its StaticCache + torch.compile fast path

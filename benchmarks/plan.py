@@ -95,6 +95,9 @@ class BenchPlan:
     show_progress: bool = True
     seed: int = 0
     tp_group: Any = None  # the model is sharded over this process group's ranks (benchmarks.tensor_parallel)
+    # A transformers model of this family (benchmarks.transformers_workload) instead of the reference model; ``config``
+    # is then its cache's shape.
+    transformers_family: str | None = None
 
 
 class PlanDefaults:

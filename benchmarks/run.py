@@ -37,16 +37,7 @@ def run_bench(plan: BenchPlan) -> BenchResult:
     started = time.perf_counter()
     with _torch_threads(plan):
         lineup = choose_lineup(plan)
-        workload = build_reference_workload(
-            plan.device,
-            plan.config,
-            plan.dtype,
-            max_batch_size=max(plan.batch_sizes),
-            context_len=plan.context_len,
-            prefill_shapes=lineup.cache_shapes,
-            seed=plan.seed,
-            tp_group=plan.tp_group,
-        )
+        workload = _build_workload(plan, lineup)
         timer = StepTimer(plan.device, plan.timer)
         result = BenchResult(header=_header(plan, workload, timer), skipped=lineup.skipped)
         result.header.modes = {c.name: c.detail for c in lineup.decode}
@@ -69,6 +60,18 @@ def run_bench(plan: BenchPlan) -> BenchResult:
     fill_ratios(result.rows)
     result.wall_s = time.perf_counter() - started
     return result
+
+
+def _build_workload(plan: BenchPlan, lineup: Lineup) -> Workload:
+    """The reference model, or with ``plan.transformers_family`` a transformers model of that family."""
+    sizes = dict(max_batch_size=max(plan.batch_sizes), context_len=plan.context_len, prefill_shapes=lineup.cache_shapes, seed=plan.seed)
+    if plan.transformers_family is not None:
+        from benchmarks.transformers_workload import build_transformers_workload  # imports transformers: only when asked
+
+        return build_transformers_workload(
+            plan.device, plan.transformers_family, plan.dtype, num_layers=plan.config.num_layers, **sizes  # type: ignore[arg-type]
+        )
+    return build_reference_workload(plan.device, plan.config, plan.dtype, tp_group=plan.tp_group, **sizes)  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager

@@ -17,7 +17,6 @@ import torch
 import hal
 from benchmarks.plan import PrefillShape
 from refmodel import (
-    DecodeStep,
     DecodeWorkload,
     LlamaDecoder,
     ModelConfig,
@@ -81,21 +80,21 @@ class Workload(Protocol):
 
 
 @dataclass
-class ReferenceWorkload:
-    """graphhal's reference decoder (refmodel), its paged KV cache and its decode requests: a ``Workload``."""
+class PagedWorkload:
+    """A model over a refmodel ``PagedKVCache`` with its decode requests: what every such ``Workload`` shares.
+
+    A subclass gives the model's steps: ``decode_step`` and ``decode_slots`` (set in ``__post_init__``),
+    ``prefill_forward`` and ``describe``.
+    """
 
     device: hal.Device
-    model: LlamaDecoder
+    model: torch.nn.Module
     kv_cache: PagedKVCache
     decode: DecodeWorkload  # the decode requests, their contexts in the cache
     context_len: int  # the longest of those contexts
     group: Any = None
-    decode_step: DecodeStep = field(init=False)
+    decode_step: Callable[..., Any] = field(init=False)
     decode_slots: list[InputSlot] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.decode_step = self.model.decode_forward(self.kv_cache)
-        self.decode_slots = self.decode.input_slots()
 
     def watched(self) -> dict[str, Any]:
         return {"model": self.model, "kv_cache": self.kv_cache}
@@ -106,8 +105,8 @@ class ReferenceWorkload:
     def kv_cache_tensors(self) -> list[torch.Tensor]:
         return [*self.kv_cache.key_caches, *self.kv_cache.value_caches]
 
-    def prefill_forward(self) -> PrefillStep:
-        return self.model.prefill_forward(self.kv_cache)
+    def prefill_forward(self) -> Callable[..., Any]:
+        raise NotImplementedError
 
     def prefill_slots(self) -> tuple[list[InputSlot], list[InputSlot]]:
         return prefill_token_slots(), prefill_request_slots(self.kv_cache.config)
@@ -115,6 +114,20 @@ class ReferenceWorkload:
     def prefill_case(self, shape: PrefillShape, seed: int) -> PrefillCase:
         requests = PrefillWorkload(self.kv_cache, shape.query_lens(), context_lens=shape.context_lens(), seed=seed)
         return PrefillCase(shape, self.prefill_forward(), requests.batch(), requests.release)
+
+
+@dataclass
+class ReferenceWorkload(PagedWorkload):
+    """graphhal's reference decoder (refmodel), its paged KV cache and its decode requests: a ``Workload``."""
+
+    model: LlamaDecoder
+
+    def __post_init__(self) -> None:
+        self.decode_step = self.model.decode_forward(self.kv_cache)
+        self.decode_slots = self.decode.input_slots()
+
+    def prefill_forward(self) -> PrefillStep:
+        return self.model.prefill_forward(self.kv_cache)
 
     def describe(self) -> str:
         c = self.model.config

@@ -25,7 +25,9 @@ from benchmarks import (
     prefill_shapes,
     run_bench,
 )
+from benchmarks.contenders.registry import TRANSFORMERS_BASELINES
 from benchmarks.names import FLOOR, REDUCE_OVERHEAD
+from benchmarks.transformers_families import TRANSFORMERS_FAMILIES, transformers_cache_shape
 from hal import GraphMode
 from benchmarks.render import json_file, plot, table
 from benchmarks.tensor_parallel import run_bench_on_ranks
@@ -62,16 +64,23 @@ def _name_list(known: tuple[str, ...]):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="device name (cuda:0, cpu, ...); default: the best one present")
-    parser.add_argument("--model", choices=sorted(MODELS), help="reference model size; default: tiny on cpu, default elsewhere")
+    parser.add_argument(
+        "--model",
+        choices=[*sorted(MODELS), *TRANSFORMERS_FAMILIES],
+        help="reference model size, or a transformers family (random weights, 1B-class shapes; tiny on cpu) run "
+        "through integrations.transformers, with transformers' own decode steps as extra baselines (needs "
+        "transformers); default: tiny on cpu, default elsewhere",
+    )
     parser.add_argument("--layers", type=int, help="override the model's number of decoder layers")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on cpu, bfloat16 elsewhere")
     parser.add_argument("--batch-sizes", type=_int_list, help="decode batch sizes; default: 1,4,16 on cpu, 1,4,16,64,256 elsewhere")
     parser.add_argument("--context-len", type=int, help="longest cached context per decode request; default: 32 on cpu, 512 elsewhere")
     parser.add_argument(
         "--modes",
-        type=_name_list(tuple(DECODE_CONTENDERS)),
-        help=f"decode contenders besides eager, from {', '.join(DECODE_CONTENDERS)}; default: all (those the "
-        f"device cannot run, like {REDUCE_OVERHEAD} off CUDA, are listed as skipped)",
+        type=_name_list((*DECODE_CONTENDERS, *TRANSFORMERS_BASELINES)),
+        help=f"decode contenders besides eager, from {', '.join(DECODE_CONTENDERS)}; with a transformers --model "
+        f"also {', '.join(TRANSFORMERS_BASELINES)}; default: all (those the device cannot run, like "
+        f"{REDUCE_OVERHEAD} off CUDA, are listed as skipped)",
     )
     parser.add_argument(
         "--prefill-modes", type=_name_list(PREFILL_MODES), default=list(PREFILL_MODES),
@@ -132,7 +141,13 @@ def plan_from_arguments(args: argparse.Namespace, rank: int | None = None) -> Be
     """The plan the options describe; ``rank``: for that rank of a tensor-parallel run (its own GPU)."""
     device = chosen_device(args.device) if rank is None else _rank_device(args.device, rank)
     defaults = PlanDefaults(device)
-    config = MODELS[args.model or ("large" if args.tp > 1 else defaults.model)]()
+    family = args.model if args.model in TRANSFORMERS_FAMILIES else None
+    if family is not None:
+        if args.tp > 1:
+            raise SystemExit("graphhal bench: --tp runs the reference model only, not a transformers family")
+        config = transformers_cache_shape(family, tiny=device.type == "cpu", num_layers=args.layers)
+    else:
+        config = MODELS[args.model or ("large" if args.tp > 1 else defaults.model)]()
     if args.layers is not None:
         config = dataclasses.replace(config, num_layers=args.layers)
     return BenchPlan(
@@ -148,7 +163,10 @@ def plan_from_arguments(args: argparse.Namespace, rank: int | None = None) -> Be
         compiled_setups=not args.no_compiled_setup,
         # Fresh processes with one compile cache, cold then warm: where the compiled setups run, off the cpu
         # (reduce-overhead and Inductor-captured graphs are CUDA's).
-        restart_setups=not (args.no_restart_setup or args.no_compiled_setup or args.no_capture_cost) and device.type != "cpu",
+        # The reference model only: the fresh processes rebuild it from its config.
+        restart_setups=not (args.no_restart_setup or args.no_compiled_setup or args.no_capture_cost)
+        and device.type != "cpu"
+        and family is None,
         static_sizes=args.static_sizes,
         prefill_setup_max_tokens=(
             None if args.no_prefill or args.no_prefill_setup else args.prefill_setup_max_tokens or defaults.prefill_setup_max_tokens(config)
@@ -161,6 +179,7 @@ def plan_from_arguments(args: argparse.Namespace, rank: int | None = None) -> Be
         ),
         cpu_threads=args.threads or 1,
         show_progress=not args.no_progress,
+        transformers_family=family,
     )
 
 

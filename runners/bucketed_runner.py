@@ -181,24 +181,25 @@ class BucketedRunner:
         """
         if self.captured:
             raise RunnerStateError("this runner has already captured its graphs; make a new runner to capture again")
-        if self._progress is None:
-            self._start_capture()
-        progress_ = self._progress
-        assert progress_ is not None
-        if progress_.order:  # nothing to capture in mode disabled
-            try:
-                # In the inference mode the largest bucket was captured in (estimate_pool_bytes may have run
-                # under another): one compile and one set of graphs serve every bucket.
-                same_mode = torch.is_inference_mode_enabled() == progress_.inference_mode
-                with contextlib.nullcontext() if same_mode else torch.inference_mode(progress_.inference_mode), frozen_gc(), torch.no_grad():
-                    rest = progress_.order[1:]
-                    for bucket in progress(rest, f"graphhal: capturing {self.phase} graphs", self.config.show_progress and bool(rest)):
-                        self._graphs[bucket] = self._capture_bucket_with_ranks(bucket)
-                        progress_.added.append(self._pool_bytes() - progress_.pool_bytes)
-            except BaseException:
-                self._release_graphs(self._owns_pool)
-                self._progress = None  # a retry starts from the beginning
-                raise
+        with frozen_gc():  # one collection for the whole capture, the largest bucket's included
+            if self._progress is None:
+                self._start_capture()
+            progress_ = self._progress
+            assert progress_ is not None
+            if progress_.order:  # nothing to capture in mode disabled
+                try:
+                    # In the inference mode the largest bucket was captured in (estimate_pool_bytes may have run
+                    # under another): one compile and one set of graphs serve every bucket.
+                    same_mode = torch.is_inference_mode_enabled() == progress_.inference_mode
+                    with contextlib.nullcontext() if same_mode else torch.inference_mode(progress_.inference_mode), torch.no_grad():
+                        rest = progress_.order[1:]
+                        for bucket in progress(rest, f"graphhal: capturing {self.phase} graphs", self.config.show_progress and bool(rest)):
+                            self._graphs[bucket] = self._capture_bucket_with_ranks(bucket)
+                            progress_.added.append(self._pool_bytes() - progress_.pool_bytes)
+                except BaseException:
+                    self._release_graphs(self._owns_pool)
+                    self._progress = None  # a retry starts from the beginning
+                    raise
         self._progress = None
         if progress_.order and self.config.compile_cache_dir is not None:
             CompileCache(self.config.compile_cache_dir).save()  # for the next process: what this one compiled
@@ -218,7 +219,8 @@ class BucketedRunner:
         if self.report is not None:
             return sum(self.report.added_bytes)
         if self._progress is None:
-            self._start_capture()
+            with frozen_gc():
+                self._start_capture()
         assert self._progress is not None
         return self._progress.estimate
 
@@ -252,7 +254,7 @@ class BucketedRunner:
         progress_ = _CaptureProgress(started, order, self._pool_bytes(), torch.is_inference_mode_enabled())
         try:
             self._capture.prepare(self.pool)
-            with frozen_gc(), torch.no_grad():
+            with torch.no_grad():  # under the caller's frozen_gc
                 self._graphs[order[0]] = self._capture_bucket_with_ranks(order[0])
             progress_.added.append(self._pool_bytes() - progress_.pool_bytes)
             progress_.estimate = progress_.added[0]

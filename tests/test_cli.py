@@ -414,3 +414,30 @@ def test_demo_still_runs_and_reports_graph_and_eager_agreeing(capsys):
     rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["2"])]
     assert len(rows) == 2
     assert all(float(cells[-1]) < 1e-3 for cells in rows)  # max |graph - eager|
+
+
+@pytest.mark.cpu
+def test_bench_runs_a_transformers_family_beside_transformers_own_decode_step():
+    pytest.importorskip("transformers")
+    argv = [
+        "bench", "--device", "cpu", "--model", "qwen2", "--batch-sizes", "1,2",
+        "--modes", "floor,full,transformers eager,transformers static+compile",
+        "--prefill-modes", "full", "--tokens", "8", "--requests", "2", "--no-capture-cost",
+        "--time-budget", "0.02", "--min-repeats", "3", "--max-repeats", "5", "--no-progress",
+    ]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(argv)
+    text = out.getvalue()
+    assert code == 0, text
+    assert "transformers Qwen2ForCausalLM" in text
+    rows = [line.split() for line in text.splitlines()]
+    for batch_size in ("1", "2"):
+        modes = [" ".join(cells[1:3]) for cells in rows if len(cells) > 2 and cells[0] == batch_size]
+        assert [mode.split()[0] for mode in modes[:3]] == ["eager", "floor", "full"], modes
+        assert "transformers eager" in modes, modes  # after graphhal's rows
+        # graphhal's rows are checked against eager's output: the model on graphhal attention computes it
+        full = next(cells for cells in rows if len(cells) > 2 and cells[0] == batch_size and cells[1] == "full")
+        assert float(full[-3]) < 1e-4, full
+    assert "against transformers' own decode steps" in text and "transformers eager / full = " in text
+    assert "decode transformers static+compile: n/a: reduce-overhead records CUDA graphs (CUDA only)" in text

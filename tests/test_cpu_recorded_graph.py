@@ -107,6 +107,25 @@ def test_views_of_recorded_tensors_follow_them(cpu):
     assert out.tolist() == [2.0, 2.0, 2.0]
 
 
+@pytest.mark.parametrize(
+    "convert",
+    [
+        pytest.param(lambda t: t.float(), id="to-dtype"),  # transformers' rotary embedding: positions.float()
+        pytest.param(lambda t: t.t().contiguous(), id="contiguous"),
+        pytest.param(lambda t: t.t().reshape(-1), id="reshape"),
+    ],
+)
+def test_ops_that_may_alias_but_copy_are_recomputed(cpu, convert):
+    # aten.to, contiguous and reshape declare their result an alias of the input (they return it when
+    # nothing needs converting); when they copy, a device graph runs the copy kernel on every replay.
+    x = torch.arange(6).reshape(2, 3)
+    with torch.inference_mode():  # where transformers' steps run: these ops reach the recorder undecomposed
+        graph, out = capture(cpu, lambda: convert(x) * 1)
+        x.copy_(torch.arange(6, 12).reshape(2, 3))
+        cpu.replay(graph)
+        assert torch.equal(out, convert(x) * 1)
+
+
 def test_in_place_metadata_changes_are_not_replayed(cpu):
     x = torch.ones(4)
 

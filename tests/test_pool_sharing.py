@@ -122,6 +122,19 @@ def test_a_pool_over_budget_stops_the_capture_after_the_largest_bucket(graph_dev
 
 
 @pytest.mark.cpu
+def test_a_runner_stopped_by_its_budget_can_try_again_and_is_stopped_the_same_way():
+    # What a server may do after the error: call capture() again (a retry loop, a second component). The
+    # runner is left uncaptured and clean, so the second try gets the same budget error, not a state error.
+    runner = decode_runner("cpu", "breakable", UNCAPTURABLE, BUCKETS, pool_budget_mib=0.01)
+    for _ in range(2):
+        with pytest.raises(PoolBudgetError, match="over pool_budget_mib 0.01"):
+            runner.capture()
+        assert not runner.captured and runner._graphs == {}
+    with pytest.raises(PoolBudgetError):
+        runner.estimate_pool_bytes()  # the estimate itself goes over: the same error, nothing kept
+
+
+@pytest.mark.cpu
 def test_the_budget_is_checked_when_the_config_is_built():
     with pytest.raises(ValueError, match="decode: pool_budget_mib must be positive"):
         DecodeConfig(pool_budget_mib=0)

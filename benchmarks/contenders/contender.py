@@ -31,6 +31,7 @@ class Prepared:
     run: Callable[[], Any]
     setup_s: float | None = None  # compile + warm-up + capture; None for eager
     pool_bytes: int | None = None  # graph memory pool after setup; None when there is none or it is unknown
+    compares: bool = True  # False: its outputs are of other inputs than eager's (a baseline timed only)
 
 
 class Contender(ABC, Generic[Inputs]):

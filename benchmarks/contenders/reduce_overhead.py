@@ -58,16 +58,16 @@ def reduce_overhead_setup_calls(
     graphs: it only logs a warning and runs without them, and timing that as "reduce-overhead" would compare
     graphhal with eager Inductor kernels under the peer's name.
     """
-    skips = _cudagraph_skips()
+    skips = cudagraph_skips()
     for _ in range(SETUP_CALLS):
         torch.compiler.cudagraph_mark_step_begin()
         compiled(**static)
     torch.cuda.synchronize(torch_device)
-    if _cudagraph_skips() > skips:
+    if cudagraph_skips() > skips:
         raise RuntimeError("torch.compile skipped CUDA graphs for the step (its warning above says why)")
 
 
-def _cudagraph_skips() -> int:
+def cudagraph_skips() -> int:
     """How often Inductor has declined to use CUDA graphs in this process (its own counter)."""
     from torch._dynamo.utils import counters
 

@@ -7,7 +7,7 @@ contender runs them.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import hal
 from benchmarks.contenders.contender import Batch, Contender
@@ -15,7 +15,15 @@ from benchmarks.contenders.eager import EagerDecode, EagerPrefill
 from benchmarks.contenders.floor import HandWrittenFloor
 from benchmarks.contenders.reduce_overhead import ReduceOverhead
 from benchmarks.contenders.runner_modes import DecodeRunnerMode, PrefillRunnerMode
-from benchmarks.names import FLOOR, FULL_FIRST_REPLAY_CHECK, FULL_INDUCTOR, REDUCE_OVERHEAD
+from benchmarks.contenders.transformers_baselines import TransformersEager, TransformersStaticCompile
+from benchmarks.names import (
+    FLOOR,
+    FULL_FIRST_REPLAY_CHECK,
+    FULL_INDUCTOR,
+    REDUCE_OVERHEAD,
+    TRANSFORMERS_EAGER,
+    TRANSFORMERS_STATIC_COMPILE,
+)
 from benchmarks.workload import PrefillCase
 
 RUNNER_MODES = (hal.GraphMode.FULL, hal.GraphMode.BREAKABLE, hal.GraphMode.PIECEWISE)
@@ -30,19 +38,32 @@ DECODE_CONTENDERS: dict[str, Callable[[hal.Device], Contender[Batch]]] = {
     REDUCE_OVERHEAD: lambda device: ReduceOverhead(),
 }
 
+# transformers' own decode steps: after graphhal's contenders when the model is a transformers one (named in
+# --modes like the others; all of them when no modes are named).
+TRANSFORMERS_BASELINES: dict[str, Callable[[], Contender[Batch]]] = {
+    TRANSFORMERS_EAGER: TransformersEager,
+    TRANSFORMERS_STATIC_COMPILE: TransformersStaticCompile,
+}
+
 PREFILL_CONTENDERS: dict[str, Callable[[hal.Device], Contender[PrefillCase]]] = {
     mode.value: (lambda device, mode=mode: PrefillRunnerMode(mode.value)) for mode in RUNNER_MODES
 }
 PREFILL_MODES = tuple(PREFILL_CONTENDERS)
 
 
-def decode_lineup(names: Iterable[str] | None, device: hal.Device) -> list[Contender[Batch]]:
-    """Eager, then the named decode contenders (None: all of them), whether ``device`` can run them or not.
+def decode_lineup(names: Iterable[str] | None, device: hal.Device, *, transformers_baselines: bool = False) -> list[Contender[Batch]]:
+    """Eager, then the named decode contenders (None: all of them), whether ``device`` can run them or not;
+    then, for a transformers model, transformers' own decode steps.
 
     In table order whatever the order named: every size's rows read eager, floor, full, ... the same way.
     """
-    names = list(DECODE_CONTENDERS) if names is None else _known(DECODE_CONTENDERS, names, "decode mode")
-    return [EagerDecode(), *(make(device) for name, make in DECODE_CONTENDERS.items() if name in names)]
+    if names is None:
+        names = [*DECODE_CONTENDERS, *TRANSFORMERS_BASELINES]
+    else:
+        names = list(names)
+        _known({**DECODE_CONTENDERS, **TRANSFORMERS_BASELINES}, names, "decode mode")
+    baselines = [make() for name, make in TRANSFORMERS_BASELINES.items() if name in names] if transformers_baselines else []
+    return [EagerDecode(), *(make(device) for name, make in DECODE_CONTENDERS.items() if name in names), *baselines]
 
 
 def prefill_lineup(names: Iterable[str], device: hal.Device) -> list[Contender[PrefillCase]]:
@@ -51,7 +72,7 @@ def prefill_lineup(names: Iterable[str], device: hal.Device) -> list[Contender[P
     return [EagerPrefill(), *(PREFILL_CONTENDERS[name](device) for name in names)]
 
 
-def _known(table: dict[str, Callable[[hal.Device], Contender]], names: Iterable[str], what: str) -> list[str]:
+def _known(table: Mapping[str, object], names: Iterable[str], what: str) -> list[str]:
     names = list(names)
     unknown = sorted(set(names) - table.keys())
     if unknown:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from hal import MIB
-from benchmarks.names import DECODE, FULL_INDUCTOR, PREFILL, REDUCE_OVERHEAD
+from hal import MIB, GraphMode
+from benchmarks.names import DECODE, FULL_INDUCTOR, PREFILL, REDUCE_OVERHEAD, TRANSFORMERS_EAGER, TRANSFORMERS_STATIC_COMPILE
 from benchmarks.results import BenchResult, CaptureCost, CompiledSetup, PoolShare, Row, SetupCost
 
 # (title, width, cell) per column; a cell is "-" where the value does not apply.
@@ -21,7 +21,7 @@ def _timing(row: Row) -> str:
 
 
 _SHARED: list[_Column] = [
-    ("mode", 15, lambda r: r.mode),
+    ("mode", 27, lambda r: r.mode),
     ("ms/step", 9, lambda r: f"{r.median_ms:.3f}"),
     ("vs eager", 8, lambda r: _number(r.speedup_vs_eager, ".2f", "x")),
     ("/ floor", 7, lambda r: _number(r.ratio_to_floor, ".2f", "x")),
@@ -153,6 +153,22 @@ def _restarts(cost: SetupCost) -> list[str]:
     return lines
 
 
+def _against_transformers(rows: list[Row]) -> list[str]:
+    """For a transformers model: graphhal's full graphs against transformers' own decode steps, per batch size."""
+    by_size: dict[int, dict[str, float]] = {}
+    for row in rows:
+        by_size.setdefault(row.batch_size, {})[row.mode] = row.median_ms
+    lines = []
+    for batch_size, times in sorted(by_size.items()):
+        parts = []
+        for ours, theirs in ((GraphMode.FULL.value, TRANSFORMERS_EAGER), (FULL_INDUCTOR, TRANSFORMERS_STATIC_COMPILE)):
+            if ours in times and theirs in times:
+                parts.append(f"{theirs} / {ours} = {times[theirs] / times[ours]:.2f}x")
+        if parts:
+            lines.append(f"  batch {batch_size:>4}: " + "; ".join(parts))
+    return ["", "against transformers' own decode steps (their step time over graphhal's: above 1x, graphhal is faster):", *lines] if lines else []
+
+
 def _setup_cost(cost: SetupCost) -> list[str]:
     lines = _compiled_setups(cost) if cost.max_bs is not None else []
     if cost.restarts:
@@ -176,6 +192,7 @@ def render(result: BenchResult) -> str:
         rows = result.phase_rows(phase)
         if rows:
             lines += ["", phase, *_table(rows, columns)]
+    lines += _against_transformers(result.phase_rows(DECODE))
     if header.modes:
         lines += ["", *(f"  {mode}: {detail}" for mode, detail in header.modes.items())]
     if result.capture_cost is not None:

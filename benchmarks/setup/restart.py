@@ -3,9 +3,10 @@
 For each setup (``full`` with no compiler, ``full+inductor``, ``reduce-overhead``) two fresh Python processes
 in turn set up the decode graphs of every default bucket up to ``max_bs`` over the same compile cache
 directory (``runners.compile_cache``: Inductor's and Triton's on-disk caches, and torch's portable cache
-artifacts, loaded before and saved after): the first starts from an empty directory (cold), the second finds
-what the first compiled (a warm restart). Every setup gets the same caches, so reduce-overhead is compared
-fairly: it loads the artifacts and finds the on-disk caches as graphhal's runner does.
+artifacts, loaded before and saved after; and Python's bytecode cache where the install keeps none): the
+first starts from an empty directory (cold), the second finds what the first compiled (a warm restart). Every
+setup gets the same caches, so reduce-overhead is compared fairly: it loads the artifacts and finds the
+on-disk caches as graphhal's runner does.
 
 Each process reports its setup time (model built, then runner built and captured, or the compiled function
 set up at every size) and the parent the process's whole wall time (interpreter, imports and model
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -52,8 +54,9 @@ def measure_restart(name: str, device: str, config: object, dtype: torch.dtype, 
             "--setup", name, "--cache-dir", cache_dir, "--device", device, "--dtype", str(dtype).removeprefix("torch."),
             "--model", json.dumps(dataclasses.asdict(config)), "--max-bs", str(max_bs), "--context-len", str(context_len),
         ]
-        cold = _fresh_process(arguments)
-        warm = _fresh_process(arguments)
+        environment = _bytecode_cached(cache_dir)
+        cold = _fresh_process(arguments, environment)
+        warm = _fresh_process(arguments, environment)
     return RestartSetup(
         setup=name, num_buckets=cold["num_buckets"], cold_setup_s=cold["setup_s"], warm_setup_s=warm["setup_s"],
         cold_process_s=cold["process_s"], warm_process_s=warm["process_s"], cold_compiles=cold["compiles"],
@@ -61,10 +64,23 @@ def measure_restart(name: str, device: str, config: object, dtype: torch.dtype, 
     )
 
 
-def _fresh_process(arguments: list[str]) -> dict:
+def _bytecode_cached(cache_dir: str) -> dict[str, str]:
+    """The fresh processes' environment: where Python could not keep its bytecode cache (bytecode writing
+    off, or a read-only install), one kept in ``cache_dir``. A restarted server finds its .pyc files, and
+    torch's lazily imported compiler modules are seconds of source to compile; where the install keeps them
+    already, cold and warm both use them."""
+    environment = dict(os.environ)
+    if environment.get("PYTHONDONTWRITEBYTECODE") or not os.access(os.path.dirname(torch.__file__), os.W_OK):
+        environment.pop("PYTHONDONTWRITEBYTECODE", None)
+        environment["PYTHONPYCACHEPREFIX"] = os.path.join(cache_dir, "pycache")
+    return environment
+
+
+def _fresh_process(arguments: list[str], environment: dict[str, str]) -> dict:
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.setup.fresh_process", *arguments], capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "benchmarks.setup.fresh_process", *arguments],
+        capture_output=True, text=True, timeout=900, env=environment,
     )
     if done.returncode != 0:
         raise RuntimeError(f"the fresh setup process failed ({done.returncode}): {done.stderr.strip()[-2000:]}")

@@ -185,11 +185,13 @@ class _OpRecorder(TorchDispatchMode):
         kwargs = kwargs or {}
         _refuse_host_read(func, args, kwargs)
         result = _run_watching_for_host_reads(func, args, kwargs)
-        if func.is_view or torch.Tag.inplace_view in func.tags:
-            # A view aliases memory the other ops refresh; an in-place view (unsqueeze_, t_) changes only
-            # metadata, which a device graph never replays.
-            return result
         inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if _is_dense(t)}
+        if torch.Tag.inplace_view in func.tags or (func.is_view and _aliases(result, inputs)):
+            # A view aliases memory the other ops refresh; an in-place view (unsqueeze_, t_) changes only
+            # metadata, which a device graph never replays. An op whose schema only allows aliasing (aten.to,
+            # contiguous, reshape) and made new memory is computed like any other (a device graph runs its
+            # copy kernel): skipping it would bake the capture-time value in.
+            return result
         # What the op created goes into the pool, so its memory is reused once the program drops it.
         result = tree_map_only(torch.Tensor, lambda t: self._into_pool(t, inputs, copy=func not in _UNINITIALISED_FACTORIES), result)
         if func in _UNINITIALISED_FACTORIES:
@@ -262,6 +264,11 @@ def _reads_host(func: torch._ops.OpOverload, args: tuple[Any, ...], kwargs: dict
         indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
         return any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in indices)
     return True
+
+
+def _aliases(result: Any, input_storages: set[int]) -> bool:
+    """Whether every tensor ``result`` holds shares memory with an input."""
+    return all(t.untyped_storage().data_ptr() in input_storages for t in tree_leaves(result) if _is_dense(t))
 
 
 def _is_dense(value: object) -> bool:

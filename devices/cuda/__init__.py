@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from devices.cuda.capture_session import CudaCaptureSession
+from devices.cuda.triton_key_warmup import start_hashing_triton_key
 from hal import DeviceId, GraphMode, MemoryStats, hookimpl
 
 DEVICE_TYPE = "cuda"
@@ -86,6 +87,7 @@ def hal_capture_stream(device: DeviceId) -> torch.cuda.Stream | None:
     index = _index(device)
     if index not in _capture_streams:
         _capture_streams[index] = torch.cuda.Stream(device=index)
+        start_hashing_triton_key()  # the device is being made: overlap Triton's key with the model's loading
     return _capture_streams[index]
 
 

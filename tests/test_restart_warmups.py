@@ -1,0 +1,46 @@
+"""What a fresh process pays once before its first capture: Triton's cache key hashed in the background, and
+one garbage collection per capture."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+import torch
+
+import hal
+from devices.cuda import triton_key_warmup
+from refmodel import ModelConfig
+from runners import DecodeConfig, DecodeRunner
+
+pytestmark = pytest.mark.cpu
+
+
+def test_triton_key_is_hashed_once_on_a_background_thread(monkeypatch):
+    cache = pytest.importorskip("triton.runtime.cache")
+    calls = []
+    monkeypatch.setattr(triton_key_warmup, "_started", False)
+    monkeypatch.setattr(cache, "triton_key", lambda: calls.append(threading.current_thread().name))
+    triton_key_warmup.start_hashing_triton_key()
+    triton_key_warmup.start_hashing_triton_key()  # the device made twice, or a second GPU: once per process
+    for thread in threading.enumerate():
+        if thread.name == "graphhal-triton-key":
+            thread.join(timeout=30)
+    assert calls == ["graphhal-triton-key"]
+
+
+def test_a_capture_collects_garbage_once(monkeypatch):
+    from benchmarks.workload import build_reference_workload
+
+    device = hal.get_device("cpu")
+    workload = build_reference_workload(device, ModelConfig.tiny(), torch.float32, max_batch_size=4, context_len=16)
+    collections = []
+    real_collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *args: collections.append(args) or real_collect(*args))
+    config = DecodeConfig(mode="full", buckets=[1, 2, 4], show_progress=False)
+    runner = DecodeRunner(workload.decode_step, workload.decode_slots, device, config)
+    with torch.inference_mode():
+        report = runner.capture()
+    assert report.buckets == (4, 2, 1)
+    assert len(collections) == 1  # the largest bucket's capture and the rest's under one frozen collector

@@ -19,10 +19,9 @@ import torch
 import hal
 from benchmarks.plan import PrefillShape
 from benchmarks.transformers_families import FAMILY_SHAPES, MAX_SEQ_LEN, family_config
-from benchmarks.workload import PagedWorkload, blocks_for
+from benchmarks.workload import PagedWorkload, cache_with_decode_requests
 from integrations.transformers import cache_shape, use_graphhal_attention
 from integrations.transformers.steps import DecodeStep, PrefillStep
-from refmodel import DecodeWorkload, PagedKVCache
 
 @dataclass
 class TransformersWorkload(PagedWorkload):
@@ -68,15 +67,11 @@ def build_transformers_workload(
     with torch.device(device.torch_device):
         model = getattr(transformers, FAMILY_SHAPES[family]["model"])._from_config(config, dtype=dtype).eval()
     shape = cache_shape(model.config, max_seq_len=MAX_SEQ_LEN)
-    blocks_per_request = blocks_for(context_len + 1, shape.block_size)
-    prefill_blocks = max(
-        (sum(blocks_for(c + n, shape.block_size) for c, n in zip(s.context_lens(), s.query_lens())) for s in prefill_shapes),
-        default=0,
-    )
-    kv_cache = PagedKVCache(shape, 1 + max_batch_size * blocks_per_request + prefill_blocks, device.torch_device, dtype)
     baseline = _sharing_weights(model)
     use_graphhal_attention(model, shape.max_seq_len)
-    decode = DecodeWorkload(kv_cache, max_batch_size, max_context_len=context_len, max_blocks_per_seq=blocks_per_request, seed=seed)
+    kv_cache, decode = cache_with_decode_requests(
+        shape, device, dtype, max_batch_size=max_batch_size, context_len=context_len, prefill_shapes=prefill_shapes, seed=seed
+    )
     return TransformersWorkload(device, model, kv_cache, decode, context_len, baseline_model=baseline, family=family)
 
 

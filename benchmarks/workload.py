@@ -10,7 +10,7 @@ for the decode requests plus the largest prefill case.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -142,6 +142,35 @@ def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
+def cache_with_decode_requests(
+    cache_config: ModelConfig,
+    device: hal.Device,
+    dtype: torch.dtype,
+    *,
+    max_batch_size: int,
+    context_len: int,
+    prefill_shapes: Sequence[PrefillShape],
+    seed: int,
+) -> tuple[PagedKVCache, DecodeWorkload]:
+    """A paged KV cache of ``cache_config``'s shape with room for ``max_batch_size`` decode requests (contexts
+    of up to ``context_len`` and the new token) and for the largest of ``prefill_shapes`` (prefill cases are
+    placed and released one at a time), and the decode requests placed in it."""
+    blocks_per_request = blocks_for(context_len + 1, cache_config.block_size)
+    prefill_blocks = max(
+        (
+            sum(blocks_for(c + n, cache_config.block_size) for c, n in zip(shape.context_lens(), shape.query_lens()))
+            for shape in prefill_shapes
+        ),
+        default=0,
+    )
+    num_blocks = 1 + max_batch_size * blocks_per_request + prefill_blocks  # block 0: the null block
+    kv_cache = PagedKVCache(cache_config, num_blocks, device.torch_device, dtype)
+    decode = DecodeWorkload(
+        kv_cache, max_batch_size, max_context_len=context_len, max_blocks_per_seq=blocks_per_request, seed=seed
+    )
+    return kv_cache, decode
+
+
 def build_reference_workload(
     device: hal.Device,
     config: ModelConfig,
@@ -155,19 +184,9 @@ def build_reference_workload(
 ) -> ReferenceWorkload:
     """The reference model (this rank's shard of it under ``tp_group``), a KV cache with room for every request
     (this rank's KV heads), and ``max_batch_size`` decode requests with contexts of up to ``context_len``."""
-    blocks_per_request = blocks_for(context_len + 1, config.block_size)
-    # Prefill cases are placed and released one at a time, so the cache needs room for the largest.
-    prefill_blocks = max(
-        (
-            sum(blocks_for(c + n, config.block_size) for c, n in zip(shape.context_lens(), shape.query_lens()))
-            for shape in prefill_shapes
-        ),
-        default=0,
-    )
-    num_blocks = 1 + max_batch_size * blocks_per_request + prefill_blocks  # block 0: the null block
     model = LlamaDecoder(config, device.torch_device, dtype, seed=seed, tp_group=tp_group)
-    kv_cache = PagedKVCache(model.local_config, num_blocks, device.torch_device, dtype)
-    decode = DecodeWorkload(
-        kv_cache, max_batch_size, max_context_len=context_len, max_blocks_per_seq=blocks_per_request, seed=seed
+    kv_cache, decode = cache_with_decode_requests(
+        model.local_config, device, dtype, max_batch_size=max_batch_size, context_len=context_len,
+        prefill_shapes=prefill_shapes, seed=seed,
     )
     return ReferenceWorkload(device, model, kv_cache, decode, context_len, tp_group)

@@ -53,6 +53,7 @@ from hal.registry import (
     get_device,
     reload_plugins,
 )
+from hal.stored_compile import CompileStore
 from hal.token_specialization import TokenSpecializationError
 
 # The strategies, above the contract: importing them registers their modes with the facade.
@@ -99,6 +100,7 @@ __all__ = [
     "CaptureError",
     "CapturedGraph",
     "CompiledForward",
+    "CompileStore",
     "Device",
     "DeviceConventions",
     "DeviceGraph",

@@ -6,6 +6,7 @@ modes (with ``InductorBackend``): either way one compile serves every bucket, an
 
 from __future__ import annotations
 
+import logging
 import types
 from typing import Any, Callable, Iterable
 
@@ -13,16 +14,21 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch.utils import _pytree as pytree
 
-from hal import token_specialization
+from hal import stored_compile, token_specialization
 from hal.errors import GraphHalError
+
+logger = logging.getLogger(__name__)
 
 
 class InductorBackend:
     """Inductor, without its own CUDA graphs (graphhal captures the compiled forward), counting compiles."""
 
+    storable = True  # its output can be stored (hal.stored_compile): an Inductor graph, bundled by AOTAutograd
+
     def __init__(self) -> None:
         self.compile_count = 0
         self.shape_env: Any = None  # the compile's ShapeEnv, to say where a token-size specialisation came from
+        self.storing = False  # set by CompiledForward while it compiles for a store
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
         from torch._inductor.compile_fx import compile_fx
@@ -30,7 +36,15 @@ class InductorBackend:
         self.compile_count += 1
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
         self.shape_env = fake_mode.shape_env if fake_mode is not None else None
-        return compile_fx(gm, example_inputs)
+        compiled = compile_fx(gm, example_inputs)
+        if self.storing:
+            # AOTAutograd's bundled entry, wrapped for storing as torch wraps its own Inductor backend's output
+            # (torch 2.11 wraps only backends it knows; a graph that cannot be stored fails the store, not this).
+            from torch._dynamo.aot_compile_types import BundledAOTAutogradSerializableCallable
+
+            if getattr(compiled, "serialize", None) is not None:
+                compiled = BundledAOTAutogradSerializableCallable(compiled)
+        return compiled
 
 
 class RecompileError(GraphHalError, RuntimeError):
@@ -54,47 +68,129 @@ class CompiledForward:
     code per code object, at most ``recompile_limit`` (8) entries each, and every backend is an entry of its
     own (a BACKEND_MATCH guard): compiling the shared ``forward`` itself, the ninth runner of one model in a
     process (or the ninth capture retry) would hit the limit. A fresh code object per compile starts empty.
+
+    With a ``store`` (``hal.stored_compile``) and a backend whose output can be stored (``storable``, as
+    Inductor's), the first call loads the compile stored under this forward's fingerprint instead, tracing
+    nothing (``loaded`` says so), or compiles with ``aot_compile`` and stores the result for the next process.
+    That compile keeps no guards at all; the fingerprint and the runner's input checks stand in for them.
     """
 
-    def __init__(self, forward: Callable[..., Any], backend: Any, token_inputs: Iterable[str]) -> None:
+    def __init__(
+        self,
+        forward: Callable[..., Any],
+        backend: Any,
+        token_inputs: Iterable[str],
+        store: stored_compile.CompileStore | None = None,
+    ) -> None:
         self.forward = forward
         self.backend = backend
         self.token_inputs = tuple(token_inputs)
+        storable = getattr(backend, "storable", False) and stored_compile.available()
+        self.store = store if storable else None
+        self.loaded = False  # whether the compile came from the store: nothing traced or compiled here
+        self._stored: Any = None  # the aot-compiled forward, once stored or loaded: called directly
         self._entry = _fresh_entry(forward)
         self._compiled = torch.compile(
             self._entry, backend=backend, fullgraph=True, dynamic=False, options={"guard_filter_fn": _drop_shape_guards}
         )
 
     def __call__(self, **inputs: Any) -> Any:
+        if self._stored is not None:
+            return self._stored(self.forward, **inputs)
         if self.backend.compile_count:
             return self._call_compiled(inputs)
-        if all(inputs[name].shape[0] == 1 for name in self.token_inputs):
-            # Runners compile at their largest bucket, so a first call with one token means one bucket of
-            # one token: a static compile serves it (and a symbol hinted at 1 trips Inductor's lowering).
+        # Runners compile at their largest bucket, so a first call with one token means one bucket of one
+        # token: a static compile serves it (and a symbol hinted at 1 trips Inductor's lowering).
+        dynamic = not all(inputs[name].shape[0] == 1 for name in self.token_inputs)
+        if self.store is not None:
+            return self._call_stored(inputs, dynamic)
+        if not dynamic:
             outputs = self._call_compiled(inputs)
         else:
             for name in self.token_inputs:
                 torch._dynamo.mark_dynamic(inputs[name], 0)
             with fx_config.patch(backed_size_oblivious=True):
                 outputs = self._call_compiled(inputs)
-        if not self.backend.compile_count:
-            if not any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(outputs)):
-                raise GraphHalError(
-                    f"the forward returned {_describe(outputs)}, with no tensor computed from its inputs, so "
-                    "torch.compile found no graph to hand graphhal: a captured forward must return tensors "
-                    "(or nested dicts, tuples or lists of them)"
-                )
-            raise GraphHalError(
-                "torch.compile ran the forward without calling its backend (compilation is disabled, e.g. by "
-                "TORCHDYNAMO_DISABLE=1 or torch.compiler.disable), so nothing would be captured"
-            )
+        self._check_compiled(outputs)
         return outputs
 
+    def _call_stored(self, inputs: dict[str, Any], dynamic: bool) -> Any:
+        assert self.store is not None
+        key = stored_compile.fingerprint(self.forward, inputs, self.token_inputs, dynamic, type(self.backend).__qualname__)
+        stored = self.store.load(key)
+        if stored is not None:
+            try:
+                outputs = stored(self.forward, **inputs)
+            except Exception as exc:  # traced from something the fingerprint missed: compile afresh, store over it
+                logger.warning(
+                    "graphhal: the stored compile %s failed on its first call (%s: %s); compiling again",
+                    self.store.path(key), type(exc).__name__, exc,
+                )
+            else:
+                self.loaded, self._stored = True, stored
+                return outputs
+        try:
+            stored = self._guarded(lambda: self._aot_compile(inputs, dynamic))
+        except GraphHalError:
+            raise  # the forward's own problem (a token specialisation): compiling without a store would hit it too
+        except Exception as exc:  # a store must never stop a server: compile the ordinary way instead
+            logger.warning(
+                "graphhal: could not compile the forward for storing (%s: %s); compiling it without a store",
+                type(exc).__name__, exc,
+            )
+            self.store = None
+            self.backend.compile_count = 0  # nothing of that compile is used: the next one is the first
+            return self(**inputs)
+        outputs = stored(self.forward, **inputs)
+        self._check_compiled(outputs)
+        self.store.save(key, stored)
+        self._stored = stored
+        return outputs
+
+    def _aot_compile(self, inputs: dict[str, Any], dynamic: bool) -> Any:
+        """``forward`` traced and compiled whole, as a function of the forward and its inputs, for storing.
+
+        The forward is an argument, not a closure, so that the stored code reads the weights (and the KV
+        cache) from whatever forward it is handed in the next process; and no guard is kept (``_no_guards``)."""
+        self.backend.storing = True
+        try:
+            with torch._dynamo.config.patch(enable_aot_compile=True):  # read by torch.compile: adds aot_compile
+                compiled = torch.compile(
+                    _stored_entry, backend=self.backend, fullgraph=True, dynamic=False, options={"guard_filter_fn": _no_guards}
+                )
+                if not dynamic:
+                    return compiled.aot_compile(((self.forward,), inputs))
+                for name in self.token_inputs:
+                    torch._dynamo.mark_dynamic(inputs[name], 0)
+                with fx_config.patch(backed_size_oblivious=True):
+                    return compiled.aot_compile(((self.forward,), inputs))
+        finally:
+            self.backend.storing = False
+
+    def _check_compiled(self, outputs: Any) -> None:
+        """After the first compile: that the backend was called (it found a graph) at all."""
+        if self.backend.compile_count:
+            return
+        if not any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(outputs)):
+            raise GraphHalError(
+                f"the forward returned {_describe(outputs)}, with no tensor computed from its inputs, so "
+                "torch.compile found no graph to hand graphhal: a captured forward must return tensors "
+                "(or nested dicts, tuples or lists of them)"
+            )
+        raise GraphHalError(
+            "torch.compile ran the forward without calling its backend (compilation is disabled, e.g. by "
+            "TORCHDYNAMO_DISABLE=1 or torch.compiler.disable), so nothing would be captured"
+        )
+
     def _call_compiled(self, inputs: dict[str, Any]) -> Any:
+        return self._guarded(lambda: self._compiled(**inputs))
+
+    def _guarded(self, compile_or_call: Callable[[], Any]) -> Any:
+        """``compile_or_call()``, with torch.compile's errors turned into what graphhal users can act on."""
         from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
         try:
-            return self._compiled(**inputs)
+            return compile_or_call()
         except ConstraintViolationError as exc:
             # Dynamo raises this when it builds its guards, after the backend: the ShapeEnv the backend saw
             # still holds the user frames where the token dimension was fixed.
@@ -130,6 +226,16 @@ def _fresh_entry(forward: Callable[..., Any]) -> Callable[..., Any]:
     return types.FunctionType(
         code, compiled_forward.__globals__, code.co_name, compiled_forward.__defaults__, compiled_forward.__closure__
     )
+
+
+def _stored_entry(forward: Callable[..., Any], **inputs: Any) -> Any:
+    """What a stored compile traces: the forward is an input, read anew from whatever forward is passed."""
+    return forward(**inputs)
+
+
+def _no_guards(entries: list[Any]) -> list[bool]:
+    """A stored compile keeps no guard: most name objects of the process that traced it (see CompiledForward)."""
+    return [False] * len(entries)
 
 
 def _debug_cache_entries(code: types.CodeType) -> list[Any]:

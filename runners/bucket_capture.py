@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -20,6 +21,7 @@ from runners.config import PhaseConfig
 from runners.mode_choice import ops_to_split
 
 BREAKABLE_DEBUG_ENV = "GRAPHHAL_BREAKABLE_DEBUG"
+STORED_FORWARDS = "forwards"  # the compile cache directory's folder of stored compiles (hal.stored_compile)
 
 
 @dataclass
@@ -68,7 +70,7 @@ class GraphCapture(BucketCapture):
     def prepare(self, pool: Any) -> None:
         forward = self.plain_forward
         if self.config.compiler == "inductor":
-            forward = hal.CompiledForward(forward, self._compile_backend(pool), self.token_inputs)
+            forward = hal.CompiledForward(forward, self._compile_backend(pool), self.token_inputs, store=self._store())
         if self.config.mode == hal.GraphMode.BREAKABLE and breakable_debug(self.config):
             # The whole forward as one eager step through the same capture and replay path.
             forward = hal.break_point(forward, name="the whole forward (breakable debug mode)")
@@ -88,6 +90,13 @@ class GraphCapture(BucketCapture):
             # Inductor per piece, and the splitting ops (attention) as the breaks between segments.
             return hal.PiecewiseBackend(self.device, pool, (), compiler="inductor", splitting_ops_as_break_points=True)
         return hal.InductorBackend()
+
+    def _store(self) -> hal.CompileStore | None:
+        """Where a compile is kept for the next process: beside the compile caches, when there are any.
+        (Only Inductor's whole-forward compile is stored; breakable's split one compiles every time.)"""
+        if self.config.compile_cache_dir is None:
+            return None
+        return hal.CompileStore(Path(self.config.compile_cache_dir).expanduser() / STORED_FORWARDS)
 
     def capture(self, bucket: int, inputs: Mapping[str, torch.Tensor]) -> CapturedBucket:
         assert self.graphs is not None, "prepare() first"

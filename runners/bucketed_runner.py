@@ -181,7 +181,7 @@ class BucketedRunner:
         """
         if self.captured:
             raise RunnerStateError("this runner has already captured its graphs; make a new runner to capture again")
-        with frozen_gc():  # one collection for the whole capture, the largest bucket's included
+        with frozen_gc():  # no collection in the whole capture, the largest bucket's included
             if self._progress is None:
                 self._start_capture()
             progress_ = self._progress

@@ -12,11 +12,12 @@ in a directory of its own by default, and can pack what one process compiled int
 - ``inductor/`` and ``triton/``: the on-disk caches, pointed there (``TORCHINDUCTOR_CACHE_DIR``,
   ``TRITON_CACHE_DIR``) for the whole process before anything compiles: one directory per process, a second
   one is refused (``CompileCacheConflictError``);
-- ``compile-artifacts.bin``: the portable artifacts, loaded before the capture and written after it, so a
-  directory copied to a fresh machine (an image, a shared volume) warms it as well.
+- ``compile-artifacts.bin``: the portable artifacts, written after the capture and loaded before one where
+  the on-disk caches are missing, so the file alone (an image, a shared volume) warms a fresh machine too.
 
-Dynamo still traces the model in every process (its guards are not persisted); what the caches skip is the
-compiling behind it.
+- ``forwards/``: compiled forwards stored whole (``hal.stored_compile``: Dynamo's output and Inductor's), for
+  ``compiler: inductor`` in mode ``full``; a restart loads its forward and traces nothing. Elsewhere Dynamo
+  still traces the model in every process, and what the caches skip is the compiling behind it.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class CompileCache:
                 logger.warning("graphhal: compile_cache_dir overrides %s=%s for this process", variable, previous)
             os.environ[variable] = str(self.directory / name)
         _active = self.directory
-        if self.directory in _loaded or not self.artifacts.is_file():
+        if self.directory in _loaded or not self.artifacts.is_file() or self._holds_on_disk_caches():
             return
         try:
             info = torch.compiler.load_cache_artifacts(self.artifacts.read_bytes())
@@ -84,6 +85,13 @@ class CompileCache:
             return
         _loaded.add(self.directory)
         logger.info("graphhal: loaded compile artifacts from %s: %s", self.artifacts, info)
+
+    def _holds_on_disk_caches(self) -> bool:
+        """Whether Inductor's on-disk cache is here already (a restart on this machine, or the whole directory
+        copied): then the artifacts hold nothing it lacks, and loading them (0.2 s on an H200 host) is skipped.
+        They serve a directory that has only them, or whose caches were cleared."""
+        inductor = self.directory / ON_DISK_CACHES["TORCHINDUCTOR_CACHE_DIR"]
+        return inductor.is_dir() and any(inductor.iterdir())
 
     def save(self) -> bool:
         """Write what this process compiled as portable artifacts (replacing the file atomically); whether any."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -27,13 +28,15 @@ _PROCESS = textwrap.dedent(
     import json, sys
     import torch
     from torch._dynamo.utils import counters
+    from runners import compile_cache
     from runners.compile_cache import CompileCache
 
     cache = CompileCache(sys.argv[1])
     cache.activate()
     step = torch.compile(lambda x: torch.nn.functional.gelu(x @ x.T) * 3 + 1)
     step(torch.randn(8, 8))
-    print(json.dumps({"saved": cache.save(), "hits": counters["inductor"]["fxgraph_cache_hit"],
+    loaded = cache.directory in compile_cache._loaded  # before save(), which marks it loaded
+    print(json.dumps({"loaded": loaded, "saved": cache.save(), "hits": counters["inductor"]["fxgraph_cache_hit"],
                       "misses": counters["inductor"]["fxgraph_cache_miss"]}))
     """
 )
@@ -53,6 +56,15 @@ def test_a_restarted_process_loads_what_the_first_compiled(tmp_path):
     assert (tmp_path / "inductor").is_dir()  # Inductor's on-disk cache went into the directory
     warm = _fresh_process(tmp_path)
     assert warm["hits"] >= 1 and warm["misses"] == 0
+    assert not warm["loaded"]  # the on-disk caches were there: the artifacts held nothing more
+
+
+def test_the_artifacts_alone_warm_a_directory_without_its_on_disk_caches(tmp_path):
+    _fresh_process(tmp_path)
+    shutil.rmtree(tmp_path / "inductor")  # as on a fresh machine handed only the artifacts file
+    shutil.rmtree(tmp_path / "triton", ignore_errors=True)
+    warm = _fresh_process(tmp_path)
+    assert warm["loaded"] and warm["hits"] >= 1 and warm["misses"] == 0
 
 
 @pytest.fixture

@@ -193,6 +193,8 @@ class RestartSetup:
     warm_process_s: float
     cold_compiles: int
     warm_compiles: int
+    # full+inductor only: its stored forward loaded and called once in a fresh process, no runner (the floor)
+    stored_forward_alone_s: float | None = None
 
 
 @dataclass

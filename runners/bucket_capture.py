@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 import hal
+from runners.compile_cache import CompileCache
 from runners.config import PhaseConfig
 from runners.mode_choice import ops_to_split
 
 BREAKABLE_DEBUG_ENV = "GRAPHHAL_BREAKABLE_DEBUG"
-STORED_FORWARDS = "forwards"  # the compile cache directory's folder of stored compiles (hal.stored_compile)
 
 
 @dataclass
@@ -96,7 +95,7 @@ class GraphCapture(BucketCapture):
         (Only Inductor's whole-forward compile is stored; breakable's split one compiles every time.)"""
         if self.config.compile_cache_dir is None:
             return None
-        return hal.CompileStore(Path(self.config.compile_cache_dir).expanduser() / STORED_FORWARDS)
+        return CompileCache(self.config.compile_cache_dir).forwards
 
     def capture(self, bucket: int, inputs: Mapping[str, torch.Tensor]) -> CapturedBucket:
         assert self.graphs is not None, "prepare() first"

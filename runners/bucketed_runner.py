@@ -227,7 +227,7 @@ class BucketedRunner:
     def _start_capture(self) -> None:
         """Choose the mode, agree across ranks, make the pool, prepare, and capture the largest bucket; check
         the pool budget against it. Leaves ``_progress`` for ``capture()`` to go on with."""
-        device, phase = self.device, self.phase
+        device = self.device
         if self.config.compile_cache_dir is not None:
             # Before anything runs the forward: mode auto's eager run already JIT-compiles Triton kernels.
             CompileCache(self.config.compile_cache_dir).activate()

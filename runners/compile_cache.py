@@ -29,9 +29,12 @@ from pathlib import Path
 
 import torch
 
+import hal
+
 logger = logging.getLogger(__name__)
 
 ARTIFACTS = "compile-artifacts.bin"
+FORWARDS = "forwards"  # compiled forwards stored whole (hal.stored_compile)
 # The on-disk caches torch and Triton keep, by the environment variable each reads, and their place here.
 ON_DISK_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
 
@@ -50,6 +53,11 @@ class CompileCache:
     @property
     def artifacts(self) -> Path:
         return self.directory / ARTIFACTS
+
+    @property
+    def forwards(self) -> "hal.CompileStore":
+        """Where compiled forwards are stored whole for the next process (``hal.stored_compile``)."""
+        return hal.CompileStore(self.directory / FORWARDS)
 
     def activate(self) -> None:
         """Point the on-disk caches here and load the artifacts a previous process saved (once per process).

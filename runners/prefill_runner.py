@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
-import torch
 
 import hal
 from runners.bucketed_runner import BucketedRunner

@@ -16,7 +16,7 @@ from benchmarks.measurements import measured_apart
 from benchmarks.plan import PrefillShape
 from benchmarks.render.json_file import to_json, write_json
 from benchmarks.render.table import render
-from benchmarks.results import BenchResult, CaptureCost, CompiledSetup, Header, Row, SetupCost, fill_ratios
+from benchmarks.results import BenchResult, CaptureCost, CompiledSetup, Header, RestartSetup, Row, SetupCost, fill_ratios
 from benchmarks.setup import compiled_setup, prefill_setup
 from benchmarks.timing import StepTimer, TimerSettings, median_rel_error
 from benchmarks.workload import build_reference_workload
@@ -247,3 +247,27 @@ def test_one_compiled_step_serves_every_bucket_and_its_compiles_are_counted(cpu,
     assert (dynamic.contender, dynamic.compiles, dynamic.extrapolated_s) == ("reduce-overhead", 2, None)
     assert (static.contender, static.compiles) == ("reduce-overhead dynamic=False", 10)
     assert static.extrapolated_s == pytest.approx(static.setup_s / 10 * len(buckets))
+
+
+def test_a_restart_shows_what_its_stored_forward_alone_takes_and_what_graphhal_adds():
+    restarts = [
+        RestartSetup("full+inductor", 36, 12.0, 1.6, 20.0, 9.0, 1, 0, stored_forward_alone_s=1.1),
+        RestartSetup("reduce-overhead", 36, 18.0, 5.0, 26.0, 12.0, 2, 2),
+    ]
+    result = BenchResult(_header(), setup_cost=SetupCost(restarts=restarts))
+    text = render(result)
+    assert "full+inductor warm restart: 1.60 s; its stored forward alone, loaded and called once" in text
+    assert "no graph, 1.10 s" in text and "captures of every bucket, +0.50 s" in text
+    assert "reduce-overhead warm restart" not in text  # only a stored compile has a floor to show
+    restarts_json = to_json(result)["setup_cost"]["restarts"]
+    assert [r["stored_forward_alone_s"] for r in restarts_json] == [1.1, None]
+
+
+def test_a_restart_on_cpu_sets_up_every_bucket_in_two_fresh_processes():
+    from benchmarks.setup.restart import measure_restart
+
+    measured = measure_restart("full", "cpu", ModelConfig.tiny(), torch.float32, 4, 32)
+    assert measured.num_buckets == 3  # 4, 2, 1
+    assert 0 < measured.cold_setup_s < measured.cold_process_s and 0 < measured.warm_setup_s < measured.warm_process_s
+    assert measured.cold_compiles == measured.warm_compiles == 0  # no compiler
+    assert measured.stored_forward_alone_s is None  # nothing stored without full+inductor

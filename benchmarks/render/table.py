@@ -150,6 +150,14 @@ def _restarts(cost: SetupCost) -> list[str]:
             f"{r.setup:<16}  {r.cold_setup_s:>7.2f}  {r.warm_setup_s:>7.2f}  {_number(r.warm_setup_s / r.cold_setup_s if r.cold_setup_s else None, '.2f', 'x'):>9}  "
             f"{_number(versus, '.2f', 'x'):>27}  {r.cold_process_s:>14.2f}  {r.warm_process_s:>14.2f}  {r.cold_compiles:>4}/{r.warm_compiles:<3}"
         )
+    for r in cost.restarts:
+        if r.stored_forward_alone_s is not None:
+            lines.append(
+                f"{r.setup} warm restart: {r.warm_setup_s:.2f} s; its stored forward alone, loaded and called once in a "
+                f"fresh process with no runner and no graph, {r.stored_forward_alone_s:.2f} s (torch's imports, device "
+                f"libraries, kernel loads: what any restart of this compile pays); the difference, graphhal's mode check "
+                f"and captures of every bucket, {r.warm_setup_s - r.stored_forward_alone_s:+.2f} s"
+            )
     return lines
 
 

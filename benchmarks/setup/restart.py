@@ -10,7 +10,10 @@ on-disk caches as graphhal's runner does.
 
 Each process reports its setup time (model built, then runner built and captured, or the compiled function
 set up at every size) and the parent the process's whole wall time (interpreter, imports and model
-included); the child is ``benchmarks.setup.fresh_process``.
+included); the child is ``benchmarks.setup.fresh_process``. After full+inductor's warm restart a third process
+loads the forward it stored and calls it once at the largest bucket, with no runner and no graph: what any
+restart of that compile pays (torch's imports of Inductor's runtime, the device libraries, the kernels),
+against which graphhal's own share of the warm restart shows.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 
 from benchmarks.names import FULL_INDUCTOR, REDUCE_OVERHEAD, SETUP
 from benchmarks.results import RestartSetup
+from benchmarks.setup.fresh_process import STORED_FORWARD_ALONE
 
 FULL_NO_COMPILER = "full"
 RESTART_SETUPS = (FULL_NO_COMPILER, FULL_INDUCTOR, REDUCE_OVERHEAD)
@@ -57,10 +61,14 @@ def measure_restart(name: str, device: str, config: object, dtype: torch.dtype, 
         environment = _bytecode_cached(cache_dir)
         cold = _fresh_process(arguments, environment)
         warm = _fresh_process(arguments, environment)
+        alone = None
+        if name == FULL_INDUCTOR:  # the least that restart can take: its stored forward loaded and called once
+            arguments[arguments.index("--setup") + 1] = STORED_FORWARD_ALONE
+            alone = _fresh_process(arguments, environment)["setup_s"]
     return RestartSetup(
         setup=name, num_buckets=cold["num_buckets"], cold_setup_s=cold["setup_s"], warm_setup_s=warm["setup_s"],
         cold_process_s=cold["process_s"], warm_process_s=warm["process_s"], cold_compiles=cold["compiles"],
-        warm_compiles=warm["compiles"],
+        warm_compiles=warm["compiles"], stored_forward_alone_s=alone,
     )
 
 

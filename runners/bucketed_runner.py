@@ -589,10 +589,10 @@ class BucketedRunner:
         return replayed.live_rows(rows)
 
     def _replay(self, captured: _Bucket, batch: Mapping[str, torch.Tensor], rows: int, bucket: int, fixed_rows: int) -> Any:
-        with torch.no_grad():  # an input that requires grad was refused by _check; nothing here is recorded
-            self.static_inputs.load(batch, rows, bucket)
-            if self.fixed_inputs is not None:
-                self.fixed_inputs.load(batch, fixed_rows, self.fixed_inputs.capacity)
+        # No torch.no_grad() needed around the copies: an input that requires grad was refused by _check.
+        self.static_inputs.load(batch, rows, bucket)
+        if self.fixed_inputs is not None:
+            self.fixed_inputs.load(batch, fixed_rows, self.fixed_inputs.capacity)
         if self._updated_slots and captured.graph is not None:
             self._update_graph(captured.graph, batch, rows, bucket, fixed_rows)
         return captured.captured.run()

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 
 from runners.input_slots import InputSlot
+
+
+_MAX_KEPT_COPIES = 1024  # (rows, bucket) pairs whose copy views are kept
+
+
+@dataclass
+class _Copies:
+    """What ``StaticInputs.load`` writes for one (rows, bucket): live rows per dtype, padded rows per fill."""
+
+    live: list[tuple[tuple[str, ...], list[torch.Tensor]]]
+    padding: list[tuple[float, list[torch.Tensor]]]
 
 
 class StaticInputs:
@@ -34,6 +46,18 @@ class StaticInputs:
                 for slot in slots
             }
         self._expected_names = frozenset(names)
+        # A step's copies, grouped: torch._foreach_copy_ copies one dtype's live rows in one kernel on CUDA
+        # (device-resident sources; its fast path wants a single dtype), and _foreach_zero_ and _foreach_add_
+        # refill one (dtype, fill)'s padded rows in one kernel each, where a copy_ and a fill_ per slot cost a
+        # launch and a trip through Python each (58 us of a 2.2 ms step for five slots on an H200 host).
+        by_dtype: dict[torch.dtype, list[str]] = {}
+        by_fill: dict[tuple[torch.dtype, float], list[str]] = {}
+        for slot in slots:
+            by_dtype.setdefault(slot.dtype, []).append(slot.name)
+            by_fill.setdefault((slot.dtype, slot.fill), []).append(slot.name)
+        self._live_groups = [tuple(names) for names in by_dtype.values()]
+        self._padding_groups = [(fill, tuple(names)) for (_, fill), names in by_fill.items()]
+        self._copies: dict[tuple[int, int], _Copies] = {}
 
     def check(self, batch: Mapping[str, torch.Tensor], allow_empty: bool = False) -> int:
         """Validate a live batch against the slots; return its row count. ValueError names the bad slot.
@@ -89,11 +113,28 @@ class StaticInputs:
         """Copy the live rows in and refill rows ``[rows:bucket]`` with each slot's fill, on every call:
         a padded row left over from a previous, larger batch would point attention at a live request's
         cache or at freed blocks. A host tensor is copied without blocking the host (from pinned memory)."""
-        for slot in self.slots:
-            buffer = self.buffers[slot.name]
-            buffer[:rows].copy_(batch[slot.name], non_blocking=True)
-            if bucket > rows:
-                buffer[rows:bucket].fill_(slot.fill)
+        copies = self._copies.get((rows, bucket))
+        if copies is None:
+            copies = self._copies_for(rows, bucket)
+        if rows:
+            for names, destinations in copies.live:
+                torch._foreach_copy_(destinations, [batch[name] for name in names], non_blocking=True)
+        for fill, padded in copies.padding:
+            torch._foreach_zero_(padded)
+            if fill:
+                torch._foreach_add_(padded, fill)
+
+    def _copies_for(self, rows: int, bucket: int) -> _Copies:
+        """The views a step with ``rows`` live rows at ``bucket`` writes, per group; kept per (rows, bucket),
+        since making the views costs more than the copies themselves on the hot path."""
+        if len(self._copies) >= _MAX_KEPT_COPIES:  # prefill sees thousands of token counts: keep the memory bounded
+            self._copies.clear()
+        live = [(names, [self.buffers[name][:rows] for name in names]) for names in self._live_groups]
+        padding = []
+        if bucket > rows:
+            padding = [(fill, [self.buffers[name][rows:bucket] for name in names]) for fill, names in self._padding_groups]
+        copies = self._copies[(rows, bucket)] = _Copies(live, padding)
+        return copies
 
     def fill_padding(self, bucket: int) -> None:
         """Every row of the bucket set to the slot fill: the inputs warm-up and capture run with."""

@@ -13,6 +13,7 @@ import torch
 import hal
 from hal import current_capture
 from runners import DecodeConfig, DecodeRunner, InputSlot, default_decode_buckets
+from runners.static_inputs import StaticInputs
 
 SLOTS = [InputSlot("x", torch.float32, (4,)), InputSlot("pos", torch.int64, fill=0)]
 
@@ -137,6 +138,36 @@ def test_padded_tail_is_refilled_on_every_run(graph_device):
     # Rows 2 and 3 must hold the fill (x=0, pos=0), not the previous batch's rows.
     torch.testing.assert_close(out["hidden"], batch["x"] + batch["x"].sum() + batch["pos"].sum())
     assert torch.equal(runner.static_inputs.buffers["x"][2:], torch.zeros(2, 4, device=device.torch_device))
+
+
+def test_static_inputs_copy_live_rows_and_refill_padding_per_dtype_and_fill(graph_device):
+    # The copies are grouped (one _foreach_copy_ per dtype, one refill per dtype and fill): every slot must still
+    # get its own rows and its own fill, whatever the sources are (device, host, strided) and at every size.
+    device = torch.device(graph_device)
+    slots = [
+        InputSlot("ids", torch.int64, fill=-1),
+        InputSlot("tables", torch.int32, row_shape=(3,), fill=7),
+        InputSlot("pos", torch.int64, fill=0),
+        InputSlot("lens", torch.int32, fill=0),
+        InputSlot("scale", torch.bfloat16, fill=-3.5),
+    ]
+    inputs = StaticInputs(slots, 8, device)
+    for buffer in inputs.buffers.values():
+        buffer.fill_(9)  # what an earlier, larger batch left
+    live = {
+        "ids": torch.arange(3, device=device),
+        "tables": torch.arange(18, dtype=torch.int32).reshape(3, 6)[:, ::2],  # strided, on the host
+        "pos": torch.arange(3, device=device) + 5,
+        "lens": torch.tensor([4, 5, 6], dtype=torch.int32),  # on the host
+        "scale": torch.ones(3, dtype=torch.bfloat16, device=device),
+    }
+    for rows, bucket in ((3, 6), (3, 3), (0, 2), (3, 6)):  # the last one from the kept views
+        inputs.load({name: tensor[:rows] for name, tensor in live.items()}, rows, bucket)
+        for slot in slots:
+            buffer = inputs.buffers[slot.name].cpu()
+            torch.testing.assert_close(buffer[:rows], live[slot.name][:rows].cpu(), rtol=0, atol=0)
+            assert (buffer[rows:bucket] == slot.fill).all(), f"{slot.name} padded rows {rows}:{bucket}"
+            assert (buffer[max(bucket, 6):] == 9).all(), f"{slot.name} wrote past bucket {bucket}"
 
 
 def test_outputs_are_views_into_graph_memory_overwritten_by_the_next_run(graph_device):

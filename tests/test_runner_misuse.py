@@ -193,6 +193,26 @@ def test_a_tensor_moved_after_its_bucket_was_checked_is_caught_on_the_next_repla
         runner.run(batch)
 
 
+@pytest.mark.parametrize("mode", GRAPH_MODES)
+def test_a_prefill_runner_checks_addresses_before_anything_runs(graph_device, mode):
+    # Piecewise and breakable run prefill attention eagerly between their graphs, reading the server's tensors as
+    # they are now: over a cache layer reallocated smaller it would index past its end. Checked first, nothing
+    # runs and the error says what moved. (A full graph would read the old, freed memory: as bad, unseen.)
+    reference = Reference(graph_device)
+    workload = PrefillWorkload(reference.kv_cache, [3, 2], seed=1)
+    runner = PrefillRunner(
+        reference.model.prefill_forward(reference.kv_cache), workload.token_slots(), workload.request_slots(),
+        reference.device, PrefillConfig(mode=mode, buckets=[8], max_requests=4, show_progress=False),
+        watched_tensors={"kv_cache": reference.kv_cache},
+    )
+    runner.capture()
+    batch = workload.batch()
+    runner.run(batch)
+    reference.kv_cache.key_caches[0] = torch.zeros_like(reference.kv_cache.key_caches[0][:1])  # one block left
+    with pytest.raises(hal.StaticAddressError, match=r"watched 'kv_cache'\.key_caches\[0\] moved"):
+        runner.run(batch)
+
+
 def test_first_replay_policy_checks_each_bucket_once():
     reference = Reference("cpu")
     runner = reference.decode_runner(watched={"model": reference.model}, check_addresses="first_replay")

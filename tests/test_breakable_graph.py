@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hal
-from refmodel import DecodeWorkload, LlamaDecoder, ModelConfig, PagedKVCache
+from graphhal.paged_attention import PagedKVCache
+from graphhal.refmodel import DecodeWorkload, LlamaDecoder, ModelConfig
 from runners import DecodeConfig, DecodeRunner, InputSlot
 
 CALLS: list[str] = []

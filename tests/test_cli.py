@@ -14,11 +14,11 @@ import torch
 
 import hal
 from support.installed_distribution import install_distribution, site  # noqa: F401 (site: fixture)
-from benchmarks.contenders import runner_modes
-from benchmarks.setup import compiled_setup
-from benchmarks.results import CompiledSetup
-from graphhal_cli.main import main
-from refmodel import ModelConfig
+from graphhal.bench.contenders import runner_modes
+from graphhal.bench.setup import compiled_setup
+from graphhal.bench.results import CompiledSetup
+from graphhal.cli.main import main
+from graphhal.refmodel import ModelConfig
 from runners import default_prefill_buckets
 
 BROKEN_PLUGIN = "raise ImportError('libvendor.so: cannot open shared object file')\n"
@@ -354,7 +354,7 @@ def test_bench_plot_without_matplotlib_fails_before_measuring(monkeypatch, capsy
     def measured(*args, **kwargs):
         raise AssertionError("the bench ran before finding matplotlib missing")
 
-    monkeypatch.setattr("graphhal_cli.bench.run_bench", measured)
+    monkeypatch.setattr("graphhal.cli.bench.run_bench", measured)
     code, _, err = run_cli(capsys, "bench", "--device", "cpu", "--plot", str(tmp_path / "x.png"))
     assert code == 2
     assert "pip install 'graphhal[plot]'" in err

@@ -11,16 +11,16 @@ import pytest
 import torch
 
 import hal
-from benchmarks.agreement import max_abs_difference
-from benchmarks.measurements import measured_apart
-from benchmarks.plan import PrefillShape
-from benchmarks.render.json_file import to_json, write_json
-from benchmarks.render.table import render
-from benchmarks.results import BenchResult, CaptureCost, CompiledSetup, Header, RestartSetup, Row, SetupCost, fill_ratios
-from benchmarks.setup import compiled_setup, prefill_setup
-from benchmarks.timing import StepTimer, TimerSettings, median_rel_error
-from benchmarks.workload import build_reference_workload
-from refmodel import ModelConfig
+from graphhal.bench.agreement import max_abs_difference
+from graphhal.bench.measurements import measured_apart
+from graphhal.bench.plan import PrefillShape
+from graphhal.bench.render.json_file import to_json, write_json
+from graphhal.bench.render.table import render
+from graphhal.bench.results import BenchResult, CaptureCost, CompiledSetup, Header, RestartSetup, Row, SetupCost, fill_ratios
+from graphhal.bench.setup import compiled_setup, prefill_setup
+from graphhal.bench.timing import StepTimer, TimerSettings, median_rel_error
+from graphhal.bench.workload import build_reference_workload
+from graphhal.refmodel import ModelConfig
 
 pytestmark = pytest.mark.cpu
 
@@ -264,7 +264,7 @@ def test_a_restart_shows_what_its_stored_forward_alone_takes_and_what_graphhal_a
 
 
 def test_a_restart_on_cpu_sets_up_every_bucket_in_two_fresh_processes():
-    from benchmarks.setup.restart import measure_restart
+    from graphhal.bench.setup.restart import measure_restart
 
     measured = measure_restart("full", "cpu", ModelConfig.tiny(), torch.float32, 4, 32)
     assert measured.num_buckets == 3  # 4, 2, 1

@@ -228,7 +228,7 @@ def _plugin_variant(device_type: str, replacements: dict[str, str]) -> str:
 
 
 def test_a_plugin_calling_sys_exit_at_import_is_isolated_like_any_failure(site: Path, capsys):
-    from graphhal_cli.main import main
+    from graphhal.cli.main import main
 
     install_distribution(site, "exit_plugin", {"exitdev": "exitdev_impl"}, {"exitdev_impl": "import sys\nsys.exit(3)\n"})
     with pytest.warns(hal.PluginLoadWarning, match=r"'exitdev'.*SystemExit: 3"):

@@ -18,7 +18,8 @@ import torch
 import hal
 from devices.npu import graph_update
 from devices.npu.npu_graph import MissingUpdateError
-from refmodel import DecodeWorkload, LlamaDecoder, ModelConfig, PagedKVCache
+from graphhal.paged_attention import PagedKVCache
+from graphhal.refmodel import DecodeWorkload, LlamaDecoder, ModelConfig
 from runners import DecodeConfig, DecodeRunner
 from support.npu_simulator import SimulatedHangError, SimulatorState, UpdateRaceError
 from support.npu_simulator.fixture import (  # noqa: F401 (fixtures)

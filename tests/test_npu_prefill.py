@@ -1,7 +1,7 @@
 """Prefill on the npu device, on the CPU SIMULATOR of torch_npu (every simulated release line).
 
 Prefill attention on npu runs torch_npu's fused infer-attention op in the packed "TND" layout
-(``refmodel.npu_prefill_attention``), with host lengths: the cumulative query ends and the KV lengths. So a
+(``graphhal.paged_attention.npu_prefill_attention``), with host lengths: the cumulative query ends and the KV lengths. So a
 full graph of the whole prefill step is right only if the npu device re-issues that launch with the live
 lengths (``Device.update`` with ``seq_lens`` and ``query_lens``) before every replay. Graph output equals
 eager output for packed batches of random splits with cached contexts, padding requests and padded tokens,
@@ -26,10 +26,11 @@ import torch
 import hal
 from devices.npu.host_length_ops import HostLengthUpdateError
 from devices.npu.npu_graph import MissingUpdateError
-from refmodel import LlamaDecoder, ModelConfig, PagedKVCache
-from refmodel.npu_prefill_attention import prefill_attention_npu
-from refmodel.prefill_attention_reference import prefill_attention_reference
-from refmodel.prefill_workload import PrefillWorkload
+from graphhal.paged_attention import PagedKVCache
+from graphhal.refmodel import LlamaDecoder, ModelConfig
+from graphhal.paged_attention.npu_prefill_attention import prefill_attention_npu
+from graphhal.paged_attention.prefill_attention_reference import prefill_attention_reference
+from graphhal.refmodel.prefill_workload import PrefillWorkload
 from runners.config import PrefillConfig
 from runners.prefill_runner import PrefillRunner
 from support.npu_simulator import SimulatedHangError, SimulatorState
@@ -154,7 +155,7 @@ def test_mode_auto_captures_full_prefill_graphs_on_npu(simulated_npu):
     """What this shows: on the simulated npu, mode "auto" picks and captures "full", and it runs right. What it
     does not: that ``hal.graph_support_of(op, "npu")`` decided it. The runner looks declarations up under its
     torch device's type, which on the simulator is "cpu" (its npu tensors live on the CPU), and the model's npu
-    route calls the fused op without entering ``refmodel::prefill_attention`` (so that a capture sees the
+    route calls the fused op without entering ``graphhal::prefill_attention`` (so that a capture sees the
     fused op), so the probe reaches no declared op at all; on hardware the route is the same. The npu
     declaration is checked on its own, for callers that do go through the op."""
     prefill = NpuPrefill(simulated_npu, "auto")
@@ -162,7 +163,7 @@ def test_mode_auto_captures_full_prefill_graphs_on_npu(simulated_npu):
     assert prefill.runner.config.mode == "full"
     assert simulated_npu.torch_device.type == "cpu"
     assert "no op in the forward declares a limit" in prefill.runner.mode_reason
-    op = torch.ops.refmodel.prefill_attention.default
+    op = torch.ops.graphhal.prefill_attention.default
     assert hal.graph_support_of(op, "npu") is hal.GraphSupport.ANY_BATCH
     assert hal.graph_support_of(op, "cpu") is hal.GraphSupport.ANY_BATCH
     workload = prefill.workload(1, [4, 4, 1], [0, 3, 11])

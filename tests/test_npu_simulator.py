@@ -17,8 +17,8 @@ import sys
 import pytest
 import torch
 
-from refmodel import decode_attention_reference
-from refmodel.prefill_attention_reference import prefill_attention_reference
+from graphhal.paged_attention import decode_attention_reference
+from graphhal.paged_attention.prefill_attention_reference import prefill_attention_reference
 from support.npu_simulator import (
     DanglingRecordError,
     HiddenLaunchError,

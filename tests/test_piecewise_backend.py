@@ -97,9 +97,9 @@ def test_registration_covers_every_overload_and_can_be_undone():
 
 @pytest.mark.cpu
 def test_the_reference_models_attention_ops_are_registered_by_default():
-    import refmodel  # noqa: F401  (registers its ops on import)
+    import graphhal.refmodel  # noqa: F401  (registers its ops on import)
 
-    assert torch.ops.refmodel.decode_attention.default in hal.registered_splitting_ops()
+    assert torch.ops.graphhal.decode_attention.default in hal.registered_splitting_ops()
 
 
 # --- capture and replay ---------------------------------------------------------------------------------

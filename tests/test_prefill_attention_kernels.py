@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
-import refmodel.triton_prefill_attention as triton_prefill
-from refmodel.prefill_attention_masked import prefill_attention_masked
-from refmodel.prefill_attention_reference import prefill_attention_reference
+import graphhal.paged_attention.triton_prefill_attention as triton_prefill
+from graphhal.paged_attention.prefill_attention_masked import prefill_attention_masked
+from graphhal.paged_attention.prefill_attention_reference import prefill_attention_reference
 from support.paged_blocks import shuffled_block_tables
 
 # Where a GPU is present the kernel is compiled for it and these CPU-tensor cases cannot run; where none is,

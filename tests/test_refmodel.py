@@ -13,21 +13,29 @@ import inspect
 import pytest
 import torch
 
-from refmodel import (
+from graphhal.paged_attention import (
+
     NULL_BLOCK,
+
     NULL_SLOT,
+
     BlockAllocator,
-    DecodeStep,
-    DecodeWorkload,
-    LlamaDecoder,
-    ModelConfig,
+
     OutOfBlocksError,
+
     PagedKVCache,
+
     decode_attention,
+
     decode_attention_reference,
+
     decode_input_slots,
+
     write_kv_cache,
+
 )
+
+from graphhal.refmodel import DecodeStep, DecodeWorkload, LlamaDecoder, ModelConfig
 from support.kv_cache_changes import cache_snapshot, changed_slots
 
 TINY = ModelConfig.tiny()
@@ -143,8 +151,8 @@ def test_attention_op_is_registered_and_writes_into_out():
     inputs = attention_inputs()
     out = torch.full_like(inputs["q"], float("nan"))
     address = out.data_ptr()
-    assert torch.ops.refmodel.decode_attention.default is not None
-    assert torch.ops.refmodel.decode_attention(**inputs, out=out) is None
+    assert torch.ops.graphhal.decode_attention.default is not None
+    assert torch.ops.graphhal.decode_attention(**inputs, out=out) is None
     assert out.data_ptr() == address
     torch.testing.assert_close(out, decode_attention_reference(**inputs), rtol=1e-5, atol=1e-5)
     assert torch.equal(out[4:], torch.zeros_like(out[4:])), "padded rows (seq_len 0) must come out as zeros"
@@ -164,10 +172,10 @@ def test_custom_ops_pass_opcheck():
     """Schema and fake (meta) implementations are what torch.compile needs to trace the step."""
     checks = ("test_schema", "test_faketensor")
     inputs = attention_inputs()
-    torch.library.opcheck(torch.ops.refmodel.decode_attention.default,
+    torch.library.opcheck(torch.ops.graphhal.decode_attention.default,
                           tuple(inputs.values()) + (torch.empty_like(inputs["q"]),), test_utils=checks)
     kv = torch.randn(3, TINY.num_kv_heads, TINY.head_dim)
-    torch.library.opcheck(torch.ops.refmodel.write_kv_cache.default,
+    torch.library.opcheck(torch.ops.graphhal.write_kv_cache.default,
                           (kv, kv.clone(), inputs["key_cache"].clone(), inputs["value_cache"].clone(), torch.tensor([5, 9, 0])),
                           test_utils=checks)
 
@@ -202,7 +210,7 @@ def test_same_seed_same_logits_other_seed_other_logits():
 
 @pytest.mark.cpu
 def test_running_the_same_batch_again_gives_the_same_logits():
-    """The step rewrites its own new slots with the same values, so a batch can be replayed for benchmarks."""
+    """The step rewrites its own new slots with the same values, so a batch can be replayed for graphhal.bench."""
     _, _, workload, step = build()
     batch = workload.batch()
     assert torch.equal(step(**batch), step(**batch))

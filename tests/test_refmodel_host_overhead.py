@@ -16,11 +16,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import refmodel.decode_attention_op as attention_op
-import refmodel.kv_cache as kv_cache_module
-import refmodel.triton_decode_attention as triton_attention
-from refmodel import DecodeWorkload, LlamaDecoder, ModelConfig, PagedKVCache, PrefillWorkload
-from refmodel.rotary import RotaryEmbedding
+import graphhal.paged_attention.decode_attention_op as attention_op
+import graphhal.paged_attention.kv_cache as kv_cache_module
+import graphhal.paged_attention.triton_decode_attention as triton_attention
+from graphhal.paged_attention import PagedKVCache
+from graphhal.refmodel import DecodeWorkload, LlamaDecoder, ModelConfig, PrefillWorkload
+from graphhal.refmodel.rotary import RotaryEmbedding
 
 TINY = ModelConfig.tiny()
 # Grouped queries (3 per KV head) and a head dim that is not a power of two, unlike the tiny model.
@@ -128,8 +129,8 @@ def test_a_compiled_step_still_calls_both_ops_as_single_nodes():
         torch.compile(step, backend=keep_graph, fullgraph=True)(**batch)
     (graph,) = graphs
     called = [node.target for node in graph.graph.nodes if node.op == "call_function"]
-    assert called.count(torch.ops.refmodel.write_kv_cache.default) == TINY.num_layers
-    assert called.count(torch.ops.refmodel.decode_attention.default) == TINY.num_layers
+    assert called.count(torch.ops.graphhal.write_kv_cache.default) == TINY.num_layers
+    assert called.count(torch.ops.graphhal.decode_attention.default) == TINY.num_layers
 
 
 def rotate_half_split(x: torch.Tensor, rotary: RotaryEmbedding, positions: torch.Tensor) -> torch.Tensor:

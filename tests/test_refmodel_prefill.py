@@ -16,22 +16,19 @@ import pytest
 import torch
 
 import hal
-from refmodel import (
+from graphhal.paged_attention import (
     NULL_BLOCK,
     NULL_SLOT,
-    LlamaDecoder,
-    ModelConfig,
     OutOfBlocksError,
     PagedKVCache,
-    PrefillStep,
-    PrefillWorkload,
     decode_input_slots,
     prefill_attention,
     prefill_attention_reference,
     prefill_request_slots,
     prefill_token_slots,
 )
-from refmodel.prefill_attention_op import prefill_attention_break
+from graphhal.refmodel import LlamaDecoder, ModelConfig, PrefillStep, PrefillWorkload
+from graphhal.paged_attention.prefill_attention_op import prefill_attention_break
 from support.kv_cache_changes import cache_snapshot, changed_slots
 
 TINY = ModelConfig.tiny()
@@ -145,7 +142,7 @@ def test_attention_op_passes_opcheck():
     """Schema and fake (meta) implementations are what torch.compile needs to trace the step."""
     inputs = random_packed_batch(0)
     args = tuple(inputs.values()) + (torch.empty_like(inputs["q"]),)
-    torch.library.opcheck(torch.ops.refmodel.prefill_attention.default, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.graphhal.prefill_attention.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.cpu
@@ -192,7 +189,7 @@ def small_valid_batch() -> dict:
 @pytest.mark.cpu
 def test_attention_is_an_optional_break_point_that_declares_where_it_can_be_captured():
     assert not prefill_attention_break.required and prefill_attention_break.name == "refmodel.prefill_attention"
-    op = torch.ops.refmodel.prefill_attention.default
+    op = torch.ops.graphhal.prefill_attention.default
     # The CPU and CUDA kernels read every length on the device; any other device but npu runs the host-reading
     # reference.
     assert hal.graph_support_of(op, "cpu") == hal.graph_support_of(op, "cuda") == hal.GraphSupport.ANY_BATCH
@@ -328,7 +325,7 @@ def test_prefill_step_compiles_once_for_every_token_count():
         torch.testing.assert_close(compiled(**batch), expected, rtol=1e-5, atol=1e-5)
     assert len(compiles) == 1
     called = {node.target for node in compiles[0].graph.nodes if node.op == "call_function"}
-    assert torch.ops.refmodel.prefill_attention.default in called, "the op must stay one opaque call to split at"
+    assert torch.ops.graphhal.prefill_attention.default in called, "the op must stay one opaque call to split at"
 
 
 def test_breakable_capture_breaks_at_each_layers_attention_and_follows_new_inputs(graph_device):

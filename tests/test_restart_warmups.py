@@ -11,7 +11,7 @@ import torch
 
 import hal
 from devices.cuda import triton_key_warmup
-from refmodel import ModelConfig
+from graphhal.refmodel import ModelConfig
 from runners import DecodeConfig, DecodeRunner
 
 pytestmark = pytest.mark.cpu
@@ -31,7 +31,7 @@ def test_triton_key_is_hashed_once_on_a_background_thread(monkeypatch):
 
 
 def test_a_capture_runs_no_garbage_collection_and_keeps_the_collector_paused(monkeypatch):
-    from benchmarks.workload import build_reference_workload
+    from graphhal.bench.workload import build_reference_workload
 
     device = hal.get_device("cpu")
     workload = build_reference_workload(device, ModelConfig.tiny(), torch.float32, max_batch_size=4, context_len=16)

@@ -14,15 +14,8 @@ import pytest
 import torch
 
 import hal
-from refmodel import (
-    DecodeWorkload,
-    LlamaDecoder,
-    ModelConfig,
-    PagedKVCache,
-    PrefillWorkload,
-    decode_input_slots,
-    prefill_attention_reference,
-)
+from graphhal.paged_attention import PagedKVCache, decode_input_slots, prefill_attention_reference
+from graphhal.refmodel import DecodeWorkload, LlamaDecoder, ModelConfig, PrefillWorkload
 from runners import DecodeConfig, DecodeRunner, InputSlot, PrefillConfig, PrefillRunner
 from runners import RunnerThreadError
 

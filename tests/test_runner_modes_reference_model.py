@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import hal
-from refmodel import LlamaDecoder, ModelConfig, PagedKVCache, PrefillWorkload
+from graphhal.paged_attention import PagedKVCache
+from graphhal.refmodel import LlamaDecoder, ModelConfig, PrefillWorkload
 from runners import DecodeConfig, DecodeRunner, PrefillConfig, PrefillRunner
 
 PREFILL_BUCKETS = [8, 16, 32]
@@ -141,12 +142,12 @@ def test_prefill_beyond_max_tokens_or_max_requests_runs_eagerly_or_raises(graph_
 
 
 def test_mode_auto_captures_full_graphs_of_both_steps_where_attention_allows(graph_device):
-    from refmodel import DecodeWorkload
+    from graphhal.refmodel import DecodeWorkload
 
     model = Model(graph_device)
     prefill = model.prefill_runner("auto")
     assert prefill.config.mode == "full" and prefill.requested_mode == "auto"
-    assert "refmodel::prefill_attention (any_batch)" in prefill.mode_reason
+    assert "graphhal::prefill_attention (any_batch)" in prefill.mode_reason
     graph_equals_eager(model, prefill, [5, 6], [3, 0], seed=1)
 
     workload = DecodeWorkload(model.kv_cache, 4, max_context_len=20, max_blocks_per_seq=8, seed=4)
@@ -155,11 +156,11 @@ def test_mode_auto_captures_full_graphs_of_both_steps_where_attention_allows(gra
         DecodeConfig(buckets=[1, 4], show_progress=False),
     )
     decode.capture()
-    assert decode.config.mode == "full" and "refmodel::decode_attention (uniform_decode)" in decode.mode_reason
+    assert decode.config.mode == "full" and "graphhal::decode_attention (uniform_decode)" in decode.mode_reason
 
 
 def test_piecewise_decode_equals_eager_with_one_compile(graph_device):
-    from refmodel import DecodeWorkload
+    from graphhal.refmodel import DecodeWorkload
 
     model = Model(graph_device)
     workload = DecodeWorkload(model.kv_cache, 8, max_context_len=20, max_blocks_per_seq=8, seed=4)
@@ -179,7 +180,7 @@ def test_piecewise_decode_equals_eager_with_one_compile(graph_device):
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode, buckets", [("full", [1, 2, 4, 8]), ("full", [1]), ("breakable", [1, 4, 8]), ("piecewise", [2, 8])])
 def test_decode_with_inductor_equals_eager_on_cuda(mode, buckets):
-    from refmodel import DecodeWorkload
+    from graphhal.refmodel import DecodeWorkload
 
     model = Model("cuda")
     workload = DecodeWorkload(model.kv_cache, 8, max_context_len=20, max_blocks_per_seq=8, seed=4)

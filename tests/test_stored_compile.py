@@ -21,7 +21,8 @@ import torch
 
 import hal
 from hal import stored_compile
-from refmodel import DecodeWorkload, LlamaDecoder, ModelConfig, PagedKVCache
+from graphhal.paged_attention import PagedKVCache
+from graphhal.refmodel import DecodeWorkload, LlamaDecoder, ModelConfig
 
 needs_aot_compile = pytest.mark.skipif(not stored_compile.available(), reason="this torch has no aot_compile")
 
@@ -32,7 +33,8 @@ _DECODE_PROCESS = textwrap.dedent(
     import torch
     import hal
     from torch._dynamo.utils import counters
-    from refmodel import DecodeWorkload, LlamaDecoder, ModelConfig, PagedKVCache
+    from graphhal.paged_attention import PagedKVCache
+    from graphhal.refmodel import DecodeWorkload, LlamaDecoder, ModelConfig
 
     config = ModelConfig.tiny()
     model = LlamaDecoder(config, torch.device("cpu"), torch.float32, seed=int(sys.argv[2]))
@@ -149,7 +151,8 @@ def test_a_fingerprint_is_stable_across_processes():
         """
         import json, torch
         from hal import stored_compile
-        from refmodel import DecodeWorkload, LlamaDecoder, ModelConfig, PagedKVCache
+        from graphhal.paged_attention import PagedKVCache
+        from graphhal.refmodel import DecodeWorkload, LlamaDecoder, ModelConfig
         config = ModelConfig.tiny()
         kv_cache = PagedKVCache(config, 64, torch.device("cpu"), torch.float32)
         step = LlamaDecoder(config, torch.device("cpu"), torch.float32, seed=0).decode_forward(kv_cache)
@@ -281,7 +284,8 @@ _RUNNER_PROCESS = textwrap.dedent(
     import json, random, sys
     import torch
     import hal
-    from refmodel import DecodeWorkload, LlamaDecoder, ModelConfig, PagedKVCache
+    from graphhal.paged_attention import PagedKVCache
+    from graphhal.refmodel import DecodeWorkload, LlamaDecoder, ModelConfig
     from runners import DecodeConfig, DecodeRunner
 
     device = hal.get_device("cuda")
@@ -321,7 +325,7 @@ def test_a_restarted_runner_captures_every_bucket_from_the_stored_compile_on_cud
 @pytest.mark.cuda
 @needs_aot_compile
 def test_the_restart_bench_loads_the_stored_forward_alone_after_full_inductor_on_cuda():
-    from benchmarks.setup.restart import measure_restart
+    from graphhal.bench.setup.restart import measure_restart
 
     measured = measure_restart("full+inductor", "cuda:0", ModelConfig.tiny(), torch.float32, 8, 32)
     assert measured.cold_compiles == 1 and measured.warm_compiles == 0  # the warm restart traced nothing

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 import hal
-from refmodel import DecodeWorkload, LlamaDecoder, ModelConfig, PagedKVCache, PrefillWorkload, decode_input_slots
+from graphhal.paged_attention import PagedKVCache, decode_input_slots
+from graphhal.refmodel import DecodeWorkload, LlamaDecoder, ModelConfig, PrefillWorkload
 from runners import DecodeConfig, DecodeRunner, InputSlot, PrefillConfig, PrefillRunner
 from runners import RankCaptureError, RankRunError
 from support.spawn_ranks import run_on_ranks
@@ -171,7 +172,7 @@ def _(x):
 def a_rank_failing_between_collectives(rank: int, world_size: int, device_type: str, mode: str) -> tuple[int | None, int | None, str]:
     """Rank 1 fails between two all-reduces while capturing bucket 2: rank 0 waits in the second one until
     the device group's timeout (a capture on the cpu device runs its collectives), then both agree."""
-    from refmodel.tensor_parallel import TensorParallel
+    from graphhal.refmodel.tensor_parallel import TensorParallel
 
     device = _device(device_type, rank)
     tp = TensorParallel.of(dist.group.WORLD)

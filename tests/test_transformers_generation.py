@@ -1,4 +1,4 @@
-"""transformers causal LMs on graphhal's runners (``integrations.transformers``): greedy generation equal to
+"""transformers causal LMs on graphhal's runners (``graphhal.transformers``): greedy generation equal to
 ``model.generate(do_sample=False)`` token for token.
 
 Llama, Qwen2 and Mistral, built from their config classes with random weights (no download), in float32.
@@ -14,7 +14,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")  # before the integration, which imports it
 
-from integrations.transformers import (  # noqa: E402
+from graphhal.transformers import (  # noqa: E402
     GenerationLoop,
     MissingBatchError,
     UnsupportedModelError,
@@ -22,7 +22,7 @@ from integrations.transformers import (  # noqa: E402
     paged_kv_cache,
     prefill_runner,
 )
-from refmodel.block_allocator import OutOfBlocksError  # noqa: E402
+from graphhal.paged_attention.block_allocator import OutOfBlocksError  # noqa: E402
 from runners import DecodeConfig, PrefillConfig  # noqa: E402
 
 NEW_TOKENS = 32

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import refmodel.triton_decode_attention as triton_attention
-from refmodel import decode_attention_reference
+import graphhal.paged_attention.triton_decode_attention as triton_attention
+from graphhal.paged_attention import decode_attention_reference
 from support.paged_blocks import shuffled_block_tables
 
 # Where a GPU is present the kernel is compiled for it and these CPU-tensor cases cannot run; where none is,

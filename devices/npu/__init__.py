@@ -107,7 +107,7 @@ def hal_captures_compiled_kernels(device: DeviceId) -> bool | None:
 
 
 # Why a full graph of an Inductor-compiled forward cannot be updated here: the attention runs inside the
-# compiled code's call to a custom op (refmodel::decode_attention), whose npu kernel issues the fused op below
+# compiled code's call to a custom op (graphhal::decode_attention), whose npu kernel issues the fused op below
 # every dispatch mode, so the capture cannot bracket it and its lengths would stay those of the capture. Its
 # output would be silently wrong from the second step on. Breakable and piecewise keep attention eager.
 FULL_INDUCTOR_PROBLEM = (

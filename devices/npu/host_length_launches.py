@@ -16,7 +16,7 @@ Only ops called where a dispatch mode sees them are found: an op launched inside
 custom op's npu kernel, which an Inductor-compiled forward calls) is hidden from every dispatch mode and its
 lengths would stay baked in. That is why ``full`` with ``compiler="inductor"`` is refused on npu
 (``devices.npu.hal_compiled_capture_problem``), and why refmodel calls the fused attention directly in eager
-code (``refmodel.npu_decode_attention``, ``refmodel.npu_prefill_attention``).
+code (``graphhal.paged_attention.npu_decode_attention``, ``graphhal.paged_attention.npu_prefill_attention``).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from refmodel import PagedKVCache
+from graphhal.paged_attention import PagedKVCache
 
 
 def cache_snapshot(cache: PagedKVCache) -> list[torch.Tensor]:

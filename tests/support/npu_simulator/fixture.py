@@ -7,7 +7,7 @@ once per simulated torch_npu release line.
         ...
 
 Besides installing the simulator, they point the two seams that say where npu tensors live at the CPU:
-the npu plugin's ``devices.npu.placement`` and the reference model's ``refmodel.npu_decode_attention`` (whose
+the npu plugin's ``devices.npu.placement`` and the reference model's ``graphhal.paged_attention.npu_decode_attention`` (whose
 ``is_npu_tensor`` the npu prefill kernel shares). On the way out everything is restored, and the process-wide
 registry is reloaded so that no Device facade built against the simulator outlives it.
 """
@@ -22,7 +22,7 @@ import torch
 
 import hal
 from devices.npu import placement, runtime
-from refmodel import npu_decode_attention
+from graphhal.paged_attention import npu_decode_attention
 from support.npu_simulator.namespace import installed
 from support.npu_simulator.profiles import NEWEST, PROFILES, TorchNpuProfile
 from support.npu_simulator.state import SimulatorState

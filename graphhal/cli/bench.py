@@ -1,0 +1,247 @@
+"""``graphhal bench``: compare eager, graphhal's modes, a hand-written floor and torch.compile in one run.
+
+The command line of the harness in ``graphhal.bench``: it parses the options into a ``BenchPlan`` (what the
+options leave open comes from ``PlanDefaults``: small on CPU, a server's view on a GPU), runs it, and prints
+the table, writing the JSON file and the plot where asked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from graphhal.bench import (
+    DECODE_CONTENDERS,
+    DEFAULT_STATIC_SIZES,
+    MODELS,
+    PREFILL_MODES,
+    BenchPlan,
+    PlanDefaults,
+    TimerSettings,
+    prefill_shapes,
+    run_bench,
+)
+from graphhal.bench.contenders.registry import TRANSFORMERS_BASELINES
+from graphhal.bench.names import FLOOR, REDUCE_OVERHEAD
+from graphhal.bench.transformers_families import TRANSFORMERS_FAMILIES, transformers_cache_shape
+from hal import GraphMode
+from graphhal.bench.render import json_file, plot, table
+from graphhal.bench.tensor_parallel import run_bench_on_ranks
+from graphhal.cli.shared_options import DTYPES, chosen_device
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    values = _int_list(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
+    return values[0]
+
+
+def _name_list(known: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        names = [part.strip() for part in text.split(",") if part.strip()]
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+        return names
+
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="device name (cuda:0, cpu, ...); default: the best one present")
+    parser.add_argument(
+        "--model",
+        choices=[*sorted(MODELS), *TRANSFORMERS_FAMILIES],
+        help="reference model size, or a transformers family (random weights, 1B-class shapes; tiny on cpu) run "
+        "through graphhal.transformers, with transformers' own decode steps as extra baselines (needs "
+        "transformers); default: tiny on cpu, default elsewhere",
+    )
+    parser.add_argument("--layers", type=int, help="override the model's number of decoder layers")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on cpu, bfloat16 elsewhere")
+    parser.add_argument("--batch-sizes", type=_int_list, help="decode batch sizes; default: 1,4,16 on cpu, 1,4,16,64,256 elsewhere")
+    parser.add_argument("--context-len", type=int, help="longest cached context per decode request; default: 32 on cpu, 512 elsewhere")
+    parser.add_argument(
+        "--modes",
+        type=_name_list((*DECODE_CONTENDERS, *TRANSFORMERS_BASELINES)),
+        help=f"decode contenders besides eager, from {', '.join(DECODE_CONTENDERS)}; with a transformers --model "
+        f"also {', '.join(TRANSFORMERS_BASELINES)}; default: all (those the device cannot run, like "
+        f"{REDUCE_OVERHEAD} off CUDA, are listed as skipped)",
+    )
+    parser.add_argument(
+        "--prefill-modes", type=_name_list(PREFILL_MODES), default=list(PREFILL_MODES),
+        help=f"prefill runner modes, from {', '.join(PREFILL_MODES)}; default: all",
+    )
+    parser.add_argument("--tokens", type=_int_list, help="prefill token counts; default: 16,64 on cpu, 16,64,256,1024 elsewhere")
+    parser.add_argument("--requests", type=_int_list, default=[1, 4], help="prefill request counts per token count; default: 1,4")
+    parser.add_argument("--no-prefill", action="store_true", help="skip the prefill benchmark (timings and setup)")
+    parser.add_argument("--capture-max-bs", type=int, default=256, help="largest bucket of the capture-only benchmark; default: 256")
+    parser.add_argument(
+        "--no-capture-cost", action="store_true",
+        help="skip every capture-only measurement (bucket capture, one break, compiled and prefill setup)",
+    )
+    parser.add_argument(
+        "--no-compiled-setup", action="store_true",
+        help="skip the compiled decode setups for every bucket up to --capture-max-bs (full+inductor vs "
+        "reduce-overhead; CUDA only, a few minutes there)",
+    )
+    parser.add_argument(
+        "--static-sizes", type=_int_list, default=list(DEFAULT_STATIC_SIZES),
+        help="batch sizes the dynamic=False reduce-overhead setup compiles, one compile each; its time for every "
+        f"bucket is extrapolated from them; default: {','.join(map(str, DEFAULT_STATIC_SIZES))}",
+    )
+    parser.add_argument(
+        "--no-restart-setup", action="store_true",
+        help="skip the fresh-process setups (full, full+inductor, reduce-overhead for every decode bucket, cold "
+        "then a warm restart over one compile cache directory; run with the compiled setups, CUDA only)",
+    )
+    parser.add_argument(
+        "--no-prefill-setup", action="store_true", help="skip the prefill setup (piecewise and breakable runners, every bucket)"
+    )
+    parser.add_argument(
+        "--prefill-setup-max-tokens", type=_positive_int,
+        help="largest prefill bucket of the prefill setup; default: 4096 (PrefillConfig's) on accelerators, the "
+        "model's max_seq_len on cpu; capped where max_requests requests of max_seq_len tokens hold fewer",
+    )
+    parser.add_argument("--target-error", type=float, default=0.01, help="repeat until the median's standard error is under this fraction; default: 0.01")
+    parser.add_argument("--min-repeats", type=int, default=5, help="fewest timing repeats per measurement; default: 5")
+    parser.add_argument("--max-repeats", type=int, default=50, help="most timing repeats per measurement; default: 50")
+    parser.add_argument("--time-budget", type=float, help="seconds per measurement after which it stops at min-repeats; default: 1 on cpu, 3 elsewhere")
+    parser.add_argument(
+        "--threads", type=int,
+        help="torch intra-op threads on cpu; default: 1 (the tiny model's ops gain nothing from more, and a "
+        "parallel op stalls whenever another process holds one of its threads' cores)",
+    )
+    parser.add_argument(
+        "--tp", type=_positive_int, default=1,
+        help="tensor-parallel ranks: spawns one process per rank (one GPU each; gloo on cpu), the model sharded "
+        "over them, every rank measuring in lockstep, rank 0 reporting; then the same model at TP=1 for the "
+        "speed-up. Default model with --tp: large; decode only",
+    )
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--plot", type=Path, metavar="PATH", help="also plot step time and speedup vs batch size to a PNG (needs matplotlib)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def plan_from_arguments(args: argparse.Namespace, rank: int | None = None) -> BenchPlan:
+    """The plan the options describe; ``rank``: for that rank of a tensor-parallel run (its own GPU)."""
+    device = chosen_device(args.device) if rank is None else _rank_device(args.device, rank)
+    defaults = PlanDefaults(device)
+    family = args.model if args.model in TRANSFORMERS_FAMILIES else None
+    if family is not None:
+        if args.tp > 1:
+            raise SystemExit("graphhal bench: --tp runs the reference model only, not a transformers family")
+        config = transformers_cache_shape(family, tiny=device.type == "cpu", num_layers=args.layers)
+    else:
+        config = MODELS[args.model or ("large" if args.tp > 1 else defaults.model)]()
+    if args.layers is not None:
+        config = dataclasses.replace(config, num_layers=args.layers)
+    return BenchPlan(
+        device=device,
+        config=config,
+        dtype=DTYPES[args.dtype] if args.dtype else defaults.dtype,
+        context_len=args.context_len or defaults.context_len,
+        batch_sizes=args.batch_sizes or defaults.batch_sizes,
+        decode_modes=args.modes,
+        prefill_modes=[] if args.no_prefill else args.prefill_modes,
+        prefill_shapes=[] if args.no_prefill else [*prefill_shapes(args.tokens or defaults.tokens, args.requests), defaults.mixed],
+        capture_max_bs=None if args.no_capture_cost else args.capture_max_bs,
+        compiled_setups=not args.no_compiled_setup,
+        # Fresh processes with one compile cache, cold then warm: where the compiled setups run, off the cpu
+        # (reduce-overhead and Inductor-captured graphs are CUDA's).
+        # The reference model only: the fresh processes rebuild it from its config.
+        restart_setups=not (args.no_restart_setup or args.no_compiled_setup or args.no_capture_cost)
+        and device.type != "cpu"
+        and family is None,
+        static_sizes=args.static_sizes,
+        prefill_setup_max_tokens=(
+            None if args.no_prefill or args.no_prefill_setup else args.prefill_setup_max_tokens or defaults.prefill_setup_max_tokens(config)
+        ),
+        timer=TimerSettings(
+            target_rel_error=args.target_error,
+            min_repeats=args.min_repeats,
+            max_repeats=args.max_repeats,
+            budget_s=args.time_budget if args.time_budget is not None else defaults.budget_s,
+        ),
+        cpu_threads=args.threads or 1,
+        show_progress=not args.no_progress,
+        transformers_family=family,
+    )
+
+
+def _rank_device(name: str | None, rank: int) -> Any:
+    """Rank ``rank``'s device: its own GPU (``cuda:<rank>``) where the run is on GPUs, else the cpu."""
+    device_type = chosen_device(name).type
+    return chosen_device(f"{device_type}:{rank}" if device_type != "cpu" else "cpu")
+
+
+def _tensor_parallel_plan(args: argparse.Namespace, rank: int) -> BenchPlan:
+    # Decode only, and no torch.compile reduce-overhead or compiled setups: the tensor-parallel run measures
+    # graphhal's modes against eager and the floor, every rank in lockstep.
+    plan = plan_from_arguments(args, rank)
+    modes = [m for m in (plan.decode_modes or DECODE_CONTENDERS) if m != REDUCE_OVERHEAD]
+    return dataclasses.replace(
+        plan, decode_modes=modes, prefill_modes=[], prefill_shapes=[], compiled_setups=False, restart_setups=False,
+        prefill_setup_max_tokens=None,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.plot is not None:  # fail before minutes of measuring, not after
+        plot.require_matplotlib()
+    if args.tp > 1:
+        return _run_tensor_parallel(args)
+    result = run_bench(plan_from_arguments(args))
+    print(table.render(result))
+    if args.json is not None:
+        json_file.write_json(result, args.json)
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        plot.write_plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    if result.failed:
+        print(f"graphhal bench: {len(result.failed)} measurement(s) failed (listed above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_tensor_parallel(args: argparse.Namespace) -> int:
+    result = run_bench_on_ranks(partial(_tensor_parallel_plan, args), args.tp)
+    print(f"tensor parallel: {args.tp} ranks (rank 0 reports; every rank ran the same steps)")
+    print(table.render(result))
+    # The same model on one device, for the speed-up: eager, the floor and full.
+    single = run_bench(
+        dataclasses.replace(_tensor_parallel_plan(args, 0), decode_modes=[FLOOR, GraphMode.FULL.value], capture_max_bs=None)
+    )
+    print("\nthe same model on one device (TP=1):")
+    print(table.render(single))
+    print(f"\nTP={args.tp} against TP=1, mode full (ms per step):")
+    tp1 = {row.batch_size: row.median_ms for row in single.rows if row.mode == GraphMode.FULL}
+    for row in result.rows:
+        if row.mode == GraphMode.FULL and row.batch_size in tp1:
+            print(
+                f"  batch {row.batch_size:>4}: TP=1 {tp1[row.batch_size]:.3f}  TP={args.tp} {row.median_ms:.3f}  "
+                f"speed-up {tp1[row.batch_size] / row.median_ms:.2f}x"
+            )
+    if args.json is not None:
+        json_file.write_json(result, args.json)
+        json_file.write_json(single, args.json.with_name(args.json.stem + "-tp1" + args.json.suffix))
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        plot.write_plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 1 if result.failed or single.failed else 0

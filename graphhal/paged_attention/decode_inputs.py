@@ -1,0 +1,39 @@
+"""The decode step's inputs as named runner slots, with the fill each padded row gets."""
+
+from __future__ import annotations
+
+import torch
+
+from hal import DeviceConventions, SlotRole
+from graphhal.paged_attention.block_allocator import NULL_BLOCK
+from graphhal.paged_attention.cache_layout import CacheLayout
+from graphhal.paged_attention.kv_cache import NULL_SLOT
+from runners import InputSlot
+
+
+def decode_input_slots(
+    config: CacheLayout, max_blocks_per_seq: int | None = None, conventions: DeviceConventions | None = None
+) -> list[InputSlot]:
+    """The slots of ``DecodeStep``: one row per request, ``max_blocks_per_seq`` block-table columns per row.
+
+    Fills make a padded row a harmless no-op: it embeds token 0 at position 0, attends to nothing
+    (``seq_len`` 0 gives zeros, never NaN), and writes its K/V into the null block that no request owns.
+    ``max_blocks_per_seq`` defaults to the layout's ``max_blocks_per_seq``; it must match the
+    width of the block tables the server (or ``DecodeWorkload``) builds.
+
+    ``seq_lens`` and ``slot_mapping`` declare their roles: a runner gives them the dtype (and the lengths
+    their fill) the device's conventions ask for. With ``conventions`` (``Device.conventions``) the slots
+    returned already carry them; without, they carry the defaults (what cpu and cuda use).
+    """
+    if max_blocks_per_seq is None:
+        max_blocks_per_seq = config.max_blocks_per_seq
+    if max_blocks_per_seq <= 0:
+        raise ValueError(f"max_blocks_per_seq must be positive, got {max_blocks_per_seq}")
+    slots = [
+        InputSlot("input_ids", torch.int64, fill=0),
+        InputSlot("positions", torch.int64, fill=0),
+        InputSlot("seq_lens", torch.int32, fill=0, role=SlotRole.SEQ_LENS),
+        InputSlot("block_tables", torch.int32, row_shape=(max_blocks_per_seq,), fill=NULL_BLOCK),
+        InputSlot("slot_mapping", torch.int64, fill=NULL_SLOT, role=SlotRole.CACHE_LOCATIONS),
+    ]
+    return [slot.for_device(conventions) for slot in slots] if conventions is not None else slots

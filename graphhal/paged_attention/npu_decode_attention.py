@@ -1,0 +1,110 @@
+"""The npu kernel of ``graphhal::decode_attention``: torch_npu's fused infer-attention op over the paged cache.
+
+``npu_fused_infer_attention_score`` takes the per-request lengths as a host list (``actual_seq_lengths_kv``),
+which a captured NPU graph bakes in; graphhal's npu device updates them before every replay. Two rules follow:
+
+- While an NPU graph is being captured, the device lengths cannot be read back (``.tolist()`` would sync with
+  a stream that is only recording): the capture gets placeholder lengths, the largest the block tables allow,
+  so the workspace the npu device sizes at capture covers every later update, and the update replaces them
+  before any replay.
+- The fused op must be called where the npu device's capture sees it (a dispatch mode). A call made inside a
+  custom op's kernel is hidden from every dispatch mode, so its lengths could never be updated.
+  ``calls_npu_directly`` therefore routes npu tensors to this kernel before the custom op is entered (outside
+  torch.compile, where the custom op must stay opaque so graphs can be split at it); the custom op's npu
+  kernel (``register_npu_kernel``) serves compiled and eager calls, which is why the npu device refuses ``full`` graphs
+  of an Inductor-compiled forward.
+
+Follows op-plugin's signature, the same on every torch_npu line from 7.1 (op_plugin_functions.yaml: BSH
+layout, paged KV with ``block_table`` and ``block_size``); the op takes float16 or bfloat16 only.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+
+# The torch device type npu tensors have. A simulator of torch_npu that keeps them on another device (the
+# tests' CPU simulator) says so with ``npu_tensors_on``.
+_npu_tensor_type = "npu"
+_FUSED_ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def is_npu_tensor(tensor: torch.Tensor) -> bool:
+    return tensor.device.type == _npu_tensor_type and "torch_npu" in sys.modules
+
+
+@contextmanager
+def npu_tensors_on(device_type: str) -> Iterator[None]:
+    """Within the block, tensors of ``device_type`` count as npu tensors (for simulators of torch_npu)."""
+    global _npu_tensor_type
+    previous, _npu_tensor_type = _npu_tensor_type, device_type
+    try:
+        yield
+    finally:
+        _npu_tensor_type = previous
+
+
+def decode_attention_npu(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """``graphhal::decode_attention`` through ``torch_npu.npu_fused_infer_attention_score`` (same arguments)."""
+    torch_npu = fused_attention_module(q, "decode")
+    batch, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, _ = key_cache.shape
+    if torch.npu.is_current_stream_capturing():
+        lengths = [block_tables.shape[1] * block_size] * batch  # replaced by the update before any replay
+    else:
+        lengths = seq_lens.tolist()
+    attention, _ = torch_npu.npu_fused_infer_attention_score(
+        q.reshape(batch, 1, num_heads * head_dim),
+        key_cache.view(num_blocks, block_size, num_kv_heads * head_dim),
+        value_cache.view(num_blocks, block_size, num_kv_heads * head_dim),
+        block_table=block_tables,
+        actual_seq_lengths_kv=lengths,
+        num_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        scale=scale,
+        input_layout="BSH",
+        block_size=block_size,
+    )
+    out.copy_(attention.view(batch, num_heads, head_dim))
+
+
+def fused_attention_module(q: torch.Tensor, phase: str) -> Any:
+    """``torch_npu``, once ``q``'s dtype is one its fused infer-attention op takes (TypeError otherwise)."""
+    if q.dtype not in _FUSED_ATTENTION_DTYPES:
+        raise TypeError(
+            f"npu {phase} attention runs torch_npu's fused infer-attention op, which takes float16 or bfloat16; "
+            f"the query is {q.dtype}: build the model and KV cache in one of those dtypes"
+        )
+    return sys.modules["torch_npu"]
+
+
+def calls_npu_directly(op: Callable[..., Any]) -> Callable[..., Any]:
+    """``op`` (the decode attention custom op), except that npu tensors outside torch.compile run
+    ``decode_attention_npu`` directly, where an NPU graph capture sees the fused op (module docstring)."""
+
+    @functools.wraps(op)
+    def decode_attention(q, key_cache, value_cache, block_tables, seq_lens, scale, out):  # type: ignore[no-untyped-def]
+        if not torch.compiler.is_compiling() and is_npu_tensor(q):
+            return decode_attention_npu(q, key_cache, value_cache, block_tables, seq_lens, scale, out)
+        return op(q, key_cache, value_cache, block_tables, seq_lens, scale, out)
+
+    return decode_attention
+
+
+def register_npu_kernel(custom_op: Any, kernel: Callable[..., None]) -> None:
+    """Register ``kernel`` as ``custom_op``'s npu kernel, once torch knows the npu backend (torch_npu renames
+    PrivateUse1 to "npu" when it is imported; before that there is nothing to register)."""
+    if torch._C._get_privateuse1_backend_name() == "npu":
+        custom_op.register_kernel("npu")(kernel)

@@ -1,0 +1,302 @@
+"""A Llama-style decoder with random, seeded weights: the model the runners are tested and benchmarked on.
+
+Two steps share every layer's projections and MLP and differ only in their attention:
+- decode: one new token per row, attending over that row's paged KV cache (``decode_forward``);
+- prefill: a packed batch of several requests' new tokens, each attending causally over its request's cached
+  context and the new tokens before it (``prefill_forward``).
+
+Both are written to be captured as device graphs, or split around their attention:
+- every input is a device tensor, and nothing read from the batch reaches the host outside the attention ops
+  (no ``.item()``, no data-dependent shapes); shapes depend only on the batch's token (and request) count;
+- a row's logits depend only on its own request's inputs and the cache, so padded rows cannot change live rows;
+- the cache is written with ``graphhal::write_kv_cache`` at ``slot_mapping`` before attention reads it
+  (eagerly, where nothing traces or records the call, its kernel runs directly: ``graphhal.paged_attention.direct_kernels``);
+- both attentions (``graphhal::decode_attention``, ``graphhal::prefill_attention``) are optional break points:
+  captured inline in full graphs where their kernels allow (each declares its ``hal.GraphSupport``), run
+  eagerly between segments in breakable graphs and between pieces in piecewise ones.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from graphhal.paged_attention.decode_attention_op import decode_attention_break
+from graphhal.refmodel.config import ModelConfig
+from graphhal.paged_attention.kv_cache import PagedKVCache, write_kv_cache_step
+from graphhal.paged_attention.prefill_attention_op import prefill_attention_break
+from graphhal.refmodel.rms_norm import RMSNorm
+from graphhal.refmodel.rotary import RotaryEmbedding
+from graphhal.refmodel.tensor_parallel import TensorParallel
+
+
+class _SeededInit:
+    """Draws every weight from one CPU generator in float32, then moves it to the device and dtype.
+
+    Drawing on the CPU makes the weights for a seed the same on every device, so a CUDA run and a CPU run
+    of one seed compute the same model.
+    """
+
+    def __init__(self, seed: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.device = device
+        self.dtype = dtype
+
+    def normal(self, *shape: int, std: float, shard: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.nn.Parameter:
+        """A weight of the full ``shape``, drawn whatever ``shard`` keeps of it (a tensor-parallel rank's
+        slice), so every rank's draws, and a single process's, follow one sequence."""
+        weight = torch.randn(shape, generator=self.generator) * std
+        if shard is not None:
+            weight = shard(weight)
+        return torch.nn.Parameter(weight.to(self.device, self.dtype), requires_grad=False)
+
+
+class DecoderLayer(torch.nn.Module):
+    """Pre-norm attention block then pre-norm SwiGLU MLP block, each added to the residual stream.
+
+    Under tensor parallelism (``tp``) the layer holds its rank's heads and MLP slice (``local``: the shapes
+    this rank computes) and sums the row-parallel projections' partial outputs with an all-reduce.
+    """
+
+    def __init__(self, config: ModelConfig, local: ModelConfig, init: _SeededInit, tp: TensorParallel) -> None:
+        super().__init__()
+        self.config = local
+        self.tp = tp
+        hidden, inter = config.hidden_size, config.intermediate_size
+        q_size = config.num_heads * config.head_dim
+        kv_size = config.num_kv_heads * config.head_dim
+        self.q_size, self.kv_size = local.num_heads * local.head_dim, local.num_kv_heads * local.head_dim
+        # Fan-in scaled weights keep each projection's output near unit variance; the two projections that
+        # feed the residual stream are further shrunk by sqrt(2 * layers), so the stream's variance grows
+        # only to about 2x over the whole stack and bf16 never overflows.
+        residual_shrink = 1.0 / math.sqrt(2 * config.num_layers)
+        self.input_norm = RMSNorm(hidden, config.rms_eps, init.device, init.dtype)
+        self.qkv_proj = init.normal(
+            q_size + 2 * kv_size, hidden, std=hidden**-0.5, shard=lambda w: tp.rows(w, q_size, kv_size, kv_size)
+        )
+        self.o_proj = init.normal(hidden, q_size, std=q_size**-0.5 * residual_shrink, shard=tp.columns)
+        self.post_attention_norm = RMSNorm(hidden, config.rms_eps, init.device, init.dtype)
+        self.gate_up_proj = init.normal(2 * inter, hidden, std=hidden**-0.5, shard=lambda w: tp.rows(w, inter, inter))
+        self.down_proj = init.normal(hidden, inter, std=inter**-0.5 * residual_shrink, shard=tp.columns)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        angles: tuple[torch.Tensor, torch.Tensor],
+        slot_mapping: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        attention: "Attention",
+    ) -> torch.Tensor:
+        """One layer over ``tokens`` rows: hidden [tokens, hidden_size], slot_mapping [tokens].
+
+        ``angles`` is ``RotaryEmbedding.angles`` at the rows' positions, gathered once per step for every
+        layer. ``attention`` is the step's attention (decode or prefill) with that step's lengths and block
+        tables bound; everything else is the same for both steps.
+        """
+        tokens = hidden.shape[0]
+        cfg = self.config
+
+        qkv = F.linear(self.input_norm(hidden), self.qkv_proj)
+        # Queries and keys sit side by side in each row of qkv: rotated as one [tokens, heads + kv_heads,
+        # head_dim] block, elementwise, so each comes out exactly as rotating it alone would give.
+        qk = qkv[:, : self.q_size + self.kv_size].reshape(tokens, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
+        q, k = RotaryEmbedding.rotate(qk, *angles).split_with_sizes([cfg.num_heads, cfg.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].reshape(tokens, cfg.num_kv_heads, cfg.head_dim)
+
+        # The new tokens' K/V go into the cache first: a token attends to itself (the lengths count it).
+        write_kv_cache_step(k, v, key_cache, value_cache, slot_mapping)
+        attn = q.new_empty(q.shape)  # contiguous (q is a view into the rotated block)
+        attention(q, key_cache, value_cache, attn)
+        hidden = hidden + self.tp.all_reduce(F.linear(attn.reshape(tokens, self.q_size), self.o_proj))
+
+        gate, up = F.linear(self.post_attention_norm(hidden), self.gate_up_proj).chunk(2, dim=-1)
+        return hidden + self.tp.all_reduce(F.linear(F.silu(gate) * up, self.down_proj))
+
+
+# What a layer calls to attend: (q, key_cache, value_cache, out) -> None, writing attention of q [tokens,
+# num_heads, head_dim] over one layer's cache into out. The step builds it with its lengths and block tables
+# bound, so the layer never sees which phase it is in.
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class LlamaDecoder(torch.nn.Module):
+    """Embedding, ``num_layers`` decoder layers, final norm and LM head, with weights drawn from ``seed``.
+
+    ``forward`` (decode) and ``prefill`` take the KV cache as an argument; ``decode_forward(kv_cache)`` and
+    ``prefill_forward(kv_cache)`` bind one and return the callable a runner wants: keyword arguments exactly
+    the step's input slots, logits out.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        *,
+        tp_group: Any = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.tp = TensorParallel.of(tp_group)
+        # What this rank computes: its heads, its MLP slice. Its KV cache is built from it (its KV heads).
+        self.local_config = config.tensor_parallel_shard(self.tp.size)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        init = _SeededInit(seed, self.device, dtype)
+        self.embed_tokens = init.normal(config.vocab_size, config.hidden_size, std=1.0)
+        self.layers = torch.nn.ModuleList(
+            DecoderLayer(config, self.local_config, init, self.tp) for _ in range(config.num_layers)
+        )
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_eps, self.device, dtype)
+        self.lm_head = init.normal(config.vocab_size, config.hidden_size, std=config.hidden_size**-0.5)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta, self.device)
+        self.device = self.embed_tokens.device  # "cuda" resolved to "cuda:0", so device checks compare equal
+
+    def forward(
+        self,
+        *,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_cache: PagedKVCache,
+    ) -> torch.Tensor:
+        """One decode step for ``batch`` rows; returns logits [batch, vocab_size] in the model's dtype.
+
+        input_ids [batch] int64, positions [batch] int64 (where the new token sits, = cached tokens before
+        it), seq_lens [batch] int32 (tokens attended to, new one included; 0 = padded row), block_tables
+        [batch, max_blocks] int32, slot_mapping [batch] int64 (cache slot the new token's K/V go to).
+        Writes each row's new K/V into ``kv_cache``.
+        """
+        scale = self.config.head_dim**-0.5
+
+        def attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor) -> None:
+            decode_attention_break(q, key_cache, value_cache, block_tables, seq_lens, scale, out)
+
+        return self._logits(input_ids, positions, slot_mapping, kv_cache, attention)
+
+    def prefill(
+        self,
+        *,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        query_lens: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        kv_cache: PagedKVCache,
+    ) -> torch.Tensor:
+        """One prefill step over ``T`` packed tokens of up to ``R`` requests; returns logits [T, vocab_size].
+
+        Token inputs, [T] int64 each: input_ids, positions (a token's place in its request: context_len + j
+        for its j-th new token), slot_mapping (cache slot its K/V go to; ``NULL_SLOT`` for padded tokens).
+        Request inputs: query_lens [R] int32 (new tokens, packed in request order; 0 = padding request),
+        seq_lens [R] int32 (cached context + new tokens), block_tables [R, max_blocks] int32. Rows at or past
+        ``sum(query_lens)`` are padded tokens: their logits are finite and meaningless. Writes every token's
+        K/V into ``kv_cache``.
+        """
+        scale = self.config.head_dim**-0.5
+
+        def attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor) -> None:
+            prefill_attention_break(q, key_cache, value_cache, block_tables, query_lens, seq_lens, scale, out)
+
+        return self._logits(input_ids, positions, slot_mapping, kv_cache, attention)
+
+    def decode_forward(self, kv_cache: PagedKVCache) -> "DecodeStep":
+        """The decode step with ``kv_cache`` bound: call it as ``step(**batch)``."""
+        return DecodeStep(self, kv_cache)
+
+    def prefill_forward(self, kv_cache: PagedKVCache) -> "PrefillStep":
+        """The prefill step with ``kv_cache`` bound: call it as ``step(**batch)``."""
+        return PrefillStep(self, kv_cache)
+
+    def _logits(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_cache: PagedKVCache,
+        attention: Attention,
+    ) -> torch.Tensor:
+        hidden = F.embedding(input_ids, self.embed_tokens)
+        angles = self.rotary.angles(positions)  # every layer rotates at the same positions: gathered once
+        for layer, key_cache, value_cache in zip(self.layers, kv_cache.key_caches, kv_cache.value_caches):
+            hidden = layer(hidden, angles, slot_mapping, key_cache, value_cache, attention)
+        return F.linear(self.final_norm(hidden), self.lm_head)
+
+
+class _BoundStep(torch.nn.Module):
+    """A decoder with a KV cache bound that was built for it (same config, device and dtype)."""
+
+    def __init__(self, model: LlamaDecoder, kv_cache: PagedKVCache) -> None:
+        super().__init__()
+        if kv_cache.config != model.local_config:
+            raise ValueError(
+                "the KV cache was built for a different ModelConfig than the model"
+                + (" (under tensor parallelism, build it from model.local_config: this rank's KV heads)" if model.tp.size > 1 else "")
+            )
+        if kv_cache.device != model.device or kv_cache.dtype != model.dtype:
+            raise ValueError(
+                f"the KV cache is {kv_cache.dtype} on {kv_cache.device}, the model {model.dtype} on {model.device}"
+            )
+        self.model = model
+        self.kv_cache = kv_cache
+
+
+class DecodeStep(_BoundStep):
+    """A decoder with its KV cache bound, called with exactly the decode input slots as keywords.
+
+    This is the forward callable to hand a runner (its inputs are ``refmodel.decode_input_slots``).
+    """
+
+    def forward(
+        self,
+        *,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> torch.Tensor:
+        return self.model(
+            input_ids=input_ids,
+            positions=positions,
+            seq_lens=seq_lens,
+            block_tables=block_tables,
+            slot_mapping=slot_mapping,
+            kv_cache=self.kv_cache,
+        )
+
+
+class PrefillStep(_BoundStep):
+    """A decoder with its KV cache bound, called with exactly the prefill input slots as keywords.
+
+    Its inputs are ``refmodel.prefill_token_slots`` (one row per packed token) followed by
+    ``refmodel.prefill_request_slots`` (one row per request); see ``LlamaDecoder.prefill``.
+    """
+
+    def forward(
+        self,
+        *,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        query_lens: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+    ) -> torch.Tensor:
+        return self.model.prefill(
+            input_ids=input_ids,
+            positions=positions,
+            slot_mapping=slot_mapping,
+            query_lens=query_lens,
+            seq_lens=seq_lens,
+            block_tables=block_tables,
+            kv_cache=self.kv_cache,
+        )

@@ -1,0 +1,79 @@
+"""A ``DecodeRunner`` and a ``PrefillRunner`` for a transformers causal LM over a paged KV cache.
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()
+    kv_cache = paged_kv_cache(model, num_blocks=4096, max_seq_len=4096)
+    prefill = prefill_runner(model, kv_cache, "cuda", PrefillConfig(max_tokens=2048))
+    prefill.capture()             # the larger graphs first: the decode graphs then fit in their memory
+    decode = decode_runner(model, kv_cache, "cuda", DecodeConfig(max_bs=64), pool=prefill.pool)
+    decode.capture()
+
+The model is switched to graphhal attention (``use_graphhal_attention``) and called through the steps of
+``graphhal.transformers.steps``; the slots are the reference model's, so batches are built the same way
+(``graphhal.transformers.generation`` builds them for a generation loop). Any mode the device offers
+works; ``auto`` (the default) picks it from the attention ops' declared graph support, as for the reference
+model. The model's parameters and the cache are watched: a runner refuses to replay after either moved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import hal
+from graphhal.transformers.attention import use_graphhal_attention
+from graphhal.transformers.steps import DecodeStep, PrefillStep
+from graphhal.paged_attention.decode_inputs import decode_input_slots
+from graphhal.paged_attention.kv_cache import PagedKVCache
+from graphhal.paged_attention.prefill_inputs import prefill_request_slots, prefill_token_slots
+from runners import DecodeConfig, DecodeRunner, PrefillConfig, PrefillRunner
+
+
+def decode_runner(
+    model: torch.nn.Module,
+    kv_cache: PagedKVCache,
+    device: "str | hal.Device",
+    config: DecodeConfig | None = None,
+    **runner_options: Any,
+) -> DecodeRunner:
+    """Decode steps of ``model`` (one new token per request) over ``kv_cache``; ``runner_options`` go to
+    ``DecodeRunner`` (``pool``, ``group``...)."""
+    device = _device_of(model, kv_cache, device)
+    slots = decode_input_slots(kv_cache.config, conventions=device.conventions)
+    return DecodeRunner(DecodeStep(model, kv_cache), slots, device, config, watched_tensors=_watched(model, kv_cache), **runner_options)
+
+
+def prefill_runner(
+    model: torch.nn.Module,
+    kv_cache: PagedKVCache,
+    device: "str | hal.Device",
+    config: PrefillConfig | None = None,
+    **runner_options: Any,
+) -> PrefillRunner:
+    """Prefill steps of ``model`` (packed prompt chunks after each request's cached context) over ``kv_cache``;
+    ``runner_options`` go to ``PrefillRunner``."""
+    device = _device_of(model, kv_cache, device)
+    token_slots = [slot.for_device(device.conventions) for slot in prefill_token_slots()]
+    request_slots = [slot.for_device(device.conventions) for slot in prefill_request_slots(kv_cache.config)]
+    return PrefillRunner(
+        PrefillStep(model, kv_cache), token_slots, request_slots, device, config,
+        watched_tensors=_watched(model, kv_cache), **runner_options,
+    )
+
+
+def _device_of(model: torch.nn.Module, kv_cache: PagedKVCache, device: "str | hal.Device") -> hal.Device:
+    device = device if isinstance(device, hal.Device) else hal.get_device(device)
+    parameter = next(model.parameters())
+    if parameter.device != device.torch_device or kv_cache.device != device.torch_device:
+        raise ValueError(
+            f"the model is on {parameter.device} and the KV cache on {kv_cache.device}; the runner's device is "
+            f"{device.torch_device}: move them there first"
+        )
+    if kv_cache.dtype != parameter.dtype:
+        raise ValueError(f"the KV cache is {kv_cache.dtype} and the model {parameter.dtype}: build the cache in the model's dtype")
+    use_graphhal_attention(model, kv_cache.config.max_seq_len)
+    return device
+
+
+def _watched(model: torch.nn.Module, kv_cache: PagedKVCache) -> dict[str, Any]:
+    return {"model": model, "KV cache": kv_cache}

@@ -1,1 +1,0 @@
-"""graphhal under other people's model code: each subpackage adapts one library (an optional extra)."""

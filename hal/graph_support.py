@@ -25,8 +25,11 @@ from enum import Enum
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from hal.capture_state import current_capture
+from hal.errors import UnsupportedModeError
 from hal.op_overloads import op_name, overloads_of
 
 
@@ -90,10 +93,15 @@ def graph_support_of(op: torch._ops.OpOverload, device_type: str) -> GraphSuppor
 
 @dataclass(frozen=True)
 class ReachedOp:
-    """A declared op (or a required break point) the forward reached, and what it allows on this device."""
+    """A declared op (or a required break point) the forward reached, and what it allows on this device.
+
+    in_break_point: every call reached was a break point or inside one (so mode ``breakable`` runs it eagerly
+    between segments); False when some call was reached outside any (``breakable`` would capture it).
+    """
 
     name: str
     support: GraphSupport
+    in_break_point: bool = False
 
     def describe(self) -> str:
         return f"{self.name} ({self.support})"
@@ -102,7 +110,7 @@ class ReachedOp:
 class _Probe(TorchDispatchMode):
     """Records every declared op the dispatcher sees; lets every op run as usual."""
 
-    def __init__(self, device_type: str, found: dict[str, GraphSupport]) -> None:
+    def __init__(self, device_type: str, found: dict[str, ReachedOp]) -> None:
         super().__init__()
         self.device_type = device_type
         self.found = found
@@ -110,18 +118,23 @@ class _Probe(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         support = graph_support_of(func, self.device_type)
         if support is not None:
-            self.found[op_name(func)] = support
+            _note(op_name(func), support, in_break_point=getattr(_probe_state, "break_depth", 0) > 0)
         return func(*args, **(kwargs or {}))
 
 
 _probe_state = threading.local()
 
 
+def _note(name: str, support: GraphSupport, *, in_break_point: bool) -> None:
+    found = _probe_state.found
+    earlier = found.get(name)
+    found[name] = ReachedOp(name, support, in_break_point and (earlier is None or earlier.in_break_point))
+
+
 def note_break_point(name: str, support: GraphSupport) -> None:
     """Called by a break point outside any capture: while ``ops_reached`` probes, it is one of the answers."""
-    found = getattr(_probe_state, "found", None)
-    if found is not None:
-        found.setdefault(name, support)
+    if probing():
+        _note(name, support, in_break_point=True)
 
 
 def probing() -> bool:
@@ -129,7 +142,17 @@ def probing() -> bool:
 
 
 @contextmanager
-def _probing(found: dict[str, GraphSupport]) -> Iterator[None]:
+def probing_inside_break_point() -> Iterator[None]:
+    """Called by a break point while ``ops_reached`` probes: ops reached inside run eagerly in mode breakable."""
+    _probe_state.break_depth = getattr(_probe_state, "break_depth", 0) + 1
+    try:
+        yield
+    finally:
+        _probe_state.break_depth -= 1
+
+
+@contextmanager
+def _probing(found: dict[str, ReachedOp]) -> Iterator[None]:
     previous = getattr(_probe_state, "found", None)
     _probe_state.found = found
     try:
@@ -141,14 +164,77 @@ def _probing(found: dict[str, GraphSupport]) -> Iterator[None]:
 def ops_reached(forward: Callable[..., Any], inputs: dict[str, torch.Tensor], device_type: str) -> list[ReachedOp]:
     """Run ``forward(**inputs)`` once eagerly and return the declared ops and required break points it reached,
     with what each allows on ``device_type``; the most restrictive first."""
-    found: dict[str, GraphSupport] = {}
+    found: dict[str, ReachedOp] = {}
     with _probing(found), _Probe(device_type, found), torch.no_grad():
         forward(**inputs)
     order = list(GraphSupport)
-    reached = [ReachedOp(name, support) for name, support in found.items()]
-    return sorted(reached, key=lambda op: (-order.index(op.support), op.name))
+    return sorted(found.values(), key=lambda op: (-order.index(op.support), op.name))
 
 
 def blocking(reached: Iterable[ReachedOp], batch: BatchKind) -> list[ReachedOp]:
     """The ops among ``reached`` that cannot be captured inline in ``batch``es."""
     return [op for op in reached if not op.support.allows(batch)]
+
+
+class OpNotCapturableError(UnsupportedModeError):
+    """An op that declared it cannot be captured in a runner's batches was asked to be (mode ``full``), or
+    was reached inside a capture."""
+
+
+class _CaptureGuard(TorchFunctionMode):
+    """Inside a capture, refuses a declared op that cannot be captured in ``batch``es on ``device_type``.
+
+    What a required break point does for itself (it raises when reached inside a graph that cannot break), done
+    for declared ops, which are plain torch ops and cannot check themselves: ``ops_reached`` sees only what one
+    eager run reaches, and an op chosen at another batch size would otherwise be captured inline, stale or
+    failing on a GPU. Ops running eagerly between segments (a breakable capture's breaks) pass: no capture is
+    active there. A torch function mode rather than a dispatch mode: it sees an op where the model calls it,
+    whatever dispatch modes a device's capture session stacks and unstacks meanwhile (the cpu recorder's,
+    entered and left per segment of a breakable capture), and a recorder that runs a custom op's kernel below
+    the Python key hides the op from dispatch modes outside it.
+    """
+
+    def __init__(self, device_type: str, batch: BatchKind) -> None:
+        super().__init__()
+        self.device_type = device_type
+        self.batch = batch
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        support = _support_of_called(func, self.device_type)
+        if support is not None and not support.allows(self.batch):
+            active = current_capture()
+            if active is not None:
+                raise OpNotCapturableError(
+                    f"op {op_name(func)} ({support}) was reached while capturing a '{active.mode}' graph on "
+                    f"{active.device}, but it declared that it cannot be captured in {self.batch} batches there "
+                    "(hal.declare_graph_support). Register it as a splitting op (hal.register_splitting_op) and use "
+                    "mode 'piecewise', or call it inside a hal.break_point and use mode 'breakable'."
+                )
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def refusing_uncapturable_ops(device_type: str, batch: BatchKind) -> Iterator[None]:
+    """For the block: a declared op reached inside a capture that cannot be captured in ``batch``es raises
+    ``OpNotCapturableError``. Costs a Python call per torch function call, so it is entered only where some op
+    declared such a limit on ``device_type``; and never around a torch.compile'd callable (Dynamo runs a frame
+    eagerly under such a mode: the compiled code would not be what is captured)."""
+    if not any(not support.allows(batch) for support in _declared_on(device_type)):
+        yield
+        return
+    with _CaptureGuard(device_type, batch):
+        yield
+
+
+def _support_of_called(func: Any, device_type: str) -> GraphSupport | None:
+    """What a called op declared: an overload, or a packet called directly (every overload of a packet is
+    declared alike by ``declare_graph_support``); None for anything else a function mode sees."""
+    if isinstance(func, torch._ops.OpOverloadPacket):
+        func = next((getattr(func, name) for name in func.overloads()), None)
+    if not isinstance(func, torch._ops.OpOverload):
+        return None
+    return graph_support_of(func, device_type)
+
+
+def _declared_on(device_type: str) -> list[GraphSupport]:
+    return [support for op in _declared if (support := graph_support_of(op, device_type)) is not None]

@@ -3,7 +3,8 @@
 A server imports this package and ``hal`` for device names; nothing here names a device.
 """
 
-from runners.bucketed_runner import PoolBudgetError, RunnerStateError
+from runners.capture_loop import RunnerStateError
+from runners.capture_memory import PoolBudgetError
 from runners.buckets import BucketPolicy, default_decode_buckets, default_prefill_buckets
 from runners.capture_report import CaptureReport
 from runners.config import DecodeConfig, PhaseConfig, PrefillConfig

@@ -9,6 +9,7 @@ piecewise backend, split at the splitting ops that cannot be captured in the run
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -16,8 +17,10 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 import hal
+from hal.graph_support import refusing_uncapturable_ops
 from runners.compile_cache import CompileCache
 from runners.config import PhaseConfig
+from runners.graph_outputs import GraphOutputs
 from runners.mode_choice import ops_to_split
 
 BREAKABLE_DEBUG_ENV = "GRAPHHAL_BREAKABLE_DEBUG"
@@ -28,6 +31,22 @@ class CapturedBucket:
     run: Callable[[], Any]  # replays the bucket; piecewise returns the forward's outputs, a graph None
     graph: Any  # the device graph to update before replays, or None when nothing captured bakes host values
     outputs: Any  # the outputs as captured (non-owning aliases for a graph: see hal.pool_aliases)
+
+
+@dataclass
+class CapturedStep:
+    """One bucket's captured step, as the run path replays it."""
+
+    captured: CapturedBucket
+    outputs: GraphOutputs  # the outputs as captured
+    # Whether every replay hands back the captured output tensors. True for one device graph; a piecewise
+    # forward returns what its last piece returns, checked on the first replay.
+    outputs_static: bool
+    addresses_checked: bool = False  # with check_addresses "first_replay": whether this bucket was checked
+
+    @property
+    def graph(self) -> Any:
+        return self.captured.graph
 
 
 class BucketCapture:
@@ -99,7 +118,14 @@ class GraphCapture(BucketCapture):
 
     def capture(self, bucket: int, inputs: Mapping[str, torch.Tensor]) -> CapturedBucket:
         assert self.graphs is not None, "prepare() first"
-        captured = self.graphs.capture(bucket, self.forward, **inputs)
+        # A declared op that cannot be captured in these batches, reached inside the capture (one chosen at this
+        # bucket's batch size, say), fails it as a required break point would. Not around a compiled forward:
+        # under a torch function mode, Dynamo would run the frame eagerly instead of the compiled code.
+        guard = contextlib.nullcontext()
+        if self.config.compiler == "none":
+            guard = refusing_uncapturable_ops(self.device.torch_device.type, self.batch)
+        with guard:
+            captured = self.graphs.capture(bucket, self.forward, **inputs)
         return CapturedBucket(captured.replay, captured.graph, captured.outputs)
 
     def drop(self) -> None:

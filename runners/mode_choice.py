@@ -1,6 +1,6 @@
 """Mode ``auto``, and the check behind ``full``: what the ops a forward reaches allow (``hal.graph_support``).
 
-Before it captures, a runner in mode ``auto`` or ``full`` runs its forward once eagerly at its smallest bucket
+Before it captures, a runner in mode ``auto`` or ``full`` runs its forward once eagerly at its largest bucket
 and lists the ops it reached that declared how far they can be captured. Then:
 
 - ``full``: every such op must allow capture in this runner's batches (a decode runner's are uniform decode
@@ -20,15 +20,11 @@ from typing import Any, Callable
 import torch
 
 import hal
-from hal.graph_support import BatchKind, ReachedOp, blocking, ops_reached
+from hal.graph_support import BatchKind, OpNotCapturableError, ReachedOp, blocking, ops_reached
 from hal.op_overloads import op_name
 from runners.config import AUTO, PhaseConfig
 
 GraphMode = hal.GraphMode
-
-
-class OpNotCapturableError(hal.UnsupportedModeError):
-    """Mode ``full`` was asked for over an op that declared it cannot be captured in this runner's batches."""
 
 
 @dataclass(frozen=True)
@@ -44,11 +40,24 @@ def choose_mode(
     phase: str,
     forward: Callable[..., Any],
     inputs: dict[str, torch.Tensor],
+    bucket: int,
 ) -> ModeChoice:
-    """The config a runner captures with: ``config`` itself unless its mode is ``auto`` or ``full`` (above)."""
+    """The config a runner captures with: ``config`` itself unless its mode is ``auto`` or ``full`` (above).
+
+    ``inputs`` are the runner's buffers at ``bucket`` (its largest), all padding. A forward that fails in this
+    eager run raises ``hal.CaptureError`` saying it is a model error, before anything was captured.
+    """
     if config.mode not in (AUTO, GraphMode.FULL):
         return ModeChoice(config, f"mode {config.mode} as configured")
-    reached = ops_reached(forward, inputs, device.torch_device.type)
+    try:
+        reached = ops_reached(forward, inputs, device.torch_device.type)
+    except Exception as exc:
+        what = (
+            f"the eager run of the {phase} forward at bucket {bucket} on {device}, which mode {config.mode} makes to "
+            f"see what the forward's ops allow, failed before any capture (a model error, not a graph error): "
+            f"{type(exc).__name__}: {exc}"
+        )
+        raise hal.CaptureError(what, bucket=bucket, mode=config.mode, device=str(device)) from exc
     blocked = blocking(reached, batch)
     if config.mode == GraphMode.FULL:
         if blocked:
@@ -89,15 +98,22 @@ def _auto(device: "hal.Device", batch: BatchKind, reached: list[ReachedOp], bloc
     if not blocked:
         if GraphMode.FULL in offered:
             return GraphMode.FULL, _why_full(reached, batch)
-        why_not_full = f"device {device} offers no full graphs"
-    else:
-        why_not_full = f"{_listed(blocked)} cannot be captured in {batch} batches on {device.torch_device.type}"
+        return GraphMode.DISABLED, f"device {device} offers no full graphs, and piecewise and breakable build on them"
+    why_not_full = f"{_listed(blocked)} cannot be captured in {batch} batches on {device.torch_device.type}"
     splitting = {op_name(op) for op in hal.registered_splitting_ops()}
     if GraphMode.PIECEWISE in offered and all(op.name in splitting for op in blocked):
         return GraphMode.PIECEWISE, f"{why_not_full}; they are splitting ops, run eagerly between captured pieces"
-    if GraphMode.BREAKABLE in offered:
-        return GraphMode.BREAKABLE, f"{why_not_full}; breakable runs them eagerly between captured segments"
-    return GraphMode.DISABLED, f"{why_not_full}, and the device offers neither piecewise nor breakable graphs"
+    if GraphMode.BREAKABLE in offered and all(op.in_break_point for op in blocked):
+        return GraphMode.BREAKABLE, f"{why_not_full}; they are reached in break points, run eagerly between captured segments"
+    if GraphMode.FULL not in offered:
+        return GraphMode.DISABLED, f"{why_not_full}, and the device offers neither piecewise nor breakable graphs"
+    stranded = [op for op in blocked if op.name not in splitting and not op.in_break_point]
+    raise OpNotCapturableError(
+        f"mode auto found no graph mode for this forward on {device}: {why_not_full}, and {_listed(stranded)} is "
+        "neither a registered splitting op (piecewise runs those eagerly between pieces) nor reached inside a "
+        "break point (breakable runs those eagerly between segments), so every mode would capture it. Register it "
+        "with hal.register_splitting_op, call it inside a hal.break_point, or use mode 'disabled'."
+    )
 
 
 def _why_full(reached: list[ReachedOp], batch: BatchKind) -> str:

@@ -50,17 +50,20 @@ class _Outcome:
 
 
 _control_groups: dict[str, Any] = {}
+_control_timeouts: dict[str, float] = {}  # the timeout each control group was last set to
 _control_lock = threading.Lock()
 
 
 def control_group(group: Any, timeout_s: float) -> Any:
-    """A gloo group of ``group``'s ranks for agreements, made once per group (the first runner's timeout).
+    """A gloo group of ``group``'s ranks for agreements, made once per group and shared by its runners.
 
     Always a group of its own, a gloo device group included: agreements must never interleave with the
     model's own collectives on one communicator (a rank that failed between two of them would send its
     agreement against its peer's all-reduce), and they need their own timeout. Made with
     ``use_local_synchronization``: only the group's ranks take part, so a server with several
     tensor-parallel groups in one world does not need every rank to make every group's control group.
+    Each runner sets its own timeout on it before each agreement (``RankGroup._gather``): a server whose
+    prefill runner waits 600 s and whose decode runner waits 5 s gets what it asked for from each.
     """
     with _control_lock:
         if group.group_name not in _control_groups:
@@ -70,7 +73,43 @@ def control_group(group: Any, timeout_s: float) -> Any:
                 timeout=datetime.timedelta(seconds=timeout_s),
                 use_local_synchronization=True,
             )
+            _control_timeouts[group.group_name] = timeout_s
         return _control_groups[group.group_name]
+
+
+def _use_timeout(control: Any, timeout_s: float) -> None:
+    """Make ``timeout_s`` the control group's timeout for its next collectives (a dict lookup when it already is)."""
+    name = control.group_name
+    if _control_timeouts.get(name) != timeout_s:
+        dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=timeout_s), control)
+        _control_timeouts[name] = timeout_s
+
+
+def rank_group(group: Any, timeout_s: float, device: str) -> "RankGroup | SoloRank":
+    """The agreements of a runner over ``group``; without a group, a ``SoloRank`` that agrees with itself."""
+    return SoloRank() if group is None else RankGroup(group, timeout_s, device)
+
+
+class SoloRank:
+    """No process group: every agreement is this process's own outcome, so a runner runs one code path with
+    or without ranks. An error is raised as it is; success agrees at once."""
+
+    is_group = False
+
+    def agree_on_plan(self, plan: Mapping[str, Any], *, mode: str) -> None:
+        return None
+
+    def agree(self, stage: str, error: BaseException | None, *, bucket: int | None, mode: str) -> None:
+        if error is not None:
+            raise error
+
+    def after_warmup(self, bucket: int, error: BaseException | None, what: str, *, mode: str) -> None:
+        return None  # the warm-up's own error is raised where it happened
+
+    def agree_on_batch(self, rows: int, fits: bool, error: BaseException | None = None) -> tuple[int, list[int]]:
+        if error is not None:
+            raise error
+        return rows, [] if fits else [0]
 
 
 class RankGroup:
@@ -79,22 +118,27 @@ class RankGroup:
     group:     the process group (tensor or data parallel) whose ranks capture and run together.
     timeout_s: how long a rank waits for the others at an agreement point before it gives up with an error
                naming the stage (a rank that died, or one stuck in a collective of the device's own).
+    device:    the runner's device, named in every error.
     """
 
-    def __init__(self, group: Any, timeout_s: float) -> None:
+    is_group = True
+
+    def __init__(self, group: Any, timeout_s: float, device: str) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("a runner's process group needs torch.distributed initialised (init_process_group)")
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
         self.timeout_s = timeout_s
+        self.device = device
         self.control = control_group(group, timeout_s)
 
     # --- capture ----------------------------------------------------------------------------------------
 
-    def agree_on_plan(self, plan: Mapping[str, Any], *, mode: str, device: str) -> None:
+    def agree_on_plan(self, plan: Mapping[str, Any], *, mode: str) -> None:
         """Raise ``RankCaptureError`` on every rank unless all ranks are about to capture the same thing."""
-        plans = self._gather(dict(plan), "agreeing on what to capture", mode=mode, device=device, bucket=None)
+        device = self.device
+        plans = self._gather(dict(plan), "agreeing on what to capture", mode=mode, bucket=None)
         differences = []
         for rank, other in enumerate(plans):
             for field, value in other.items():
@@ -104,15 +148,16 @@ class RankGroup:
             first = next(rank for rank, other in enumerate(plans) if other != plans[0])
             raise RankCaptureError(
                 "the ranks of the process group would capture different graphs: " + "; ".join(differences)
-                + ". Every rank must build its runner with the same mode, compiler, buckets and input slots.",
+                + ". Every rank must build its runner with the same config, input slots and groups.",
                 bucket=None, mode=mode, device=device, rank=first,
             )
 
-    def agree(self, stage: str, error: BaseException | None, *, bucket: int | None, mode: str, device: str) -> None:
+    def agree(self, stage: str, error: BaseException | None, *, bucket: int | None, mode: str) -> None:
         """All ranks report how ``stage`` went here; raise ``RankCaptureError`` on every rank unless all
         reached it and succeeded. This rank's own error is chained as the cause."""
+        device = self.device
         outcome = _Outcome(stage, None, None) if error is None else _Outcome(stage, f"{type(error).__name__}: {error}", time.time())
-        outcomes = self._gather(outcome, stage, mode=mode, device=device, bucket=bucket)
+        outcomes = self._gather(outcome, stage, mode=mode, bucket=bucket)
         errors = sorted((rank for rank, o in enumerate(outcomes) if o.error is not None), key=lambda r: outcomes[r].failed_at)
         elsewhere = [rank for rank, o in enumerate(outcomes) if o.error is None and o.stage != outcomes[0].stage]
         if not errors and not elsewhere and outcomes[0].stage == stage:
@@ -127,15 +172,20 @@ class RankGroup:
             bucket=bucket, mode=mode, device=device, rank=culprit,
         ) from error
 
-    def _gather(self, value: Any, stage: str, *, mode: str, device: str, bucket: int | None) -> list[Any]:
+    def after_warmup(self, bucket: int, error: BaseException | None, what: str, *, mode: str) -> None:
+        """``hal.AfterWarmup``: every rank learns whether every rank warmed ``what`` up at ``bucket``."""
+        self.agree(f"the warm-up of {what} at bucket {bucket}", error, bucket=bucket, mode=mode)
+
+    def _gather(self, value: Any, stage: str, *, mode: str, bucket: int | None) -> list[Any]:
         gathered: list[Any] = [None] * self.size
         try:
+            _use_timeout(self.control, self.timeout_s)
             dist.all_gather_object(gathered, value, group=self.control)
         except Exception as exc:  # the control group's timeout, or a peer that went away
             raise RankCaptureError(
                 f"rank {self.rank}: the ranks of the group did not all reach {stage} within {self.timeout_s:g} s "
                 f"({type(exc).__name__}: {exc}); a rank died, or waits in a collective of its own",
-                bucket=bucket, mode=mode, device=device,
+                bucket=bucket, mode=mode, device=self.device,
             ) from exc
         return gathered
 
@@ -152,6 +202,7 @@ class RankGroup:
         mine = torch.tensor([rows, status], dtype=torch.int64)
         everyone = [torch.empty_like(mine) for _ in range(self.size)]
         try:
+            _use_timeout(self.control, self.timeout_s)
             dist.all_gather(everyone, mine, group=self.control)
             failed = [rank for rank, t in enumerate(everyone) if int(t[1]) == _FAILED]
             texts: list[Any] = [None] * self.size

@@ -22,7 +22,7 @@ class _Copies:
 
 
 class StaticInputs:
-    """One buffer per slot, ``(capacity, *row_shape)``, allocated once on the device.
+    """One buffer per slot, ``(capacity, *row_shape)``, allocated once on the device (none without slots).
 
     A graph captured at bucket ``b`` reads rows ``[:b]`` of every buffer; ``load`` writes a live batch into
     them and refills the padded rows, and ``views`` gives the tensors a forward is captured with.
@@ -33,8 +33,6 @@ class StaticInputs:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"input slots must have unique names; repeated: {', '.join(duplicates)}")
-        if not slots:
-            raise ValueError("a runner needs at least one input slot (every slot's first dimension is the batch)")
         self.slots = tuple(slots)
         self.capacity = capacity
         self.device = device
@@ -45,7 +43,6 @@ class StaticInputs:
                 slot.name: torch.full((capacity, *slot.row_shape), slot.fill, dtype=slot.dtype, device=device)
                 for slot in slots
             }
-        self._expected_names = frozenset(names)
         # A step's copies, grouped: torch._foreach_copy_ copies one dtype's live rows in one kernel on CUDA
         # (device-resident sources; its fast path wants a single dtype), and _foreach_zero_ and _foreach_add_
         # refill one (dtype, fill)'s padded rows in one kernel each, where a copy_ and a fill_ per slot cost a
@@ -59,19 +56,10 @@ class StaticInputs:
         self._padding_groups = [(fill, tuple(names)) for (_, fill), names in by_fill.items()]
         self._copies: dict[tuple[int, int], _Copies] = {}
 
-    def check(self, batch: Mapping[str, torch.Tensor], allow_empty: bool = False) -> int:
-        """Validate a live batch against the slots; return its row count. ValueError names the bad slot.
-        ``allow_empty``: a batch of no rows is valid (an idle rank's step)."""
-        names = batch.keys()
-        if names != self._expected_names:
-            missing = sorted(self._expected_names - names)
-            extra = sorted(names - self._expected_names)
-            raise ValueError(
-                "batch does not match the runner's input slots"
-                + (f"; missing: {', '.join(missing)}" if missing else "")
-                + (f"; unexpected: {', '.join(extra)}" if extra else "")
-                + f"; expected exactly: {', '.join(sorted(self._expected_names))}"
-            )
+    def count_rows(self, batch: Mapping[str, torch.Tensor], allow_empty: bool = False) -> int:
+        """Validate this buffer set's slots of a live batch (their names already checked); return the row
+        count, 0 without slots. ValueError names the bad slot. ``allow_empty``: a batch of no rows is valid (an
+        idle rank's step)."""
         rows = None
         for slot in self.slots:
             tensor = batch[slot.name]
@@ -101,7 +89,8 @@ class StaticInputs:
                     f"input slot {slot.name!r} has {tensor.shape[0]} rows but {self.slots[0].name!r} has {rows}; "
                     "every slot needs one row per request"
                 )
-        assert rows is not None
+        if rows is None:
+            return 0
         if rows < 1 and not allow_empty:
             raise ValueError(
                 "batch has no rows; a step needs at least one request (a rank with no work passes an empty "

@@ -283,7 +283,7 @@ def test_debug_mode_runs_the_whole_forward_as_one_eager_step(graph_device):
         DecodeConfig(mode="breakable", max_bs=4, breakable_debug=True, show_progress=False),
     )
     runner.capture()
-    assert all(bucket.graph.num_breaks == 1 for bucket in runner._graphs.values())
+    assert all(bucket.graph.num_breaks == 1 for bucket in runner.graphs.values())
     batch = {"x": torch.randn(3, 4, device=device.torch_device)}
     out = runner.run(batch)
     torch.testing.assert_close(out["y"], step(**batch)["y"])
@@ -309,7 +309,7 @@ def breakable_decoder(request: pytest.FixtureRequest) -> BreakableDecoder:
 
 
 def test_reference_decoder_breaks_once_per_layer_at_attention(breakable_decoder: BreakableDecoder):
-    graphs = breakable_decoder.runner._graphs
+    graphs = breakable_decoder.runner.graphs
     assert {bucket.graph.num_breaks for bucket in graphs.values()} == {ModelConfig.tiny().num_layers}
 
 

@@ -98,9 +98,9 @@ def test_capture_goes_largest_first_with_an_eager_warmup_before_each_capture_and
     runner, step = make_runner(graph_device, max_bs=4, warmup_runs=2)
     frozen_before = gc.get_freeze_count()  # a library in this process may have frozen objects already
     runner.capture()
-    # Mode auto's one eager run at the smallest bucket (what do the ops allow?), then two eager warm-ups and
-    # the capture per bucket, largest first.
-    assert step.calls == [(1, False), (4, False), (4, False), (4, True), (2, False), (2, False), (2, True), (1, False), (1, False), (1, True)]
+    # Mode auto's one eager run at the largest bucket (what do the ops of the largest batch allow?), then two
+    # eager warm-ups and the capture per bucket, largest first.
+    assert step.calls == [(4, False), (4, False), (4, False), (4, True), (2, False), (2, False), (2, True), (1, False), (1, False), (1, True)]
     assert set(step.gc_states[1:]) == {(False, True)}  # collector paused and survivors frozen throughout the loop
     assert gc.isenabled()
     if frozen_before == 0:
@@ -137,7 +137,7 @@ def test_padded_tail_is_refilled_on_every_run(graph_device):
     out = runner.run(batch)
     # Rows 2 and 3 must hold the fill (x=0, pos=0), not the previous batch's rows.
     torch.testing.assert_close(out["hidden"], batch["x"] + batch["x"].sum() + batch["pos"].sum())
-    assert torch.equal(runner.static_inputs.buffers["x"][2:], torch.zeros(2, 4, device=device.torch_device))
+    assert torch.equal(runner.inputs.rows.buffers["x"][2:], torch.zeros(2, 4, device=device.torch_device))
 
 
 def test_static_inputs_copy_live_rows_and_refill_padding_per_dtype_and_fill(graph_device):
@@ -292,9 +292,9 @@ def test_a_failing_warmup_is_reported_as_a_model_error(graph_device):
     runner, _ = make_runner(graph_device, step=step, max_bs=2, mode="breakable")
     with pytest.raises(hal.CaptureError, match=r"eager warm-up .* bucket 2 .*before any capture.*IndexError"):
         runner.capture()
-    # Mode auto (and full) runs the forward once at the smallest bucket before anything else.
+    # Mode auto (and full) runs the forward once at the largest bucket before anything else.
     runner, _ = make_runner(graph_device, step=step, max_bs=2)
-    with pytest.raises(hal.CaptureError, match=r"eager run .* bucket 1 .*mode auto.*before any capture.*IndexError"):
+    with pytest.raises(hal.CaptureError, match=r"eager run .* bucket 2 .*mode auto.*before any capture.*IndexError"):
         runner.capture()
     assert not runner.captured
 

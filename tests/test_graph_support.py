@@ -16,7 +16,7 @@ import torch
 
 import hal
 from runners import DecodeConfig, DecodeRunner, InputSlot, PrefillConfig, PrefillRunner
-from runners.mode_choice import OpNotCapturableError
+from hal.graph_support import OpNotCapturableError
 
 pytestmark = pytest.mark.cpu
 
@@ -34,7 +34,9 @@ def _define(name: str) -> torch._ops.OpOverload:
 ANY_BATCH_OP = _define("support_any_batch")
 DECODE_ONLY_OP = _define("support_uniform_decode")
 HOST_LENGTHS_OP = _define("support_never")
+UNSPLIT_NEVER_OP = _define("support_never_unsplit")  # declared never, but neither a splitting op nor a break point
 hal.declare_graph_support(ANY_BATCH_OP, hal.GraphSupport.ANY_BATCH)
+hal.declare_graph_support(UNSPLIT_NEVER_OP, hal.GraphSupport.NEVER)
 hal.declare_graph_support(DECODE_ONLY_OP, hal.GraphSupport.UNIFORM_DECODE)
 hal.declare_graph_support(HOST_LENGTHS_OP, hal.GraphSupport.NEVER)
 hal.register_splitting_op(HOST_LENGTHS_OP)
@@ -164,14 +166,14 @@ def test_mode_auto_picks_full_where_every_op_allows_it_and_piecewise_otherwise(r
     torch._dynamo.reset()
     made = runner(op)
     assert made.config.mode == "auto"
-    with logged("runners.bucketed_runner") as lines:
+    with logged("runners.capture_loop") as lines:
         report = made.capture()
     assert made.config.mode == report.mode == chosen and made.requested_mode == "auto"
     assert f"mode auto chose {chosen}" in made.mode_reason and any(made.mode_reason in line for line in lines)
     if chosen == "piecewise":
         assert made.config.compiler == "eager"  # auto's "none" means "as written": piecewise traces anyway
         assert op._schema.name in made.mode_reason
-        assert made._capture.backend.num_splits == 1  # at the op that cannot be captured
+        assert made._capture.strategy.backend.num_splits == 1  # at the op that cannot be captured
     for rows in (1, 2, 3):
         equals_eager(made, rows)
 
@@ -194,7 +196,7 @@ def test_mode_full_over_an_op_that_cannot_be_captured_is_refused_naming_the_op(r
     made = runner(op, mode="full")
     with pytest.raises(OpNotCapturableError, match=rf"mode 'full' cannot capture.*{op._schema.name}.*'auto'"):
         made.capture()
-    assert not made.captured and made._graphs == {}
+    assert not made.captured and made.graphs == {}
 
 
 @pytest.mark.parametrize("runner, op, splits", [(decode_runner, DECODE_ONLY_OP, 0), (prefill_runner, DECODE_ONLY_OP, 1), (decode_runner, HOST_LENGTHS_OP, 1)])
@@ -203,12 +205,64 @@ def test_piecewise_splits_only_at_ops_that_cannot_be_captured_in_the_runners_bat
     torch._dynamo.reset()
     made = runner(op, mode="piecewise")
     made.capture()
-    assert made._capture.backend.num_splits == splits
+    assert made._capture.strategy.backend.num_splits == splits
     for rows in (1, 2):
         equals_eager(made, rows)
 
 
 def test_modes_asked_for_by_name_are_taken_as_they_are():
-    made = prefill_runner(HOST_LENGTHS_OP, mode="breakable")
+    made = prefill_runner(ANY_BATCH_OP, mode="breakable")
     made.capture()
     assert made.config.mode == "breakable" and made.mode_reason == "mode breakable as configured"
+
+
+# --- an op that cannot be captured, wherever it is reached ----------------------------------------------------
+
+
+def test_mode_auto_refuses_an_op_no_mode_can_run_eagerly_naming_it():
+    # Neither a splitting op (piecewise would split at it) nor reached in a break point (breakable would cut
+    # there): every mode would capture it, so auto says what to change instead of capturing it in a segment.
+    made = decode_runner(UNSPLIT_NEVER_OP)
+    with pytest.raises(OpNotCapturableError, match=r"no graph mode.*graphhal_test::support_never_unsplit.*register_splitting_op.*break_point"):
+        made.capture()
+    assert not made.captured and made.graphs == {}
+
+
+def test_mode_auto_takes_breakable_for_an_op_reached_only_inside_break_points():
+    @hal.break_point(name="host_attention", required=False)
+    def attention(x):
+        out = torch.empty_like(x)
+        UNSPLIT_NEVER_OP(x, out)
+        return out
+
+    runner = DecodeRunner(lambda x: attention(x + 1) * 3, SLOTS, "cpu", DecodeConfig(buckets=[1, 2], show_progress=False))
+    runner.capture()
+    assert runner.config.mode == "breakable" and "reached in break points" in runner.mode_reason
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(runner.run({"x": x}), (x + 1) * 2 * 3)
+
+
+def test_an_op_reached_inside_a_capture_that_cannot_be_captured_fails_that_capture_naming_op_and_bucket():
+    # The op is chosen at batches of up to 2 rows only: mode auto's eager run at the largest bucket (4) never
+    # reaches it and picks full; capturing bucket 2 reaches it and must fail, not capture it inline.
+    def forward(x):
+        if x.shape[0] > 2:
+            return x * 2
+        out = torch.empty_like(x)
+        HOST_LENGTHS_OP(x, out)
+        return out
+
+    runner = DecodeRunner(forward, SLOTS, "cpu", DecodeConfig(buckets=[1, 2, 4], show_progress=False))
+    with pytest.raises(hal.CaptureError, match=r"bucket 2.*graphhal_test::support_never \(never\) was reached while capturing a 'full' graph"):
+        runner.capture()
+    assert not runner.captured and runner.graphs == {}
+    # Asked for by name, breakable captures it inline just the same: refused as well.
+    explicit = DecodeRunner(forward, SLOTS, "cpu", DecodeConfig(mode="breakable", buckets=[1, 2, 4], show_progress=False))
+    with pytest.raises(hal.CaptureError, match=r"graphhal_test::support_never \(never\) was reached while capturing"):
+        explicit.capture()
+    # Where the op is split off, the same forward captures and runs.
+    torch._dynamo.reset()
+    split = DecodeRunner(forward, SLOTS, "cpu", DecodeConfig(mode="piecewise", buckets=[1, 2, 4], show_progress=False))
+    split.capture()
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(split.run({"x": x}), x * 2)

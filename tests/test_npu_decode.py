@@ -107,12 +107,12 @@ def test_int32_cache_locations_and_zero_fill_reach_the_model(npu):
     decoder = NpuDecoder(device)
     slots = {slot.name: slot for slot in decoder.runner.slots}
     assert slots["slot_mapping"].dtype == torch.int32 and slots["seq_lens"].fill == 0
-    assert decoder.runner.static_inputs.buffers["slot_mapping"].dtype == torch.int32
+    assert decoder.runner.inputs.rows.buffers["slot_mapping"].dtype == torch.int32
     assert decoder.workload.batch(3)["slot_mapping"].dtype == torch.int32  # the workload follows the conventions
 
     decoder.runner.run(decoder.workload.batch(MAX_BS))  # fill every row, then run fewer
     eager, graph, batch = decoder.step_both(3)
-    assert decoder.runner.static_inputs.buffers["seq_lens"][3:4].tolist() == [0]  # padded row refilled with 0
+    assert decoder.runner.inputs.rows.buffers["seq_lens"][3:4].tolist() == [0]  # padded row refilled with 0
     if simulator is not None:
         assert last_replayed_lengths(simulator) == (*batch["seq_lens"].tolist(), 0)
     torch.testing.assert_close(graph, eager, rtol=2e-2, atol=2e-2)

@@ -227,7 +227,7 @@ def test_a_fused_out_call_without_a_workspace_gets_one_the_graph_holds_for_every
 
 
 def _runner_graphs(runner: DecodeRunner) -> list:
-    return [bucket.graph.raw for bucket in runner._graphs.values()]
+    return [bucket.graph.raw for bucket in runner.graphs.values()]
 
 
 @pytest.mark.cpu

@@ -92,7 +92,7 @@ def test_every_bucket_shares_the_largest_ones_pool_and_still_equals_eager(graph_
 
     runner = decode_runner(graph_device, mode, op, BUCKETS)
     estimate = runner.estimate_pool_bytes()  # the largest bucket captured, the others not yet
-    assert len(runner._graphs) == 1
+    assert len(runner.graphs) == 1
     report = runner.capture()
     assert largest_alone > 0
     assert report.pool_bytes <= 1.3 * largest_alone, (mode, report.pool_bytes, largest_alone)
@@ -115,7 +115,7 @@ def test_a_pool_over_budget_stops_the_capture_after_the_largest_bucket(graph_dev
     runner = decode_runner(graph_device, "breakable", UNCAPTURABLE, BUCKETS, pool_budget_mib=0.01)
     with pytest.raises(PoolBudgetError, match=r"decode: the graph pool for 7 buckets up to 128 would take about [\d.]+ MiB .*over pool_budget_mib 0.01\. Capture up to a smaller max_bs"):
         runner.capture()
-    assert not runner.captured and runner._graphs == {}
+    assert not runner.captured and runner.graphs == {}
     generous = decode_runner(graph_device, "breakable", UNCAPTURABLE, BUCKETS, pool_budget_mib=4096)
     generous.capture()
     assert generous.captured
@@ -129,7 +129,7 @@ def test_a_runner_stopped_by_its_budget_can_try_again_and_is_stopped_the_same_wa
     for _ in range(2):
         with pytest.raises(PoolBudgetError, match="over pool_budget_mib 0.01"):
             runner.capture()
-        assert not runner.captured and runner._graphs == {}
+        assert not runner.captured and runner.graphs == {}
     with pytest.raises(PoolBudgetError):
         runner.estimate_pool_bytes()  # the estimate itself goes over: the same error, nothing kept
 

@@ -188,7 +188,7 @@ def small_valid_batch() -> dict:
 
 @pytest.mark.cpu
 def test_attention_is_an_optional_break_point_that_declares_where_it_can_be_captured():
-    assert not prefill_attention_break.required and prefill_attention_break.name == "refmodel.prefill_attention"
+    assert not prefill_attention_break.required and prefill_attention_break.name == "graphhal.prefill_attention"
     op = torch.ops.graphhal.prefill_attention.default
     # The CPU and CUDA kernels read every length on the device; any other device but npu runs the host-reading
     # reference.

@@ -162,7 +162,7 @@ def _swap_a_submodule(reference: Reference, runner: DecodeRunner) -> None:
 
 
 def _replace_a_runner_buffer(reference: Reference, runner: DecodeRunner) -> None:
-    runner.static_inputs.buffers["positions"] = runner.static_inputs.buffers["positions"].clone()
+    runner.inputs.rows.buffers["positions"] = runner.inputs.rows.buffers["positions"].clone()
 
 
 @pytest.mark.parametrize(
@@ -515,6 +515,21 @@ def test_disabled_mode_honours_eager_fallback_off(graph_device):
     with pytest.raises(ValueError, match=r"batch of 5 rows exceeds max_bs 4 and eager fallback is off"):
         runner.run({"x": torch.zeros(5, device=device)})
     torch.testing.assert_close(runner.run({"x": torch.zeros(4, device=device)}), torch.ones(4, device=device))
+
+
+@pytest.mark.cpu
+def test_an_empty_batch_can_run_only_with_a_consensus_group():
+    # Without a consensus group run() refuses a batch of no rows; can_run must say so rather than True.
+    runner = DecodeRunner(lambda *, x: x + 1, [InputSlot("x", torch.float32)], "cpu", DecodeConfig(buckets=[2], show_progress=False))
+    runner.capture()
+    empty = {"x": torch.zeros(0)}
+    assert not runner.can_run(0) and runner.can_run(1) and runner.can_run(2) and not runner.can_run(3)
+    with pytest.raises(ValueError, match="batch has no rows"):
+        runner.can_run(empty)
+    with pytest.raises(ValueError, match="batch has no rows"):
+        runner.run(empty)
+    with pytest.raises(ValueError, match="can_run takes a row count of at least 0, got -1"):
+        runner.can_run(-1)
 
 
 @pytest.mark.cpu

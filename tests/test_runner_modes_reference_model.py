@@ -111,7 +111,7 @@ def test_prefill_in_bfloat16_equals_eager_on_cuda(mode):
 def test_piecewise_prefill_compiles_once_for_every_bucket(graph_device):
     model = Model(graph_device)
     runner = model.prefill_runner("piecewise")
-    backend = runner._capture.backend
+    backend = runner._capture.strategy.backend
     assert backend.compile_count == 1
     # Prefill attention can be captured in any batch on cpu and cuda: it stays inside the one piece.
     assert backend.num_splits == 0 and len(backend.pieces) == 1
@@ -123,7 +123,7 @@ def test_piecewise_prefill_compiles_once_for_every_bucket(graph_device):
 def test_breakable_prefill_breaks_at_every_attention(graph_device):
     model = Model(graph_device)
     runner = model.prefill_runner("breakable")
-    assert all(bucket.graph.num_breaks == model.config.num_layers for bucket in runner._graphs.values())
+    assert all(bucket.graph.num_breaks == model.config.num_layers for bucket in runner.graphs.values())
 
 
 def test_prefill_beyond_max_tokens_or_max_requests_runs_eagerly_or_raises(graph_device):
@@ -174,7 +174,7 @@ def test_piecewise_decode_equals_eager_with_one_compile(graph_device):
         with torch.no_grad():
             eager = step(**batch).clone()
         torch.testing.assert_close(runner.run(batch), eager, rtol=1e-4, atol=1e-4)
-    assert runner._capture.backend.compile_count == 1
+    assert runner._capture.strategy.backend.compile_count == 1
 
 
 @pytest.mark.cuda
@@ -198,7 +198,7 @@ def test_decode_with_inductor_equals_eager_on_cuda(mode, buckets):
             eager = step(**batch).clone()
         torch.testing.assert_close(runner.run(batch), eager, rtol=1e-3, atol=1e-3)
     if mode == "breakable":
-        assert all(bucket.graph.num_breaks == model.config.num_layers for bucket in runner._graphs.values())
+        assert all(bucket.graph.num_breaks == model.config.num_layers for bucket in runner.graphs.values())
 
 
 @pytest.mark.cuda
@@ -207,4 +207,4 @@ def test_piecewise_prefill_with_inductor_pieces_equals_eager_on_cuda():
     runner = model.prefill_runner("piecewise", compiler="inductor")
     for seed, (query_lens, context_lens) in enumerate(random_packings(seed=8, count=6)):
         graph_equals_eager(model, runner, query_lens, context_lens, seed)
-    assert runner._capture.backend.compile_count == 1
+    assert runner._capture.strategy.backend.compile_count == 1

@@ -305,7 +305,7 @@ _RUNNER_PROCESS = textwrap.dedent(
         with torch.no_grad():
             eager = step(**batch).clone()
         differences.append((runner.run(batch) - eager).abs().max().item())
-    compiled = runner._capture.forward
+    compiled = runner._capture.strategy.forward
     print(json.dumps({"loaded": compiled.loaded, "compiles": compiled.backend.compile_count, "differences": differences}))
     """
 )

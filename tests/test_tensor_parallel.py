@@ -53,11 +53,11 @@ class TwoModels:
         for full, mine in zip(self.full_cache.key_caches + self.full_cache.value_caches, self.cache.key_caches + self.cache.value_caches):
             mine.copy_(full[:, :, self.heads])
 
-    def decode_runner(self, mode: str, buckets: list[int], **config) -> DecodeRunner:
+    def decode_runner(self, mode: str, buckets: list[int], consensus_group=None, **config) -> DecodeRunner:
         runner = DecodeRunner(
             self.shard.decode_forward(self.cache), decode_input_slots(self.config), self.device,
             DecodeConfig(mode=mode, buckets=buckets, show_progress=False, agreement_timeout_s=AGREEMENT_TIMEOUT_S, **config),
-            group=dist.group.WORLD,
+            group=dist.group.WORLD, consensus_group=consensus_group,
         )
         runner.capture()
         return runner
@@ -120,13 +120,19 @@ def graphs_equal_eager_under_tp(rank: int, world_size: int, device_type: str, de
 
 
 def ranks_capturing_differently(rank: int, world_size: int, device_type: str, field: str) -> str:
-    """Rank 1 differs from rank 0 in ``field`` (buckets, or mode: it would run eagerly)."""
+    """Rank 1 differs from rank 0 in ``field``: buckets, mode (it would run eagerly), or whether it agrees on
+    every run (a consensus group that rank 0 lacks: at the first run one rank would wait for the other)."""
     models = TwoModels(_device(device_type, rank), rank)
-    mode, buckets = "full", [1, 2, 4]
+    mode, buckets, consensus = "full", [1, 2, 4], None
     if rank == 1:
-        mode, buckets = ("disabled", buckets) if field == "mode" else (mode, [1, 2, 8])
+        if field == "mode":
+            mode = "disabled"
+        elif field == "buckets":
+            buckets = [1, 2, 8]
+        else:
+            consensus = dist.group.WORLD
     try:
-        models.decode_runner(mode, buckets)
+        models.decode_runner(mode, buckets, consensus_group=consensus)
     except RankCaptureError as error:
         assert error.rank == 1 and error.bucket is None
         return str(error)
@@ -295,7 +301,11 @@ def test_every_mode_under_tp2_equals_eager(device_type):
 @pytest.mark.parametrize("device_type", DEVICES)
 @pytest.mark.parametrize(
     ("field", "difference"),
-    [("buckets", "rank 1 has buckets [1, 2, 8] where rank 0 has [1, 2, 4]"), ("mode", "rank 1 has mode 'disabled' where rank 0 has 'full'")],
+    [
+        ("buckets", "rank 1 has buckets [1, 2, 8] where rank 0 has [1, 2, 4]"),
+        ("mode", "rank 1 has mode 'disabled' where rank 0 has 'full'"),
+        ("consensus_group", "rank 1 has agreement on every run (consensus_group) True where rank 0 has False"),
+    ],
 )
 def test_ranks_about_to_capture_differently_fail_on_every_rank_naming_the_rank_and_field(device_type, field, difference):
     for message in run_on_ranks(ranks_capturing_differently, device_type, field, backend=_backend(device_type)):
@@ -307,6 +317,35 @@ def test_a_rank_whose_capture_raises_fails_capture_on_every_rank_naming_it(devic
     for rank, message in enumerate(run_on_ranks(a_rank_whose_capture_raises, device_type, backend=_backend(device_type))):
         assert f"(this is rank {rank})" in message
         assert "rank 1 failed at the capture of bucket 2: CaptureError" in message and "out of graph memory on rank 1" in message
+
+
+def each_runner_waits_its_own_agreement_timeout(rank: int, world_size: int) -> float | None:
+    """Two runners on one group: the first waits 600 s at an agreement, the second 2 s. Rank 1 builds the
+    second but never captures it: rank 0 must give up after about 2 s, not 600."""
+    import time
+
+    device = hal.get_device("cpu")
+    slots = [InputSlot("x", torch.float32, (4,))]
+
+    def runner(timeout_s: float) -> DecodeRunner:
+        config = DecodeConfig(mode="full", buckets=[1, 2], show_progress=False, agreement_timeout_s=timeout_s)
+        return DecodeRunner(lambda x: x * 2, slots, device, config, group=dist.group.WORLD)
+
+    patient, impatient = runner(600.0), runner(2.0)
+    patient.capture()
+    if rank == 1:
+        time.sleep(8.0)  # stays away from the agreement, then leaves
+        return None
+    started = time.perf_counter()
+    with pytest.raises(RankCaptureError, match=r"within 2 s"):
+        impatient.capture()
+    return time.perf_counter() - started
+
+
+@pytest.mark.cpu
+def test_each_runner_on_a_process_group_waits_its_own_agreement_timeout():
+    waited, _ = run_on_ranks(each_runner_waits_its_own_agreement_timeout, timeout_s=60)
+    assert waited < 6.0, f"rank 0 waited {waited:.1f} s for a peer with a 2 s agreement timeout"
 
 
 @pytest.mark.cpu

@@ -82,7 +82,7 @@ class GenerationLoop:
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
         self._ids: set[Hashable] = set()
-        self._dtypes = {slot.name: slot.dtype for slot in (*decode.slots, *prefill.slots, *prefill.fixed_slots)}
+        self._dtypes = {slot.name: slot.dtype for slot in (*decode.slots, *prefill.slots)}
 
     @property
     def idle(self) -> bool:

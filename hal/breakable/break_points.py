@@ -21,7 +21,7 @@ import torch
 
 from hal.capture_state import current_capture
 from hal.errors import GraphHalError
-from hal.graph_support import GraphSupport, note_break_point, probing
+from hal.graph_support import GraphSupport, note_break_point, probing, probing_inside_break_point
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -48,8 +48,11 @@ class BreakPoint:
             return self.function(*args, **kwargs)
         active = current_capture()
         if active is None or not self.enabled:
-            if self.required and self.enabled and probing():
-                note_break_point(self.name, GraphSupport.NEVER)  # a runner choosing its mode asks (ops_reached)
+            if self.enabled and probing():  # a runner choosing its mode asks what its forward reaches (ops_reached)
+                if self.required:
+                    note_break_point(self.name, GraphSupport.NEVER)
+                with probing_inside_break_point():  # breakable would run whatever is reached here eagerly
+                    return self.function(*args, **kwargs)
             return self.function(*args, **kwargs)
         if active.cutter is not None:
             return active.cutter.cut(self, args, kwargs)

@@ -1,0 +1,54 @@
+"""What a capture under way has taken from its pool, bucket by bucket, and the budget it is held to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import hal
+from runners.config import PhaseConfig
+
+
+class PoolBudgetError(hal.GraphHalError, ValueError):
+    """Capturing every bucket would take more graph pool memory than the config's ``pool_budget_mib``."""
+
+
+@dataclass
+class CaptureMemory:
+    """A capture under way: begun by ``estimate_pool_bytes`` (or ``capture``), finished by ``capture``.
+
+    started:        when it began (``time.perf_counter``), for the report.
+    order:          every bucket, largest first; empty when nothing is captured (mode disabled).
+    before:         pool bytes before this runner captured (a shared pool holds another runner's graphs).
+    inference_mode: the inference mode the capture began in: every bucket is captured in it.
+    added:          pool bytes each captured bucket added, in capture order.
+    """
+
+    started: float
+    order: list[int]
+    before: int
+    inference_mode: bool = False
+    added: list[int] = field(default_factory=list)
+
+    @property
+    def pool_bytes(self) -> int:
+        """The pool as last read: before this runner, plus what its buckets added so far."""
+        return self.before + sum(self.added)
+
+    @property
+    def estimate(self) -> int:
+        """What the largest bucket took: what all of them will take (every smaller bucket reuses its memory)."""
+        return self.added[0] if self.added else 0
+
+    def over_budget(self, config: PhaseConfig, phase: str, buckets: int) -> PoolBudgetError | None:
+        """The error to raise when the estimate is over ``config.pool_budget_mib`` (None when within it)."""
+        budget = config.pool_budget_mib
+        if budget is None or self.estimate <= budget * hal.MIB:
+            return None
+        largest = self.order[0]
+        return PoolBudgetError(
+            f"{phase}: the graph pool for {buckets} buckets up to {largest} would take about "
+            f"{self.estimate / hal.MIB:.1f} MiB (bucket {largest} captured alone, which every smaller bucket reuses), "
+            f"over pool_budget_mib {budget:g}. Capture up to a smaller {config.size_field} (the pool grows with the "
+            "largest bucket), or raise the budget; fewer buckets save little, since they share the largest's "
+            "memory. Nothing else was captured."
+        )

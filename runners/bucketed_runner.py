@@ -20,12 +20,13 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 import hal
+from hal.graph_per_key import WarmUpError
 from runners.address_watch import AddressWatch
 from runners.bucket_capture import CapturedBucket, breakable_debug, bucket_capture
 from runners.buckets import BucketPolicy
 from runners.capture_report import CaptureReport
 from runners.compile_cache import CompileCache
-from runners.config import AUTO, PhaseConfig
+from runners.config import PhaseConfig
 from runners.gc_freeze import frozen_gc
 from runners.graph_outputs import GraphOutputs
 from runners.input_slots import InputSlot
@@ -287,7 +288,7 @@ class BucketedRunner:
     def _choose_mode(self) -> None:
         """Mode ``auto``: pick the mode from what the forward's ops allow; ``full``: check that they allow it
         (``runners.mode_choice``). The forward runs once eagerly at the smallest bucket, all padding."""
-        if self.config.mode not in (AUTO, hal.GraphMode.FULL):
+        if self.config.mode not in (hal.GraphMode.AUTO, hal.GraphMode.FULL):
             self.mode_reason = f"mode {self.config.mode} as configured"
             return
         smallest = self.buckets.capture_order()[-1]
@@ -387,7 +388,7 @@ class BucketedRunner:
             self._settle_addresses(bucket)
         except RankCaptureError:
             raise  # already says which rank failed where
-        except hal.WarmUpError as exc:
+        except WarmUpError as exc:
             what = (
                 f"the eager warm-up of the {self.phase} forward for bucket {bucket} on {self.device} failed, before "
                 f"any capture (a model error, not a graph error): {exc}"

@@ -7,45 +7,35 @@
         out = step(static_inputs)
     device.replay(graph)        # out now holds the result; the next replay overwrites it
 
-The floors, from the ground up: the device contract (``hookspecs``, the registry, the ``Device`` facade,
-``DeviceGraph``) -> the strategies built only on it (``hal.breakable``, ``hal.piecewise``, each registering its
-mode) and the capture-per-key primitive (``GraphPerKey``) -> runners, outside hal. Device plugins implement
-the hooks in ``hal.hookspecs`` with ``@hal.hookimpl`` and register under the entry-point group
-``graphhal.devices``. This module only re-exports.
+This module only re-exports what a device-plugin author and a server use. The floors, from the ground up:
+the device contract (``hal.hookspecs``, ``hal.registry``, the ``Device`` facade, ``DeviceGraph``) -> the
+strategies built only on it (``hal.breakable``, ``hal.piecewise``, each registering its mode), the capture
+per key (``hal.graph_per_key``) and the torch.compile room (``hal.compile``) -> runners, outside hal, which
+import that machinery by its path. Device plugins implement the hooks in ``hal.hookspecs`` with
+``@hal.hookimpl`` and register under the entry-point group ``graphhal.devices``.
 """
 
-from hal.capture_state import current_capture
-from hal.compiled_forward import CompiledForward, InductorBackend, RecompileError
+from hal.compile.token_specialization import TokenSpecializationError
 from hal.conventions import DeviceConventions, SlotRole
-from hal.device import Device, PluginGraph
+from hal.device import Device
 from hal.device_id import DeviceId
 from hal.errors import (
     CaptureError,
     DeviceUnavailableError,
     GraphHalError,
+    GraphStateError,
     PluginContractError,
     StaticAddressError,
     UnknownDeviceError,
     UnsupportedModeError,
 )
 from hal.graph import DeviceGraph
-from hal.graph_modes import GraphMode
-from hal.graph_support import (
-    BatchKind,
-    GraphSupport,
-    ReachedOp,
-    declare_graph_support,
-    graph_support_of,
-    ops_reached,
-)
-from hal.graph_per_key import AfterWarmup, CapturedGraph, GraphPerKey, WarmUpError
+from hal.graph_modes import Compiler, GraphMode
+from hal.graph_support import BatchKind, GraphSupport, declare_graph_support
 from hal.hookspecs import REQUIRED_HOOKS
 from hal.markers import ENTRY_POINT_GROUP, PROJECT_NAME, hookimpl, hookspec
 from hal.memory_stats import MIB, MemoryStats
-from hal.pool_aliases import non_owning_outputs
 from hal.registry import (
-    BUILTIN_DEVICE_PLUGINS,
-    BrokenPlugin,
     DeviceRegistry,
     PluginLoadWarning,
     best_available_device,
@@ -53,90 +43,50 @@ from hal.registry import (
     get_device,
     reload_plugins,
 )
-from hal.stored_compile import CompileStore
-from hal.token_specialization import TokenSpecializationError
 
 # The strategies, above the contract: importing them registers their modes with the facade.
-from hal.breakable import (
-    BreakableGraph,
-    BreakableStateError,
-    BreakInFullGraphError,
-    BreakPoint,
-    BreakResultMismatchError,
-    SegmentEndError,
-    break_graph,
-    break_point,
-)
-from hal.piecewise import (
-    PIECE_COMPILERS,
-    PiecewiseBackend,
-    PiecewisePiece,
-    SplittingOpError,
-    register_splitting_op,
-    registered_splitting_ops,
-    unregister_splitting_op,
-)
+from hal.breakable import break_graph, break_point
+from hal.piecewise import register_splitting_op
 
 __all__ = [
-    "AfterWarmup",
-    "BatchKind",
-    "GraphSupport",
-    "ReachedOp",
-    "declare_graph_support",
-    "graph_support_of",
-    "ops_reached",
-    "BUILTIN_DEVICE_PLUGINS",
-    "ENTRY_POINT_GROUP",
-    "MIB",
-    "PIECE_COMPILERS",
-    "PROJECT_NAME",
-    "REQUIRED_HOOKS",
-    "BreakInFullGraphError",
-    "BreakPoint",
-    "BreakResultMismatchError",
-    "BreakableGraph",
-    "BreakableStateError",
-    "BrokenPlugin",
-    "CaptureError",
-    "CapturedGraph",
-    "CompiledForward",
-    "CompileStore",
+    # devices and the registry
     "Device",
-    "DeviceConventions",
     "DeviceGraph",
     "DeviceId",
     "DeviceRegistry",
+    "PluginLoadWarning",
+    "best_available_device",
+    "default_registry",
+    "get_device",
+    "reload_plugins",
+    # the vocabulary
+    "Compiler",
+    "GraphMode",
+    # writing a device plugin
+    "ENTRY_POINT_GROUP",
+    "PROJECT_NAME",
+    "REQUIRED_HOOKS",
+    "DeviceConventions",
+    "MIB",
+    "MemoryStats",
+    "SlotRole",
+    "hookimpl",
+    "hookspec",
+    # what a model declares
+    "BatchKind",
+    "GraphSupport",
+    "break_graph",
+    "break_point",
+    "declare_graph_support",
+    "register_splitting_op",
+    # errors a user catches
+    "CaptureError",
     "DeviceUnavailableError",
     "GraphHalError",
-    "GraphMode",
-    "GraphPerKey",
-    "InductorBackend",
-    "MemoryStats",
-    "PiecewiseBackend",
-    "PiecewisePiece",
+    "GraphStateError",
     "PluginContractError",
-    "PluginGraph",
-    "PluginLoadWarning",
-    "RecompileError",
-    "SegmentEndError",
-    "SlotRole",
-    "SplittingOpError",
     "StaticAddressError",
     "TokenSpecializationError",
     "UnknownDeviceError",
     "UnsupportedModeError",
-    "WarmUpError",
-    "best_available_device",
-    "break_graph",
-    "break_point",
-    "current_capture",
-    "default_registry",
-    "get_device",
-    "hookimpl",
-    "hookspec",
-    "non_owning_outputs",
-    "register_splitting_op",
-    "registered_splitting_ops",
-    "reload_plugins",
-    "unregister_splitting_op",
 ]

@@ -40,10 +40,6 @@ def hal_capture_stream(device: DeviceId) -> None:
     return None
 
 
-def hal_captures_compiled_kernels(device: DeviceId) -> bool:
-    return True
-
-
 def hal_compiled_capture_problem(device: DeviceId, mode: str, compiler: str) -> None:
     return None
 
@@ -69,7 +65,6 @@ OPTIONAL_HOOK_DEFAULTS = {
     "hal_capture_stream": hal_capture_stream,
     "hal_memory_stats": hal_memory_stats,
     "hal_conventions": hal_conventions,
-    "hal_captures_compiled_kernels": hal_captures_compiled_kernels,
     "hal_compiled_capture_problem": hal_compiled_capture_problem,
     "hal_distributed_backend": hal_distributed_backend,
 }

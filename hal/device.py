@@ -41,9 +41,6 @@ class Device:
         self.needs_graph_update: bool = bool(self._answer("hal_needs_graph_update", bool, "True or False"))
         self.capture_executes_work: bool = bool(self._answer("hal_capture_executes_work", bool, "True or False"))
         self.capture_stream: Any = hooks["hal_capture_stream"](device_id)
-        self.captures_compiled_kernels: bool = bool(
-            self._answer("hal_captures_compiled_kernels", bool, "True or False")
-        )
         self.conventions: DeviceConventions = (
             self._answer("hal_conventions", DeviceConventions, "a hal.DeviceConventions") or DeviceConventions()
         )
@@ -84,9 +81,14 @@ class Device:
 
     def check_mode(self, mode: str) -> None:
         """Raise ``UnsupportedModeError`` listing the supported modes unless ``mode`` is one of them."""
+        if mode == GraphMode.AUTO:
+            raise UnsupportedModeError(
+                f"mode 'auto' is not a graph mode a device captures: a runner resolves it, before capturing, to one "
+                f"of the modes device {self.id} offers ({', '.join(self.modes)}); ask for one of those here"
+            )
         if mode not in self.modes:
             raise UnsupportedModeError(
-                f"device {self.id} does not support graph mode {mode!r}; supported modes: {', '.join(self.modes)}"
+                f"device {self.id} does not support graph mode '{mode}'; supported modes: {', '.join(self.modes)}"
             )
 
     def make_graph(self, mode: str) -> DeviceGraph:
@@ -95,11 +97,12 @@ class Device:
         if mode in self.graph_modes:
             raw = self._hooks["hal_make_graph"](self.id, mode)
             if raw is None:
-                raise GraphHalError(f"plugin {self.plugin_name!r} made no graph for {self.id} in mode {mode!r}")
+                expected = f"a graph object for {self.id} in mode '{mode}'"
+                raise PluginContractError(self.plugin_name, "hal_make_graph", raw, expected)
             return PluginGraph(self, mode, raw)
         make = strategy(mode)
         if make is None:
-            raise UnsupportedModeError(f"mode {mode!r} runs eagerly on {self.id}: there is no graph to make")
+            raise UnsupportedModeError(f"mode '{mode}' runs eagerly on {self.id}: there is no graph to make")
         return make(self)
 
     def capture_session(self, graph: DeviceGraph, pool: Any = None) -> AbstractContextManager[Any]:
@@ -136,7 +139,8 @@ class Device:
 
     def compiled_capture_problem(self, mode: str, compiler: str) -> str | None:
         """Why this device cannot capture ``mode`` graphs of a forward compiled with ``compiler``; None when
-        it can (``hal_compiled_capture_problem``)."""
+        it can (``hal_compiled_capture_problem``). ``mode`` may be ``auto``: then the answer is about every mode
+        auto could pick."""
         problem = self._hooks["hal_compiled_capture_problem"](self.id, mode, compiler)
         if problem is not None and not isinstance(problem, str):
             raise PluginContractError(self.plugin_name, "hal_compiled_capture_problem", problem, "a reason (str) or None")
@@ -192,13 +196,12 @@ class PluginGraph(DeviceGraph):
         """The plugin's own capture session, leaving the thread's capture scope alone: for strategies that
         capture segments of a graph and mark the scope themselves."""
         session = self.device.hook("hal_capture_session")(self.raw, pool, self.device.capture_stream)
-        if session is None:
-            raise GraphHalError(f"plugin {self.device.plugin_name!r} does not recognise graph {self.raw!r} as its own")
+        if not isinstance(session, AbstractContextManager):
+            raise PluginContractError(self.device.plugin_name, "hal_capture_session", session, "a context manager")
         return session
 
     def replay(self) -> None:
-        if self._replay_hook(self.raw) is None:  # "not mine": replaying nothing would hand back stale outputs
-            raise GraphHalError(f"plugin {self.device.plugin_name!r} does not recognise graph {self.raw!r} as its own")
+        self._replay_hook(self.raw)
 
     def update(self, params: Mapping[str, Any]) -> None:
         self.device.hook("hal_update")(self.raw, params)

@@ -35,6 +35,14 @@ class CaptureError(GraphHalError, RuntimeError):
         self.rank = rank
 
 
+class GraphStateError(GraphHalError, RuntimeError):
+    """A graph was used out of order: captured twice, or replayed (or updated) before a successful capture.
+
+    Raised by every built-in device's graphs and by hal's strategies; the message names the device and what to
+    do (make a new graph per capture; capture before replaying).
+    """
+
+
 class StaticAddressError(GraphHalError, RuntimeError):
     """A tensor a graph reads moved after capture, so replaying would read stale memory."""
 

@@ -1,6 +1,6 @@
 """Capture per key: one device graph per key (a bucket) around one callable. The one capture primitive.
 
-    graphs = hal.GraphPerKey(device, pool, warmup_runs=1)
+    graphs = GraphPerKey(device, pool, warmup_runs=1)
     entry = graphs.capture(bucket, forward, **static_inputs)     # warm up, synchronize, capture
     entry.replay()                                               # every later step at that bucket
 

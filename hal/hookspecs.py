@@ -1,18 +1,22 @@
 """The device contract: every hook a graphhal device plugin implements, documented in one place.
 
 A plugin is a module or object with functions marked ``@hal.hookimpl`` and named like the specs below
-(taking any subset of a spec's parameters, as pluggy allows). It serves one or more device types
-(``hal_device_types``). The registry decides once, at discovery, which plugin owns each device type, and the
-``Device`` facade binds that plugin's implementations when it is created; after that, a call such as
-``Device.replay`` goes straight to the owner's function, with no search over plugins. So a plugin is only
-ever asked about devices it serves and graphs it made.
+(taking any subset of a spec's parameters, as pluggy allows). It registers what it serves: the device types
+it names in ``hal_device_types``. The registry decides once, at discovery, which plugin owns each device
+type, and the ``Device`` facade binds that plugin's implementations when it is created; after that, a call
+such as ``Device.replay`` goes straight to the owner's function, with no search over plugins. So a plugin is
+only ever asked about devices of the types it serves and about graphs it made, and its hooks answer without
+asking "is this mine?" (a plugin serving several types tells them apart by ``device.type``).
 
-Every per-device hook is ``firstresult``, and returning ``None`` means "not mine" (the facade then uses the
-default the spec names): that keeps the hooks meaningful when called through ``pm.hook`` by tools that
-bypass the facade. A hook is either required (``REQUIRED_HOOKS``, the one list of them: the registry
-refuses a plugin that lacks one, and README points here) or has a default in ``hal.default_hooks``, named
-in its spec. The facade checks the type of every answer (``hal.PluginContractError`` names the plugin, the
-hook and the type expected).
+A hook is either required (``REQUIRED_HOOKS``, the one list of them: the registry refuses a plugin that
+lacks one, and README points here) or has a default in ``hal.default_hooks``, named in its spec, which the
+facade binds when the plugin leaves the hook out; for such a hook, returning None also means "use the
+default". Each spec says what None means where it means something else. The facade checks the type of
+every answer (``hal.PluginContractError`` names the plugin, the hook and the type expected).
+
+graphhal never calls these hooks through ``pm.hook``, which would ask every plugin about every device: the
+per-device and per-graph hooks are ``firstresult`` only so that one answer comes back where a tool does.
+Ask the registry (``DeviceRegistry.get_device``, ``is_available``, ``graph_modes_of``) instead.
 """
 
 from __future__ import annotations
@@ -61,9 +65,9 @@ def hal_device_types() -> Sequence[str]:
 def hal_is_available(device: "DeviceId") -> bool | None:
     """Return whether ``device`` can be used on this machine right now.
 
-    Called by ``get_device`` before it hands out a facade, and by ``available_devices``. ``device.index`` is
-    None for the bare type ("cuda"): answer for the default index. Must not raise when the vendor runtime
-    is missing: answer False. None: not a device of this plugin.
+    Called by ``get_device`` before it hands out a facade, and by ``available_device_types``.
+    ``device.index`` is None for the bare type ("cuda"): answer for the default index. Must not raise when
+    the vendor runtime is missing: answer False. None reads as False.
 
     Required.
 
@@ -75,8 +79,8 @@ def hal_is_available(device: "DeviceId") -> bool | None:
 def hal_graph_modes(device: "DeviceId") -> Sequence[str] | None:
     """Return the graph modes this device can capture, e.g. ``("full",)``.
 
-    Called once when the facade is created. ``"disabled"`` (eager) is implicit and needs no listing.
-    None: not a device of this plugin.
+    Called once when the facade is created. ``"disabled"`` (eager) is implicit and needs no listing, and
+    ``"auto"`` is never a device's mode (a runner resolves it). None reads as no graph modes (eager only).
 
     Required. Also asked at discovery with ``device.index`` None: a plugin that answers with something
     other than a list of names is left out then.
@@ -107,7 +111,7 @@ def hal_make_graph(device: "DeviceId", mode: str) -> Any:
 
     Called once per captured shape, before ``hal_capture_session``. ``mode`` is one of the modes from
     ``hal_graph_modes`` (the facade checks that first). The object is opaque to graphhal: it is only ever
-    handed back to this plugin's hooks. None: not a device of this plugin.
+    handed back to this plugin's hooks. None breaks the contract (``hal.PluginContractError``).
 
     Required.
 
@@ -128,7 +132,8 @@ def hal_capture_session(graph: Any, pool: Any, stream: Any) -> ContextManager[An
     Work is recorded, not meant to be relied on as executed: tensors produced inside hold valid values only
     after ``hal_replay``. When the body raises, the session must end the capture (leave no stream
     capturing), drop what was partially recorded and re-raise, so the device stays usable for eager work
-    and for the next capture. None: not a graph of this plugin.
+    and for the next capture. Capturing a graph that is already captured raises ``hal.GraphStateError``
+    naming the device. Anything but a context manager breaks the contract (``hal.PluginContractError``).
 
     Required.
 
@@ -139,12 +144,13 @@ def hal_capture_session(graph: Any, pool: Any, stream: Any) -> ContextManager[An
 
 
 @hookspec(firstresult=True)
-def hal_replay(graph: Any) -> bool | None:
-    """Launch the work recorded in ``graph``; return True.
+def hal_replay(graph: Any) -> None:
+    """Launch the work recorded in ``graph``.
 
     This is the hot path: called on every step. Asynchronous on devices that queue work. The outputs of
-    the graph live in its pool and are overwritten by the next replay of any graph of that pool.
-    None: not a graph of this plugin.
+    the graph live in its pool and are overwritten by the next replay of any graph of that pool. Replaying
+    a graph that was never captured (or whose capture failed) raises ``hal.GraphStateError`` naming the
+    device. What it returns is ignored.
 
     Required.
 
@@ -180,13 +186,13 @@ def hal_needs_graph_update(device: "DeviceId") -> bool | None:
 
 
 @hookspec(firstresult=True)
-def hal_update(graph: Any, params: Mapping[str, Any]) -> bool | None:
-    """Refresh host-side values captured in ``graph`` for its next replay; return True.
+def hal_update(graph: Any, params: Mapping[str, Any]) -> None:
+    """Refresh host-side values captured in ``graph`` for its next replay.
 
     ``params`` maps a parameter name (e.g. ``"seq_lens"``) to its new host value for the live batch,
     padded to the graph's shape. The update may be asynchronous, but the device must order it so that the
     next ``hal_replay`` of ``graph`` sees these values and no earlier replay does. Only called on devices
-    whose ``hal_needs_graph_update`` is True. None: not a graph of this plugin.
+    whose ``hal_needs_graph_update`` is True. What it returns is ignored.
 
     Default: ``hal.default_hooks.hal_update``, which raises (a device without host parameters has
     nothing to update).
@@ -200,34 +206,28 @@ def hal_update(graph: Any, params: Mapping[str, Any]) -> bool | None:
 
 
 @hookspec(firstresult=True)
-def hal_captures_compiled_kernels(device: "DeviceId") -> bool | None:
-    """Return False when this device's graphs cannot record kernels that bypass torch's dispatcher.
-
-    Called once when the facade is created. torch.compile with Inductor emits fused kernels that are
-    launched directly, not as torch ops; a device whose graphs record torch ops (rather than the device's
-    own work queue) would replay without them, so runners refuse ``compiler: inductor`` there.
-    Default: ``hal.default_hooks.hal_captures_compiled_kernels`` (True).
-
-    :param device: the device asked about.
-    """
-
-
-@hookspec(firstresult=True)
 def hal_compiled_capture_problem(device: "DeviceId", mode: str, compiler: str) -> str | None:
     """Return why this device cannot capture ``mode`` graphs of a forward compiled with ``compiler``, or None
     when it can.
 
     Called when a runner checks its config against the device (``PhaseConfig.check_device``), for every
-    mode but ``disabled``; the runner raises ``hal.UnsupportedModeError`` with the answer, so it should say
-    why and what to use instead. This is for limits that depend on the pair, not on the compiler alone
-    (that is ``hal_captures_compiled_kernels``): a device whose updates find host values by watching torch
-    ops during capture cannot find them where a compiled forward hides the op inside an opaque kernel.
+    mode but ``disabled``, ``auto`` included: asked with ``auto`` before the runner picks its mode, object
+    only to what no mode could capture (the mode auto picks is asked again). The runner raises
+    ``hal.UnsupportedModeError`` with the answer after naming the device, mode and compiler, so the answer
+    should say what cannot be captured and which compiler (or mode) to use instead. Two kinds of limits:
+
+    - the compiler alone: torch.compile with Inductor emits fused kernels that are launched directly, not
+      as torch ops; a device whose graphs record torch ops (the cpu reference device) would replay without
+      them, in every mode;
+    - the pair: a device whose updates find host values by watching torch ops during capture (npu) cannot
+      find them where a compiled forward hides the op inside an opaque kernel, in ``full`` only.
 
     Default: ``hal.default_hooks.hal_compiled_capture_problem`` (None: no objection).
 
     :param device: the device asked about.
-    :param mode: the graph mode the runner will capture (one of ``Device.modes``, never ``disabled``).
-    :param compiler: how the forward is compiled first (``runners.config.COMPILERS_BY_MODE``).
+    :param mode: the graph mode the runner will capture: one of ``Device.modes`` (never ``disabled``), or
+        ``auto`` before the runner has picked one.
+    :param compiler: how the forward is compiled first (a ``hal.Compiler``; ``runners.config.COMPILERS_BY_MODE``).
     """
 
 
@@ -272,10 +272,10 @@ def hal_capture_stream(device: "DeviceId") -> Any:
 
 
 @hookspec(firstresult=True)
-def hal_synchronize(device: "DeviceId") -> bool | None:
-    """Block the host until all work queued on ``device`` has finished; return True.
+def hal_synchronize(device: "DeviceId") -> None:
+    """Block the host until all work queued on ``device`` has finished.
 
-    Called after warm-up runs and around captures. None: not a device of this plugin.
+    Called after warm-up runs and around captures. What it returns is ignored.
 
     Required.
 

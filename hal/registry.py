@@ -216,6 +216,17 @@ class DeviceRegistry:
             return ()
         return tuple(self._impl(owner, "hal_graph_modes")(DeviceId(device_type, None)) or ())  # type: ignore[misc]
 
+    def declared_graph_modes(self) -> frozenset[str]:
+        """Every graph mode a loaded plugin declares for a type it serves, whether or not the device is present.
+        A plugin that cannot answer for an absent device (``graph_modes_of`` raises) adds none."""
+        declared: set[str] = set()
+        for device_type in self._owner_by_type:
+            try:
+                declared.update(self.graph_modes_of(device_type))
+            except Exception:
+                continue
+        return frozenset(declared)
+
     def available_device_types(self) -> list[str]:
         return [t for t in self._owner_by_type if self.is_available(t)]
 

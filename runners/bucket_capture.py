@@ -1,10 +1,10 @@
 """How a runner captures one bucket, per mode: one object decides, the runner's loop trusts it.
 
-``GraphCapture`` (full, breakable): one device graph per bucket around the forward (``hal.GraphPerKey``),
+``GraphCapture`` (full, breakable): one device graph per bucket around the forward (``GraphPerKey``),
 compiled once first with ``compiler: inductor``. ``PiecewiseCapture``: the forward compiled once with the
 piecewise backend, split at the splitting ops that cannot be captured in the runner's batches
 (``runners.mode_choice.ops_to_split``); calling it at a bucket captures its pieces (each through
-``hal.GraphPerKey``), calling it again replays them.
+``GraphPerKey``), calling it again replays them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 import hal
+from hal.compile import CompiledForward, CompileStore, InductorBackend
+from hal.graph_per_key import AfterWarmup, GraphPerKey
 from hal.graph_support import refusing_uncapturable_ops
+from hal.piecewise import PiecewiseBackend
+from hal.pool_aliases import non_owning_outputs
 from runners.compile_cache import CompileCache
 from runners.config import PhaseConfig
 from runners.graph_outputs import GraphOutputs
@@ -59,7 +63,7 @@ class BucketCapture:
         device: "hal.Device",
         config: PhaseConfig,
         token_inputs: Sequence[str],
-        after_warmup: "hal.AfterWarmup | None" = None,
+        after_warmup: "AfterWarmup | None" = None,
         batch: "hal.BatchKind" = hal.BatchKind.MIXED,
     ) -> None:
         self.batch = batch  # what the runner's batches look like: piecewise splits only where they need it
@@ -67,7 +71,7 @@ class BucketCapture:
         self.config = config
         self.plain_forward = forward
         self.token_inputs = tuple(token_inputs)  # the slots whose first dimension is the bucket
-        self.after_warmup = after_warmup  # across ranks: where they agree that all warmed up (hal.GraphPerKey)
+        self.after_warmup = after_warmup  # across ranks: where they agree that all warmed up (GraphPerKey)
 
     def prepare(self, pool: Any) -> None:
         raise NotImplementedError
@@ -83,18 +87,18 @@ class BucketCapture:
 class GraphCapture(BucketCapture):
     """Modes ``full`` and ``breakable``: the whole forward as one device graph per bucket."""
 
-    graphs: hal.GraphPerKey | None = None
+    graphs: GraphPerKey | None = None
 
     def prepare(self, pool: Any) -> None:
         forward = self.plain_forward
-        if self.config.compiler == "inductor":
-            forward = hal.CompiledForward(forward, self._compile_backend(pool), self.token_inputs, store=self._store())
+        if self.config.compiler == hal.Compiler.INDUCTOR:
+            forward = CompiledForward(forward, self._compile_backend(pool), self.token_inputs, store=self._store())
         if self.config.mode == hal.GraphMode.BREAKABLE and breakable_debug(self.config):
             # The whole forward as one eager step through the same capture and replay path.
             forward = hal.break_point(forward, name="the whole forward (breakable debug mode)")
         self.forward = forward
         # The runner keeps only aliases of the outputs: free for the next (smaller) bucket's capture to reuse.
-        self.graphs = hal.GraphPerKey(
+        self.graphs = GraphPerKey(
             self.device,
             pool,
             mode=self.config.mode,
@@ -106,10 +110,12 @@ class GraphCapture(BucketCapture):
     def _compile_backend(self, pool: Any) -> Any:
         if self.config.mode == hal.GraphMode.BREAKABLE:
             # Inductor per piece, and the splitting ops (attention) as the breaks between segments.
-            return hal.PiecewiseBackend(self.device, pool, (), compiler="inductor", splitting_ops_as_break_points=True)
-        return hal.InductorBackend()
+            return PiecewiseBackend(
+                self.device, pool, (), compiler=hal.Compiler.INDUCTOR, splitting_ops_as_break_points=True
+            )
+        return InductorBackend()
 
-    def _store(self) -> hal.CompileStore | None:
+    def _store(self) -> CompileStore | None:
         """Where a compile is kept for the next process: beside the compile caches, when there are any.
         (Only Inductor's whole-forward compile is stored; breakable's split one compiles every time.)"""
         if self.config.compile_cache_dir is None:
@@ -122,7 +128,7 @@ class GraphCapture(BucketCapture):
         # bucket's batch size, say), fails it as a required break point would. Not around a compiled forward:
         # under a torch function mode, Dynamo would run the frame eagerly instead of the compiled code.
         guard = contextlib.nullcontext()
-        if self.config.compiler == "none":
+        if self.config.compiler == hal.Compiler.NONE:
             guard = refusing_uncapturable_ops(self.device.torch_device.type, self.batch)
         with guard:
             captured = self.graphs.capture(bucket, self.forward, **inputs)
@@ -135,14 +141,14 @@ class GraphCapture(BucketCapture):
 
 
 class PiecewiseCapture(BucketCapture):
-    """Mode ``piecewise``: pieces between splitting ops captured per bucket by ``hal.PiecewiseBackend``."""
+    """Mode ``piecewise``: pieces between splitting ops captured per bucket by ``PiecewiseBackend``."""
 
-    backend: hal.PiecewiseBackend | None = None
+    backend: PiecewiseBackend | None = None
     forward: Any = None
 
     def prepare(self, pool: Any) -> None:
         assert self.config.buckets is not None and self.config.compiler is not None
-        self.backend = hal.PiecewiseBackend(
+        self.backend = PiecewiseBackend(
             self.device,
             pool,
             self.config.buckets,
@@ -151,14 +157,14 @@ class PiecewiseCapture(BucketCapture):
             splitting_ops=ops_to_split(self.device, self.batch),
             after_warmup=self.after_warmup,
         )
-        self.forward = hal.CompiledForward(self.plain_forward, self.backend, self.token_inputs)
+        self.forward = CompiledForward(self.plain_forward, self.backend, self.token_inputs)
 
     def capture(self, bucket: int, inputs: Mapping[str, torch.Tensor]) -> CapturedBucket:
         forward = self.forward
         outputs = forward(**inputs)  # compiles on the first (largest) bucket, then captures every piece
         # Captured whole: its pieces' outputs (and the forward's) may now share memory with the next bucket's.
         self.backend.let_outputs_leave(bucket)
-        outputs = hal.non_owning_outputs(outputs)
+        outputs = non_owning_outputs(outputs)
 
         def run() -> Any:
             with torch.no_grad():  # as at capture: the compiled code is guarded on the grad mode
@@ -177,7 +183,7 @@ def bucket_capture(
     device: "hal.Device",
     config: PhaseConfig,
     token_inputs: Sequence[str],
-    after_warmup: "hal.AfterWarmup | None" = None,
+    after_warmup: "AfterWarmup | None" = None,
     batch: "hal.BatchKind" = hal.BatchKind.MIXED,
 ) -> BucketCapture:
     kind = PiecewiseCapture if config.mode == hal.GraphMode.PIECEWISE else GraphCapture

@@ -20,13 +20,14 @@ from typing import Any, Callable
 import torch
 
 import hal
+from hal.graph_per_key import WarmUpError
 from runners.address_watch import AddressWatch
 from runners.bucket_capture import BucketCapture, CapturedStep, breakable_debug, bucket_capture
 from runners.buckets import BucketPolicy
 from runners.capture_memory import CaptureMemory
 from runners.capture_report import CaptureReport
 from runners.compile_cache import CompileCache
-from runners.config import AUTO, PhaseConfig
+from runners.config import PhaseConfig
 from runners.gc_freeze import frozen_gc
 from runners.graph_outputs import GraphOutputs
 from runners.mode_choice import choose_mode
@@ -205,7 +206,7 @@ class CaptureLoop:
         """Mode ``auto``: pick the mode from what the forward's ops allow; ``full``: check that they allow it
         (``runners.mode_choice``). The forward runs once eagerly at the largest bucket, all padding: what the
         largest batch reaches, which a smaller one may not (an op chosen by batch size)."""
-        if self.config.mode not in (AUTO, hal.GraphMode.FULL):
+        if self.config.mode not in (hal.GraphMode.AUTO, hal.GraphMode.FULL):
             self.mode_reason = f"mode {self.config.mode} as configured"
             return
         largest = self.buckets.max_size
@@ -243,7 +244,7 @@ class CaptureLoop:
             self._settle_addresses(bucket)
         except RankCaptureError:
             raise  # already says which rank failed where
-        except hal.WarmUpError as exc:
+        except WarmUpError as exc:
             what = (
                 f"the eager warm-up of the {self.phase} forward for bucket {bucket} on {self.device} failed, before "
                 f"any capture (a model error, not a graph error): {exc}"

@@ -15,9 +15,9 @@ in a directory of its own by default, and can pack what one process compiled int
 - ``compile-artifacts.bin``: the portable artifacts, written after the capture and loaded before one where
   the on-disk caches are missing, so the file alone (an image, a shared volume) warms a fresh machine too.
 
-- ``forwards/``: compiled forwards stored whole (``hal.stored_compile``: Dynamo's output and Inductor's), for
-  ``compiler: inductor`` in mode ``full``; a restart loads its forward and traces nothing. Elsewhere Dynamo
-  still traces the model in every process, and what the caches skip is the compiling behind it.
+- ``forwards/``: compiled forwards stored whole (``hal.compile.stored_compile``: Dynamo's output and
+  Inductor's), for ``compiler: inductor`` in mode ``full``; a restart loads its forward and traces nothing.
+  Elsewhere Dynamo still traces the model in every process, and what the caches skip is the compiling behind it.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-import hal
+from hal.compile import CompileStore
 
 logger = logging.getLogger(__name__)
 
 ARTIFACTS = "compile-artifacts.bin"
-FORWARDS = "forwards"  # compiled forwards stored whole (hal.stored_compile)
+FORWARDS = "forwards"  # compiled forwards stored whole (hal.compile.stored_compile)
 # The on-disk caches torch and Triton keep, by the environment variable each reads, and their place here.
 ON_DISK_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
 
@@ -55,9 +55,9 @@ class CompileCache:
         return self.directory / ARTIFACTS
 
     @property
-    def forwards(self) -> "hal.CompileStore":
-        """Where compiled forwards are stored whole for the next process (``hal.stored_compile``)."""
-        return hal.CompileStore(self.directory / FORWARDS)
+    def forwards(self) -> CompileStore:
+        """Where compiled forwards are stored whole for the next process (``hal.compile.stored_compile``)."""
+        return CompileStore(self.directory / FORWARDS)
 
     def activate(self) -> None:
         """Point the on-disk caches here and load the artifacts a previous process saved (once per process).

@@ -7,6 +7,7 @@ device is checked here, when the config is built; ``check_device`` adds what dep
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -20,22 +21,20 @@ from runners.buckets import (
 )
 
 GraphMode = hal.GraphMode
-
-# Not a graph mode of any device: the runner picks one before capturing, from what the ops in its forward
-# declare (``runners.mode_choice``): full where every op allows it, piecewise (or breakable) otherwise.
-AUTO = "auto"
+Compiler = hal.Compiler
 
 # How the forward is compiled before graphhal captures it, per mode. "none": the forward as written.
 # "eager"/"inductor" in piecewise: how each piece between splitting ops is compiled (torch.compile always
 # traces a piecewise forward, to split it). "inductor" in full/breakable: the forward compiled once, with a
 # dynamic batch dimension and without Inductor's own CUDA graphs, then captured per bucket by graphhal. A
-# mode a device plugin adds takes "none".
+# mode a device plugin adds takes "none". Mode auto is resolved before capturing, from what the ops in the
+# forward declare (``runners.mode_choice``).
 COMPILERS_BY_MODE = {
-    GraphMode.FULL: ("none", "inductor"),
-    GraphMode.BREAKABLE: ("none", "inductor"),
-    GraphMode.PIECEWISE: ("eager", "inductor"),
-    GraphMode.DISABLED: ("none",),
-    AUTO: ("none", "inductor"),  # "none" becomes "eager" where auto picks piecewise
+    GraphMode.FULL: (Compiler.NONE, Compiler.INDUCTOR),
+    GraphMode.BREAKABLE: (Compiler.NONE, Compiler.INDUCTOR),
+    GraphMode.PIECEWISE: (Compiler.EAGER, Compiler.INDUCTOR),
+    GraphMode.DISABLED: (Compiler.NONE,),
+    GraphMode.AUTO: (Compiler.NONE, Compiler.INDUCTOR),  # "none" becomes "eager" where auto picks piecewise
 }
 ADDRESS_CHECKS = ("every_replay", "first_replay")
 
@@ -48,11 +47,12 @@ class PhaseConfig:
                      the forward allows it and ``piecewise`` (or ``breakable``) otherwise, and logs why
                      (``runners.mode_choice``). Or a graph mode the device offers (``hal.GraphMode`` or a mode
                      a device plugin adds), or ``"disabled"`` to run eagerly through the same API (to tell a
-                     graph bug from a model bug, or on devices without graphs). Checked against the device by
-                     ``check_device``; ``full`` also against the ops the forward reaches.
+                     graph bug from a model bug, or on devices without graphs). Any other name is refused
+                     when the config is built; checked against the device by ``check_device``; ``full`` also
+                     against the ops the forward reaches.
     buckets:         padded sizes to capture, strictly increasing; the last must equal the phase maximum.
-    compiler:        ``none``, ``eager`` or ``inductor`` (see ``COMPILERS_BY_MODE``); default: ``eager`` for
-                     piecewise, ``none`` otherwise.
+    compiler:        ``none``, ``eager`` or ``inductor`` (``hal.Compiler``; see ``COMPILERS_BY_MODE``); default:
+                     ``eager`` for piecewise, ``none`` otherwise.
     eager_fallback:  run batches larger than the maximum eagerly (True) or raise (False).
     warmup_runs:     eager runs per bucket before its capture (lazy init, autotuning and allocator warm-up
                      must not happen inside a capture).
@@ -81,7 +81,7 @@ class PhaseConfig:
     phase: ClassVar[str] = ""
     size_field: ClassVar[str] = ""  # the field holding the phase maximum (max_bs, max_tokens)
 
-    mode: str = AUTO
+    mode: str = GraphMode.AUTO.value
     buckets: list[int] | None = None
     compiler: str | None = None
     eager_fallback: bool = True
@@ -94,21 +94,22 @@ class PhaseConfig:
     compile_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        # Pure: nothing here asks a device or the environment; check_device adds what depends on the device.
+        # Nothing here asks a device: a mode graphhal does not name is looked up among those the installed
+        # plugins declare (no device needs to be present); check_device adds what depends on the device.
         self._check_types()
-        if not self.mode:
-            raise ValueError(
-                f"{self.phase}: mode must name a graph mode, e.g. {', '.join([AUTO, *(m.value for m in GraphMode)])}"
-            )
         self.mode = _plain(self.mode)
+        self._check_mode()
         self._check_compiler()
         self._resolve_buckets()
         if self.warmup_runs < 1:
             raise ValueError(
                 f"{self.phase}: warmup_runs must be at least 1 (capture needs a warmed-up forward), got {self.warmup_runs!r}"
             )
-        if not self.agreement_timeout_s > 0:
-            raise ValueError(f"{self.phase}: agreement_timeout_s must be positive, got {self.agreement_timeout_s!r}")
+        if not (math.isfinite(self.agreement_timeout_s) and self.agreement_timeout_s > 0):
+            raise ValueError(
+                f"{self.phase}: agreement_timeout_s must be a finite, positive number of seconds, got "
+                f"{self.agreement_timeout_s!r}"
+            )
         if self.pool_budget_mib is not None and not self.pool_budget_mib > 0:
             raise ValueError(f"{self.phase}: pool_budget_mib must be positive (or null for no limit), got {self.pool_budget_mib!r}")
         if self.check_addresses not in ADDRESS_CHECKS:
@@ -146,10 +147,27 @@ class PhaseConfig:
     def max_size(self) -> int:
         return getattr(self, self.size_field)
 
+    def _check_mode(self) -> None:
+        """ValueError unless ``mode`` is a ``hal.GraphMode`` or a mode a loaded device plugin declares; a mode
+        spelled in another case is named as the one meant."""
+        if self.mode in COMPILERS_BY_MODE:
+            return  # the default registry is asked only for other modes
+        allowed = [GraphMode.AUTO.value, *(mode.value for mode in GraphMode.device_modes())]
+        allowed += sorted(hal.default_registry().declared_graph_modes() - set(allowed))
+        if self.mode in allowed:
+            return
+        meant = next((mode for mode in allowed if mode.lower() == self.mode.lower()), None)
+        hint = f" (did you mean {meant!r}?)" if meant is not None else ""
+        raise ValueError(
+            f"{self.phase}: unknown graph mode {self.mode!r}{hint}; modes: {', '.join(allowed)} (graphhal's own, "
+            "and those the device plugins installed here declare)"
+        )
+
     def _check_compiler(self) -> None:
-        allowed = COMPILERS_BY_MODE.get(self.mode, ("none",))
+        allowed = COMPILERS_BY_MODE.get(self.mode, (Compiler.NONE,))
         if self.compiler is None:
-            self.compiler = allowed[0]
+            self.compiler = allowed[0].value
+        self.compiler = _plain(self.compiler)
         if self.compiler not in allowed:
             raise ValueError(
                 f"{self.phase}: compiler {self.compiler!r} does not go with mode {self.mode!r}; "
@@ -182,28 +200,15 @@ class PhaseConfig:
         raise NotImplementedError
 
     def check_device(self, device: "hal.Device") -> None:
-        """Raise when ``device`` cannot run this config (a mode it does not offer, a compiler it cannot record,
-        a mode and compiler it cannot capture together: ``Device.compiled_capture_problem``). Mode ``auto`` is
-        checked when it has picked its mode."""
-        if self.mode == AUTO:
-            if self.compiler == "inductor" and not device.captures_compiled_kernels:
-                raise hal.UnsupportedModeError(
-                    f"{self.phase}: device {device} cannot capture Inductor-compiled kernels (its graphs record "
-                    "torch ops, and Inductor's fused kernels bypass them); use compiler 'none' on this device"
-                )
-            return
-        if self.mode not in device.modes:
-            if self.mode in set(GraphMode):
+        """Raise when ``device`` cannot run this config: a mode it does not offer, or a mode and compiler it
+        cannot capture together (``Device.compiled_capture_problem``). Mode ``auto`` is asked about its
+        compiler now, and checked again when it has picked its mode."""
+        if self.mode not in (GraphMode.AUTO, *device.modes):
+            if self.mode in GraphMode.device_modes():
                 problem = f"device {device} does not offer graph mode {self.mode!r}"
-            else:  # a typo, or a mode of a plugin that is not installed
+            else:  # a mode of a plugin serving another device type
                 problem = f"unknown graph mode {self.mode!r} on device {device}"
             raise hal.UnsupportedModeError(f"{self.phase}: {problem}; supported modes: {', '.join(device.modes)}")
-        if self.compiler == "inductor" and self.mode != GraphMode.DISABLED and not device.captures_compiled_kernels:
-            raise hal.UnsupportedModeError(
-                f"{self.phase}: device {device} cannot capture Inductor-compiled kernels (its graphs record torch "
-                "ops, and Inductor's fused kernels bypass them); use compiler "
-                f"{COMPILERS_BY_MODE[self.mode][0]!r} on this device"
-            )
         if self.mode != GraphMode.DISABLED and self.compiler is not None:
             problem = device.compiled_capture_problem(self.mode, self.compiler)
             if problem is not None:
@@ -286,6 +291,6 @@ _FIELD_TYPES: dict[str, type] = {
 _OPTIONAL_FIELDS = frozenset({"buckets", "compiler", "max_bs", "max_tokens", "pool_budget_mib", "compile_cache_dir"})
 
 
-def _plain(mode: str) -> str:
-    """A mode as the plain string configs and JSON hold (``GraphMode.FULL`` -> ``"full"``)."""
-    return str.__str__(mode)
+def _plain(name: str) -> str:
+    """A mode or compiler as the plain string configs and JSON hold (``GraphMode.FULL`` -> ``"full"``)."""
+    return str.__str__(name)

@@ -20,11 +20,13 @@ from typing import Any, Callable
 import torch
 
 import hal
-from hal.graph_support import BatchKind, OpNotCapturableError, ReachedOp, blocking, ops_reached
+from hal.graph_support import BatchKind, OpNotCapturableError, ReachedOp, blocking, graph_support_of, ops_reached
 from hal.op_overloads import op_name
-from runners.config import AUTO, PhaseConfig
+from hal.piecewise import registered_splitting_ops
+from runners.config import PhaseConfig
 
 GraphMode = hal.GraphMode
+Compiler = hal.Compiler
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ def choose_mode(
     ``inputs`` are the runner's buffers at ``bucket`` (its largest), all padding. A forward that fails in this
     eager run raises ``hal.CaptureError`` saying it is a model error, before anything was captured.
     """
-    if config.mode not in (AUTO, GraphMode.FULL):
+    if config.mode not in (GraphMode.AUTO, GraphMode.FULL):
         return ModeChoice(config, f"mode {config.mode} as configured")
     try:
         reached = ops_reached(forward, inputs, device.torch_device.type)
@@ -65,10 +67,10 @@ def choose_mode(
         return ModeChoice(config, _why_full(reached, batch))
     mode, reason = _auto(device, batch, reached, blocked)
     compiler = config.compiler
-    if mode == GraphMode.PIECEWISE and compiler == "none":
-        compiler = "eager"  # piecewise always traces the forward to split it; "none" means "as written"
+    if mode == GraphMode.PIECEWISE and compiler == Compiler.NONE:
+        compiler = Compiler.EAGER.value  # piecewise always traces the forward to split it; "none" means "as written"
     if mode == GraphMode.DISABLED:
-        compiler = "none"
+        compiler = Compiler.NONE.value
     chosen = replace(config, mode=mode, compiler=compiler)
     chosen.check_device(device)
     return ModeChoice(chosen, f"mode auto chose {mode}: {reason}")
@@ -83,13 +85,13 @@ def ops_to_split(device: "hal.Device", batch: BatchKind) -> frozenset[torch._ops
     on devices that bake host values into graphs (npu attention lengths): they are refreshed only in graphs
     the runner updates, and a piece is not one of them.
     """
-    registered = hal.registered_splitting_ops()
+    registered = registered_splitting_ops()
     if device.needs_graph_update:
         return registered
     device_type = device.torch_device.type
     return frozenset(
         op for op in registered
-        if not ((support := hal.graph_support_of(op, device_type)) is not None and support.allows(batch))
+        if not ((support := graph_support_of(op, device_type)) is not None and support.allows(batch))
     )
 
 
@@ -100,7 +102,7 @@ def _auto(device: "hal.Device", batch: BatchKind, reached: list[ReachedOp], bloc
             return GraphMode.FULL, _why_full(reached, batch)
         return GraphMode.DISABLED, f"device {device} offers no full graphs, and piecewise and breakable build on them"
     why_not_full = f"{_listed(blocked)} cannot be captured in {batch} batches on {device.torch_device.type}"
-    splitting = {op_name(op) for op in hal.registered_splitting_ops()}
+    splitting = {op_name(op) for op in registered_splitting_ops()}
     if GraphMode.PIECEWISE in offered and all(op.name in splitting for op in blocked):
         return GraphMode.PIECEWISE, f"{why_not_full}; they are splitting ops, run eagerly between captured pieces"
     if GraphMode.BREAKABLE in offered and all(op.in_break_point for op in blocked):

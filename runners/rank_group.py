@@ -173,7 +173,7 @@ class RankGroup:
         ) from error
 
     def after_warmup(self, bucket: int, error: BaseException | None, what: str, *, mode: str) -> None:
-        """``hal.AfterWarmup``: every rank learns whether every rank warmed ``what`` up at ``bucket``."""
+        """``hal.graph_per_key.AfterWarmup``: every rank learns whether every rank warmed ``what`` up at ``bucket``."""
         self.agree(f"the warm-up of {what} at bucket {bucket}", error, bucket=bucket, mode=mode)
 
     def _gather(self, value: Any, stage: str, *, mode: str, bucket: int | None) -> list[Any]:

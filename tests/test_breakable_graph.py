@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hal
+from hal.breakable import BreakInFullGraphError, BreakResultMismatchError, SegmentEndError
 from graphhal.paged_attention import PagedKVCache
 from graphhal.refmodel import DecodeWorkload, LlamaDecoder, ModelConfig
 from runners import DecodeConfig, DecodeRunner, InputSlot
@@ -123,7 +124,7 @@ def test_a_host_value_returned_by_a_break_must_not_change_at_replay(graph_device
     x = torch.ones(2, device=device.torch_device)
     graph, _ = capture(device, lambda: x * current_length())
     length[0] = 5  # the segment after the break baked in 3
-    with pytest.raises(hal.BreakResultMismatchError, match=r"break point 'current_length': returned 5 at replay but 3"):
+    with pytest.raises(BreakResultMismatchError, match=r"break point 'current_length': returned 5 at replay but 3"):
         device.replay(graph)
 
 
@@ -187,7 +188,7 @@ def test_a_required_break_in_a_full_capture_names_it_and_suggests_breakable(grap
     device = hal.get_device(graph_device)
     x = torch.randn(3, device=device.torch_device)
     graph = device.make_graph("full")
-    with pytest.raises(hal.BreakInFullGraphError, match=r"'test_breakable_graph\.scale_by_host_max'.*'full'.*use mode 'breakable'"):
+    with pytest.raises(BreakInFullGraphError, match=r"'test_breakable_graph\.scale_by_host_max'.*'full'.*use mode 'breakable'"):
         with device.capture_session(graph, device.graph_pool()):
             scale_by_host_max(x)
 
@@ -202,7 +203,7 @@ def test_a_break_returning_another_shape_at_replay_is_an_error_naming_it(graph_d
 
     graph, _ = capture(device, lambda: shape_shifter() + 1)
     sizes[0] = 4
-    with pytest.raises(hal.BreakResultMismatchError, match=r"break point 'shape_shifter': returned \(4,\).*but \(3,\)"):
+    with pytest.raises(BreakResultMismatchError, match=r"break point 'shape_shifter': returned \(4,\).*but \(3,\)"):
         device.replay(graph)
 
 
@@ -237,7 +238,7 @@ def test_a_side_stream_left_unjoined_at_a_break_fails_clearly():
         return scale_by_host_max(y)
 
     graph = device.make_graph("breakable")
-    with pytest.raises(hal.SegmentEndError, match=r"(?s)before break point '.*scale_by_host_max'.*join it back"):
+    with pytest.raises(SegmentEndError, match=r"(?s)before break point '.*scale_by_host_max'.*join it back"):
         with device.capture_session(graph, device.graph_pool()):
             step()
     torch.cuda.synchronize()

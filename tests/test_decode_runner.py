@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import hal
-from hal import current_capture
+from hal.capture_state import current_capture
 from runners import DecodeConfig, DecodeRunner, InputSlot, default_decode_buckets
 from runners.static_inputs import StaticInputs
 

@@ -25,39 +25,36 @@ def hal_device_types():
 
 @hal.hookimpl
 def hal_is_available(device):
-    return True if device.type == "replaydev" else None
-
-@hal.hookimpl
-def hal_graph_modes(device):
-    return ("full",) if device.type == "replaydev" else None
-
-@hal.hookimpl
-def hal_torch_device(device):
-    return torch.device("cpu") if device.type == "replaydev" else None
-
-@hal.hookimpl
-def hal_make_graph(device, mode):
-    return ReplayDevGraph() if device.type == "replaydev" else None
-
-@hal.hookimpl
-def hal_capture_session(graph, pool):   # a subset of the spec's arguments is allowed
-    return graph.record(pool) if isinstance(graph, ReplayDevGraph) else None
-
-@hal.hookimpl
-def hal_replay(graph):
-    if not isinstance(graph, ReplayDevGraph):
-        return None
-    REPLAYS.append(graph)
-    graph.replay()
     return True
 
 @hal.hookimpl
+def hal_graph_modes(device):
+    return ("full",)
+
+@hal.hookimpl
+def hal_torch_device(device):
+    return torch.device("cpu")
+
+@hal.hookimpl
+def hal_make_graph(device, mode):
+    return ReplayDevGraph(str(device))
+
+@hal.hookimpl
+def hal_capture_session(graph, pool):   # a subset of the spec's arguments is allowed
+    return graph.record(pool)
+
+@hal.hookimpl
+def hal_replay(graph):
+    REPLAYS.append(graph)
+    graph.replay()
+
+@hal.hookimpl
 def hal_graph_pool(device):
-    return RecordingPool() if device.type == "replaydev" else None
+    return RecordingPool()
 
 @hal.hookimpl
 def hal_synchronize(device):
-    return True if device.type == "replaydev" else None
+    pass
 
 class ReplayDevGraph(RecordedGraph):
     pass
@@ -109,8 +106,17 @@ def test_unsupported_mode_lists_supported_modes():
         device.make_graph("fast")
     with pytest.raises(hal.UnsupportedModeError, match=r"piecewise graph is not one graph object.*PiecewiseBackend"):
         device.make_graph("piecewise")
-    with pytest.raises(ValueError, match=r"unknown graph mode 'fast' on device cpu; supported modes: full, breakable, piecewise, disabled"):
+    with pytest.raises(ValueError, match=r"unknown graph mode 'fast'; modes: auto, full, breakable, piecewise, disabled"):
         DecodeRunner(lambda x: x, [InputSlot("x", torch.float32)], device, DecodeConfig(mode="fast"))
+
+
+@pytest.mark.cpu
+def test_mode_auto_is_no_devices_mode_and_making_its_graph_says_what_resolves_it():
+    device = hal.DeviceRegistry(load_entry_points=False).get_device("cpu")
+    assert hal.GraphMode.AUTO not in device.modes
+    assert hal.GraphMode.AUTO not in hal.GraphMode.device_modes()
+    with pytest.raises(hal.UnsupportedModeError, match=r"mode 'auto' is not a graph mode a device captures: a runner resolves it.*\(full, breakable, piecewise, disabled\)"):
+        device.make_graph(hal.GraphMode.AUTO)
 
 
 @pytest.mark.cpu
@@ -167,6 +173,90 @@ def test_third_party_plugin_from_entry_point_runs_decode_runner_unchanged(site: 
     import replaydev_impl
 
     assert len(replaydev_impl.REPLAYS) == 3  # the runs went through the plugin's graphs, not eagerly
+
+
+# A plugin serving two device types: it is asked about its own devices only, each by its own id, and its
+# hooks never ask "is this mine?" (one that is asked about another plugin's device fails the test).
+TWO_TYPE_PLUGIN = '''
+import torch
+import hal
+from devices.cpu.recorded_graph import RecordedGraph, RecordingPool
+
+SERVED = ("twin_a", "twin_b")
+ASKED = []  # (hook, device type) of every per-device call
+
+def _own(hook, device):
+    assert device.type in SERVED, f"{hook} asked about {device}, which this plugin does not serve"
+    ASKED.append((hook, device.type))
+
+@hal.hookimpl
+def hal_device_types():
+    return list(SERVED)
+
+@hal.hookimpl
+def hal_is_available(device):
+    _own("hal_is_available", device)
+    return True
+
+@hal.hookimpl
+def hal_graph_modes(device):
+    _own("hal_graph_modes", device)
+    return ("full",) if device.type == "twin_a" else ()
+
+@hal.hookimpl
+def hal_torch_device(device):
+    _own("hal_torch_device", device)
+    return torch.device("cpu")
+
+@hal.hookimpl
+def hal_make_graph(device, mode):
+    _own("hal_make_graph", device)
+    return RecordedGraph(str(device))
+
+@hal.hookimpl
+def hal_capture_session(graph, pool):
+    return graph.record(pool)
+
+@hal.hookimpl
+def hal_replay(graph):
+    graph.replay()
+
+@hal.hookimpl
+def hal_graph_pool(device):
+    _own("hal_graph_pool", device)
+    return RecordingPool()
+
+@hal.hookimpl
+def hal_synchronize(device):
+    _own("hal_synchronize", device)
+'''
+
+
+@pytest.mark.cpu
+def test_a_plugin_serving_two_device_types_is_asked_about_each_of_its_own_only(site: Path):
+    install_distribution(site, "twin_plugin", {"twins": "twins_impl"}, {"twins_impl": TWO_TYPE_PLUGIN})
+    registry = hal.DeviceRegistry()
+    assert registry.device_types()["twin_a"] == registry.device_types()["twin_b"] == "twins"
+    twin_a, twin_b, cpu = (registry.get_device(name) for name in ("twin_a", "twin_b", "cpu"))
+    assert twin_a.modes == ("full", "breakable", "piecewise", "disabled") and twin_b.modes == ("disabled",)
+    assert cpu.plugin_name == "devices.cpu"  # the built-in device is untouched, its plugin never asks "mine?"
+
+    weight = torch.randn(4, 4)
+
+    def forward(*, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ weight)
+
+    slots = [InputSlot("x", torch.float32, (4,))]
+    for device, mode in ((twin_a, "full"), (twin_b, "disabled"), (cpu, "full")):
+        runner = DecodeRunner(forward, slots, device, DecodeConfig(mode=mode, max_bs=4, show_progress=False))
+        runner.capture()
+        x = torch.randn(3, 4)
+        torch.testing.assert_close(runner.run({"x": x}), forward(x=x))
+
+    import twins_impl
+
+    assert {device_type for _, device_type in twins_impl.ASKED} == {"twin_a", "twin_b"}
+    assert ("hal_make_graph", "twin_a") in twins_impl.ASKED and ("hal_make_graph", "twin_b") not in twins_impl.ASKED
 
 
 def test_plugin_that_fails_to_import_is_isolated_and_listed(site: Path):
@@ -242,7 +332,7 @@ def test_a_plugin_calling_sys_exit_at_import_is_isolated_like_any_failure(site: 
     ("replacements", "message"),
     [
         ({'return ["strdev"]': 'return "abc"'}, r"hal_device_types returned 'abc'; expected a non-empty list"),
-        ({'return ("full",) if': 'return "full" if'}, r"hal_graph_modes\('strdev'\) returned 'full'; expected a list"),
+        ({'return ("full",)': 'return "full"'}, r"hal_graph_modes\('strdev'\) returned 'full'; expected a list"),
     ],
 )
 def test_a_hook_answering_a_string_for_a_list_leaves_the_plugin_out(site: Path, replacements, message):
@@ -256,7 +346,7 @@ def test_a_hook_answering_a_string_for_a_list_leaves_the_plugin_out(site: Path, 
 
 
 def test_is_available_that_raises_counts_as_unavailable_with_the_reason(site: Path):
-    source = _plugin_variant("flakydev", {'return True if device.type == "flakydev" else None': 'raise OSError("no driver")'})
+    source = _plugin_variant("flakydev", {"def hal_is_available(device):\n    return True": 'def hal_is_available(device):\n    raise OSError("no driver")'})
     install_distribution(site, "flaky_plugin", {"flakydev": "flakydev_raising"}, {"flakydev_raising": source})
     registry = hal.DeviceRegistry()
     assert registry.available_device_types() == [t for t in registry.available_device_types() if t != "flakydev"]
@@ -278,16 +368,22 @@ def test_two_distributions_publishing_one_entry_point_name_are_both_named(site: 
     ("replacements", "hook", "expected"),
     [
         ({"@hal.hookimpl\ndef hal_synchronize": "@hal.hookimpl\ndef hal_conventions(device):\n    return {'seq_len_fill': 1}\n\n@hal.hookimpl\ndef hal_synchronize"}, "hal_conventions", "a hal.DeviceConventions"),
-        ({'return torch.device("cpu") if': 'return "cpu" if'}, "hal_torch_device", "a torch.device"),
+        ({'return torch.device("cpu")': 'return "cpu"'}, "hal_torch_device", "a torch.device"),
+        # A graph hook has no "not mine" to answer any more: None breaks the contract.
+        ({"    return ReplayDevGraph(str(device))": "    return None"}, "hal_make_graph", "a graph object for typedev in mode 'full'"),
+        ({"    return graph.record(pool)": "    return None"}, "hal_capture_session", "a context manager"),
     ],
 )
-def test_a_per_device_hook_answering_the_wrong_type_is_named_when_the_device_is_made(site: Path, replacements, hook, expected):
+def test_a_hook_answering_the_wrong_type_is_named_when_it_is_asked(site: Path, replacements, hook, expected):
     source = _plugin_variant("typedev", replacements)
     module = f"typedev_impl_{hook}"  # one module per case: an imported module stays in sys.modules
     install_distribution(site, "type_plugin", {"typedev": module}, {module: source})
     registry = hal.DeviceRegistry()
     with pytest.raises(hal.PluginContractError, match=rf"plugin 'typedev': {hook} returned .*expected {expected}"):
-        registry.get_device("typedev")
+        device = registry.get_device("typedev")  # per-device hooks are asked here, graph hooks below
+        graph = device.make_graph("full")
+        with device.capture_session(graph, device.graph_pool()):
+            pass
 
 
 def test_memory_stats_of_the_wrong_type_is_named_when_asked(site: Path):
@@ -299,7 +395,7 @@ def test_memory_stats_of_the_wrong_type_is_named_when_asked(site: Path):
 
 
 def test_is_available_answering_other_than_a_bool_counts_as_unavailable_naming_the_hook(site: Path):
-    source = _plugin_variant("saysno", {'return True if device.type == "saysno" else None': 'return "no"'})
+    source = _plugin_variant("saysno", {"def hal_is_available(device):\n    return True": 'def hal_is_available(device):\n    return "no"'})
     install_distribution(site, "no_plugin", {"saysno": "saysno_impl"}, {"saysno_impl": source})
     registry = hal.DeviceRegistry()
     assert not registry.is_available("saysno")  # a non-empty string would read as True

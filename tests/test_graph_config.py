@@ -6,6 +6,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 import hal
 from runners import DecodeConfig, GraphConfig, PrefillConfig, default_prefill_buckets
@@ -87,45 +88,48 @@ def test_bad_json_and_bad_flags_are_refused():
         GraphConfig.from_args(["--graph-buckets-decode", "1,two"])
 
 
+class DeclaringPlugin:
+    """A device plugin that declares ``modes`` for ``device_type`` and is never asked to make a graph."""
+
+    def __init__(self, device_type: str, modes: tuple[str, ...], available: bool = True) -> None:
+        self.device_type, self.modes, self.available = device_type, modes, available
+
+    @hal.hookimpl
+    def hal_device_types(self):
+        return [self.device_type]
+
+    @hal.hookimpl
+    def hal_is_available(self, device):
+        return self.available
+
+    @hal.hookimpl
+    def hal_graph_modes(self, device):
+        return self.modes
+
+    @hal.hookimpl
+    def hal_torch_device(self, device):
+        return torch.device("cpu")
+
+    @hal.hookimpl
+    def hal_make_graph(self, device, mode):
+        raise AssertionError("no graph is made to check a config")
+
+    @hal.hookimpl
+    def hal_capture_session(self, graph, pool, stream):
+        raise AssertionError("nothing is captured to check a config")
+
+    @hal.hookimpl
+    def hal_replay(self, graph):
+        raise AssertionError("nothing is replayed to check a config")
+
+    @hal.hookimpl
+    def hal_synchronize(self, device):
+        pass
+
+
 def test_a_mode_the_device_does_not_offer_is_refused_by_check_device():
     registry = hal.DeviceRegistry(load_entry_points=False)
-
-    class NoGraphs:
-        @hal.hookimpl
-        def hal_device_types(self):
-            return ["plain"]
-
-        @hal.hookimpl
-        def hal_is_available(self, device):
-            return True if device.type == "plain" else None
-
-        @hal.hookimpl
-        def hal_graph_modes(self, device):
-            return () if device.type == "plain" else None
-
-        @hal.hookimpl
-        def hal_make_graph(self, device, mode):
-            return None
-
-        @hal.hookimpl
-        def hal_capture_session(self, graph, pool, stream):
-            return None
-
-        @hal.hookimpl
-        def hal_replay(self, graph):
-            return None
-
-        @hal.hookimpl
-        def hal_synchronize(self, device):
-            return True if device.type == "plain" else None
-
-        @hal.hookimpl
-        def hal_torch_device(self, device):
-            import torch
-
-            return torch.device("cpu") if device.type == "plain" else None
-
-    registry.register(NoGraphs(), "plain-device")
+    registry.register(DeclaringPlugin("plain", ()), "plain-device")
     device = registry.get_device("plain")
     assert device.modes == ("disabled",)
     with pytest.raises(hal.UnsupportedModeError, match=r"decode: device plain does not offer graph mode 'full'; supported modes: disabled"):
@@ -134,13 +138,63 @@ def test_a_mode_the_device_does_not_offer_is_refused_by_check_device():
     GraphConfig().check_device(device)  # mode auto: it picks among what the device offers (disabled here)
 
 
-def test_an_unknown_mode_is_refused_by_check_device_with_the_modes_the_device_has():
-    config = GraphConfig.from_dict({"decode": {"mode": "fulll"}})  # building a config asks no device
-    with pytest.raises(hal.UnsupportedModeError, match=r"decode: unknown graph mode 'fulll' on device cpu; supported modes: full, breakable, piecewise, disabled"):
-        config.check_device("cpu")
+MODES = "auto, full, breakable, piecewise, disabled"
 
 
-def test_inductor_is_refused_on_a_device_that_cannot_record_its_kernels():
-    with pytest.raises(hal.UnsupportedModeError, match=r"prefill: device cpu cannot capture Inductor-compiled kernels"):
+@pytest.mark.parametrize(
+    "mode, message",
+    [
+        ("fast", rf"decode: unknown graph mode 'fast'; modes: {MODES} \(graphhal's own, and those the device plugins"),
+        ("fulll", rf"decode: unknown graph mode 'fulll'; modes: {MODES}"),
+        ("FULL", rf"decode: unknown graph mode 'FULL' \(did you mean 'full'\?\); modes: {MODES}"),
+        ("Auto", rf"decode: unknown graph mode 'Auto' \(did you mean 'auto'\?\); modes: {MODES}"),
+        ("", rf"decode: unknown graph mode ''; modes: {MODES}"),
+    ],
+)
+def test_a_mode_neither_graphhal_nor_an_installed_plugin_names_is_refused_when_the_config_is_built(mode, message):
+    with pytest.raises(ValueError, match=message):
+        GraphConfig.from_dict({"decode": {"mode": mode}})
+    with pytest.raises(ValueError, match=message):
+        DecodeConfig(mode=mode)
+
+
+def test_a_mode_an_installed_plugin_declares_passes_the_build_without_its_device(monkeypatch):
+    registry = hal.DeviceRegistry(load_entry_points=False)
+    registry.register(DeclaringPlugin("turbodev", ("full", "turbo"), available=False), "turbo-plugin")  # absent
+    monkeypatch.setattr(hal.registry, "_default_registry", registry)
+    config = GraphConfig.from_dict({"decode": {"mode": "turbo"}})
+    assert (config.decode.mode, config.decode.compiler) == ("turbo", "none")  # a plugin's mode takes "none"
+    with pytest.raises(ValueError, match=r"unknown graph mode 'Turbo' \(did you mean 'turbo'\?\); modes: .*disabled, turbo"):
+        DecodeConfig(mode="Turbo")
+    with pytest.raises(hal.UnsupportedModeError, match=r"decode: unknown graph mode 'turbo' on device cpu; supported modes: full"):
+        config.check_device("cpu")  # the cpu device does not offer it
+
+
+def test_the_modes_and_compilers_are_enums_that_configs_keep_as_plain_names():
+    config = DecodeConfig(mode=hal.GraphMode.BREAKABLE, compiler=hal.Compiler.INDUCTOR)
+    assert config.to_dict()["mode"] == "breakable" and type(config.to_dict()["mode"]) is str
+    assert config.to_dict()["compiler"] == "inductor" and type(config.to_dict()["compiler"]) is str
+    assert json.loads(json.dumps(GraphConfig(decode=config).to_dict()))["decode"]["compiler"] == "inductor"
+    assert {hal.Compiler.EAGER: 1}["eager"] == 1 and f"{hal.Compiler.NONE}" == "none"
+    assert DecodeConfig().mode == hal.GraphMode.AUTO == "auto"
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), float("nan"), 0, -5.0])
+def test_agreement_timeout_must_be_finite_and_positive_when_the_config_is_built(timeout):
+    # An infinite timeout used to pass here and raise OverflowError when a runner built its rank group.
+    with pytest.raises(ValueError, match=r"decode: agreement_timeout_s must be a finite, positive number of seconds"):
+        GraphConfig.from_dict({"decode": {"agreement_timeout_s": timeout}})
+
+
+def test_inductor_is_refused_on_a_device_that_cannot_record_its_kernels_in_every_mode_auto_included():
+    # The cpu device answers hal_compiled_capture_problem for compiler inductor: what it cannot capture, and
+    # which compiler to use instead.
+    cannot = r"device cpu cannot capture mode '{}' with compiler 'inductor': .*Inductor's fused C\+\+ kernels.*use compiler '{}'"
+    with pytest.raises(hal.UnsupportedModeError, match="prefill: " + cannot.format("auto", "none")):
         GraphConfig(prefill=PrefillConfig(compiler="inductor")).check_device("cpu")
-    GraphConfig(decode=DecodeConfig(mode="disabled")).check_device("cpu")
+    cpu = hal.get_device("cpu")
+    for mode, instead in (("full", "none"), ("breakable", "none"), ("piecewise", "eager")):
+        with pytest.raises(hal.UnsupportedModeError, match="decode: " + cannot.format(mode, instead)):
+            DecodeConfig(mode=mode, compiler="inductor").check_device(cpu)
+    GraphConfig(decode=DecodeConfig(mode="disabled")).check_device(cpu)
+    DecodeConfig(mode="piecewise", compiler="eager").check_device(cpu)

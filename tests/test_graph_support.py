@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import hal
+from hal.graph_support import graph_support_of, ops_reached
 from runners import DecodeConfig, DecodeRunner, InputSlot, PrefillConfig, PrefillRunner
 from hal.graph_support import OpNotCapturableError
 
@@ -106,11 +107,11 @@ def logged(name: str) -> Iterator[list[str]]:
 
 def test_a_per_device_declaration_wins_over_the_all_devices_one():
     op = _define("support_per_device")
-    assert hal.graph_support_of(op, "cpu") is None  # declared nothing: no constraint
+    assert graph_support_of(op, "cpu") is None  # declared nothing: no constraint
     hal.declare_graph_support(op, "never")
     hal.declare_graph_support(torch.ops.graphhal_test.support_per_device, hal.GraphSupport.ANY_BATCH, device_types=["cuda"])
-    assert hal.graph_support_of(op, "cuda") == hal.GraphSupport.ANY_BATCH
-    assert hal.graph_support_of(op, "cpu") == hal.graph_support_of(op, "npu") == hal.GraphSupport.NEVER
+    assert graph_support_of(op, "cuda") == hal.GraphSupport.ANY_BATCH
+    assert graph_support_of(op, "cpu") == graph_support_of(op, "npu") == hal.GraphSupport.NEVER
 
 
 def test_declarations_are_checked():
@@ -140,7 +141,7 @@ def test_ops_reached_lists_declared_ops_and_required_break_points_most_restricti
         HOST_LENGTHS_OP(out, out)
         return syncs(out.relu())  # relu: declared nothing, not listed
 
-    reached = hal.ops_reached(forward, {"x": torch.ones(2)}, "cpu")
+    reached = ops_reached(forward, {"x": torch.ones(2)}, "cpu")
     assert [(op.name, op.support) for op in reached] == [
         ("graphhal_test::support_never", "never"),
         ("host_sync_point", "never"),

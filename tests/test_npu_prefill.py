@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import hal
+from hal.graph_support import graph_support_of
 from devices.npu.host_length_ops import HostLengthUpdateError
 from devices.npu.npu_graph import MissingUpdateError
 from graphhal.paged_attention import PagedKVCache
@@ -153,7 +154,7 @@ def test_a_full_prefill_graph_replayed_without_its_update_fails_loudly(simulated
 
 def test_mode_auto_captures_full_prefill_graphs_on_npu(simulated_npu):
     """What this shows: on the simulated npu, mode "auto" picks and captures "full", and it runs right. What it
-    does not: that ``hal.graph_support_of(op, "npu")`` decided it. The runner looks declarations up under its
+    does not: that ``graph_support_of(op, "npu")`` decided it. The runner looks declarations up under its
     torch device's type, which on the simulator is "cpu" (its npu tensors live on the CPU), and the model's npu
     route calls the fused op without entering ``graphhal::prefill_attention`` (so that a capture sees the
     fused op), so the probe reaches no declared op at all; on hardware the route is the same. The npu
@@ -164,8 +165,8 @@ def test_mode_auto_captures_full_prefill_graphs_on_npu(simulated_npu):
     assert simulated_npu.torch_device.type == "cpu"
     assert "no op in the forward declares a limit" in prefill.runner.mode_reason
     op = torch.ops.graphhal.prefill_attention.default
-    assert hal.graph_support_of(op, "npu") is hal.GraphSupport.ANY_BATCH
-    assert hal.graph_support_of(op, "cpu") is hal.GraphSupport.ANY_BATCH
+    assert graph_support_of(op, "npu") is hal.GraphSupport.ANY_BATCH
+    assert graph_support_of(op, "cpu") is hal.GraphSupport.ANY_BATCH
     workload = prefill.workload(1, [4, 4, 1], [0, 3, 11])
     try:
         batch = workload.batch()

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 import hal
-from hal import PiecewisePiece
+from hal.compile import CompiledForward
+from hal.piecewise import (
+    PiecewiseBackend,
+    PiecewisePiece,
+    SplittingOpError,
+    registered_splitting_ops,
+    unregister_splitting_op,
+)
 
 
 @torch.library.custom_op("graphhal_test::scaled_by_host_sum", mutates_args=("out",))
@@ -53,13 +60,13 @@ def make_inputs(rows: int, device: torch.device, seed: int) -> dict[str, torch.T
     }
 
 
-def compile_piecewise(device: hal.Device, buckets, compiler: str = "eager"):
+def compile_piecewise(device: hal.Device, buckets, compiler: str = hal.Compiler.EAGER):
     torch._dynamo.reset()
     step = TwoPieceStep(device.torch_device)
-    backend = hal.PiecewiseBackend(
+    backend = PiecewiseBackend(
         device, device.graph_pool(), buckets, compiler=compiler, splitting_ops=[torch.ops.graphhal_test.scaled_by_host_sum]
     )
-    return step, backend, hal.CompiledForward(step, backend, token_inputs=["x", "pos"])
+    return step, backend, CompiledForward(step, backend, token_inputs=["x", "pos"])
 
 
 # --- splitting ops ------------------------------------------------------------------------------------------
@@ -67,21 +74,21 @@ def compile_piecewise(device: hal.Device, buckets, compiler: str = "eager"):
 
 @pytest.mark.cpu
 def test_an_op_returning_a_fresh_tensor_is_refused_at_registration():
-    with pytest.raises(hal.SplittingOpError, match=r"returns Tensor.*_with_output.*mutates_args=\('out',\)"):
+    with pytest.raises(SplittingOpError, match=r"returns Tensor.*_with_output.*mutates_args=\('out',\)"):
         hal.register_splitting_op(torch.ops.graphhal_test.fresh_result)
-    assert torch.ops.graphhal_test.fresh_result.default not in hal.registered_splitting_ops()
+    assert torch.ops.graphhal_test.fresh_result.default not in registered_splitting_ops()
 
 
 @pytest.mark.cpu
 def test_an_op_returning_a_fresh_tensor_is_refused_by_the_backend_too():
     device = hal.get_device("cpu")
-    with pytest.raises(hal.SplittingOpError, match=r"graphhal_test.fresh_result.*cannot be a splitting op"):
-        hal.PiecewiseBackend(device, None, [4], splitting_ops=[torch.ops.graphhal_test.fresh_result])
+    with pytest.raises(SplittingOpError, match=r"graphhal_test.fresh_result.*cannot be a splitting op"):
+        PiecewiseBackend(device, None, [4], splitting_ops=[torch.ops.graphhal_test.fresh_result])
 
 
 @pytest.mark.cpu
 def test_a_plain_python_function_cannot_be_a_splitting_op():
-    with pytest.raises(hal.SplittingOpError, match=r"not a torch operator.*torch.library"):
+    with pytest.raises(SplittingOpError, match=r"not a torch operator.*torch.library"):
         hal.register_splitting_op(lambda x: x)
 
 
@@ -89,17 +96,17 @@ def test_a_plain_python_function_cannot_be_a_splitting_op():
 def test_registration_covers_every_overload_and_can_be_undone():
     hal.register_splitting_op(torch.ops.graphhal_test.scaled_by_host_sum)
     try:
-        assert torch.ops.graphhal_test.scaled_by_host_sum.default in hal.registered_splitting_ops()
+        assert torch.ops.graphhal_test.scaled_by_host_sum.default in registered_splitting_ops()
     finally:
-        hal.unregister_splitting_op(torch.ops.graphhal_test.scaled_by_host_sum)
-    assert torch.ops.graphhal_test.scaled_by_host_sum.default not in hal.registered_splitting_ops()
+        unregister_splitting_op(torch.ops.graphhal_test.scaled_by_host_sum)
+    assert torch.ops.graphhal_test.scaled_by_host_sum.default not in registered_splitting_ops()
 
 
 @pytest.mark.cpu
 def test_the_reference_models_attention_ops_are_registered_by_default():
     import graphhal.refmodel  # noqa: F401  (registers its ops on import)
 
-    assert torch.ops.graphhal.decode_attention.default in hal.registered_splitting_ops()
+    assert torch.ops.graphhal.decode_attention.default in registered_splitting_ops()
 
 
 # --- capture and replay ---------------------------------------------------------------------------------
@@ -164,8 +171,9 @@ def test_the_cpu_device_refuses_inductor_pieces_it_could_not_record():
     from runners import DecodeConfig
 
     device = hal.get_device("cpu")
-    assert device.captures_compiled_kernels is False
-    with pytest.raises(hal.UnsupportedModeError, match=r"cannot capture Inductor-compiled kernels.*'eager'"):
+    assert "Inductor's fused C++ kernels" in device.compiled_capture_problem("piecewise", hal.Compiler.INDUCTOR)
+    assert device.compiled_capture_problem("piecewise", hal.Compiler.EAGER) is None
+    with pytest.raises(hal.UnsupportedModeError, match=r"mode 'piecewise' with compiler 'inductor'.*use compiler 'eager'"):
         DecodeConfig(mode="piecewise", compiler="inductor").check_device(device)
 
 
@@ -194,10 +202,10 @@ def test_without_piece_capture_the_splitting_ops_become_the_breaks_of_a_breakabl
     device = hal.get_device("cuda")
     torch._dynamo.reset()
     step = TwoPieceStep(device.torch_device)
-    backend = hal.PiecewiseBackend(
+    backend = PiecewiseBackend(
         device, None, (), splitting_ops=[torch.ops.graphhal_test.scaled_by_host_sum], splitting_ops_as_break_points=True
     )
-    compiled = hal.CompiledForward(step, backend, token_inputs=["x", "pos"])
+    compiled = CompiledForward(step, backend, token_inputs=["x", "pos"])
     static = make_inputs(4, device.torch_device, seed=0)
     pool = device.graph_pool()
     with torch.no_grad():
@@ -244,8 +252,8 @@ class UpsampledStep(torch.nn.Module):
 def compile_upsampled(device: hal.Device, buckets):
     torch._dynamo.reset()
     step = UpsampledStep()
-    backend = hal.PiecewiseBackend(device, device.graph_pool(), buckets, splitting_ops=[])
-    return step, backend, hal.CompiledForward(step, backend, token_inputs=["x", "pos"])
+    backend = PiecewiseBackend(device, device.graph_pool(), buckets, splitting_ops=[])
+    return step, backend, CompiledForward(step, backend, token_inputs=["x", "pos"])
 
 
 def test_the_backends_fake_pass_keeps_the_token_dimension_symbolic(graph_device):
@@ -318,6 +326,6 @@ def test_a_specialisation_reported_by_dynamos_guards_names_the_model_line_too():
             return gm
 
     torch._dynamo.reset()
-    compiled = hal.CompiledForward(RowLoopStep(), CountingBackend(), token_inputs=["x", "pos"])
+    compiled = CompiledForward(RowLoopStep(), CountingBackend(), token_inputs=["x", "pos"])
     with torch.no_grad(), pytest.raises(hal.TokenSpecializationError, match=r"specialised to 8 at .*the specialising line"):
         compiled(**make_inputs(8, torch.device("cpu"), seed=0))

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import hal
+from hal.graph_support import graph_support_of
 from graphhal.paged_attention import (
     NULL_BLOCK,
     NULL_SLOT,
@@ -192,9 +193,9 @@ def test_attention_is_an_optional_break_point_that_declares_where_it_can_be_capt
     op = torch.ops.graphhal.prefill_attention.default
     # The CPU and CUDA kernels read every length on the device; any other device but npu runs the host-reading
     # reference.
-    assert hal.graph_support_of(op, "cpu") == hal.graph_support_of(op, "cuda") == hal.GraphSupport.ANY_BATCH
-    assert hal.graph_support_of(op, "npu") == hal.GraphSupport.ANY_BATCH  # host lengths updated before replays
-    assert hal.graph_support_of(op, "xpu") == hal.GraphSupport.NEVER
+    assert graph_support_of(op, "cpu") == graph_support_of(op, "cuda") == hal.GraphSupport.ANY_BATCH
+    assert graph_support_of(op, "npu") == hal.GraphSupport.ANY_BATCH  # host lengths updated before replays
+    assert graph_support_of(op, "xpu") == hal.GraphSupport.NEVER
 
 
 # --- the model's prefill step -----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import hal
+from hal.capture_state import current_capture
 from graphhal.paged_attention import PagedKVCache, decode_input_slots, prefill_attention_reference
 from graphhal.refmodel import DecodeWorkload, LlamaDecoder, ModelConfig, PrefillWorkload
 from runners import DecodeConfig, DecodeRunner, InputSlot, PrefillConfig, PrefillRunner
@@ -285,7 +286,7 @@ def test_a_tensor_moved_between_two_buckets_captures_is_refused_at_capture(graph
     state = {"weight": torch.ones(4, device=device.torch_device)}
 
     def forward(*, x):
-        if x.shape[0] == 2 and hal.current_capture() is None:
+        if x.shape[0] == 2 and current_capture() is None:
             state["weight"] = torch.ones(4, device=device.torch_device)  # rebound between captures
         return x * state["weight"]
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import hal
-from hal import stored_compile
+import hal.compile
+from hal.compile import stored_compile
 from graphhal.paged_attention import PagedKVCache
 from graphhal.refmodel import DecodeWorkload, LlamaDecoder, ModelConfig
 
@@ -31,7 +31,7 @@ _DECODE_PROCESS = textwrap.dedent(
     """
     import json, sys
     import torch
-    import hal
+    import hal.compile
     from torch._dynamo.utils import counters
     from graphhal.paged_attention import PagedKVCache
     from graphhal.refmodel import DecodeWorkload, LlamaDecoder, ModelConfig
@@ -41,9 +41,9 @@ _DECODE_PROCESS = textwrap.dedent(
     kv_cache = PagedKVCache(config, 64, torch.device("cpu"), torch.float32)
     workload = DecodeWorkload(kv_cache, 8, max_context_len=20, max_blocks_per_seq=8, seed=4)
     step = model.decode_forward(kv_cache)
-    backend = hal.InductorBackend()
+    backend = hal.compile.InductorBackend()
     names = [slot.name for slot in workload.input_slots()]
-    forward = hal.CompiledForward(step, backend, names, store=hal.CompileStore(sys.argv[1]))
+    forward = hal.compile.CompiledForward(step, backend, names, store=hal.compile.CompileStore(sys.argv[1]))
     differences = []
     with torch.no_grad():
         for rows in (8, 3, 1):  # the first call compiles (or loads) at the largest, as runners do
@@ -82,11 +82,11 @@ _SCALED_PROCESS = textwrap.dedent(
     """
     import json, sys
     import torch
-    import hal
+    import hal.compile
     from scaled_model import scaled
 
-    backend = hal.InductorBackend()
-    forward = hal.CompiledForward(scaled, backend, ["x"], store=hal.CompileStore(sys.argv[1]))
+    backend = hal.compile.InductorBackend()
+    forward = hal.compile.CompiledForward(scaled, backend, ["x"], store=hal.compile.CompileStore(sys.argv[1]))
     x = torch.randn(6, 4)
     difference = (forward(x=x) - scaled(x)).abs().max().item()
     print(json.dumps({"loaded": forward.loaded, "compiles": backend.compile_count, "difference": difference}))
@@ -150,7 +150,7 @@ def test_a_fingerprint_is_stable_across_processes():
     script = textwrap.dedent(
         """
         import json, torch
-        from hal import stored_compile
+        from hal.compile import stored_compile
         from graphhal.paged_attention import PagedKVCache
         from graphhal.refmodel import DecodeWorkload, LlamaDecoder, ModelConfig
         config = ModelConfig.tiny()
@@ -168,9 +168,9 @@ def test_a_fingerprint_is_stable_across_processes():
 
 @pytest.mark.cpu
 def test_an_unreadable_stored_compile_is_ignored_with_a_warning(tmp_path, caplog):
-    store = hal.CompileStore(tmp_path)
+    store = hal.compile.CompileStore(tmp_path)
     store.path("k").write_bytes(b"not a stored compile")
-    with caplog.at_level(logging.WARNING, logger="hal.stored_compile"):
+    with caplog.at_level(logging.WARNING, logger="hal.compile.stored_compile"):
         assert store.load("k") is None
     assert "ignoring the stored compile" in caplog.text and str(store.path("k")) in caplog.text
     assert store.load("absent") is None
@@ -185,7 +185,7 @@ def test_a_backend_whose_output_cannot_be_stored_ignores_the_store(tmp_path):
             self.compile_count += 1
             return gm.forward
 
-    forward = hal.CompiledForward(lambda x: x * 2, Counting(), ["x"], store=hal.CompileStore(tmp_path))
+    forward = hal.compile.CompiledForward(lambda x: x * 2, Counting(), ["x"], store=hal.compile.CompileStore(tmp_path))
     assert forward.store is None
     assert torch.equal(forward(x=torch.ones(3)), torch.full((3,), 2.0))
     assert not any(tmp_path.iterdir())
@@ -233,11 +233,11 @@ def test_a_forward_that_cannot_be_compiled_for_storing_is_compiled_without_the_s
         raise RuntimeError("does not implement SerializableCallable")
 
     monkeypatch.setattr(stored_compile, "available", lambda: True)
-    monkeypatch.setattr(hal.CompiledForward, "_aot_compile", unstorable)
-    backend = hal.InductorBackend()
-    forward = hal.CompiledForward(lambda x: torch.relu(x) * 2, backend, ["x"], store=hal.CompileStore(tmp_path))
+    monkeypatch.setattr(hal.compile.CompiledForward, "_aot_compile", unstorable)
+    backend = hal.compile.InductorBackend()
+    forward = hal.compile.CompiledForward(lambda x: torch.relu(x) * 2, backend, ["x"], store=hal.compile.CompileStore(tmp_path))
     x = torch.randn(5, 3)
-    with caplog.at_level(logging.WARNING, logger="hal.compiled_forward"):
+    with caplog.at_level(logging.WARNING, logger="hal.compile.compiled_forward"):
         assert torch.equal(forward(x=x), torch.relu(x) * 2)  # compiled the ordinary way: a store never stops a server
     assert "could not compile the forward for storing" in caplog.text
     assert forward.store is None and backend.compile_count == 1 and not any(tmp_path.iterdir())
@@ -250,12 +250,12 @@ def test_a_stored_compile_that_fails_on_its_first_call_is_compiled_again(tmp_pat
     def broken(*args, **kwargs):
         raise AssertionError("expected size 4==6")  # as Inductor's size checks say of an input traced otherwise
 
-    store = hal.CompileStore(tmp_path)
-    monkeypatch.setattr(hal.CompileStore, "load", lambda self, key: broken)
-    backend = hal.InductorBackend()
-    forward = hal.CompiledForward(lambda x: torch.relu(x) * 2, backend, ["x"], store=store)
+    store = hal.compile.CompileStore(tmp_path)
+    monkeypatch.setattr(hal.compile.CompileStore, "load", lambda self, key: broken)
+    backend = hal.compile.InductorBackend()
+    forward = hal.compile.CompiledForward(lambda x: torch.relu(x) * 2, backend, ["x"], store=store)
     x = torch.randn(5, 3)
-    with caplog.at_level(logging.WARNING, logger="hal.compiled_forward"):
+    with caplog.at_level(logging.WARNING, logger="hal.compile.compiled_forward"):
         assert torch.equal(forward(x=x), torch.relu(x) * 2)
     assert "failed on its first call" in caplog.text and "expected size 4==6" in caplog.text
     assert not forward.loaded and backend.compile_count == 1
@@ -265,7 +265,7 @@ def test_a_stored_compile_that_fails_on_its_first_call_is_compiled_again(tmp_pat
 @pytest.mark.cpu
 def test_without_aot_compile_the_store_is_ignored(tmp_path, monkeypatch):
     monkeypatch.setattr(stored_compile, "available", lambda: False)
-    forward = hal.CompiledForward(lambda x: x * 2, hal.InductorBackend(), ["x"], store=hal.CompileStore(tmp_path))
+    forward = hal.compile.CompiledForward(lambda x: x * 2, hal.compile.InductorBackend(), ["x"], store=hal.compile.CompileStore(tmp_path))
     assert forward.store is None
 
 
@@ -273,8 +273,8 @@ def test_without_aot_compile_the_store_is_ignored(tmp_path, monkeypatch):
 def test_a_store_that_cannot_be_written_is_logged_not_fatal(tmp_path, caplog):
     blocked = tmp_path / "a file, not a directory"
     blocked.write_text("")
-    with caplog.at_level(logging.WARNING, logger="hal.stored_compile"):
-        assert not hal.CompileStore(blocked / "forwards").save("k", object())
+    with caplog.at_level(logging.WARNING, logger="hal.compile.stored_compile"):
+        assert not hal.compile.CompileStore(blocked / "forwards").save("k", object())
     assert "could not store the compiled forward" in caplog.text
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 import hal
+from hal.capture_state import current_capture
 from graphhal.paged_attention import PagedKVCache, decode_input_slots
 from graphhal.refmodel import DecodeWorkload, LlamaDecoder, ModelConfig, PrefillWorkload
 from runners import DecodeConfig, DecodeRunner, InputSlot, PrefillConfig, PrefillRunner
@@ -145,7 +146,7 @@ def a_rank_whose_capture_raises(rank: int, world_size: int, device_type: str) ->
 
     def forward(**inputs):
         logits = step(**inputs)  # every collective of the step first: the peer is not left waiting in one
-        if rank == 1 and hal.current_capture() is not None and inputs["input_ids"].shape[0] == 2:
+        if rank == 1 and current_capture() is not None and inputs["input_ids"].shape[0] == 2:
             raise RuntimeError("out of graph memory on rank 1")
         return logits
 
@@ -165,7 +166,7 @@ def a_rank_whose_capture_raises(rank: int, world_size: int, device_type: str) ->
 @torch.library.custom_op("graphhal_test::fails_on_rank_1_capturing_bucket_2", mutates_args=())
 def fails_on_rank_1_capturing_bucket_2(x: torch.Tensor) -> torch.Tensor:
     """An op that breaks on rank 1 while bucket 2 is captured (an out-of-memory, say), in any graph mode."""
-    if dist.get_rank() == 1 and hal.current_capture() is not None and x.shape[0] == 2:
+    if dist.get_rank() == 1 and current_capture() is not None and x.shape[0] == 2:
         raise RuntimeError("out of graph memory on rank 1")
     return x.clone()
 
@@ -250,7 +251,7 @@ def data_parallel_ranks_agree_on_each_step(rank: int, world_size: int, device_ty
     seen: list[tuple[int, bool]] = []
 
     def forward(*, x):
-        seen.append((x.shape[0], hal.current_capture() is not None))
+        seen.append((x.shape[0], current_capture() is not None))
         total = x * 0 + 1
         dist.all_reduce(total, group=group)  # = world_size everywhere, only if the shapes match
         return x * 2 + total

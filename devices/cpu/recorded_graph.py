@@ -25,7 +25,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hal import GraphHalError
+from hal import GraphHalError, GraphStateError
 
 # Ops whose result is uninitialised memory: nothing to recompute at replay.
 _UNINITIALISED_FACTORIES = frozenset(
@@ -47,10 +47,6 @@ _MASK_ONLY_DYNAMIC = frozenset({torch.ops.aten.index.Tensor})
 
 class HostSyncDuringCaptureError(GraphHalError, RuntimeError):
     """The forward read a device value back to the host while a graph was being captured."""
-
-
-class RecordedGraphStateError(GraphHalError, RuntimeError):
-    """A recorded graph was captured twice, or replayed without a successful capture."""
 
 
 class RecordingPool:
@@ -278,7 +274,8 @@ def _is_dense(value: object) -> bool:
 class RecordedGraph:
     """A recorded op list that replays like a device graph. Empty until captured."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device  # named in its errors
         self._ops: list[_RecordedOp] = []
         self._pool: RecordingPool | None = None  # the memory the recorded aliases point into: kept alive
         self._capturing = False
@@ -291,13 +288,19 @@ class RecordedGraph:
     def record(self, pool: RecordingPool | None = None) -> "_RecordingSession":
         """A capture session into ``pool`` (None: a private pool for this graph)."""
         if self._capturing or self._captured:
-            raise RecordedGraphStateError("this graph is already captured (or capturing); make a new graph per capture")
+            raise GraphStateError(
+                f"this {self.device} graph is already captured (or capturing): make a new graph per capture "
+                "(Device.make_graph)"
+            )
         self._pool = pool if pool is not None else RecordingPool()
         return _RecordingSession(self, self._pool)
 
     def replay(self) -> None:
         if not self._captured:
-            raise RecordedGraphStateError("replay of a graph that was never captured (or whose capture failed)")
+            raise GraphStateError(
+                f"replay of a {self.device} graph that was never captured (or whose capture failed): capture it first "
+                "(Device.capture_session), or make a new graph and capture that"
+            )
         for op in self._ops:
             op.replay()
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from devices.cuda.capture_session import CudaCaptureSession
+from devices.cuda.cuda_graph import CudaGraph
 from devices.cuda.triton_key_warmup import start_hashing_triton_key
 from hal import DeviceId, GraphMode, MemoryStats, hookimpl
 
@@ -15,10 +16,6 @@ DEVICE_TYPE = "cuda"
 GRAPH_MODES = (GraphMode.FULL.value,)
 
 _capture_streams: dict[int, torch.cuda.Stream] = {}
-
-
-def _mine(device: DeviceId) -> bool:
-    return device.type == DEVICE_TYPE
 
 
 def _index(device: DeviceId) -> int:
@@ -31,59 +28,46 @@ def hal_device_types() -> list[str]:
 
 
 @hookimpl
-def hal_is_available(device: DeviceId) -> bool | None:
-    if not _mine(device):
-        return None
+def hal_is_available(device: DeviceId) -> bool:
     if not torch.cuda.is_available():
         return False
     return device.index is None or device.index < torch.cuda.device_count()
 
 
 @hookimpl
-def hal_graph_modes(device: DeviceId) -> tuple[str, ...] | None:
-    return GRAPH_MODES if _mine(device) else None
+def hal_graph_modes(device: DeviceId) -> tuple[str, ...]:
+    return GRAPH_MODES
 
 
 @hookimpl
-def hal_torch_device(device: DeviceId) -> torch.device | None:
-    return torch.device(DEVICE_TYPE, _index(device)) if _mine(device) else None
+def hal_torch_device(device: DeviceId) -> torch.device:
+    return torch.device(DEVICE_TYPE, _index(device))
 
 
 @hookimpl
-def hal_make_graph(device: DeviceId, mode: str) -> torch.cuda.CUDAGraph | None:
-    if not _mine(device) or mode not in GRAPH_MODES:
-        return None
-    return torch.cuda.CUDAGraph()
+def hal_make_graph(device: DeviceId, mode: str) -> CudaGraph:
+    return CudaGraph(_index(device))
 
 
 @hookimpl
-def hal_capture_session(graph: Any, pool: Any, stream: Any) -> AbstractContextManager[Any] | None:
-    if not isinstance(graph, torch.cuda.CUDAGraph):
-        return None
+def hal_capture_session(graph: CudaGraph, pool: Any, stream: Any) -> AbstractContextManager[Any]:
     return CudaCaptureSession(graph, pool, stream)
 
 
 @hookimpl
-def hal_replay(graph: Any) -> bool | None:
-    if not isinstance(graph, torch.cuda.CUDAGraph):
-        return None
+def hal_replay(graph: CudaGraph) -> None:
     graph.replay()
-    return True
 
 
 @hookimpl
 def hal_graph_pool(device: DeviceId) -> Any:
-    if not _mine(device):
-        return None
     with torch.cuda.device(_index(device)):
         return torch.cuda.graph_pool_handle()
 
 
 @hookimpl
-def hal_capture_stream(device: DeviceId) -> torch.cuda.Stream | None:
+def hal_capture_stream(device: DeviceId) -> torch.cuda.Stream:
     """One side stream per GPU, shared by every runner: captures never run on the legacy default stream."""
-    if not _mine(device):
-        return None
     index = _index(device)
     if index not in _capture_streams:
         _capture_streams[index] = torch.cuda.Stream(device=index)
@@ -92,22 +76,17 @@ def hal_capture_stream(device: DeviceId) -> torch.cuda.Stream | None:
 
 
 @hookimpl
-def hal_synchronize(device: DeviceId) -> bool | None:
-    if not _mine(device):
-        return None
+def hal_synchronize(device: DeviceId) -> None:
     torch.cuda.synchronize(_index(device))
-    return True
 
 
 @hookimpl
-def hal_distributed_backend(device: DeviceId) -> str | None:
-    return "nccl" if _mine(device) else None
+def hal_distributed_backend(device: DeviceId) -> str:
+    return "nccl"
 
 
 @hookimpl
-def hal_memory_stats(device: DeviceId, pool: Any) -> MemoryStats | None:
-    if not _mine(device):
-        return None
+def hal_memory_stats(device: DeviceId, pool: Any) -> MemoryStats:
     index = _index(device)
     pool_bytes = None
     if pool is not None:

@@ -34,16 +34,13 @@ from devices.npu.capture_session import NpuCaptureSession
 from devices.npu.graph_update import update_graph
 from devices.npu.npu_graph import NpuGraph
 from devices.npu.runtime import find_torch_npu, torch_npu_runtime
-from hal import DeviceConventions, DeviceId, GraphMode, MemoryStats, hookimpl
+from hal import Compiler, DeviceConventions, DeviceId, GraphMode, MemoryStats, hookimpl
 
 DEVICE_TYPE = "npu"
 GRAPH_MODES = ("full",)
 NPU_CONVENTIONS = DeviceConventions(cache_location_dtype=torch.int32, seq_len_dtype=torch.int32, seq_len_fill=0)
 
 logger = logging.getLogger(__name__)
-
-def _mine(device: DeviceId) -> bool:
-    return device.type == DEVICE_TYPE
 
 
 def _index(device: DeviceId) -> int:
@@ -56,9 +53,7 @@ def hal_device_types() -> list[str]:
 
 
 @hookimpl
-def hal_is_available(device: DeviceId) -> bool | None:
-    if not _mine(device):
-        return None
+def hal_is_available(device: DeviceId) -> bool:
     module, reason = find_torch_npu()
     if module is None:
         logger.debug("graphhal: npu unavailable: %s", reason)
@@ -74,36 +69,29 @@ def hal_is_available(device: DeviceId) -> bool | None:
 
 
 @hookimpl
-def hal_graph_modes(device: DeviceId) -> tuple[str, ...] | None:
-    if not _mine(device):
-        return None
+def hal_graph_modes(device: DeviceId) -> tuple[str, ...]:
     torch_npu_runtime()  # refuses a torch_npu lacking the graph API, naming what is missing and its version
     return GRAPH_MODES
 
 
 @hookimpl
-def hal_torch_device(device: DeviceId) -> torch.device | None:
-    return placement.torch_device(_index(device)) if _mine(device) else None
+def hal_torch_device(device: DeviceId) -> torch.device:
+    return placement.torch_device(_index(device))
 
 
 @hookimpl
-def hal_conventions(device: DeviceId) -> DeviceConventions | None:
-    return NPU_CONVENTIONS if _mine(device) else None
+def hal_conventions(device: DeviceId) -> DeviceConventions:
+    return NPU_CONVENTIONS
 
 
 @hookimpl
-def hal_needs_graph_update(device: DeviceId) -> bool | None:
-    return True if _mine(device) else None  # attention lengths are host values baked into captured tasks
+def hal_needs_graph_update(device: DeviceId) -> bool:
+    return True  # attention lengths are host values baked into captured tasks
 
 
 @hookimpl
-def hal_capture_executes_work(device: DeviceId) -> bool | None:
-    return False if _mine(device) else None  # captured work only runs at replay
-
-
-@hookimpl
-def hal_captures_compiled_kernels(device: DeviceId) -> bool | None:
-    return True if _mine(device) else None  # NPUGraph captures the stream: every launch, compiled kernels too
+def hal_capture_executes_work(device: DeviceId) -> bool:
+    return False  # captured work only runs at replay
 
 
 # Why a full graph of an Inductor-compiled forward cannot be updated here: the attention runs inside the
@@ -121,74 +109,56 @@ FULL_INDUCTOR_PROBLEM = (
 
 @hookimpl
 def hal_compiled_capture_problem(device: DeviceId, mode: str, compiler: str) -> str | None:
-    if _mine(device) and mode == GraphMode.FULL and compiler == "inductor":
+    # NPUGraph captures the stream, compiled kernels too: only full graphs' host-length updates object.
+    if mode == GraphMode.FULL and compiler == Compiler.INDUCTOR:
         return FULL_INDUCTOR_PROBLEM
     return None
 
 
 @hookimpl
-def hal_distributed_backend(device: DeviceId) -> str | None:
+def hal_distributed_backend(device: DeviceId) -> str:
     # HCCL collectives are captured into an NPUGraph like any other launch on the capture stream; what that
     # costs in device streams is said where a capture fails (capture_session.collective_capture_advice).
-    return "hccl" if _mine(device) else None
+    return "hccl"
 
 
 @hookimpl
-def hal_make_graph(device: DeviceId, mode: str) -> NpuGraph | None:
-    if not _mine(device) or mode not in GRAPH_MODES:
-        return None
+def hal_make_graph(device: DeviceId, mode: str) -> NpuGraph:
     return NpuGraph(torch_npu_runtime(), _index(device))
 
 
 @hookimpl
-def hal_capture_session(graph: Any, pool: Any, stream: Any) -> AbstractContextManager[Any] | None:
-    if not isinstance(graph, NpuGraph):
-        return None
+def hal_capture_session(graph: NpuGraph, pool: Any, stream: Any) -> AbstractContextManager[Any]:
     return NpuCaptureSession(graph, pool, stream)
 
 
 @hookimpl
-def hal_replay(graph: Any) -> bool | None:
-    if not isinstance(graph, NpuGraph):
-        return None
+def hal_replay(graph: NpuGraph) -> None:
     graph.replay()
-    return True
 
 
 @hookimpl
-def hal_update(graph: Any, params: Mapping[str, Any]) -> bool | None:
-    if not isinstance(graph, NpuGraph):
-        return None
+def hal_update(graph: NpuGraph, params: Mapping[str, Any]) -> None:
     update_graph(graph, params)
-    return True
 
 
 @hookimpl
 def hal_graph_pool(device: DeviceId) -> Any:
-    if not _mine(device):
-        return None
     return torch_npu_runtime().npu.graph_pool_handle()
 
 
 @hookimpl
 def hal_capture_stream(device: DeviceId) -> Any:
     """One side stream per NPU, shared by every runner."""
-    if not _mine(device):
-        return None
     return torch_npu_runtime().capture_stream(_index(device))
 
 
 @hookimpl
-def hal_synchronize(device: DeviceId) -> bool | None:
-    if not _mine(device):
-        return None
+def hal_synchronize(device: DeviceId) -> None:
     torch_npu_runtime().npu.synchronize(_index(device))
-    return True
 
 
 @hookimpl
-def hal_memory_stats(device: DeviceId, pool: Any) -> MemoryStats | None:
-    if not _mine(device):
-        return None
+def hal_memory_stats(device: DeviceId, pool: Any) -> MemoryStats:
     npu, index = torch_npu_runtime().npu, _index(device)
     return MemoryStats(allocated_bytes=int(npu.memory_allocated(index)), reserved_bytes=int(npu.memory_reserved(index)))

@@ -35,7 +35,7 @@ from typing import Any
 
 from devices.npu.host_length_launches import HostLengthCapture
 from devices.npu.npu_graph import NpuGraph
-from hal import GraphHalError
+from hal import GraphHalError, GraphStateError
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,9 @@ class NpuCaptureSession:
 
     def __init__(self, graph: NpuGraph, pool: Any, stream: Any) -> None:
         if graph.captured:
-            raise RuntimeError("this npu graph is already captured; make a new graph per capture")
+            raise GraphStateError(
+                f"this npu:{graph.index} graph is already captured: make a new graph per capture (Device.make_graph)"
+            )
         self._graph = graph
         npu = graph.runtime.npu
         # Always a pool the plugin knows, so that a failed capture's routing into it can be ended.

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from devices.npu.host_length_ops import HostLengthUpdateError
 from devices.npu.npu_graph import NpuGraph
-from hal import SlotRole
+from hal import GraphStateError, SlotRole
 
 # SEQ_LENS: the KV lengths every attention launch takes. QUERY_LENS: the new tokens per request of a packed
 # prefill batch, which only packed ("TND") launches take (as cumulative ends, ``launch_lengths``); a graph
@@ -27,7 +27,10 @@ SUPPORTED_PARAMS = (SlotRole.SEQ_LENS, SlotRole.QUERY_LENS)
 def update_graph(graph: NpuGraph, params: Mapping[str, Any]) -> None:
     """Give every host-length launch of ``graph`` the lengths in ``params``, before its next replay."""
     if not graph.captured:
-        raise RuntimeError("update of an npu graph that was never captured (or whose capture failed)")
+        raise GraphStateError(
+            f"update of an npu:{graph.index} graph that was never captured (or whose capture failed): capture it "
+            "first (Device.capture_session), or make a new graph and capture that"
+        )
     lengths = _lengths(graph, params)
     if lengths is None:  # nothing in this graph bakes lengths (e.g. a breakable graph's segment): no-op
         return

@@ -22,7 +22,7 @@ from typing import Any
 
 from devices.npu.host_length_launches import ExplicitLaunch
 from devices.npu.runtime import TorchNpu
-from hal import GraphHalError
+from hal import GraphHalError, GraphStateError
 
 
 class MissingUpdateError(GraphHalError, RuntimeError):
@@ -54,7 +54,10 @@ class NpuGraph:
 
     def replay(self) -> None:
         if not self.captured:
-            raise RuntimeError("replay of an npu graph that was never captured (or whose capture failed)")
+            raise GraphStateError(
+                f"replay of an npu:{self.index} graph that was never captured (or whose capture failed): capture it "
+                "first (Device.capture_session), or make a new graph and capture that"
+            )
         if self.launches and not self.update_pending:
             raise MissingUpdateError(
                 f"replay of an npu graph with {len(self.launches)} attention launch(es) taking host lengths, without "

@@ -5,14 +5,13 @@ Importing this room registers mode ``breakable`` with the facade (``hal.graph_st
 
 from hal.breakable.break_points import BreakInFullGraphError, BreakPoint, break_graph, break_point
 from hal.breakable.break_results import BreakResultMismatchError
-from hal.breakable.graph import BreakableGraph, BreakableStateError, SegmentEndError
+from hal.breakable.graph import BreakableGraph, SegmentEndError
 
 __all__ = [
     "BreakInFullGraphError",
     "BreakPoint",
     "BreakResultMismatchError",
     "BreakableGraph",
-    "BreakableStateError",
     "SegmentEndError",
     "break_graph",
     "break_point",

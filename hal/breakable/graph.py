@@ -28,7 +28,7 @@ from hal.breakable.break_points import BreakPoint
 from hal.breakable.break_results import copy_back
 from hal.capture_state import ActiveCapture, capture_scope
 from hal.device import Device, PluginGraph
-from hal.errors import GraphHalError
+from hal.errors import GraphHalError, GraphStateError
 from hal.graph import DeviceGraph
 from hal.graph_modes import GraphMode
 from hal.graph_strategies import register_strategy
@@ -37,10 +37,6 @@ from hal.pool_aliases import non_owning_alias
 
 class SegmentEndError(GraphHalError, RuntimeError):
     """A captured segment could not be ended at a break (typically a side stream left un-joined)."""
-
-
-class BreakableStateError(GraphHalError, RuntimeError):
-    """A breakable graph was captured twice, or replayed without a successful capture."""
 
 
 @dataclass
@@ -89,12 +85,18 @@ class BreakableGraph(DeviceGraph):
 
     def capture(self, pool: Any) -> "BreakableCapture":
         if self.captured or self.steps:
-            raise BreakableStateError("this breakable graph is already captured; make a new graph per capture")
+            raise GraphStateError(
+                f"this breakable {self.device} graph is already captured: make a new graph per capture "
+                "(Device.make_graph)"
+            )
         return BreakableCapture(self, pool)
 
     def replay(self) -> None:
         if not self.captured:
-            raise BreakableStateError("replay of a breakable graph that was never captured (or whose capture failed)")
+            raise GraphStateError(
+                f"replay of a breakable {self.device} graph that was never captured (or whose capture failed): "
+                "capture it first (Device.capture_session), or make a new graph and capture that"
+            )
         for step in self.steps:
             step.replay()
 

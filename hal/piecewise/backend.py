@@ -1,7 +1,7 @@
 """The piecewise strategy: a torch.compile backend that captures a model piece by piece.
 
     backend = PiecewiseBackend(device, pool, buckets=[8, 16, 32])
-    compiled = hal.CompiledForward(model, backend, token_inputs=["input_ids", "positions"])
+    compiled = CompiledForward(model, backend, token_inputs=["input_ids", "positions"])
 
 torch.compile hands the backend the model's FX graph once, with the token dimension symbolic. The backend
 cuts it at the splitting ops (attention), compiles every other piece (``eager``: as traced; ``inductor``:
@@ -19,19 +19,19 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch._dispatch.python import enable_python_dispatcher
 
-from hal import token_specialization
 from hal.breakable import BreakPoint
-from hal.compiled_forward import RecompileError
+from hal.compile import token_specialization
+from hal.compile.compiled_forward import RecompileError
 from hal.device import Device
 from hal.errors import GraphHalError, UnsupportedModeError
-from hal.graph_modes import GraphMode
+from hal.graph_modes import Compiler, GraphMode
 from hal.graph_per_key import AfterWarmup
 from hal.graph_strategies import register_strategy
 from hal.piecewise.piece import PieceCaptures, PiecewisePiece, ShapeKey
 from hal.piecewise.split import split_at_ops
 from hal.piecewise.splitting_ops import resolve_splitting_ops
 
-PIECE_COMPILERS = ("eager", "inductor")
+PIECE_COMPILERS = (Compiler.EAGER, Compiler.INDUCTOR)
 
 
 class PiecewiseBackend:
@@ -45,7 +45,7 @@ class PiecewiseBackend:
                    splitting op becomes a break point, so a breakable graph around the compiled forward
                    cuts there (``compiler: inductor`` in breakable mode: fused kernels in the segments, the
                    splitting ops eager between them).
-    after_warmup:  called after each piece's warm-up, before its capture (``hal.GraphPerKey``): across
+    after_warmup:  called after each piece's warm-up, before its capture (``GraphPerKey``): across
                    ranks, where they agree that every rank warmed up.
     """
 
@@ -55,7 +55,7 @@ class PiecewiseBackend:
         pool: Any,
         buckets: Iterable[int],
         *,
-        compiler: str = "eager",
+        compiler: str = Compiler.EAGER,
         warmup_runs: int = 1,
         splitting_ops: Iterable[Any] | None = None,
         splitting_ops_as_break_points: bool = False,
@@ -99,8 +99,8 @@ class PiecewiseBackend:
                 raise traced
             raise GraphHalError(
                 "the piecewise backend got a graph with no dynamic dimension: one compile must serve every "
-                "token-count bucket, so compile with the token dimension marked dynamic (hal.CompiledForward "
-                "does this when the first call has more than one token)"
+                "token-count bucket, so compile with the token dimension marked dynamic "
+                "(hal.compile.CompiledForward does this when the first call has more than one token)"
             )
         compiler = _PieceCompiler(split.module, set(split.pieces), self, token_symbol, _producer_of_outputs(split.module))
         # The python dispatcher, as Dynamo and AOTAutograd use when they run a graph on fake tensors: without
@@ -150,7 +150,7 @@ class PiecewiseBackend:
 
 def _no_single_graph(device: Device) -> Any:
     raise UnsupportedModeError(
-        "a piecewise graph is not one graph object: compile the forward with hal.PiecewiseBackend "
+        "a piecewise graph is not one graph object: compile the forward with hal.piecewise.PiecewiseBackend "
         "(runners do this for mode 'piecewise'), which captures each piece as a full graph"
     )
 
@@ -240,7 +240,7 @@ def _submodule_behind(node: torch.fx.Node) -> str:
 
 
 def _compile_piece(submodule: torch.fx.GraphModule, fake_args: list[Any], compiler: str) -> Any:
-    if compiler == "eager":
+    if compiler == Compiler.EAGER:
         return submodule
     from torch._inductor.compile_fx import compile_fx
 

@@ -17,7 +17,7 @@ class PieceCaptures:
     pool: Any
     buckets: frozenset[int]
     warmup_runs: int = 1
-    after_warmup: AfterWarmup | None = None  # see hal.GraphPerKey
+    after_warmup: AfterWarmup | None = None  # see hal.graph_per_key.GraphPerKey
 
 
 @dataclass

@@ -31,7 +31,7 @@ RUNNER_MODES = (hal.GraphMode.FULL, hal.GraphMode.BREAKABLE, hal.GraphMode.PIECE
 DECODE_CONTENDERS: dict[str, Callable[[hal.Device], Contender[Batch]]] = {
     FLOOR: HandWrittenFloor,
     **{mode.value: (lambda device, mode=mode: DecodeRunnerMode(mode.value)) for mode in RUNNER_MODES},
-    FULL_INDUCTOR: lambda device: DecodeRunnerMode(hal.GraphMode.FULL.value, compiler="inductor"),
+    FULL_INDUCTOR: lambda device: DecodeRunnerMode(hal.GraphMode.FULL.value, compiler=hal.Compiler.INDUCTOR.value),
     # The same full graphs with addresses checked only on a bucket's first replay: what checking before
     # every replay (the default) costs is the difference to "full".
     FULL_FIRST_REPLAY_CHECK: lambda device: DecodeRunnerMode(hal.GraphMode.FULL.value, check_addresses="first_replay"),

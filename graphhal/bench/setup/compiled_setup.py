@@ -130,7 +130,9 @@ def warm_up_compiler(device: hal.Device) -> None:
 def full_inductor(workload: Workload, max_bs: int, show_progress: bool) -> CompiledSetup:
     """One ``full`` runner with ``compiler="inductor"`` capturing every default bucket up to ``max_bs``."""
     device = workload.device
-    config = DecodeConfig(mode=hal.GraphMode.FULL, compiler="inductor", max_bs=max_bs, show_progress=show_progress)
+    config = DecodeConfig(
+        mode=hal.GraphMode.FULL, compiler=hal.Compiler.INDUCTOR, max_bs=max_bs, show_progress=show_progress
+    )
     with cold_compile_caches():
         with metered_setup(device) as meter:
             runner = DecodeRunner(workload.decode_step, workload.decode_slots, device, config)

@@ -66,8 +66,8 @@ def set_up(argv: list[str]) -> dict:
                     statics.append(static)
             cache.save()
         else:
-            compiler = "inductor" if args.setup == FULL_INDUCTOR else "none"
-            config = DecodeConfig(mode="full", compiler=compiler, max_bs=args.max_bs, show_progress=False, compile_cache_dir=args.cache_dir)
+            compiler = hal.Compiler.INDUCTOR if args.setup == FULL_INDUCTOR else hal.Compiler.NONE
+            config = DecodeConfig(mode=hal.GraphMode.FULL, compiler=compiler, max_bs=args.max_bs, show_progress=False, compile_cache_dir=args.cache_dir)
             DecodeRunner(workload.decode_step, workload.decode_slots, device, config).capture()  # saves the artifacts
     return {"setup_s": meter.setup_s, "compiles": meter.compiles, "num_buckets": len(buckets)}
 

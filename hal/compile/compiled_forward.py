@@ -14,7 +14,7 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch.utils import _pytree as pytree
 
-from hal import stored_compile, token_specialization
+from hal.compile import stored_compile, token_specialization
 from hal.errors import GraphHalError
 
 logger = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 class InductorBackend:
     """Inductor, without its own CUDA graphs (graphhal captures the compiled forward), counting compiles."""
 
-    storable = True  # its output can be stored (hal.stored_compile): an Inductor graph, bundled by AOTAutograd
+    storable = True  # its output can be stored (stored_compile): an Inductor graph, bundled by AOTAutograd
 
     def __init__(self) -> None:
         self.compile_count = 0
@@ -69,7 +69,7 @@ class CompiledForward:
     own (a BACKEND_MATCH guard): compiling the shared ``forward`` itself, the ninth runner of one model in a
     process (or the ninth capture retry) would hit the limit. A fresh code object per compile starts empty.
 
-    With a ``store`` (``hal.stored_compile``) and a backend whose output can be stored (``storable``, as
+    With a ``store`` (``stored_compile``) and a backend whose output can be stored (``storable``, as
     Inductor's), the first call loads the compile stored under this forward's fingerprint instead, tracing
     nothing (``loaded`` says so), or compiles with ``aot_compile`` and stores the result for the next process.
     That compile keeps no guards at all; the fingerprint and the runner's input checks stand in for them.

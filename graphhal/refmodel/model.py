@@ -252,7 +252,7 @@ class _BoundStep(torch.nn.Module):
 class DecodeStep(_BoundStep):
     """A decoder with its KV cache bound, called with exactly the decode input slots as keywords.
 
-    This is the forward callable to hand a runner (its inputs are ``refmodel.decode_input_slots``).
+    This is the forward callable to hand a runner (its inputs are ``graphhal.paged_attention.decode_input_slots``).
     """
 
     def forward(
@@ -277,8 +277,8 @@ class DecodeStep(_BoundStep):
 class PrefillStep(_BoundStep):
     """A decoder with its KV cache bound, called with exactly the prefill input slots as keywords.
 
-    Its inputs are ``refmodel.prefill_token_slots`` (one row per packed token) followed by
-    ``refmodel.prefill_request_slots`` (one row per request); see ``LlamaDecoder.prefill``.
+    Its inputs are ``graphhal.paged_attention.prefill_token_slots`` (one row per packed token) followed by
+    ``graphhal.paged_attention.prefill_request_slots`` (one row per request); see ``LlamaDecoder.prefill``.
     """
 
     def forward(

@@ -32,7 +32,7 @@ class _Step(torch.nn.Module):
 
 
 class DecodeStep(_Step):
-    """One new token per request: ``refmodel.decode_input_slots``."""
+    """One new token per request: ``graphhal.paged_attention.decode_input_slots``."""
 
     def forward(
         self,
@@ -47,8 +47,8 @@ class DecodeStep(_Step):
 
 
 class PrefillStep(_Step):
-    """Packed new tokens of several requests, each after its cached context: ``refmodel.prefill_token_slots``
-    and ``refmodel.prefill_request_slots``."""
+    """Packed new tokens of several requests, each after its cached context: ``graphhal.paged_attention.prefill_token_slots``
+    and ``graphhal.paged_attention.prefill_request_slots``."""
 
     def forward(
         self,

@@ -275,29 +275,25 @@ def test_identical_runners_estimate_the_same_pool(graph_device, mode):
     assert estimates[0] > 0 and estimates == [estimates[0]] * 3, estimates
 
 
-def _held_logits_after_a_smaller_run(device: str, mode: str) -> tuple[bool, int]:
-    """Whether bucket 8's logits, held across a run of bucket 4, were overwritten; and their offset in the
-    pool segment that holds them."""
+def _held_logits_overwritten_by_a_smaller_run(device: str, mode: str) -> bool:
+    """Whether the reference model's bucket-8 logits, held across a run of bucket 4, were overwritten."""
     runner, kv_cache = _reference_decode_runner(device, mode, [4, 8])
     runner.capture()
     larger, smaller = DecodeWorkload(kv_cache, 8, max_context_len=12, seed=1), DecodeWorkload(kv_cache, 3, max_context_len=12, seed=2)
     held = runner.run(larger.batch(8))
     before = held.clone()
     runner.run(smaller.batch(3))
-    if device == "cpu":
-        segment_starts = [segment.data_ptr() for segment in runner.pool._segments]
-    else:
-        pool_id = tuple(runner.pool)
-        segment_starts = [s["address"] for s in torch.cuda.memory_snapshot() if tuple(s.get("segment_pool_id", ())) == pool_id]
-    offset = min(held.data_ptr() - start for start in segment_starts if start <= held.data_ptr())
     overwritten = not torch.equal(held, before)
     runner.close()
-    return overwritten, offset
+    return overwritten
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", [mode for mode, _ in MODES])
-def test_the_cpu_pool_places_a_held_output_where_the_cuda_pool_does(mode):
-    # The reference device is only worth its tests if a held output fares on it as on a GPU: overwritten or
-    # not by a smaller bucket's run, at the same place in the pool's segment.
-    assert _held_logits_after_a_smaller_run("cpu", mode) == _held_logits_after_a_smaller_run("cuda", mode)
+def test_a_held_output_fares_on_the_cpu_as_on_cuda(mode):
+    # The reference device is only worth its tests if a held output fares on it as on a GPU. On an H100 the
+    # reference model's logits were overwritten in full and piecewise and left alone in breakable (whose
+    # break arguments stay allocated to the end of the capture, so its output sits above them), as here.
+    # Offsets inside the segment can differ: a GPU also puts the temporaries a custom op allocates inside
+    # its kernel into the pool, which the cpu recorder does not see.
+    assert _held_logits_overwritten_by_a_smaller_run("cpu", mode) == _held_logits_overwritten_by_a_smaller_run("cuda", mode)

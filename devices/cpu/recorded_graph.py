@@ -112,7 +112,7 @@ class RecordingPool:
         placed = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
         return placed.set_(storage, 0, tensor.size(), tensor.stride())
 
-    def _take(self, size: int) -> "_Block":
+    def _take(self, size: int) -> _Block:
         self._collect()
         small = size <= _SMALL_REQUEST
         fitting = [block for block in self._free if block.small == small and block.size >= size]
@@ -127,7 +127,7 @@ class RecordingPool:
             block = _Block(block.segment, block.offset, size, small)
         return block
 
-    def _new_segment(self, size: int, small: bool) -> "_Block":
+    def _new_segment(self, size: int, small: bool) -> _Block:
         if small:
             segment_size = _SMALL_SEGMENT
         elif size < _MIN_LARGE_SEGMENT_REQUEST:
@@ -144,7 +144,7 @@ class RecordingPool:
             block, _ = self._live.pop(address)
             self._release(block)
 
-    def _release(self, block: "_Block") -> None:
+    def _release(self, block: _Block) -> None:
         """Free ``block``, merged with the free blocks right before and after it in its segment."""
         for neighbour in [b for b in self._free if b.segment == block.segment]:
             if neighbour.offset + neighbour.size == block.offset or block.offset + block.size == neighbour.offset:

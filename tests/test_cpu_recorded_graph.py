@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hal
-from devices.cpu.recorded_graph import HostSyncDuringCaptureError
+from devices.cpu.recorded_graph import HostSyncDuringCaptureError, RecordingPool
 
 pytestmark = pytest.mark.cpu
 
@@ -150,13 +150,33 @@ def test_outputs_are_overwritten_by_the_next_replay(cpu):
     assert first is out and first.tolist() == [11.0, 11.0]
 
 
-def test_the_pool_counts_the_memory_graphs_keep(cpu):
-    x = torch.ones(1024)
-    pool = cpu.graph_pool()
-    graph = cpu.make_graph("full")
-    with cpu.capture_session(graph, pool):
-        _ = x * 2
-    assert cpu.memory_stats(pool).pool_bytes == 1024 * 4
+MIB = 1 << 20
+
+
+def test_the_pool_reserves_segments_of_the_sizes_the_cuda_caching_allocator_does(cpu):
+    # What a capture report and a pool budget read on a GPU: segments, not tensors. A request up to 1 MiB
+    # comes from a 2 MiB segment, one up to 10 MiB from a 20 MiB segment, a larger one from a segment of its
+    # own rounded up to 2 MiB.
+    for tensor_bytes, pool_bytes in ((4096, 2 * MIB), (3 * MIB, 20 * MIB), (12 * MIB + 4, 14 * MIB)):
+        x = torch.ones(tensor_bytes // 4)
+        pool = cpu.graph_pool()
+        graph = cpu.make_graph("full")
+        with cpu.capture_session(graph, pool):
+            _ = x * 2
+        assert cpu.memory_stats(pool).pool_bytes == pool_bytes, tensor_bytes
+
+
+def test_the_pool_packs_blocks_into_a_segment_and_hands_out_the_smallest_free_one_that_fits():
+    pool = RecordingPool()
+    first, second, third = (pool.allocate_like(torch.empty(1024)) for _ in range(3))  # 4 KiB each
+    start = first.data_ptr()
+    assert (second.data_ptr(), third.data_ptr()) == (start + 4096, start + 8192)  # one segment, front to back
+    del first
+    smaller = pool.allocate_like(torch.empty(100))  # best fit: the 4 KiB hole, not the rest of the segment
+    assert smaller.data_ptr() == start
+    del second, third, smaller
+    whole = pool.allocate_like(torch.empty(3 * 1024))  # the freed blocks merged back into one
+    assert whole.data_ptr() == start and pool.bytes == 2 * MIB
 
 
 def test_a_graph_is_captured_once(cpu):

@@ -5,6 +5,9 @@ splits there, breakable breaks there (its eager step returns a fresh tensor, the
 into the pool), and the same stack over a capturable op is captured whole in mode full. For each mode: the
 pool for all buckets against the largest bucket alone, the estimate made before the other buckets, the
 budget, and every bucket still equal to eager after all are captured, replayed in random order.
+
+The cpu reference device's pool places blocks as the CUDA caching allocator does, so what a held output sees
+and what an estimate reads are the same on the cpu as on a GPU; the last tests pin that.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import pytest
 import torch
 
 import hal
+from graphhal.paged_attention import PagedKVCache, decode_input_slots
+from graphhal.refmodel import DecodeWorkload, LlamaDecoder, ModelConfig
 from runners import DecodeConfig, DecodeRunner, InputSlot, PoolBudgetError, PrefillConfig, PrefillRunner
 
 WIDTH = 256
@@ -218,3 +223,77 @@ def test_capture_goes_on_in_the_inference_mode_the_estimate_began_in(graph_devic
         expected = runner.forward(x).clone()
     torch.testing.assert_close(runner.run({"x": x}), expected, rtol=1e-4, atol=1e-4)
     assert runner.estimate_pool_bytes() == sum(runner.report.added_bytes)  # after capture: what this runner added
+
+
+# --- what the cpu reference device shows, as a GPU's pool does ---------------------------------------------
+
+
+@pytest.mark.parametrize("mode, op", MODES, ids=[mode for mode, _ in MODES])
+def test_an_older_buckets_output_held_across_a_smaller_buckets_run_is_overwritten(graph_device, mode, op):
+    # Rows of 16 floats: at buckets 8 and 4 every tensor rounds up to one 512-byte block, so the smaller
+    # bucket's capture, starting from the memory the larger one freed, lays its blocks where the larger's
+    # were, in every mode: its output is the very memory of the held one (README: outputs are valid until the
+    # next run).
+    through = THROUGH_CAPTURABLE if op is CAPTURABLE else THROUGH_UNCAPTURABLE
+    torch._dynamo.reset()
+    runner = DecodeRunner(
+        lambda *, x: through(x.tanh()) + 1, [InputSlot("x", torch.float32, row_shape=(16,))], graph_device,
+        DecodeConfig(mode=mode, buckets=[4, 8], show_progress=False),
+    )
+    runner.capture()
+    device = runner.device.torch_device
+    held = runner.run({"x": torch.zeros(8, 16, device=device)})
+    assert held.eq(1).all()
+    smaller = runner.run({"x": torch.full((3, 16), 0.5, device=device)})
+    assert smaller.data_ptr() == held.data_ptr()
+    assert not held.eq(1).all()  # overwritten by bucket 4's run
+    torch.testing.assert_close(held[:3], smaller)
+
+
+def _reference_decode_runner(device: str, mode: str, buckets: list[int]) -> tuple[DecodeRunner, PagedKVCache]:
+    torch._dynamo.reset()
+    config = ModelConfig.tiny()
+    torch_device = hal.get_device(device).torch_device
+    model = LlamaDecoder(config, torch_device, torch.float32, seed=0)
+    kv_cache = PagedKVCache(config, 96, torch_device, torch.float32)
+    runner = DecodeRunner(
+        model.decode_forward(kv_cache), decode_input_slots(config), device,
+        DecodeConfig(mode=mode, buckets=buckets, show_progress=False),
+    )
+    return runner, kv_cache
+
+
+@pytest.mark.parametrize("mode", [mode for mode, _ in MODES])
+def test_identical_runners_estimate_the_same_pool(graph_device, mode):
+    # A budget set from one start's estimate must admit the next start: the estimate depends on what the
+    # forward allocates, not on where the host or the driver happened to put the pool's memory.
+    estimates = []
+    for _ in range(3):
+        runner, _ = _reference_decode_runner(graph_device, mode, [1, 8, 64, 256])
+        estimates.append(runner.estimate_pool_bytes())
+        runner.close()
+    assert estimates[0] > 0 and estimates == [estimates[0]] * 3, estimates
+
+
+def _held_logits_overwritten_by_a_smaller_run(device: str, mode: str) -> bool:
+    """Whether the reference model's bucket-8 logits, held across a run of bucket 4, were overwritten."""
+    runner, kv_cache = _reference_decode_runner(device, mode, [4, 8])
+    runner.capture()
+    larger, smaller = DecodeWorkload(kv_cache, 8, max_context_len=12, seed=1), DecodeWorkload(kv_cache, 3, max_context_len=12, seed=2)
+    held = runner.run(larger.batch(8))
+    before = held.clone()
+    runner.run(smaller.batch(3))
+    overwritten = not torch.equal(held, before)
+    runner.close()
+    return overwritten
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", [mode for mode, _ in MODES])
+def test_a_held_output_fares_on_the_cpu_as_on_cuda(mode):
+    # The reference device is only worth its tests if a held output fares on it as on a GPU. On an H100 the
+    # reference model's logits were overwritten in full and piecewise and left alone in breakable (whose
+    # break arguments stay allocated to the end of the capture, so its output sits above them), as here.
+    # Offsets inside the segment can differ: a GPU also puts the temporaries a custom op allocates inside
+    # its kernel into the pool, which the cpu recorder does not see.
+    assert _held_logits_overwritten_by_a_smaller_run("cpu", mode) == _held_logits_overwritten_by_a_smaller_run("cuda", mode)

@@ -10,7 +10,9 @@ cpu tests catch the same bugs a GPU would:
 - tensors are bound by identity: a replay reads the captured input tensors, never new ones, and refills the
   captured output tensors, which the next replay overwrites;
 - reading a device value back to the host during capture (``.item()``, ``.tolist()``, ``nonzero``, data
-  dependent shapes) is an error, as it is inside a CUDA capture.
+  dependent shapes) is an error, as it is inside a CUDA capture;
+- what a capture creates lives in a graph pool that places blocks as CUDA's caching allocator does
+  (``RecordingPool``): buckets share memory where a GPU's would, and a pool estimate reads what it reads there.
 
 It is slower than running the forward: it exists to be faithful, not fast.
 """
@@ -50,7 +52,8 @@ class HostSyncDuringCaptureError(GraphHalError, RuntimeError):
 
 
 class RecordingPool:
-    """The CPU's graph memory pool: a small caching allocator that behaves like a CUDA graph pool.
+    """The CPU's graph memory pool: a model of the CUDA caching allocator's graph pool, so that memory is
+    shared and reused on the cpu exactly where a GPU shares and reuses it.
 
     Every tensor an op creates during a capture is placed in the pool's memory, and the recorded graph keeps
     only non-owning aliases of it, as a CUDA graph keeps only addresses. When the program drops its last
@@ -61,14 +64,29 @@ class RecordingPool:
       overwritten by it (runners say: outputs are valid until the next run);
     - a tensor that crosses a break or feeds a later piece must be held strongly by whoever needs it, or a
       later capture reuses its memory (sglang issue 37606);
-    - ``bytes`` is the memory the pool's segments take, the figure a capture report gives.
+    - ``bytes`` is the memory the pool's segments take, the figure a capture report gives: as on a GPU, at
+      least one 2 MiB segment once anything is captured, however small.
+
+    Placement follows ``c10/cuda/CUDACachingAllocator.cpp`` (default settings), because where a block lands
+    decides which held output a later capture overwrites and how large the pool grows:
+
+    - requests are rounded up to 512 bytes; those up to 1 MiB come from 2 MiB segments, larger ones from
+      20 MiB segments (under 10 MiB) or a segment of their own rounded up to 2 MiB; small and large blocks
+      never share a segment;
+    - a request takes the smallest free block that fits (best fit), split when what is left is worth keeping
+      (at least 512 bytes in a small segment, over 1 MiB in a large one); a freed block merges with free
+      neighbours in its segment.
+
+    Where CUDA breaks ties between equally sized free blocks by device address, this pool breaks them by
+    segment and offset in the order the pool made them: host addresses come from malloc and differ between
+    two pools of one process, and placement (and so ``bytes``) must not depend on them, or identical
+    runners would estimate different pools.
     """
 
     def __init__(self) -> None:
         self._segments: list[torch.Tensor] = []  # owned memory, never returned to the system
-        self._free: list[list[int]] = []  # [address, size] of free blocks, in address order
-        self._live: dict[int, tuple[int, StorageWeakRef]] = {}  # block address -> (size, its storage's weakref)
-        self._segment_starts: set[int] = set()  # a free block starting here never merges with the one before
+        self._free: list[_Block] = []  # free blocks of every segment
+        self._live: dict[int, tuple[_Block, StorageWeakRef]] = {}  # block address -> (block, its storage's weakref)
 
     @property
     def bytes(self) -> int:
@@ -81,48 +99,77 @@ class RecordingPool:
     def allocate_like(self, tensor: torch.Tensor) -> torch.Tensor:
         """A tensor in the pool with ``tensor``'s dtype, sizes and strides (contents uninitialised)."""
         nbytes = _storage_bytes(tensor)
-        size = max(_round_up(nbytes, _BLOCK_ALIGNMENT), _BLOCK_ALIGNMENT)
-        address = self._take(size)
+        if nbytes == 0:  # CUDA hands a zero-byte request no memory at all
+            return torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, device=tensor.device)
+        block = self._take(_round_up(nbytes, _MIN_BLOCK))
+        address = self._segments[block.segment].data_ptr() + block.offset
         storage = torch._C._construct_storage_from_data_pointer(address, tensor.device, nbytes)
-        self._live[address] = (size, StorageWeakRef(storage))
-        block = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-        return block.set_(storage, 0, tensor.size(), tensor.stride())
+        self._live[address] = (block, StorageWeakRef(storage))
+        placed = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        return placed.set_(storage, 0, tensor.size(), tensor.stride())
 
-    def _take(self, size: int) -> int:
+    def _take(self, size: int) -> _Block:
         self._collect()
-        for index, (address, free_size) in enumerate(self._free):
-            if free_size >= size:  # first fit in address order, as caching allocators mostly do
-                if free_size == size:
-                    del self._free[index]
-                else:
-                    self._free[index] = [address + size, free_size - size]
-                return address
-        segment = torch.empty(size, dtype=torch.uint8)
-        self._segments.append(segment)
-        self._segment_starts.add(segment.data_ptr())
-        return segment.data_ptr()
+        small = size <= _SMALL_REQUEST
+        fitting = [block for block in self._free if block.small == small and block.size >= size]
+        if fitting:
+            block = min(fitting, key=_Block.order)  # best fit, as the CUDA allocator's size-ordered free set
+            self._free.remove(block)
+        else:
+            block = self._new_segment(size, small)
+        remaining = block.size - size
+        if (remaining >= _MIN_BLOCK) if small else (remaining > _SMALL_REQUEST):
+            self._free.append(_Block(block.segment, block.offset + size, remaining, small))
+            block = _Block(block.segment, block.offset, size, small)
+        return block
+
+    def _new_segment(self, size: int, small: bool) -> _Block:
+        if small:
+            segment_size = _SMALL_SEGMENT
+        elif size < _MIN_LARGE_SEGMENT_REQUEST:
+            segment_size = _LARGE_SEGMENT
+        else:
+            segment_size = _round_up(size, _LARGE_ROUNDING)
+        self._segments.append(torch.empty(segment_size, dtype=torch.uint8))
+        return _Block(len(self._segments) - 1, 0, segment_size, small)
 
     def _collect(self) -> None:
         """Give back the blocks whose tensors are all gone."""
         dead = [address for address, (_, ref) in self._live.items() if ref.expired()]
         for address in dead:
-            size, _ = self._live.pop(address)
-            self._release(address, size)
+            block, _ = self._live.pop(address)
+            self._release(block)
 
-    def _release(self, address: int, size: int) -> None:
-        self._free.append([address, size])
-        self._free.sort()
-        merged: list[list[int]] = []
-        for block in self._free:
-            if merged and merged[-1][0] + merged[-1][1] == block[0] and block[0] not in self._segment_starts:
-                merged[-1][1] += block[1]
-            else:
-                merged.append(block)
-        self._free = merged
+    def _release(self, block: _Block) -> None:
+        """Free ``block``, merged with the free blocks right before and after it in its segment."""
+        for neighbour in [b for b in self._free if b.segment == block.segment]:
+            if neighbour.offset + neighbour.size == block.offset or block.offset + block.size == neighbour.offset:
+                self._free.remove(neighbour)
+                block = _Block(block.segment, min(block.offset, neighbour.offset), block.size + neighbour.size, block.small)
+        self._free.append(block)
 
 
-# Blocks start at multiples of this, so a tensor of any dtype is aligned in its block.
-_BLOCK_ALIGNMENT = 512
+@dataclass(frozen=True)
+class _Block:
+    """A piece of one of the pool's segments."""
+
+    segment: int  # index in the pool's segments: the order they were made in
+    offset: int
+    size: int
+    small: bool  # in a segment for requests up to 1 MiB
+
+    def order(self) -> tuple[int, int, int]:
+        """Best fit: the smallest block first, then the earliest made (CUDA: the lowest address)."""
+        return (self.size, self.segment, self.offset)
+
+
+# The CUDA caching allocator's constants (c10/cuda/CUDACachingAllocator.cpp, default settings).
+_MIN_BLOCK = 512  # kMinBlockSize: requests round up to it, so a tensor of any dtype is aligned in its block
+_SMALL_REQUEST = 1 << 20  # kSmallSize: requests up to it come from small segments
+_SMALL_SEGMENT = 2 << 20  # kSmallBuffer
+_LARGE_SEGMENT = 20 << 20  # kLargeBuffer: for requests over 1 MiB and under 10 MiB
+_MIN_LARGE_SEGMENT_REQUEST = 10 << 20  # kMinLargeAlloc: from it on, a segment of the request's own size
+_LARGE_ROUNDING = 2 << 20  # kRoundLarge
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -22,6 +22,28 @@ from devices.cuda.cuda_graph import CudaGraph
 # a capture they have nothing to do with, which the default "global" mode would do.
 CAPTURE_ERROR_MODE = "thread_local"
 
+# Capture streams whose cuBLAS handle and workspace exist already (see _give_blas_its_workspace).
+_streams_with_blas_workspace: set[torch.cuda.Stream] = set()
+
+
+def _give_blas_its_workspace(stream: torch.cuda.Stream) -> None:
+    """Make cuBLAS allocate its workspace for ``stream`` now, outside any capture.
+
+    torch keeps one cuBLAS workspace per (handle, stream), allocated on the stream's first matmul. The first
+    matmul on a capture stream is inside a capture, so the workspace (32 MiB on an H100) landed in the first
+    runner's graph pool: that runner's pool estimate was 32 MiB larger than an identical runner's built after
+    it (measured on an H100, torch 2.11). One small matmul per stream and dtype family, once, puts it in
+    ordinary memory where it belongs, for every runner alike.
+    """
+    if stream in _streams_with_blas_workspace:
+        return
+    with torch.cuda.stream(stream):
+        for dtype in (torch.float32, torch.bfloat16):  # cuBLAS and cuBLASLt paths
+            square = torch.ones(8, 8, dtype=dtype, device=stream.device)
+            square @ square
+    stream.synchronize()
+    _streams_with_blas_workspace.add(stream)
+
 
 class CudaCaptureSession:
     """Context manager: everything issued on this thread inside is recorded into ``graph``."""
@@ -41,6 +63,7 @@ class CudaCaptureSession:
         # stream records the captured one (vLLM's graph_capture makes its capture stream wait on the current
         # stream for the same reason).
         torch.cuda.synchronize(self._stream.device)
+        _give_blas_its_workspace(self._stream)
         self._stream_context = torch.cuda.stream(self._stream)
         self._stream_context.__enter__()
         try:

@@ -9,9 +9,9 @@ only ever asked about devices of the types it serves and about graphs it made, a
 asking "is this mine?" (a plugin serving several types tells them apart by ``device.type``).
 
 A hook is either required (``REQUIRED_HOOKS``, the one list of them: the registry refuses a plugin that
-lacks one, and README points here) or has a default in ``hal.default_hooks``, named in its spec, which the
-facade binds when the plugin leaves the hook out; for such a hook, returning None also means "use the
-default". Each spec says what None means where it means something else. The facade checks the type of
+lacks one, and docs/device-plugins.md points here) or has a default in ``hal.default_hooks``, named in its
+spec, which the facade binds when the plugin leaves the hook out; for such a hook, returning None also means
+"use the default". Each spec says what None means where it means something else. The facade checks the type of
 every answer (``hal.PluginContractError`` names the plugin, the hook and the type expected).
 
 graphhal never calls these hooks through ``pm.hook``, which would ask every plugin about every device: the

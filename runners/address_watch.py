@@ -4,7 +4,7 @@ A graph reads its inputs, the weights and the KV cache at the addresses it was c
 buffer replaced in the runner, ``param.data = new`` on a weight, a KV-cache layer rebound to a new tensor:
 each leaves the graph reading the old memory, and the results are stale with no error. vLLM checks addresses
 only in debug mode; graphhal checks before every replay by default (``check_addresses``), because one check
-costs a few microseconds (measured in README) and a stale replay costs correctness.
+costs a few microseconds (measured in docs/bench.md) and a stale replay costs correctness.
 
 What is watched is given as *sources*: a tensor, an ``nn.Module`` (its parameters, buffers and tensor
 attributes, through every submodule), or any object, list, tuple or dict holding tensors (a KV cache). A

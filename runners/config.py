@@ -59,7 +59,7 @@ class PhaseConfig:
     show_progress:   a progress bar over the buckets while capturing.
     check_addresses: ``every_replay`` (default): before every replay, check that the static inputs and the
                      watched tensors are where the graphs were captured with (a few microseconds per step,
-                     measured in README); ``first_replay``: only on each bucket's first replay.
+                     measured in docs/bench.md); ``first_replay``: only on each bucket's first replay.
     agreement_timeout_s: with a process group, how long a rank waits for the others at an agreement point
                      (before capturing, after each warm-up and capture, per run with a consensus group)
                      before it fails naming the stage. Generous by default: a first bucket's warm-up may

@@ -6,8 +6,10 @@ and lists the ops it reached that declared how far they can be captured. Then:
 - ``full``: every such op must allow capture in this runner's batches (a decode runner's are uniform decode
   batches, a prefill runner's mixed ones), or the capture is refused naming the ops;
 - ``auto``: ``full`` where every op allows it; otherwise ``piecewise`` when every op that does not is a
-  splitting op (it runs eagerly between the captured pieces), else ``breakable``, else ``disabled``; always
-  among the modes the device offers. The choice and its reason are logged and kept on the runner.
+  splitting op (it runs eagerly between the captured pieces), else ``breakable`` when every such op is reached
+  inside a break point (it runs eagerly between segments); else it refuses (``OpNotCapturableError``): every
+  mode would capture the op. Always among the modes the device offers (``disabled`` where it has no full
+  graphs). The choice and its reason are logged and kept on the runner.
 
 This is vLLM's choice between FULL and PIECEWISE from ``AttentionCGSupport``, made per runner and per device.
 """

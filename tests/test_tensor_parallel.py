@@ -355,7 +355,7 @@ def test_an_empty_batch_on_a_tensor_parallel_rank_ends_both_ranks_with_an_error_
     assert status1 == "error" and "batch has no rows" in error1 and "consensus_group" in error1
     # Rank 0's replay waits in the all-reduce rank 1 never joins until gloo gives up on it: at the process
     # group's timeout, or when rank 1 leaves first. (On CUDA nothing times out a collective inside a graph:
-    # see README.) Either way the error comes from that collective, not from graphhal.
+    # see docs/parallel.md.) Either way the error comes from that collective, not from graphhal.
     first_line = error0.splitlines()[0].lower()
     assert status0 == "error" and "gloo" in first_line and ("timed out" in first_line or "connection closed" in first_line)
 

@@ -15,7 +15,8 @@ request and the argument:
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, Hashable
 
@@ -43,7 +44,7 @@ def token_ids(request_id: Hashable, prompt: Any) -> list[int]:
     where = f"request {request_id!r}: prompt"
     if isinstance(prompt, (str, bytes, bytearray)):
         raise TypeError(f"{where} is a {type(prompt).__name__}, not token ids: tokenize the text first")
-    if isinstance(prompt, (Mapping, Set)):
+    if isinstance(prompt, (Mapping, AbstractSet)):
         raise TypeError(f"{where} is a {type(prompt).__name__}; token ids come in order: a list, a tuple or a 1-D tensor")
     if hasattr(prompt, "ndim") and hasattr(prompt, "tolist"):  # a tensor or a numpy array
         if prompt.ndim != 1:
@@ -110,12 +111,12 @@ class TokenLimits:
     positions_source: str = ""
 
     def check(self, request_id: Hashable, ids: list[int], tokens_cached: int, max_new_tokens: int) -> None:
-        for index, token in enumerate(ids):
-            if not 0 <= token < self.vocab_size:
-                raise ValueError(
-                    f"request {request_id!r}: prompt[{index}] is token id {token}, outside the vocabulary: "
-                    f"{self.vocab_source} has ids 0 to {self.vocab_size - 1}"
-                )
+        if min(ids) < 0 or max(ids) >= self.vocab_size:  # min and max first: a long prompt at C speed
+            index, token = next((i, t) for i, t in enumerate(ids) if not 0 <= t < self.vocab_size)
+            raise ValueError(
+                f"request {request_id!r}: prompt[{index}] is token id {token}, outside the vocabulary: "
+                f"{self.vocab_source} has ids 0 to {self.vocab_size - 1}"
+            )
         if self.max_positions is not None and tokens_cached > self.max_positions:
             raise ValueError(
                 f"request {request_id!r} feeds the model positions 0 to {tokens_cached - 1} (prompt {len(ids)} + "

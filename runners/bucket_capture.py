@@ -117,10 +117,12 @@ class GraphCapture(BucketCapture):
 
     def _store(self) -> CompileStore | None:
         """Where a compile is kept for the next process: beside the compile caches, when there are any.
-        (Only Inductor's whole-forward compile is stored; breakable's split one compiles every time.)"""
+        (Only Inductor's whole-forward compile is stored; breakable's split one compiles every time.) None where
+        the directory could not be used (``CompileCache.activate`` said why)."""
         if self.config.compile_cache_dir is None:
             return None
-        return CompileCache(self.config.compile_cache_dir).forwards
+        cache = CompileCache(self.config.compile_cache_dir)
+        return cache.forwards if cache.active else None
 
     def capture(self, bucket: int, inputs: Mapping[str, torch.Tensor]) -> CapturedBucket:
         assert self.graphs is not None, "prepare() first"

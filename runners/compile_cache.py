@@ -18,6 +18,10 @@ in a directory of its own by default, and can pack what one process compiled int
 - ``forwards/``: compiled forwards stored whole (``hal.compile.stored_compile``: Dynamo's output and
   Inductor's), for ``compiler: inductor`` in mode ``full``; a restart loads its forward and traces nothing.
   Elsewhere Dynamo still traces the model in every process, and what the caches skip is the compiling behind it.
+
+A directory this process cannot write (read-only, another user's) is logged and left out: torch keeps its own
+caches and nothing is stored, as without a directory. torch would otherwise fail the first compile with a
+``PermissionError`` of its own, out of ``capture()``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ ON_DISK_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "tr
 
 _loaded: set[Path] = set()  # directories whose artifacts this process has loaded already
 _active: Path | None = None  # the process's one compile cache directory (the caches are process-wide)
+_unwritable: set[Path] = set()  # directories found unwritable (and said so) in this process
 
 
 class CompileCacheConflictError(ValueError):
@@ -55,6 +60,11 @@ class CompileCache:
         return self.directory / ARTIFACTS
 
     @property
+    def active(self) -> bool:
+        """Whether this process's compile caches are here: ``activate()`` pointed them here."""
+        return _active == self.directory
+
+    @property
     def forwards(self) -> CompileStore:
         """Where compiled forwards are stored whole for the next process (``hal.compile.stored_compile``)."""
         return CompileStore(self.directory / FORWARDS)
@@ -63,7 +73,8 @@ class CompileCache:
         """Point the on-disk caches here and load the artifacts a previous process saved (once per process).
 
         An unreadable or incompatible artifact file (another torch version) is logged and skipped: the
-        capture then compiles cold and saves fresh artifacts over it.
+        capture then compiles cold and saves fresh artifacts over it. A directory this process cannot write
+        is logged (once) and not used: the caches stay torch's own, and ``active`` is False.
         """
         global _active
         if _active is not None and _active != self.directory:
@@ -73,15 +84,19 @@ class CompileCache:
                 f"compile_cache_dir {str(self.directory)!r} differs from {str(_active)!r}, which this process uses "
                 "already: the compile caches are process-wide, so every runner of a process must name the same one"
             )
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # a cache must never stop a server: compile with torch's own caches instead
-            logger.warning("graphhal: compile cache directory %s unusable (%s); compiling without it", self.directory, exc)
-            return
+        if self.directory in _unwritable:
+            return  # said so when it was found
+        if _active is None:
+            problem = self._unwritable()
+            if problem is not None:  # a cache must never stop a server: compile with torch's own caches instead
+                _unwritable.add(self.directory)
+                logger.warning("graphhal: compile cache directory %s unusable (%s); compiling without it", self.directory, problem)
+                return
+            previous = {variable: os.environ.get(variable) for variable in ON_DISK_CACHES}
+            for variable, value in previous.items():
+                if value is not None and value != str(self.directory / ON_DISK_CACHES[variable]) and not _torchs_own(variable, value, previous):
+                    logger.warning("graphhal: compile_cache_dir overrides %s=%s for this process", variable, value)
         for variable, name in ON_DISK_CACHES.items():
-            previous = os.environ.get(variable)
-            if previous is not None and previous != str(self.directory / name) and _active is None:
-                logger.warning("graphhal: compile_cache_dir overrides %s=%s for this process", variable, previous)
             os.environ[variable] = str(self.directory / name)
         _active = self.directory
         if self.directory in _loaded or not self.artifacts.is_file() or self._holds_on_disk_caches():
@@ -94,6 +109,18 @@ class CompileCache:
         _loaded.add(self.directory)
         logger.info("graphhal: loaded compile artifacts from %s: %s", self.artifacts, info)
 
+    def _unwritable(self) -> str | None:
+        """Why this process cannot keep its caches here, or None. torch creates its folders and files as it
+        compiles and fails at the first it cannot write, so each folder is made and written once now."""
+        for folder in (self.directory, *(self.directory / name for name in ON_DISK_CACHES.values())):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
+            except OSError as exc:
+                return f"{type(exc).__name__}: {exc}"
+        return None
+
     def _holds_on_disk_caches(self) -> bool:
         """Whether Inductor's on-disk cache is here already (a restart on this machine, or the whole directory
         copied): then the artifacts hold nothing it lacks, and loading them (0.2 s on an H200 host) is skipped.
@@ -102,7 +129,10 @@ class CompileCache:
         return inductor.is_dir() and any(inductor.iterdir())
 
     def save(self) -> bool:
-        """Write what this process compiled as portable artifacts (replacing the file atomically); whether any."""
+        """Write what this process compiled as portable artifacts (replacing the file atomically); whether any.
+        Nothing where the caches are not here (``active``): an unwritable directory was reported already."""
+        if not self.active:
+            return False
         try:
             packed = torch.compiler.save_cache_artifacts()
             if packed is None:
@@ -117,3 +147,19 @@ class CompileCache:
             return False
         _loaded.add(self.directory)  # what it holds is in this process's caches already
         return True
+
+
+def _torchs_own(variable: str, value: str, environment: dict[str, str | None]) -> bool:
+    """Whether ``value`` is what torch itself writes into the environment, not a user's choice: importing
+    ``torch._dynamo`` sets TORCHINDUCTOR_CACHE_DIR to torch's default (``cache_dir()``), and Inductor's first
+    Triton kernel sets TRITON_CACHE_DIR to ``<that directory>/triton/<device index>``. Warning about those
+    would warn on every start (a user who set the default by hand is not told: the values are the same)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # a torch without it: any value may be the user's
+        return False
+    inductor = os.path.abspath(environment.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
+    if variable == "TORCHINDUCTOR_CACHE_DIR":
+        return os.path.abspath(value) == os.path.abspath(default_cache_dir())
+    triton = Path(value)
+    return triton.parent == Path(inductor) / "triton" and triton.name.isdigit()

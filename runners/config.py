@@ -71,7 +71,8 @@ class PhaseConfig:
     compile_cache_dir: a directory for everything compiled on the way to the graphs (Inductor's and Triton's
                      on-disk caches, and torch's portable cache artifacts: ``runners.compile_cache``), so a
                      restarted server with the same model and config loads instead of compiling. None: torch's
-                     defaults (caches under /tmp, no artifacts).
+                     defaults (caches under /tmp, no artifacts). An empty string is refused; a directory the
+                     process cannot write is logged at capture and left out (torch's own caches are used).
     breakable_debug: in mode ``breakable``, capture the whole forward as one eager step through the same
                      capture and replay path: if results go right this way and wrong with real segments, the
                      bug is in the graph, not the model. Also switched on by GRAPHHAL_BREAKABLE_DEBUG=1 in the
@@ -112,6 +113,12 @@ class PhaseConfig:
             )
         if self.pool_budget_mib is not None and not self.pool_budget_mib > 0:
             raise ValueError(f"{self.phase}: pool_budget_mib must be positive (or null for no limit), got {self.pool_budget_mib!r}")
+        if self.compile_cache_dir is not None and not self.compile_cache_dir.strip():
+            # Path("") is the working directory: a server started elsewhere would find no cache, or another's.
+            raise ValueError(
+                f"{self.phase}: compile_cache_dir must name a directory (a path; ~ is expanded), or be null for "
+                f"torch's own caches; got {self.compile_cache_dir!r}"
+            )
         if self.check_addresses not in ADDRESS_CHECKS:
             raise ValueError(
                 f"{self.phase}: check_addresses must be one of {', '.join(ADDRESS_CHECKS)}, got {self.check_addresses!r}"

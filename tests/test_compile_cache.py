@@ -8,6 +8,7 @@ loads them and finds the FX graph in the cache (an Inductor cache hit, no codege
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -73,6 +74,7 @@ def fresh_process_state(monkeypatch):
     for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         monkeypatch.setenv(variable, "restored after the test")
     monkeypatch.setattr(compile_cache, "_active", None)
+    monkeypatch.setattr(compile_cache, "_unwritable", set())
 
 
 def test_a_broken_artifact_file_is_skipped_not_fatal(tmp_path, fresh_process_state):
@@ -94,3 +96,146 @@ def test_the_cache_directory_is_one_config_field_checked_like_the_others():
     assert config.decode.compile_cache_dir == "/var/cache/graphhal" and config.prefill.compile_cache_dir is None
     with pytest.raises(ValueError, match=r"decode: compile_cache_dir must be a string, got 3"):
         DecodeConfig(compile_cache_dir=3)
+
+
+def test_an_empty_cache_directory_is_refused_when_the_config_is_built():
+    """Path("") is the working directory: a server started from elsewhere would look for its caches there."""
+    for empty in ("", "  "):
+        with pytest.raises(ValueError, match=r"decode: compile_cache_dir must name a directory .* or be null .*got ''|got '  '"):
+            DecodeConfig(compile_cache_dir=empty)
+    with pytest.raises(ValueError, match=r"prefill: compile_cache_dir must name a directory"):
+        GraphConfig.from_dict({"prefill": {"compile_cache_dir": ""}})
+
+
+def test_the_values_torch_itself_puts_in_the_environment_are_overridden_without_a_warning(tmp_path, fresh_process_state, monkeypatch, caplog):
+    """Importing torch._dynamo writes torch's default TORCHINDUCTOR_CACHE_DIR into the environment, and the first
+    Triton kernel TRITON_CACHE_DIR beneath it: a warning about those fired on every start."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, triton_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.delenv("TRITON_CACHE_DIR")
+    cache_dir()  # what importing torch._dynamo does
+    monkeypatch.setenv("TRITON_CACHE_DIR", triton_cache_dir(0))  # what Inductor's first Triton kernel does
+    with caplog.at_level(logging.WARNING, logger="runners.compile_cache"):
+        CompileCache(tmp_path).activate()
+    assert "overrides" not in caplog.text
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+
+
+def test_a_cache_directory_the_user_set_is_overridden_with_a_warning(tmp_path, fresh_process_state, monkeypatch, caplog):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.delenv("TRITON_CACHE_DIR")
+    with caplog.at_level(logging.WARNING, logger="runners.compile_cache"):
+        CompileCache(tmp_path / "graphhal").activate()
+    assert f"compile_cache_dir overrides TORCHINDUCTOR_CACHE_DIR={tmp_path / 'mine'} for this process" in caplog.text
+    assert "TRITON_CACHE_DIR" not in caplog.text
+
+
+def test_a_directory_whose_caches_cannot_be_made_is_logged_once_and_left_out(tmp_path, fresh_process_state, caplog):
+    (tmp_path / "inductor").write_text("a file where Inductor's cache folder goes")
+    cache = CompileCache(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="runners.compile_cache"):
+        cache.activate()
+        cache.activate()  # a second runner with the same directory: said once
+    assert caplog.text.count("unusable") == 1 and "compiling without it" in caplog.text
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "restored after the test"  # torch's caches stay where they were
+    assert not cache.active and not cache.save()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["inductor"]
+
+
+# Root writes through permission bits (CAP_DAC_OVERRIDE): a process running as root first drops the
+# capabilities that let it, so the directory is read-only for it as it is for any other user. (Dropping to
+# another uid would do too, but that user may not reach this interpreter: /root is often 0700.)
+_DROP_ROOTS_FILE_OVERRIDES = textwrap.dedent(
+    """
+    import ctypes
+
+    def drop_file_overrides():
+        libc = ctypes.CDLL(None, use_errno=True)
+        caps = (1, 2)  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        for cap in caps:  # from the bounding set too, so that no child process gets them back
+            if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+        class Header(ctypes.Structure):
+            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+        class Data(ctypes.Structure):
+            _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+        header, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3
+        if libc.capget(ctypes.byref(header), data) != 0:
+            raise OSError(ctypes.get_errno(), "capget")
+        keep = ~sum(1 << cap for cap in caps) & 0xFFFFFFFF
+        data[0].effective &= keep
+        data[0].permitted &= keep
+        data[0].inheritable &= keep
+        if libc.capset(ctypes.byref(header), data) != 0:
+            raise OSError(ctypes.get_errno(), "capset")
+    """
+)
+
+# A runner whose capture compiles (piecewise, Dynamo), over a directory the process cannot write.
+_READ_ONLY_PROCESS = _DROP_ROOTS_FILE_OVERRIDES + textwrap.dedent(
+    """
+    import json, logging, os, sys
+    from pathlib import Path
+
+    directory = Path(sys.argv[1])
+    if os.geteuid() == 0:
+        try:
+            drop_file_overrides()
+        except OSError as exc:
+            print(json.dumps({"skip": f"running as root and cannot drop CAP_DAC_OVERRIDE ({exc})"}))
+            sys.exit(0)
+    try:
+        (directory / "probe").write_text("")
+    except PermissionError:
+        pass
+    else:
+        print(json.dumps({"skip": "could not make a directory this process cannot write"}))
+        sys.exit(0)
+
+    import torch
+    from graphhal.paged_attention import PagedKVCache
+    from graphhal.refmodel import DecodeWorkload, LlamaDecoder, ModelConfig
+    from runners import DecodeConfig, DecodeRunner
+
+    logging.basicConfig(level=logging.WARNING)
+    config = ModelConfig.tiny()
+    model = LlamaDecoder(config, torch.device("cpu"), torch.float32, seed=0)
+    kv_cache = PagedKVCache(config, 64, torch.device("cpu"), torch.float32)
+    workload = DecodeWorkload(kv_cache, 4, max_context_len=20, max_blocks_per_seq=8, seed=4)
+    step = model.decode_forward(kv_cache)
+    runner = DecodeRunner(step, workload.input_slots(), "cpu", DecodeConfig(
+        mode="piecewise", compiler="eager", buckets=[2, 4], show_progress=False, compile_cache_dir=str(directory)))
+    runner.capture()
+    batch = workload.batch(3)
+    with torch.no_grad():
+        difference = (runner.run(batch) - step(**batch)).abs().max().item()
+    print(json.dumps({"difference": difference, "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}))
+    """
+)
+
+
+def test_a_read_only_cache_directory_is_logged_and_the_capture_compiles_without_it(tmp_path):
+    """README: a cache is logged and skipped, never fatal. torch raised PermissionError out of capture()."""
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    environment = {key: value for key, value in os.environ.items() if key not in compile_cache.ON_DISK_CACHES}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _READ_ONLY_PROCESS, str(read_only)], capture_output=True, text=True, timeout=600, env=environment
+        )
+    finally:
+        read_only.chmod(0o755)  # for tmp_path's clean-up
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    if "skip" in outcome:
+        pytest.skip(outcome["skip"])
+    assert f"compile cache directory {read_only} unusable (PermissionError" in done.stderr
+    assert "compiling without it" in done.stderr
+    assert outcome["difference"] < 1e-5
+    assert not str(outcome["inductor_cache"]).startswith(str(read_only))  # torch's caches stayed its own
+    assert not any(read_only.iterdir())

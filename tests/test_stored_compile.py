@@ -11,9 +11,11 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -332,3 +334,81 @@ def test_the_restart_bench_loads_the_stored_forward_alone_after_full_inductor_on
     # The floor ran in a third process: the stored forward loaded and called, nothing compiled. (It takes about
     # what the whole warm setup takes: torch's load and first call are most of a restart.)
     assert measured.stored_forward_alone_s is not None and 0 < measured.stored_forward_alone_s < measured.cold_setup_s
+
+
+class _Gate(torch.nn.Module):
+    """A module whose trace depends on a value the fingerprint once described by its type alone (a set)."""
+
+    def __init__(self, allowed) -> None:
+        super().__init__()
+        self.allowed = allowed
+
+    def forward(self, x):
+        return x * 2 if 3 in self.allowed else x - 1
+
+
+class _Slotted:
+    __slots__ = ("scale", "__hidden")
+
+    def __init__(self, scale: float, hidden: int = 0) -> None:
+        self.scale = scale
+        self.__hidden = hidden
+
+
+class _Holding(torch.nn.Module):
+    """A module holding a value its forward does not read, but the fingerprint cannot tell."""
+
+    def __init__(self, held) -> None:
+        super().__init__()
+        self.held = held
+
+    def forward(self, x):
+        return x * 2
+
+
+def _plain_key(forward) -> str:
+    return stored_compile.fingerprint(forward, {"x": torch.ones(4, 2)}, ("x",), True, "InductorBackend")
+
+
+@pytest.mark.cpu
+def test_values_without_a_dict_are_described_by_their_content():
+    """Two forwards differing only in such a value must not share a stored compile: _Gate({1, 2, 3}) traces
+    x * 2 and _Gate({1, 2}) traces x - 1, and both once had the same key."""
+    assert _plain_key(_Gate({1, 2, 3})) == _plain_key(_Gate({3, 2, 1})) != _plain_key(_Gate({1, 2}))
+    assert _plain_key(_Gate(frozenset({3}))) != _plain_key(_Gate(frozenset({4})))
+    assert _plain_key(_Gate([(1, {3})])) != _plain_key(_Gate([(1, {4})]))  # a set inside containers
+    assert _plain_key(_Gate({"a": frozenset({3})})) != _plain_key(_Gate({"a": frozenset({4})}))
+    assert _plain_key(_Gate(_Slotted(2.0))) != _plain_key(_Gate(_Slotted(3.0)))  # an object with __slots__
+    assert _plain_key(_Gate(_Slotted(2.0, hidden=1))) != _plain_key(_Gate(_Slotted(2.0, hidden=2)))  # a private slot
+    assert _plain_key(_Gate(b"\x03")) != _plain_key(_Gate(b"\x04"))
+    assert _plain_key(_Gate(range(4))) != _plain_key(_Gate(range(3)))
+    numpy = pytest.importorskip("numpy")
+    assert _plain_key(_Gate(numpy.array([1, 3]))) != _plain_key(_Gate(numpy.array([1, 4])))
+
+
+@pytest.mark.cpu
+def test_a_value_the_fingerprint_cannot_describe_is_refused_naming_where_it_sits():
+    with pytest.raises(stored_compile.UndescribableError, match=r"^_Holding root\.held is a re\.Pattern \(no attributes to read\), which the fingerprint cannot describe$"):
+        _plain_key(_Holding(re.compile("3")))
+    with pytest.raises(stored_compile.UndescribableError, match=r"^_Holding root\.held\.rules\[1\] is a _thread\.lock"):
+        _plain_key(_Holding({"rules": [1, threading.Lock()]}))
+
+
+@pytest.mark.cpu
+def test_a_forward_holding_a_value_the_fingerprint_cannot_describe_is_compiled_without_the_store(tmp_path, monkeypatch, caplog):
+    class StorableCounting:
+        storable = True
+        compile_count = 0
+
+        def __call__(self, gm, example_inputs):
+            self.compile_count += 1
+            return gm.forward
+
+    monkeypatch.setattr(stored_compile, "available", lambda: True)
+    backend = StorableCounting()
+    forward = hal.compile.CompiledForward(_Holding(re.compile("3")), backend, ["x"], store=hal.compile.CompileStore(tmp_path))
+    x = torch.randn(5, 3)
+    with caplog.at_level(logging.WARNING, logger="hal.compile.compiled_forward"):
+        assert torch.equal(forward(x=x), x * 2)
+    assert "not storing the compiled forward: _Holding root.held is a re.Pattern" in caplog.text
+    assert forward.store is None and backend.compile_count == 1 and not any(tmp_path.iterdir())

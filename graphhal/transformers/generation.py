@@ -1,9 +1,12 @@
 """Greedy generation with continuous batching: a small server loop over a decode and a prefill runner.
 
     loop = GenerationLoop(decode, prefill, kv_cache, eos_token_ids=model.generation_config.eos_token_id)
-    loop.add("a", prompt_ids, max_new_tokens=32)
+    loop.add("a", prompt_ids, max_new_tokens=32)     # TypeError/ValueError for a request it cannot serve
     while not loop.idle:
-        for request_id, tokens in loop.step().items():   # the requests that finished in this step
+        result = loop.step()
+        for request_id, tokens in result.items():        # the requests that finished in this step
+            ...
+        for request_id, error in result.failed.items():  # those a failed run dropped (RequestFailedError)
             ...
 
 Each ``step`` does what a serving engine's scheduler does, in three parts:
@@ -19,24 +22,59 @@ A request finishes after ``max_new_tokens`` tokens or at an end-of-sequence toke
 keeps it); its blocks go back to the cache at once, so a waiting request can join in the next step.
 Requests can be added between any two steps. Greedy decoding (argmax, first index on ties), as
 ``generate(do_sample=False)``. Batches are built on the host; the runners copy them into their graphs' inputs.
+
+What one request can get wrong is refused by ``add`` (``graphhal.transformers.request_checks``): ids outside
+the vocabulary, more positions than a learned position table embeds, more tokens than the KV cache holds,
+arguments of the wrong type. A step whose run fails anyway (a device error, a model's own exception) cannot
+say which of its requests caused it: every request in that run fails, its blocks go back, and the step
+reports it in ``StepResult.failed``; the loop goes on with every other request.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
 
+import hal
 from graphhal.paged_attention.block_allocator import NULL_BLOCK, OutOfBlocksError
 from graphhal.paged_attention.kv_cache import PagedKVCache
+from graphhal.transformers import request_checks
 from runners import DecodeRunner, PrefillRunner
+
+logger = logging.getLogger(__name__)
 
 
 def _tokens_cached(prompt_len: int, max_new_tokens: int) -> int:
     """The most tokens a request puts in the cache: its last generated token is never fed back."""
     return prompt_len + max_new_tokens - 1
+
+
+class RequestFailedError(hal.GraphHalError, RuntimeError):
+    """A request the loop dropped because the run of a step it was in failed; its blocks are back in the cache.
+
+    ``request_id`` names it, ``phase`` is ``"prefill"`` or ``"decode"``, ``batch`` lists every request of
+    that run (all failed with it), and ``__cause__`` is the run's exception."""
+
+    def __init__(self, request_id: Hashable, phase: str, batch: list[Hashable], cause: BaseException) -> None:
+        others = [other for other in batch if other != request_id]
+        shown = ", ".join(repr(other) for other in others[:8]) + (", ..." if len(others) > 8 else "")
+        beside = f" ({len(others)} other request(s) of that run failed with it: {shown})" if others else ""
+        super().__init__(f"request {request_id!r} failed: the {phase} run it was in raised {type(cause).__name__}: {cause}{beside}")
+        self.request_id, self.phase, self.batch = request_id, phase, batch
+
+
+class StepResult(dict):
+    """What a step ended: the requests that finished, ``{request_id: generated tokens}`` (the dict itself),
+    and ``failed``, ``{request_id: RequestFailedError}``: the requests dropped because a run they were in
+    failed. A server answers both; a failed request never finishes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed: dict[Hashable, RequestFailedError] = {}
 
 
 @dataclass
@@ -61,6 +99,12 @@ class GenerationLoop:
 
     eos_token_ids:   tokens that end a request (an int, a list, or None for none).
     max_running:     the most requests decoding at once; default the decode runner's largest bucket.
+    vocab_size:      token ids a prompt may hold are 0 to ``vocab_size - 1``. Default: read from the model the
+                     runners' steps hold (its token embedding's rows), else the KV cache's model config.
+    max_positions:   the positions the model embeds (0 to ``max_positions - 1``): a request feeding more is
+                     refused. Default: ``max_position_embeddings`` where the model reads positions from a
+                     learned table (GPT-2, OPT), no limit where it computes them (rotary); only the KV cache
+                     bounds a request then. Give both for a forward that holds no ``model``.
     """
 
     def __init__(
@@ -71,8 +115,14 @@ class GenerationLoop:
         *,
         eos_token_ids: int | Sequence[int] | None = None,
         max_running: int | None = None,
+        vocab_size: int | None = None,
+        max_positions: int | None = None,
     ) -> None:
         self.decode, self.prefill, self.kv_cache = decode, prefill, kv_cache
+        # Read from the model the runners already hold: a second description of it could disagree with it.
+        self.limits = request_checks.token_limits(
+            (decode.forward, prefill.forward), kv_cache, vocab_size=vocab_size, max_positions=max_positions
+        )
         self.eos_token_ids = frozenset([eos_token_ids] if isinstance(eos_token_ids, int) else eos_token_ids or ())
         self.max_running = max_running or decode.config.max_size
         self.max_chunk_tokens = prefill.config.max_size  # the largest prefill bucket: every chunk replays a graph
@@ -99,16 +149,21 @@ class GenerationLoop:
         """Requests admitted: prefilling or decoding, their blocks allocated."""
         return len(self._running)
 
-    def add(self, request_id: Hashable, prompt: Iterable[int], max_new_tokens: int) -> None:
-        """Queue a request: its prompt token ids and how many tokens to generate at most."""
-        prompt = [int(token) for token in prompt]
+    def add(self, request_id: Hashable, prompt: Any, max_new_tokens: int) -> None:
+        """Queue a request: its prompt token ids and how many tokens to generate at most.
+
+        ``prompt``: a list or tuple of ints, a 1-D integer tensor or numpy array. A request the loop cannot
+        serve is refused here, before it is queued, with a ``TypeError`` (an argument of the wrong kind) or a
+        ``ValueError`` (ids outside the vocabulary, longer than the model's positions or the KV cache, an id
+        already queued or running) naming the request and the argument; nothing else is affected.
+        """
+        request_checks.check_request_id(request_id)
         if request_id in self._ids:
             raise ValueError(f"request {request_id!r} is already queued or running")
-        if not prompt:
-            raise ValueError(f"request {request_id!r} has an empty prompt; it needs at least one token")
-        if max_new_tokens < 1:
-            raise ValueError(f"request {request_id!r}: max_new_tokens must be at least 1, got {max_new_tokens}")
+        prompt = request_checks.token_ids(request_id, prompt)
+        max_new_tokens = request_checks.new_token_count(request_id, max_new_tokens)
         cached = _tokens_cached(len(prompt), max_new_tokens)
+        self.limits.check(request_id, prompt, cached, max_new_tokens)
         longest = self.max_blocks_per_seq * self.block_size
         if cached > longest:
             raise ValueError(
@@ -120,29 +175,48 @@ class GenerationLoop:
         self._ids.add(request_id)
         self._waiting.append(_Request(request_id, prompt, max_new_tokens))
 
-    def step(self) -> dict[Hashable, list[int]]:
+    def step(self) -> StepResult:
         """Admit, prefill one chunk batch, decode one token for every decoding request; return the requests
-        that finished, with their generated tokens.
+        that finished, with their generated tokens, and (``StepResult.failed``) those a failed run dropped.
 
+        A run that raises (the prefill batch's or the decode batch's) fails every request in it, each logged
+        and reported with the error; the other requests go on, in this step and the next.
         ``OutOfBlocksError`` when nothing is running and the first waiting request needs more blocks than
         are free (blocks held outside this loop): waiting would never end.
         """
         self._admit()
-        finished: dict[Hashable, list[int]] = {}
-        self._prefill(finished)
-        self._decode(finished)
-        return finished
+        result = StepResult()
+        self._prefill(result)
+        self._decode(result)
+        return result
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        """Every prompt's generated tokens, in order: all added at once to an idle loop, stepped until done."""
+    def generate(self, prompts: Sequence[Any], max_new_tokens: int) -> list[list[int]]:
+        """Every prompt's generated tokens, in order: all added at once to an idle loop, stepped until done.
+
+        A request that failed raises its ``RequestFailedError`` (the first one's, in prompt order) once the
+        others are done: the loop is idle again."""
         if not self.idle:
             raise RuntimeError("generate() runs a batch of its own: the loop still has requests queued or running")
-        for index, prompt in enumerate(prompts):
-            self.add(index, prompt, max_new_tokens)
+        try:
+            for index, prompt in enumerate(prompts):
+                self.add(index, prompt, max_new_tokens)
+        except (TypeError, ValueError):
+            self._drop_waiting()  # none has run: the loop is left as it was found
+            raise
         outputs: dict[Hashable, list[int]] = {}
+        failed: dict[Hashable, RequestFailedError] = {}
         while not self.idle:
-            outputs.update(self.step())
+            result = self.step()
+            outputs.update(result)
+            failed.update(result.failed)
+        if failed:
+            raise failed[min(failed)]
         return [outputs[index] for index in range(len(prompts))]
+
+    def _drop_waiting(self) -> None:
+        for request in self._waiting:
+            self._ids.discard(request.request_id)
+        self._waiting.clear()
 
     # --- scheduling -------------------------------------------------------------------------------------
 
@@ -161,7 +235,7 @@ class GenerationLoop:
             request.blocks = allocator.allocate(needed)
             self._running.append(self._waiting.popleft())
 
-    def _prefill(self, finished: dict[Hashable, list[int]]) -> None:
+    def _prefill(self, result: StepResult) -> None:
         chunks: list[tuple[_Request, int]] = []  # (request, tokens of its prompt in this batch)
         budget = self.max_chunk_tokens
         for request in self._running:
@@ -186,21 +260,27 @@ class GenerationLoop:
             "seq_lens": self._tensor("seq_lens", [request.cached + take for request, take in chunks]),
             "block_tables": self._block_tables([request for request, _ in chunks]),
         }
-        logits = self.prefill.run(batch)
         last_rows, completing = [], []
         row = 0
         for request, take in chunks:
             row += take
-            request.cached += take
-            if not request.prefilling:  # its whole prompt is cached: the last token's logits give the first token
+            if request.cached + take == len(request.prompt):  # the last token's logits give the first token
                 last_rows.append(row - 1)
                 completing.append(request)
-        if completing:
-            tokens = logits[last_rows].argmax(dim=-1).tolist()
-            for request, token in zip(completing, tokens):
-                self._take(request, token, finished)
 
-    def _decode(self, finished: dict[Hashable, list[int]]) -> None:
+        def first_tokens() -> list[int]:
+            logits = self.prefill.run(batch)
+            return logits[last_rows].argmax(dim=-1).tolist() if completing else []
+
+        tokens = self._run("prefill", [request for request, _ in chunks], first_tokens, result)
+        if tokens is None:
+            return
+        for request, take in chunks:
+            request.cached += take
+        for request, token in zip(completing, tokens):
+            self._take(request, token, result)
+
+    def _decode(self, result: StepResult) -> None:
         rows = [request for request in self._running if not request.prefilling]
         if not rows:
             return
@@ -212,19 +292,41 @@ class GenerationLoop:
             "block_tables": self._block_tables(rows),
             "slot_mapping": self._tensor("slot_mapping", [self._slot(request, p) for request, p in zip(rows, positions)]),
         }
-        tokens = self.decode.run(batch).argmax(dim=-1).tolist()
+        tokens = self._run("decode", rows, lambda: self.decode.run(batch).argmax(dim=-1).tolist(), result)
+        if tokens is None:
+            return
         for request, token in zip(rows, tokens):
             request.cached += 1
-            self._take(request, token, finished)
+            self._take(request, token, result)
 
-    def _take(self, request: _Request, token: int, finished: dict[Hashable, list[int]]) -> None:
+    def _run(self, phase: str, requests: list[_Request], run: Callable[[], list[int]], result: StepResult) -> list[int] | None:
+        """``run``'s tokens, or None after failing every request in it: a run's exception cannot be pinned on
+        one of its requests (what one request can get wrong, ``add`` refused), and on CUDA an error inside the
+        run surfaces when its tokens are read (``tolist`` waits for the device), so both are inside."""
+        try:
+            return run()
+        except Exception as error:
+            batch = [request.request_id for request in requests]
+            for request in requests:
+                failure = RequestFailedError(request.request_id, phase, batch, error)
+                failure.__cause__ = error
+                logger.error("graphhal: %s", failure)
+                self._finish(request)
+                result.failed[request.request_id] = failure
+            return None
+
+    def _take(self, request: _Request, token: int, result: StepResult) -> None:
         request.generated.append(token)
         if len(request.generated) < request.max_new_tokens and token not in self.eos_token_ids:
             return
+        self._finish(request)
+        result[request.request_id] = request.generated
+
+    def _finish(self, request: _Request) -> None:
+        """Take ``request`` out of the loop and give its blocks back."""
         self._running.remove(request)
         self._ids.discard(request.request_id)
         self.kv_cache.allocator.free(request.blocks)
-        finished[request.request_id] = request.generated
 
     # --- batch tensors ----------------------------------------------------------------------------------
 

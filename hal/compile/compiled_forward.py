@@ -116,7 +116,12 @@ class CompiledForward:
 
     def _call_stored(self, inputs: dict[str, Any], dynamic: bool) -> Any:
         assert self.store is not None
-        key = stored_compile.fingerprint(self.forward, inputs, self.token_inputs, dynamic, type(self.backend).__qualname__)
+        try:
+            key = stored_compile.fingerprint(self.forward, inputs, self.token_inputs, dynamic, type(self.backend).__qualname__)
+        except stored_compile.UndescribableError as exc:  # a key without that value could match another forward
+            logger.warning("graphhal: not storing the compiled forward: %s; compiling it without a store", exc)
+            self.store = None
+            return self(**inputs)
         stored = self.store.load(key)
         if stored is not None:
             try:

@@ -18,6 +18,10 @@ that can differ between two processes:
 - Inductor's configuration and float32 matmul precision.
 
 Weights' *values* are not in it: the stored code reads them from the forward it is handed, like the KV cache.
+Every other value is described by its content (sets sorted, objects by their attributes or slots); a value
+that cannot be (an object of a C type holding no readable attributes, a compiled regex, a lock, a structure
+nested deeper than the fingerprint looks) raises ``UndescribableError``, and the forward is compiled without
+the store: a fingerprint that left the value out would match a forward traced with another value.
 
 Guards, Dynamo's usual protection, are not kept: most cannot be serialized (they name objects of the
 process that traced), and graphhal's runners check every input before calling (``CompiledForward`` drops
@@ -35,6 +39,7 @@ server alone.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import functools
@@ -51,10 +56,29 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "graphhal-stored-compile-1"  # bumped whenever what a file holds, or how it is keyed, changes
-_SCALARS = (bool, int, float, str, type(None), torch.dtype, torch.device, enum.Enum)
+FORMAT = "graphhal-stored-compile-2"  # bumped whenever what a file holds, or how it is keyed, changes
+# Values whose repr is their content, the same in every process.
+_SCALARS = (
+    bool, int, float, complex, str, bytes, type(None), range, slice, torch.dtype, torch.device, torch.layout,
+    torch.memory_format, enum.Enum,
+)
 _MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs")
 _DEPTH = 8  # how far into plain objects and containers the fingerprint looks (a KV cache's config's fields)
+
+
+class UndescribableError(Exception):
+    """A value the forward holds that the fingerprint cannot describe by content: if the trace read it, a key
+    that left it out would hand this forward a compile traced with another value. ``CompiledForward`` then
+    compiles without the store.
+    The message says where the value sits (``MyModule root.gate.allowed``) and what it is."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+        self.path: list[str] = []  # innermost first: each enclosing container adds its step on the way out
+
+    def __str__(self) -> str:
+        return f"{''.join(reversed(self.path)) or 'the forward'} is {self.what}, which the fingerprint cannot describe"
 
 
 def available() -> bool:
@@ -122,7 +146,8 @@ def changed_sources(compiled: Any) -> str | None:
 
 
 def fingerprint(forward: Any, inputs: Mapping[str, torch.Tensor], token_inputs: tuple[str, ...], dynamic: bool, backend: str) -> str:
-    """The key a compile of ``forward`` at ``inputs`` is stored under (see the module docstring)."""
+    """The key a compile of ``forward`` at ``inputs`` is stored under (see the module docstring);
+    ``UndescribableError`` when the forward holds a value it cannot describe."""
     device_types = sorted({tensor.device.type for tensor in inputs.values()})
     parts: list[Any] = [
         FORMAT, torch.__version__, _triton_version(), backend, [_device_name(kind) for kind in device_types],
@@ -178,14 +203,18 @@ def _describe(value: Any, memo: dict[int, tuple[Any, Any]], depth: int = _DEPTH)
     if isinstance(value, torch.nn.Module):
         return _module(value, memo)
     if depth == 0:
-        return type(value).__qualname__
-    if isinstance(value, (list, tuple)):
+        raise UndescribableError(f"a {type(value).__qualname__} nested deeper than {_DEPTH} levels")
+    if isinstance(value, (list, tuple, collections.deque)):
         if all(isinstance(item, _SCALARS) for item in value):
-            return repr(value)  # a long list of numbers (a table in a config) at C speed
-        return [_describe(item, memo, depth - 1) for item in value]
+            return [type(value).__qualname__, repr(list(value))]  # a long list of numbers (a table in a config) at C speed
+        return [type(value).__qualname__, [_step(f"[{index}]", item, memo, depth - 1) for index, item in enumerate(value)]]
+    if isinstance(value, (set, frozenset)):  # by content: a set's order differs between processes
+        if all(isinstance(item, _SCALARS) for item in value):
+            return [type(value).__qualname__, sorted(repr(item) for item in value)]
+        return [type(value).__qualname__, sorted(repr(_step("{...}", item, memo, depth - 1)) for item in value)]
     if isinstance(value, dict):
         items = sorted(value.items(), key=lambda item: repr(item[0]))
-        return [(repr(key), _describe(item, memo, depth - 1)) for key, item in items]
+        return [(repr(key), _step(_key_step(key), item, memo, depth - 1)) for key, item in items]
     if id(value) in memo:
         return memo[id(value)][1]
     memo[id(value)] = (value, type(value).__qualname__)  # what a cycle back to it sees
@@ -210,9 +239,28 @@ def _describe_object(value: Any, memo: dict[int, tuple[Any, Any]], depth: int) -
     to_dict = getattr(value, "to_dict", None)  # a transformers config
     if callable(to_dict):
         return [type(value).__qualname__, _describe(to_dict(), memo, depth - 1)]
-    if hasattr(value, "__dict__"):  # a plain object the forward reads: a KV cache, a tensor-parallel group
+    if hasattr(value, "__dict__") or _slots(value):  # a plain object the forward reads: a KV cache, a group
         return [type(value).__qualname__, _describe(_public(value), memo, depth - 1)]
-    return type(value).__qualname__
+    if all(hasattr(value, name) for name in ("dtype", "shape", "tobytes")):  # a numpy array: its values
+        content = hashlib.sha256(value.tobytes()).hexdigest()
+        return [type(value).__qualname__, str(value.dtype), tuple(value.shape), content]
+    if torch.distributed.is_available() and isinstance(value, torch.distributed.ProcessGroup):
+        # A tensor-parallel forward's group: its collectives are traced with its name, this rank and the size.
+        return [type(value).__qualname__, getattr(value, "group_name", ""), value.rank(), value.size()]
+    raise UndescribableError(f"a {type(value).__module__}.{type(value).__qualname__} (no attributes to read)")
+
+
+def _step(step: str, value: Any, memo: dict[int, tuple[Any, Any]], depth: int) -> Any:
+    """``_describe(value)``, naming ``step`` in the path of a value it cannot describe."""
+    try:
+        return _describe(value, memo, depth)
+    except UndescribableError as exc:
+        exc.path.append(step)
+        raise
+
+
+def _key_step(key: Any) -> str:
+    return f".{key}" if isinstance(key, str) and key.isidentifier() else f"[{key!r}]"
 
 
 def _module(module: torch.nn.Module, memo: dict[int, tuple[Any, Any]]) -> Any:
@@ -223,7 +271,7 @@ def _module(module: torch.nn.Module, memo: dict[int, tuple[Any, Any]]) -> Any:
         memo[id(submodule)] = (submodule, f"{type(submodule).__qualname__} {name or 'root'}")
     for name, submodule in module.named_modules():
         plain = {key: item for key, item in _public(submodule).items() if not isinstance(item, torch.nn.Module)}
-        described.append((name, type(submodule).__qualname__, _describe(plain, memo)))
+        described.append((name, type(submodule).__qualname__, _step(f"{type(submodule).__qualname__} {name or 'root'}", plain, memo, _DEPTH)))
     tensors = [(name, _tensor(tensor)) for name, tensor in module.named_parameters(remove_duplicate=False)]
     tensors += [(name, _tensor(tensor)) for name, tensor in module.named_buffers(remove_duplicate=False)]
     return [described, tensors]
@@ -235,12 +283,28 @@ def _public(value: Any) -> dict[str, Any]:
     its graph, or (in a module) the parameters and submodules, described apart. A module's hooks are kept:
     they run inside the forward."""
     kept = {}
-    for key, item in vars(value).items():
+    for key, item in {**_slots(value), **getattr(value, "__dict__", {})}.items():
         if not key.startswith("_") or isinstance(item, _SCALARS):
             kept[key] = item
         elif key in _MODULE_HOOKS and item:
             kept[key] = list(item.values())  # not the handles' ids: a process-wide counter
     return kept
+
+
+def _slots(value: Any) -> dict[str, Any]:
+    """The attributes an object keeps in ``__slots__`` rather than in its ``__dict__``."""
+    found = {}
+    for cls in type(value).__mro__:
+        names = getattr(cls, "__slots__", ())
+        for name in [names] if isinstance(names, str) else names:
+            if name in ("__dict__", "__weakref__"):
+                continue
+            stored = f"_{cls.__name__.lstrip('_')}{name}" if name.startswith("__") and not name.endswith("__") else name
+            try:
+                found[name] = getattr(value, stored)
+            except AttributeError:  # a slot not assigned
+                continue
+    return found
 
 
 def _filled(cell: Any) -> bool:

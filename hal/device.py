@@ -10,7 +10,7 @@ the device's own full graphs wrapped in ``PluginGraph``, and the strategies regi
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -22,6 +22,15 @@ from hal.graph import DeviceGraph
 from hal.graph_modes import GraphMode
 from hal.graph_strategies import strategy, strategy_modes
 from hal.memory_stats import MemoryStats
+
+
+def offered_modes(graph_modes: Sequence[str]) -> tuple[str, ...]:
+    """Every mode a runner may ask for on a device whose own graph modes are ``graph_modes``: those, the
+    strategies hal builds on full graphs (breakable, piecewise: every device with full graphs has them), and
+    ``disabled``. What ``graphhal info`` shows for a device that is absent, too."""
+    strategies = strategy_modes() if GraphMode.FULL in graph_modes else ()
+    extra = (str(mode) for mode in (*strategies, GraphMode.DISABLED) if mode not in graph_modes)
+    return (*graph_modes, *extra)
 
 
 class Device:
@@ -61,11 +70,8 @@ class Device:
 
     @property
     def modes(self) -> tuple[str, ...]:
-        """Every mode a runner may ask for here: the device's own graph modes, the strategies hal builds on
-        full graphs (breakable, piecewise: every device with full graphs has them), and ``disabled``."""
-        strategies = strategy_modes() if GraphMode.FULL in self.graph_modes else ()
-        extra = (str(mode) for mode in (*strategies, GraphMode.DISABLED) if mode not in self.graph_modes)
-        return (*self.graph_modes, *extra)
+        """Every mode a runner may ask for here (``offered_modes`` of the device's own graph modes)."""
+        return offered_modes(self.graph_modes)
 
     def __str__(self) -> str:
         return str(self.id)

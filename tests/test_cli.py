@@ -73,7 +73,10 @@ def test_info_lists_builtin_devices_their_availability_modes_and_versions(capsys
     lines = out.splitlines()
     cpu = next(line for line in lines if line.strip().startswith("cpu "))
     assert "available; modes: full, breakable" in cpu and "[devices.cpu, built-in]" in cpu
-    assert any(line.strip().startswith("cuda ") and "[devices.cuda, built-in]" in line for line in lines)
+    cuda = next(line for line in lines if line.strip().startswith("cuda "))
+    assert "[devices.cuda, built-in]" in cuda
+    # With or without a GPU, every mode a runner could ask for there (breakable and piecewise build on full).
+    assert "full, breakable, piecewise, disabled" in cuda
     npu = next(line for line in lines if line.strip().startswith("npu "))
     assert "not available" in npu and "[devices.npu, built-in]" in npu
     for name in ("torch", "triton", "pluggy", "torch-npu"):
@@ -115,7 +118,9 @@ def test_info_lists_a_plugin_that_fails_to_import_in_text_and_json(site: Path, c
     assert {"cpu", "cuda", "npu"} <= devices.keys() and "brokendev" not in devices
     assert devices["cpu"]["available"] and "full" in devices["cpu"]["modes"]
     assert devices["npu"]["available"] is False and devices["npu"]["modes"] is None
-    assert devices["cuda"]["graph_modes"][0] == "full"  # declared whether or not a GPU is present
+    # What runners could ask for where a GPU is present, whether or not one is: the device's full graphs and the
+    # strategies hal builds on them, as Device.modes lists them.
+    assert devices["cuda"]["graph_modes"] == ["full", "breakable", "piecewise", "disabled"]
 
 
 def test_info_reports_a_plugin_that_raises_when_probed_and_lists_the_rest(site: Path, capsys):
@@ -133,7 +138,7 @@ def test_info_reports_a_plugin_that_raises_when_probed_and_lists_the_rest(site: 
 
 TINY_BENCH = (
     "bench", "--device", "cpu", "--model", "tiny", "--batch-sizes", "1,2", "--modes", "floor,full,breakable",
-    "--prefill-modes", "breakable", "--tokens", "8", "--requests", "2", "--capture-max-bs", "4",
+    "--prefill-modes", "breakable", "--tokens", "8", "--requests", "2", "--capture-max-bs", "4", "--setup", "all",
     # Few, short repeats: these tests check what is reported, not how precisely.
     "--time-budget", "0.02", "--min-repeats", "3", "--max-repeats", "5", "--no-progress",
 )
@@ -248,7 +253,7 @@ def test_bench_setup_flags_skip_each_part_or_size_the_prefill_setup(capsys, tmp_
              "--time-budget", "0", "--min-repeats", "1", "--max-repeats", "1", "--no-progress")
     json_path = tmp_path / "bench.json"
     code, out, _ = run_cli(
-        capsys, "bench", "--device", "cpu", *quick, "--no-compiled-setup", "--prefill-setup-max-tokens", "16",
+        capsys, "bench", "--device", "cpu", *quick, "--setup", "prefill", "--prefill-setup-max-tokens", "16",
         "--json", str(json_path),
     )
     assert code == 0
@@ -256,10 +261,13 @@ def test_bench_setup_flags_skip_each_part_or_size_the_prefill_setup(capsys, tmp_
     assert cost["max_bs"] is None and cost["decode"] == []  # not asked for, so neither run nor listed as skipped
     assert [(s["mode"], s["num_buckets"]) for s in cost["prefill"]] == [("full", 4), ("breakable", 4), ("piecewise", 4)]  # 4..16
     assert "setup: compiled decode graphs" not in out and "setup full+inductor" not in out
+    assert "not measured: the compiled, restart setup(s); add --setup compiled,restart" in out
 
-    code, out, _ = run_cli(capsys, "bench", "--device", "cpu", *quick, "--no-compiled-setup", "--no-prefill-setup", "--json", str(json_path))
+    # The default run: the step-time tables only, saying what it left out and how to add it.
+    code, out, _ = run_cli(capsys, "bench", "--device", "cpu", *quick, "--json", str(json_path))
     assert code == 0 and json.loads(json_path.read_text())["setup_cost"] is None
     assert "setup:" not in out
+    assert "not measured: the compiled, restart, prefill setup(s); add --setup compiled,restart,prefill (minutes on a GPU)" in out
 
 
 @pytest.mark.cpu
@@ -286,7 +294,7 @@ def test_bench_compiled_setups_table_compares_full_inductor_with_each_reduce_ove
     code, out, _ = run_cli(
         capsys, "bench", "--device", "cpu", "--batch-sizes", "1", "--modes", "full", "--no-prefill",
         "--capture-max-bs", "4", "--static-sizes", "1,8", "--time-budget", "0", "--min-repeats", "1",
-        "--max-repeats", "1", "--no-progress", "--json", str(json_path),
+        "--max-repeats", "1", "--no-progress", "--setup", "compiled", "--json", str(json_path),
     )
     assert code == 0, out
     # Every bucket largest first; the dynamic=False subset keeps the sizes a max_bs of 4 serves.
@@ -318,6 +326,7 @@ def test_bench_records_a_failing_setup_and_measures_the_others(monkeypatch, caps
     code, out, _ = run_cli(
         capsys, "bench", "--device", "cpu", "--batch-sizes", "1", "--modes", "full", "--no-prefill",
         "--capture-max-bs", "2", "--time-budget", "0", "--min-repeats", "1", "--max-repeats", "1", "--no-progress",
+        "--setup", "compiled",
     )
     assert code == 1
     assert "FAILED:\n  setup full+inductor @ 2 buckets up to 2: RuntimeError: inductor crashed" in out

@@ -162,6 +162,25 @@ def test_json_turns_nan_and_infinity_into_null_so_strict_parsers_accept_it(tmp_p
     assert data["capture_cost"]["break_cost_us"] is None
 
 
+@pytest.mark.parametrize(
+    ("breakable_ms", "shown"),
+    [
+        (1.0004, "one break: not measurable here (0.4 ± 0.7 us: the difference is within the timing noise)"),
+        (0.9996, "one break: not measurable here (-0.4 ± 0.7 us: the difference is within the timing noise)"),
+        (1.0100, "one break: 10.0 ± 0.7 us"),
+    ],
+)
+def test_the_cost_of_a_break_is_shown_with_its_error_and_never_as_noise(breakable_ms, shown):
+    # A negative cost, or one smaller than the noise of the two step times it is the difference of, is no cost.
+    cost = CaptureCost(
+        max_bs=4, num_buckets=3, capture_s=0.1, pool_bytes_all=2, pool_bytes_largest=2, breaks=1,
+        full_bs1_ms=1.0, breakable_bs1_ms=breakable_ms, full_bs1_rel_error=0.0005, breakable_bs1_rel_error=0.0005,
+    )
+    result = BenchResult(_header())
+    result.capture_cost = cost
+    assert shown in render(result)
+
+
 def test_table_shows_a_dash_where_a_value_does_not_apply():
     result = BenchResult(_header())
     result.rows.append(Row("prefill", "eager", tokens=64, requests=4, median_ms=1.5, repeats=5, steps_per_repeat=9, rel_error=0.004))

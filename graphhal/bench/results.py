@@ -119,6 +119,8 @@ class CaptureCost:
     breaks: int | None = None  # break points in one breakable decode step
     full_bs1_ms: float | None = None
     breakable_bs1_ms: float | None = None
+    full_bs1_rel_error: float | None = None  # standard error of each median, relative to it
+    breakable_bs1_rel_error: float | None = None
     note: str = ""
     pools: list[PoolShare] = field(default_factory=list)  # every decode mode's pool sharing, full included
 
@@ -133,6 +135,15 @@ class CaptureCost:
         if not self.breaks or self.full_bs1_ms is None or self.breakable_bs1_ms is None:
             return None
         return (self.breakable_bs1_ms - self.full_bs1_ms) * 1e3 / self.breaks
+
+    @property
+    def break_cost_error_us(self) -> float | None:
+        """The standard error of ``break_cost_us``: the two medians' errors, added in quadrature, per break."""
+        if self.break_cost_us is None or self.full_bs1_rel_error is None or self.breakable_bs1_rel_error is None:
+            return None
+        full = self.full_bs1_ms * self.full_bs1_rel_error  # type: ignore[operator]
+        breakable = self.breakable_bs1_ms * self.breakable_bs1_rel_error  # type: ignore[operator]
+        return math.hypot(full, breakable) * 1e3 / self.breaks  # type: ignore[operator]
 
 
 @dataclass

@@ -62,6 +62,16 @@ def _name_list(known: tuple[str, ...]):
     return parse
 
 
+# The setup measurements a run adds when asked (--setup): each takes minutes on a GPU, so none is in the
+# default run, whose step-time tables print within two minutes there.
+SETUP_SECTIONS = {
+    "compiled": "full+inductor against reduce-overhead, every decode bucket up to --capture-max-bs (CUDA only)",
+    "restart": "full, full+inductor and reduce-overhead in fresh processes, cold then warm over one compile cache "
+    "directory (CUDA only)",
+    "prefill": "piecewise and breakable prefill runners for every bucket up to --prefill-setup-max-tokens",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="device name (cuda:0, cpu, ...); default: the best one present")
     parser.add_argument(
@@ -92,12 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--capture-max-bs", type=int, default=256, help="largest bucket of the capture-only benchmark; default: 256")
     parser.add_argument(
         "--no-capture-cost", action="store_true",
-        help="skip every capture-only measurement (bucket capture, one break, compiled and prefill setup)",
-    )
-    parser.add_argument(
-        "--no-compiled-setup", action="store_true",
-        help="skip the compiled decode setups for every bucket up to --capture-max-bs (full+inductor vs "
-        "reduce-overhead; CUDA only, a few minutes there)",
+        help="skip every capture-only measurement (bucket capture, one break, and any --setup)",
     )
     parser.add_argument(
         "--static-sizes", type=_int_list, default=list(DEFAULT_STATIC_SIZES),
@@ -105,12 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"bucket is extrapolated from them; default: {','.join(map(str, DEFAULT_STATIC_SIZES))}",
     )
     parser.add_argument(
-        "--no-restart-setup", action="store_true",
-        help="skip the fresh-process setups (full, full+inductor, reduce-overhead for every decode bucket, cold "
-        "then a warm restart over one compile cache directory; run with the compiled setups, CUDA only)",
-    )
-    parser.add_argument(
-        "--no-prefill-setup", action="store_true", help="skip the prefill setup (piecewise and breakable runners, every bucket)"
+        "--setup", type=_name_list((*SETUP_SECTIONS, "all")), default=[], metavar="NAMES",
+        help="the long setup measurements to add, comma-separated: " + "; ".join(f"{name}: {what}" for name, what in SETUP_SECTIONS.items())
+        + "; or all. None by default: on a GPU they take minutes, and the step-time tables come first",
     )
     parser.add_argument(
         "--prefill-setup-max-tokens", type=_positive_int,
@@ -150,6 +152,7 @@ def plan_from_arguments(args: argparse.Namespace, rank: int | None = None) -> Be
         config = MODELS[args.model or ("large" if args.tp > 1 else defaults.model)]()
     if args.layers is not None:
         config = dataclasses.replace(config, num_layers=args.layers)
+    setups = set(SETUP_SECTIONS) if "all" in args.setup else set(args.setup)
     return BenchPlan(
         device=device,
         config=config,
@@ -160,16 +163,15 @@ def plan_from_arguments(args: argparse.Namespace, rank: int | None = None) -> Be
         prefill_modes=[] if args.no_prefill else args.prefill_modes,
         prefill_shapes=[] if args.no_prefill else [*prefill_shapes(args.tokens or defaults.tokens, args.requests), defaults.mixed],
         capture_max_bs=None if args.no_capture_cost else args.capture_max_bs,
-        compiled_setups=not args.no_compiled_setup,
-        # Fresh processes with one compile cache, cold then warm: where the compiled setups run, off the cpu
-        # (reduce-overhead and Inductor-captured graphs are CUDA's).
-        # The reference model only: the fresh processes rebuild it from its config.
-        restart_setups=not (args.no_restart_setup or args.no_compiled_setup or args.no_capture_cost)
-        and device.type != "cpu"
-        and family is None,
+        compiled_setups="compiled" in setups and not args.no_capture_cost,
+        # Fresh processes with one compile cache, cold then warm, off the cpu (reduce-overhead and
+        # Inductor-captured graphs are CUDA's). The reference model only: the processes rebuild it from its config.
+        restart_setups="restart" in setups and not args.no_capture_cost and device.type != "cpu" and family is None,
         static_sizes=args.static_sizes,
         prefill_setup_max_tokens=(
-            None if args.no_prefill or args.no_prefill_setup else args.prefill_setup_max_tokens or defaults.prefill_setup_max_tokens(config)
+            args.prefill_setup_max_tokens or defaults.prefill_setup_max_tokens(config)
+            if "prefill" in setups and not args.no_prefill and not args.no_capture_cost
+            else None
         ),
         timer=TimerSettings(
             target_rel_error=args.target_error,
@@ -207,6 +209,9 @@ def run(args: argparse.Namespace) -> int:
         return _run_tensor_parallel(args)
     result = run_bench(plan_from_arguments(args))
     print(table.render(result))
+    left_out = [name for name in SETUP_SECTIONS if name not in args.setup and "all" not in args.setup]
+    if left_out and not args.no_capture_cost:
+        print(f"\nnot measured: the {', '.join(left_out)} setup(s); add --setup {','.join(left_out)} (minutes on a GPU)")
     if args.json is not None:
         json_file.write_json(result, args.json)
         print(f"wrote {args.json}")

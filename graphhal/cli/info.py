@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 import hal
+from hal.device import offered_modes
 
 # Distributions whose versions decide what works; looked up by metadata, never imported.
 VERSIONED = ("graphhal", "torch", "triton", "pluggy", "torch-npu")
@@ -31,7 +32,7 @@ class DeviceInfo:
     origin: str  # "built-in", or the entry point that provided it
     available: bool
     modes: list[str] | None = None  # Device.modes; None where the device is not available (no Device exists)
-    graph_modes: list[str] | None = None  # the graph modes its plugin declares, present or not
+    graph_modes: list[str] | None = None  # the modes runners could ask for, from what its plugin declares, present or not
     graph_modes_error: str | None = None  # why the plugin could not say (often: why the device is absent)
     error: str | None = None  # what the plugin raised while asked whether the device is available
 
@@ -71,7 +72,8 @@ def _device_info(registry: hal.DeviceRegistry, device_type: str, plugin: str) ->
         info.available = False
         info.error = _error(exc)
     try:
-        info.graph_modes = list(registry.graph_modes_of(device_type))
+        # The plugin's own graph modes, and the strategies hal adds wherever there are full graphs.
+        info.graph_modes = list(offered_modes(tuple(registry.graph_modes_of(device_type))))
     except Exception as exc:
         info.graph_modes_error = _error(exc)
     return info
@@ -123,7 +125,7 @@ def render(machine: MachineInfo) -> str:
         if device.modes is not None:
             modes = f"; modes: {', '.join(device.modes)}"
         elif device.graph_modes is not None:  # what it would offer: tells a missing driver from a missing feature
-            modes = f"; graph modes when present: {', '.join(device.graph_modes) or 'none'}"
+            modes = f"; modes when present: {', '.join(device.graph_modes) or 'none'}"
         elif device.graph_modes_error is not None:
             modes = f" ({device.graph_modes_error})"
         else:

@@ -57,7 +57,7 @@ def _capture_cost(cost: CaptureCost) -> list[str]:
     ]
     if cost.break_cost_us is not None:
         lines.append(
-            f"one break: {cost.break_cost_us:.1f} us  (batch 1: breakable {cost.breakable_bs1_ms:.3f} ms vs full "
+            f"one break: {_break_cost(cost)}  (batch 1: breakable {cost.breakable_bs1_ms:.3f} ms vs full "
             f"{cost.full_bs1_ms:.3f} ms, {cost.breaks} breaks per step)"
         )
     if cost.note:
@@ -65,6 +65,17 @@ def _capture_cost(cost: CaptureCost) -> list[str]:
     if cost.pools:
         lines += ["", *_pool_shares(f"pools: every decode bucket up to {cost.max_bs} against bucket {cost.max_bs} alone", cost.pools)]
     return lines
+
+
+def _break_cost(cost: CaptureCost) -> str:
+    """The cost with its standard error; a difference within twice the error is noise, and said to be."""
+    value, error = cost.break_cost_us, cost.break_cost_error_us
+    assert value is not None
+    if error is None:
+        return f"{value:.1f} us"
+    if abs(value) < 2 * error:
+        return f"not measurable here ({value:.1f} ± {error:.1f} us: the difference is within the timing noise)"
+    return f"{value:.1f} ± {error:.1f} us"
 
 
 def _pool_shares(title: str, shares: list[PoolShare]) -> list[str]:

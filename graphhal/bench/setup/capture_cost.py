@@ -49,7 +49,9 @@ def measure_capture_cost(
     if isinstance(breaks, Failed):
         return cost
     cost.breaks = breaks
-    cost.full_bs1_ms, cost.breakable_bs1_ms = _bs1_ms(workload, measurements, hal.GraphMode.FULL.value, hal.GraphMode.BREAKABLE.value)
+    (cost.full_bs1_ms, cost.full_bs1_rel_error), (cost.breakable_bs1_ms, cost.breakable_bs1_rel_error) = _bs1_ms(
+        workload, measurements, hal.GraphMode.FULL.value, hal.GraphMode.BREAKABLE.value
+    )
     return cost
 
 
@@ -118,12 +120,13 @@ def count_breaks(workload: Workload) -> int:
     return graph.num_breaks
 
 
-def _bs1_ms(workload: Workload, measurements: Measurements, *modes: str) -> list[float | None]:
-    """Step times of ``modes`` at batch 1: from the table when all were measured, else measured now, together."""
-    table = {row.mode: row.median_ms for row in measurements.result.rows if row.phase == DECODE and row.batch_size == 1}
-    if not all(mode in table for mode in modes):
+def _bs1_ms(workload: Workload, measurements: Measurements, *modes: str) -> list[tuple[float | None, float | None]]:
+    """Step times of ``modes`` at batch 1 with the relative standard error of each: from the table when all were
+    measured, else measured now, together."""
+    rows = {row.mode: row for row in measurements.result.rows if row.phase == DECODE and row.batch_size == 1}
+    if not all(mode in rows for mode in modes):
         batch = workload.decode_batch(1)
         contenders = [(mode, partial(DECODE_CONTENDERS[mode](workload.device).prepare, workload, batch)) for mode in modes]
-        table = {row.mode: row.median_ms for row in measurements.size(DECODE, {"batch_size": 1}, contenders, record=False)}
-    return [table.get(mode) for mode in modes]
+        rows = {row.mode: row for row in measurements.size(DECODE, {"batch_size": 1}, contenders, record=False)}
+    return [(rows[mode].median_ms, rows[mode].rel_error) if mode in rows else (None, None) for mode in modes]
 

@@ -52,6 +52,10 @@ def hal_distributed_backend(device: DeviceId) -> None:
     return None
 
 
+def hal_event(device: DeviceId) -> None:
+    return None
+
+
 def hal_memory_stats(device: DeviceId, pool: Any) -> MemoryStats:
     return MemoryStats()
 
@@ -67,4 +71,5 @@ OPTIONAL_HOOK_DEFAULTS = {
     "hal_conventions": hal_conventions,
     "hal_compiled_capture_problem": hal_compiled_capture_problem,
     "hal_distributed_backend": hal_distributed_backend,
+    "hal_event": hal_event,
 }

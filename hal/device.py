@@ -161,6 +161,16 @@ class Device:
     def synchronize(self) -> None:
         self._hooks["hal_synchronize"](self.id)
 
+    def event(self) -> Any:
+        """A new event (``hal_event``): ``record()``, ``query()``, ``synchronize()``. On a device that runs work
+        as it is issued (no ``hal_event``), one that is always complete."""
+        event = self._hooks["hal_event"](self.id)
+        if event is None:
+            return CompletedEvent()
+        if not all(callable(getattr(event, name, None)) for name in ("record", "query", "synchronize")):
+            raise PluginContractError(self.plugin_name, "hal_event", event, "an event with record, query and synchronize")
+        return event
+
     def check_group(self, group: Any) -> None:
         """Raise ``UnsupportedModeError`` unless this device's graphs can capture ``group``'s collectives."""
         import torch.distributed as dist  # only where process groups are used
@@ -183,6 +193,19 @@ class Device:
         if stats is not None and not isinstance(stats, MemoryStats):
             raise PluginContractError(self.plugin_name, "hal_memory_stats", stats, "a hal.MemoryStats")
         return stats or MemoryStats()
+
+
+class CompletedEvent:
+    """The event of a device that runs work as it is issued: whatever was recorded has finished."""
+
+    def record(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        return None
 
 
 class PluginGraph(DeviceGraph):

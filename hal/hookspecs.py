@@ -284,6 +284,23 @@ def hal_synchronize(device: "DeviceId") -> None:
 
 
 @hookspec(firstresult=True)
+def hal_event(device: "DeviceId") -> Any:
+    """Return a new event of ``device``: an object with ``record()`` (mark the point the work queued so far on
+    the current stream has reached), ``query()`` (True once that work has finished, without blocking) and
+    ``synchronize()`` (block the host until it has finished), as ``torch.cuda.Event`` has them.
+
+    Called once per step a runner hands back without waiting (``submit``), right after the step's work is
+    queued: a server waits on the event, or feeds the step's device outputs into the next step without the
+    host ever waiting. Never called inside a capture.
+
+    Default: ``hal.default_hooks.hal_event`` (None: the device runs work as it is issued, like the cpu
+    device, so a step is complete when ``submit`` returns).
+
+    :param device: the device the event is for.
+    """
+
+
+@hookspec(firstresult=True)
 def hal_distributed_backend(device: "DeviceId") -> str | None:
     """Return the ``torch.distributed`` backend whose collectives this device's graphs can capture
     (``"nccl"`` for CUDA, ``"hccl"`` for Ascend, ``"gloo"`` for the cpu reference device), or None.

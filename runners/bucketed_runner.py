@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from torch.utils import _pytree as pytree
 
 import hal
 from runners.address_watch import AddressWatch
@@ -30,6 +31,7 @@ from runners.graph_dispatch import Dispatch, GraphDispatcher
 from runners.graph_outputs import GraphOutputs
 from runners.input_slots import InputSlot
 from runners.rank_group import rank_group
+from runners.step_handle import StepHandle
 from runners.step_inputs import BatchRows, StepInputs
 
 
@@ -194,15 +196,41 @@ class BucketedRunner:
         """Run the forward for a live batch: replay its bucket's graphs, or run eagerly.
 
         Graph outputs are views into the graph pool, valid until the next ``run`` of this runner (or of any
-        runner sharing its pool). A batch over the phase maximum runs eagerly, or raises when eager fallback
-        is off. Only one thread runs a runner (``claim_current_thread``). Any slot may be passed as a host
-        (CPU) tensor: the runner copies it into its device buffer.
+        runner sharing its pool); ``submit`` hands back outputs the caller keeps. A batch over the phase
+        maximum runs eagerly, or raises when eager fallback is off. Only one thread runs a runner
+        (``claim_current_thread``). Any slot may be passed as a host (CPU) tensor: the runner copies it into its
+        device buffer (from a page-locked one without the host waiting for the device's queue).
 
         With a consensus group, every rank takes part in the agreement whatever went wrong here first (a
         refused batch, a moved tensor, a wrong thread): a rank that left without it would pair its peers'
         next agreement, and their collectives, with its own next step. A failure on any rank is an error on
         every rank. Without one, the same path raises this rank's error as it is.
         """
+        return self._step(batch)[0]
+
+    def submit(self, batch: Mapping[str, torch.Tensor], *, keep: Sequence[str] | None = None) -> StepHandle:
+        """Queue a step and return at once, with a handle on its outputs (``runners.step_handle``).
+
+        The step is ``run``'s; its outputs are then copied out of the graph pool on the device, so the caller
+        keeps them across any number of later steps, and an event is recorded after the copies. Nothing here
+        waits for the device: feed ``handle.outputs`` into the next step's batch as device tensors, read them on
+        the host through ``handle.to_host()`` a step later, or ``handle.wait()``.
+
+        keep: for a forward returning a dict, the outputs to hand back (sampled tokens, say, without the
+              vocabulary-wide logits): only those are copied. Default: every output.
+        """
+        outputs, in_pool = self._step(batch)
+        if keep is not None:
+            if not isinstance(outputs, Mapping) or not set(keep) <= outputs.keys():
+                have = sorted(outputs) if isinstance(outputs, Mapping) else f"a {type(outputs).__name__}"
+                raise ValueError(f"submit(keep={list(keep)}) names outputs the forward does not return; it returns {have}")
+            outputs = {name: outputs[name] for name in keep}
+        if in_pool:
+            outputs = pytree.tree_map_only(torch.Tensor, torch.clone, outputs)
+        return StepHandle(outputs, self.device)
+
+    def _step(self, batch: Mapping[str, torch.Tensor]) -> tuple[Any, bool]:
+        """``run``'s step; its outputs, and whether they are graph pool memory (a replay's, not an eager run's)."""
         shape, misfit, error = BatchRows(0), None, None
         try:
             self._capture.thread_owner.check(f"this {self.phase} runner")
@@ -219,8 +247,8 @@ class BucketedRunner:
         largest, misfits = self.consensus.agree_on_batch(shape.rows, misfit is None, error)
         dispatch = self._dispatcher.decide(largest, misfits, misfit)
         if dispatch.key is None:
-            return self._run_eagerly(batch, shape, dispatch)
-        return self._replay(batch, shape, dispatch.key)
+            return self._run_eagerly(batch, shape, dispatch), False
+        return self._replay(batch, shape, dispatch.key), True
 
     def _replay(self, batch: Mapping[str, torch.Tensor], shape: BatchRows, bucket: int) -> Any:
         step = self._capture.graphs[bucket]

@@ -86,6 +86,11 @@ def hal_distributed_backend(device: DeviceId) -> str:
 
 
 @hookimpl
+def hal_event(device: DeviceId) -> torch.cuda.Event:
+    return torch.cuda.Event()  # recorded on the current stream of the current device, like the replays
+
+
+@hookimpl
 def hal_memory_stats(device: DeviceId, pool: Any) -> MemoryStats:
     index = _index(device)
     pool_bytes = None

@@ -159,6 +159,11 @@ def hal_synchronize(device: DeviceId) -> None:
 
 
 @hookimpl
+def hal_event(device: DeviceId) -> Any:
+    return torch_npu_runtime().npu.Event()  # recorded on the current stream, like the replays
+
+
+@hookimpl
 def hal_memory_stats(device: DeviceId, pool: Any) -> MemoryStats:
     npu, index = torch_npu_runtime().npu, _index(device)
     return MemoryStats(allocated_bytes=int(npu.memory_allocated(index)), reserved_bytes=int(npu.memory_reserved(index)))

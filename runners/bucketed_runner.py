@@ -50,6 +50,7 @@ class BucketedRunner:
         *,
         request_slots: Sequence[InputSlot] = (),
         max_requests: int = 0,
+        request_outputs: Sequence[str] = (),
         pool: Any = None,
         watched_tensors: Mapping[str, Any] | None = None,
         group: Any = None,
@@ -60,6 +61,7 @@ class BucketedRunner:
         config.check_device(self.device)
         assert config.buckets is not None  # resolved by the config
         self.inputs = StepInputs(slots, request_slots, config.max_size, max_requests, self.device)
+        self.request_outputs = frozenset(request_outputs)  # dict outputs with one row per request
         self.watched_tensors = dict(watched_tensors or {})
         self._address_watch = self._watch(self.watched_tensors)
         self._check_every_replay = config.check_addresses == "every_replay"
@@ -72,7 +74,7 @@ class BucketedRunner:
         self._capture = CaptureLoop(
             forward, self.device, config, phase=self.phase, batch_kind=self.batch_kind, inputs=self.inputs,
             ranks=rank_group(group, config.agreement_timeout_s, str(self.device)), watch=self._address_watch,
-            pool=pool, agrees_per_run=self.consensus.is_group,
+            pool=pool, agrees_per_run=self.consensus.is_group, request_outputs=self.request_outputs,
         )
         self._dispatcher = self._make_dispatcher()
 
@@ -261,10 +263,10 @@ class BucketedRunner:
             with torch.inference_mode(self._capture.inference_mode):
                 outputs = self._load_and_replay(step, batch, shape, bucket)
         if step.outputs_static:  # a graph: it wrote into the outputs captured
-            return step.outputs.live_rows(shape.rows)
-        replayed = GraphOutputs(outputs, bucket)
+            return step.outputs.live_rows(shape.rows, shape.requests)
+        replayed = GraphOutputs(outputs, bucket, self.request_outputs, self.inputs.max_requests)
         step.outputs_static = replayed.same_tensors(step.outputs)
-        return replayed.live_rows(shape.rows)
+        return replayed.live_rows(shape.rows, shape.requests)
 
     def _load_and_replay(self, step: CapturedStep, batch: Mapping[str, torch.Tensor], shape: BatchRows, bucket: int) -> Any:
         # No torch.no_grad() needed around the copies: an input that requires grad was refused by the check.
@@ -280,7 +282,7 @@ class BucketedRunner:
         device = self.device.torch_device
         if dispatch.rows > shape.rows:
             outputs = self._forward(self.inputs.padded_to(batch, shape, dispatch.rows, device))
-            return GraphOutputs(outputs, dispatch.rows).live_rows(shape.rows)
+            return GraphOutputs(outputs, dispatch.rows, self.request_outputs, shape.requests).live_rows(shape.rows, shape.requests)
         return self._forward(batch)
 
     def _forward(self, batch: Mapping[str, torch.Tensor]) -> Any:

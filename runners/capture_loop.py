@@ -55,6 +55,7 @@ class CaptureLoop:
     watch:            the addresses the graphs read, recorded after the largest bucket and checked after the others.
     pool:             a pool to share with another runner, or None for one of this runner's own.
     agrees_per_run:   whether the runner agrees with its ranks on every run: part of the plan every rank agrees on.
+    request_outputs:  the forward's dict outputs with one row per request rather than per batch row.
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class CaptureLoop:
         watch: AddressWatch,
         pool: Any,
         agrees_per_run: bool,
+        request_outputs: frozenset[str] = frozenset(),
     ) -> None:
         assert config.buckets is not None  # resolved by the config
         self.forward = forward
@@ -85,6 +87,7 @@ class CaptureLoop:
         self.watch = watch
         self.pool = pool
         self.agrees_per_run = agrees_per_run
+        self.request_outputs = request_outputs
         self.graphs: dict[int, CapturedStep] = {}
         self.report: CaptureReport | None = None
         self.inference_mode = False  # the inference mode the graphs were captured in (see _start)
@@ -240,7 +243,7 @@ class CaptureLoop:
         self.inputs.fill_padding(bucket)
         try:
             captured = self.strategy.capture(bucket, self.inputs.views(bucket))
-            outputs = GraphOutputs(captured.outputs, bucket)
+            outputs = GraphOutputs(captured.outputs, bucket, self.request_outputs, self.inputs.max_requests)
             self._settle_addresses(bucket)
         except RankCaptureError:
             raise  # already says which rank failed where

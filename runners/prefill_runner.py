@@ -32,6 +32,9 @@ class PrefillRunner(BucketedRunner):
                    ``config.max_requests`` rows; their fills must mark a request with no tokens.
     config:        ``PrefillConfig``: mode (auto, full, piecewise, breakable, disabled), max_tokens, buckets,
                    max_requests, compiler.
+    request_outputs: the names of the forward's dict outputs that have one row per request rather than per
+                   token (a sampler's tokens for each request's last token, say): padded to ``max_requests``
+                   rows in the graphs, handed back with one row per live request.
     pool, watched_tensors, group, consensus_group: as for ``DecodeRunner``.
 
     A batch with more tokens than ``max_tokens`` or more requests than ``max_requests`` runs eagerly (or
@@ -49,6 +52,7 @@ class PrefillRunner(BucketedRunner):
         device: "str | hal.Device",
         config: PrefillConfig | None = None,
         *,
+        request_outputs: Sequence[str] = (),
         pool: Any = None,
         watched_tensors: Mapping[str, Any] | None = None,
         group: Any = None,
@@ -69,6 +73,7 @@ class PrefillRunner(BucketedRunner):
             config,
             request_slots=request_slots,
             max_requests=config.max_requests,
+            request_outputs=request_outputs,
             pool=pool,
             watched_tensors=watched_tensors,
             group=group,

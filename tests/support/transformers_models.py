@@ -1,5 +1,6 @@
 """Tiny random transformers models of each family the integration is tested on, built from their config
-classes (nothing is downloaded), and transformers' own greedy generation to compare with.
+classes (nothing is downloaded); transformers' own greedy generation to compare with; and graphhal's, through
+the generation loop over runners in a given mode.
 
 Every family has the same small shape (2 layers, hidden 128, 4 heads over 2 KV heads, vocabulary 512) plus
 what the family needs to be itself (experts, a head dim, a window). The weights are drawn with a standard

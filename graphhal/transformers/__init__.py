@@ -8,13 +8,20 @@
 - ``builders``: a ``DecodeRunner`` and a ``PrefillRunner`` for a model, in any mode the device offers.
 - ``generation``: a greedy generation loop with continuous batching, the example of a server using them;
   ``request_checks``: what it accepts as a request.
+- ``layers`` and ``experts``: what graphhal serves of a model, checked before a runner is built.
 
-Works for decoder models whose attention transformers dispatches by name (``_supports_attention_backend``):
-tested on the Llama, Qwen2 and Mistral families. Others get ``UnsupportedModelError`` naming what is missing.
+Works for decoder models whose attention transformers dispatches by name (``_supports_attention_backend``) in
+every decoder layer: tested (generation equal to ``generate``) on Llama, Qwen2, Mistral, Qwen3, Gemma, Gemma 3
+(text), Phi-3, OLMo 2, Granite, Mixtral, Qwen2-MoE and Qwen3-MoE. Others get ``UnsupportedModelError`` naming
+what is missing: hybrid models (a convolution, state-space or linear-attention layer beside attention),
+attention logit soft-capping (Gemma 2), sliding windows or attention chunks shorter than the served length,
+and experts that would read their routing on the host inside a graph. A step whose model no longer calls
+graphhal's attention raises ``AttentionSwitchedError``.
 """
 
 from graphhal.transformers.attention import (
     ATTENTION_NAME,
+    AttentionSwitchedError,
     MissingBatchError,
     UnsupportedModelError,
     register_graphhal_attention,
@@ -26,6 +33,7 @@ from graphhal.transformers.kv_cache import cache_shape, paged_kv_cache
 
 __all__ = [
     "ATTENTION_NAME",
+    "AttentionSwitchedError",
     "GenerationLoop",
     "MissingBatchError",
     "RequestFailedError",

@@ -15,11 +15,19 @@ and their declared graph support (``hal.declare_graph_support``) decides what mo
 for the reference model. A name registered for attention and not for masks makes transformers skip building
 an attention mask (``masking_utils``): the paged attention needs none, and building one reads the batch on the
 host.
+
+``use_graphhal_attention`` switches a model only when graphhal computes all of it right: every decoder layer
+one it serves (``graphhal.transformers.layers``: not a convolution, state-space or linear-attention layer), no
+attention feature the kernels lack (logit soft-capping, sinks, latent attention), no sliding window or chunk
+shorter than the served length. The attention also records, in an eager step, which layers called it
+(``recording_attention_calls``), for the step's own check (``graphhal.transformers.steps``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 import transformers
@@ -28,6 +36,7 @@ import hal
 from graphhal.paged_attention.decode_attention_op import decode_attention_break
 from graphhal.paged_attention.kv_cache import PagedKVCache, write_kv_cache_step
 from graphhal.paged_attention.prefill_attention_op import prefill_attention_break
+from graphhal.transformers import layers
 
 ATTENTION_NAME = "graphhal"
 
@@ -46,6 +55,28 @@ class UnsupportedModelError(hal.GraphHalError, ValueError):
 
 class MissingBatchError(hal.GraphHalError, RuntimeError):
     """graphhal's attention was called without the paged-cache inputs of a graphhal step."""
+
+
+class AttentionSwitchedError(hal.GraphHalError, RuntimeError):
+    """A step ran a model whose attention is no longer graphhal's (``set_attn_implementation`` after the
+    runners were built)."""
+
+
+# The layers that called graphhal's attention in the eager step running on this thread (None: no step is
+# recording). Only eager steps record: a compiled or captured step does not run this Python again.
+_calls = threading.local()
+
+
+@contextmanager
+def recording_attention_calls() -> Iterator[set[int]]:
+    """The set of layer indices whose attention called graphhal's inside this block (on this thread)."""
+    called: set[int] = set()
+    previous = getattr(_calls, "layers", None)
+    _calls.layers = called
+    try:
+        yield called
+    finally:
+        _calls.layers = previous
 
 
 # The batch inputs a step hands every layer, besides the cache; prefill adds graphhal_query_lens.
@@ -86,6 +117,10 @@ def graphhal_attention(
     if dropout:
         raise UnsupportedModelError(f"graphhal attention runs inference only; {type(module).__name__} asked for dropout {dropout}")
     layer = module.layer_idx
+    if not torch.compiler.is_compiling():  # a traced step records nothing (and Dynamo must not see the set)
+        called = getattr(_calls, "layers", None)
+        if called is not None:
+            called.add(layer)
     key_cache, value_cache = kv_cache.key_caches[layer], kv_cache.value_caches[layer]
     # [1, heads, T, head_dim] -> [T, heads, head_dim]: the token-major layout of the cache and the kernels.
     q = query[0].transpose(0, 1).contiguous()
@@ -107,22 +142,26 @@ def use_graphhal_attention(model: torch.nn.Module, max_seq_len: int) -> None:
 
     The switch is the model's own setting (``config._attn_implementation``): afterwards the model computes
     attention only inside graphhal's steps; ``model.set_attn_implementation("sdpa")`` switches it back (for
-    ``model.generate``, say), and calling this again switches it to graphhal before the runners run again.
+    ``model.generate``, say), and calling this again switches it to graphhal before the runners run again (a
+    step run in between raises ``AttentionSwitchedError``).
 
-    ``max_seq_len``: the longest sequence the KV cache serves; a sliding window shorter than it would need
-    attention that forgets old tokens, which the paged attention does not do.
+    ``max_seq_len``: the longest sequence the KV cache serves; a sliding window or an attention chunk shorter
+    than it would need attention that forgets old tokens, which the paged attention does not do.
     """
     if not isinstance(model, transformers.PreTrainedModel):
         raise UnsupportedModelError(f"expected a transformers PreTrainedModel, got {type(model).__name__}")
     name = type(model).__name__
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{name} is an encoder-decoder model; graphhal runs decoder-only causal LMs")
+    refused = layers.refused_layers(model)
+    if refused:  # before the class-wide check below: it names the layers that keep hybrids from being served
+        raise UnsupportedModelError(unserved_layers_message(name, refused, layers.num_layers(model)))
     if not getattr(model, "_supports_attention_backend", False):
         raise UnsupportedModelError(
             f"{name} does not take its attention from transformers' AttentionInterface (its class does not set "
             "_supports_attention_backend), so graphhal cannot swap its attention for the paged one"
         )
-    config = model.config
-    if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(f"{name} is an encoder-decoder model; graphhal runs decoder-only causal LMs")
     for feature in _unsupported_features(model):
         raise UnsupportedModelError(f"{name} uses {feature}, which graphhal's paged attention does not compute")
     window = _sliding_window(config)
@@ -131,13 +170,49 @@ def use_graphhal_attention(model: torch.nn.Module, max_seq_len: int) -> None:
             f"{name} uses sliding-window attention over {window} tokens, and graphhal's paged attention attends to "
             f"the whole context: serve at most max_seq_len={window} tokens per request (asked for {max_seq_len})"
         )
+    chunk = layers.chunk_size(config)
+    if chunk is not None and chunk < max_seq_len:
+        chunked = layers.chunked_layers(config)
+        raise UnsupportedModelError(
+            f"{name} uses chunked attention (attention_chunk_size={chunk}: a token attends only to the tokens of its "
+            f"own {chunk}-token chunk) in layers {_indices(chunked)}, and graphhal's paged attention attends to the "
+            f"whole context: serve at most max_seq_len={chunk} tokens per request (asked for {max_seq_len})"
+        )
     register_graphhal_attention()
     model.set_attn_implementation(ATTENTION_NAME)
 
 
+def unserved_layers_message(name: str, refused: list[layers.LayerView], total: int) -> str:
+    return (
+        f"{name} has {len(refused)} of its {total} decoder layers that graphhal does not serve: "
+        f"{layers.describe_layers(refused)}. graphhal serves decoder layers whose only token mixing is attention "
+        "taken from transformers' AttentionInterface, over the paged KV cache; a convolution, state-space or "
+        "linear-attention layer keeps a state per request that graphhal's steps do not carry, and would compute "
+        "wrong tokens. Serve this model with transformers' own generate(), or a server that implements its layers."
+    )
+
+
+def check_attention_is_graphhal(model: torch.nn.Module) -> None:
+    """``AttentionSwitchedError`` unless ``model`` is still set to graphhal's attention: a cheap check a step makes
+    before it runs the model eagerly."""
+    current = getattr(model.config, "_attn_implementation", None)
+    if current != ATTENTION_NAME:
+        raise AttentionSwitchedError(
+            f"{type(model).__name__}'s attention is {current!r}, not graphhal's: it was switched after the runners "
+            f"were built (model.set_attn_implementation({current!r})?), and a step would attend without the paged KV "
+            "cache, computing wrong tokens. Call graphhal.transformers.use_graphhal_attention(model, max_seq_len) "
+            "again (or build the runners again) before running them."
+        )
+
+
+def _indices(values: list[int]) -> str:
+    shown = ", ".join(str(v) for v in values[:8])
+    return shown + (f" and {len(values) - 8} more" if len(values) > 8 else "")
+
+
 def _unsupported_features(model: torch.nn.Module) -> list[str]:
     """What ``model``'s attention computes beyond plain causal softmax attention over one head dim."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = layers.text_config(model.config)
     features = []
     if getattr(config, "attn_logit_softcapping", None) is not None:
         features.append(f"attention logit soft-capping (attn_logit_softcapping={config.attn_logit_softcapping})")

@@ -12,6 +12,11 @@ The model is switched to graphhal attention (``use_graphhal_attention``) and cal
 (``graphhal.transformers.generation`` builds them for a generation loop). Any mode the device offers
 works; ``auto`` (the default) picks it from the attention ops' declared graph support, as for the reference
 model. The model's parameters and the cache are watched: a runner refuses to replay after either moved.
+
+Before a runner is built, the model is checked: every decoder layer must be one graphhal serves
+(``graphhal.transformers.layers``), and a mixture-of-experts model's experts must keep their routing on the
+device in the steps the runner captures (``graphhal.transformers.experts``). What fails is refused with
+``UnsupportedModelError``, naming the layer or the experts and what to change.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 
 import hal
 from graphhal.transformers.attention import use_graphhal_attention
+from graphhal.transformers.experts import check_experts_capturable
 from graphhal.transformers.steps import DecodeStep, PrefillStep
 from graphhal.paged_attention.decode_inputs import decode_input_slots
 from graphhal.paged_attention.kv_cache import PagedKVCache
@@ -38,7 +44,8 @@ def decode_runner(
 ) -> DecodeRunner:
     """Decode steps of ``model`` (one new token per request) over ``kv_cache``; ``runner_options`` go to
     ``DecodeRunner`` (``pool``, ``group``...)."""
-    device = _device_of(model, kv_cache, device)
+    config = config or DecodeConfig()
+    device = _device_of(model, kv_cache, device, config)
     slots = decode_input_slots(kv_cache.config, conventions=device.conventions)
     return DecodeRunner(DecodeStep(model, kv_cache), slots, device, config, watched_tensors=_watched(model, kv_cache), **runner_options)
 
@@ -52,7 +59,8 @@ def prefill_runner(
 ) -> PrefillRunner:
     """Prefill steps of ``model`` (packed prompt chunks after each request's cached context) over ``kv_cache``;
     ``runner_options`` go to ``PrefillRunner``."""
-    device = _device_of(model, kv_cache, device)
+    config = config or PrefillConfig()
+    device = _device_of(model, kv_cache, device, config)
     token_slots = [slot.for_device(device.conventions) for slot in prefill_token_slots()]
     request_slots = [slot.for_device(device.conventions) for slot in prefill_request_slots(kv_cache.config)]
     return PrefillRunner(
@@ -61,7 +69,9 @@ def prefill_runner(
     )
 
 
-def _device_of(model: torch.nn.Module, kv_cache: PagedKVCache, device: "str | hal.Device") -> hal.Device:
+def _device_of(
+    model: torch.nn.Module, kv_cache: PagedKVCache, device: "str | hal.Device", config: DecodeConfig | PrefillConfig
+) -> hal.Device:
     device = device if isinstance(device, hal.Device) else hal.get_device(device)
     parameter = next(model.parameters())
     if parameter.device != device.torch_device or kv_cache.device != device.torch_device:
@@ -72,6 +82,8 @@ def _device_of(model: torch.nn.Module, kv_cache: PagedKVCache, device: "str | ha
     if kv_cache.dtype != parameter.dtype:
         raise ValueError(f"the KV cache is {kv_cache.dtype} and the model {parameter.dtype}: build the cache in the model's dtype")
     use_graphhal_attention(model, kv_cache.config.max_seq_len)
+    if isinstance(config, (DecodeConfig, PrefillConfig)):  # anything else: the runner's TypeError says so
+        check_experts_capturable(model, device, config)
     return device
 
 

@@ -5,6 +5,19 @@ decode request; one row per prefill token plus one per request). A step calls th
 packed tokens, with positions given explicitly (so no cache object, no attention mask), and hands the paged
 cache's inputs down to every layer's attention as ``graphhal_*`` keywords
 (``graphhal.transformers.attention``). It returns the logits of every token: [T, vocab].
+
+A step run eagerly (mode ``disabled``, a batch over the largest bucket, and the runs before a capture) checks
+that graphhal serves the whole model, as it was when the runner was built:
+
+- before it calls the model, that the model is still set to graphhal's attention: after
+  ``model.set_attn_implementation("sdpa")`` its layers would attend over the packed tokens without the cache
+  (``AttentionSwitchedError``);
+- after, that every decoder layer called graphhal's attention (``recording_attention_calls``): a layer that did
+  not mixed its tokens some other way, which the static check of ``use_graphhal_attention`` did not see
+  (``UnsupportedModelError``, naming the layers).
+
+Both cost a set insert per layer and one comparison per step. A compiled step skips them while it is traced,
+and a captured one replays without running Python.
 """
 
 from __future__ import annotations
@@ -12,6 +25,12 @@ from __future__ import annotations
 import torch
 
 from graphhal.paged_attention.kv_cache import PagedKVCache
+from graphhal.transformers import layers
+from graphhal.transformers.attention import (
+    UnsupportedModelError,
+    check_attention_is_graphhal,
+    recording_attention_calls,
+)
 
 
 class _Step(torch.nn.Module):
@@ -19,8 +38,19 @@ class _Step(torch.nn.Module):
         super().__init__()
         self.model = model
         self.kv_cache = kv_cache
+        self.num_layers = layers.num_layers(model)
 
     def _logits(self, input_ids: torch.Tensor, positions: torch.Tensor, **cache_inputs: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._call_model(input_ids, positions, **cache_inputs)
+        check_attention_is_graphhal(self.model)
+        with recording_attention_calls() as called:
+            logits = self._call_model(input_ids, positions, **cache_inputs)
+        if len(called) < self.num_layers:
+            self._refuse_layers_without_attention(called)
+        return logits
+
+    def _call_model(self, input_ids: torch.Tensor, positions: torch.Tensor, **cache_inputs: torch.Tensor) -> torch.Tensor:
         output = self.model(
             input_ids=input_ids.unsqueeze(0),
             position_ids=positions.unsqueeze(0),
@@ -29,6 +59,17 @@ class _Step(torch.nn.Module):
             **{f"graphhal_{name}": tensor for name, tensor in cache_inputs.items()},
         )
         return output.logits[0]
+
+    def _refuse_layers_without_attention(self, called: set[int]) -> None:
+        views = [view for view in layers.layer_views(self.model) if view.index not in called]
+        for view in views:
+            view.why.append("did not call graphhal's attention in this step")
+        raise UnsupportedModelError(
+            f"{type(self.model).__name__}: {len(views)} of its {self.num_layers} decoder layers computed this step "
+            f"without graphhal's attention: {layers.describe_layers(views)}. Their tokens did not go through the paged "
+            "KV cache and are wrong. graphhal serves only models whose every decoder layer takes its attention from "
+            "transformers' AttentionInterface; serve this one with transformers' own generate()."
+        )
 
 
 class DecodeStep(_Step):

@@ -20,6 +20,18 @@ from hal.errors import GraphHalError
 logger = logging.getLogger(__name__)
 
 
+def inductor_config_patches() -> dict[str, Any]:
+    """What every Inductor compile of graphhal's runs with: ``emulate_precision_casts``, so a bf16 or fp16
+    forward rounds its fused intermediates where its eager ops do. Without it Inductor keeps them in fp32, and
+    a last-bit difference picks other experts in a MoE model's top-k routing: a tiny Mixtral in bf16 chose
+    another next token at 16 of 320 positions (logits up to 2.3 apart) where eager did not, and with it at
+    none (measured on cpu, torch 2.13; the reported case was a Mixtral on an H100 whose full+inductor first
+    token scored 6.8 below generate's). The cost is a few casts in fused kernels."""
+    import torch._inductor.config as inductor_config
+
+    return {"emulate_precision_casts": True} if hasattr(inductor_config, "emulate_precision_casts") else {}
+
+
 class InductorBackend:
     """Inductor, without its own CUDA graphs (graphhal captures the compiled forward), counting compiles."""
 
@@ -36,7 +48,7 @@ class InductorBackend:
         self.compile_count += 1
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
         self.shape_env = fake_mode.shape_env if fake_mode is not None else None
-        compiled = compile_fx(gm, example_inputs)
+        compiled = compile_fx(gm, example_inputs, config_patches=inductor_config_patches())
         if self.storing:
             # AOTAutograd's bundled entry, wrapped for storing as torch wraps its own Inductor backend's output
             # (torch 2.11 wraps only backends it knows; a graph that cannot be stored fails the store, not this).

@@ -56,7 +56,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "graphhal-stored-compile-2"  # bumped whenever what a file holds, or how it is keyed, changes
+FORMAT = "graphhal-stored-compile-3"  # bumped whenever what a file holds, how it is keyed, or how it compiles changes
 # Values whose repr is their content, the same in every process.
 _SCALARS = (
     bool, int, float, complex, str, bytes, type(None), range, slice, torch.dtype, torch.device, torch.layout,

@@ -21,7 +21,7 @@ from torch._dispatch.python import enable_python_dispatcher
 
 from hal.breakable import BreakPoint
 from hal.compile import token_specialization
-from hal.compile.compiled_forward import RecompileError
+from hal.compile.compiled_forward import RecompileError, inductor_config_patches
 from hal.device import Device
 from hal.errors import GraphHalError, UnsupportedModeError
 from hal.graph_modes import Compiler, GraphMode
@@ -244,7 +244,7 @@ def _compile_piece(submodule: torch.fx.GraphModule, fake_args: list[Any], compil
         return submodule
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(submodule, fake_args)
+    return compile_fx(submodule, fake_args, config_patches=inductor_config_patches())
 
 
 def _symbol(value: Any) -> Any:

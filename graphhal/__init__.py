@@ -7,6 +7,7 @@ Everything else graphhal ships lives here, under one name:
     graphhal.paged_attention   the paged attention ops and KV cache (reference model and transformers share them)
     graphhal.refmodel          a small Llama-style decoder: the model the tests, demo and bench run
     graphhal.transformers      Hugging Face causal LMs on the runners (extra ``hf``)
+    graphhal.sampling          sampling inside the captured step: per-request parameters as slots, token ids out
     graphhal.bench             the measuring harness behind ``graphhal bench``
     graphhal.cli               the ``graphhal`` command (info, bench, demo)
 """

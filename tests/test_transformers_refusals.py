@@ -32,6 +32,7 @@ from graphhal.transformers import (  # noqa: E402
     prefill_runner,
     use_graphhal_attention,
 )
+from graphhal.sampling import SamplingParams, sampling_inputs  # noqa: E402
 from runners import DecodeConfig, PrefillConfig  # noqa: E402
 from support.transformers_models import build_config, build_model, generated_by_transformers  # noqa: E402
 
@@ -229,4 +230,5 @@ def decode_batch(loop: GenerationLoop, rows: int) -> dict[str, torch.Tensor]:
         "seq_lens": torch.ones(rows, dtype=dtypes["seq_lens"]),
         "block_tables": tables,
         "slot_mapping": torch.tensor([block * loop.kv_cache.block_size for block in blocks], dtype=dtypes["slot_mapping"]),
+        **sampling_inputs([SamplingParams.greedy()] * rows, [0] * rows, "cpu"),
     }

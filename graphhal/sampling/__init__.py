@@ -22,7 +22,7 @@ Importing this package needs neither triton nor CUDA.
 from graphhal.sampling.random_numbers import gumbel_noise, uniforms
 from graphhal.sampling.sample_op import sample
 from graphhal.sampling.sample_reference import DEFAULT_MAX_TOP_K, sample_reference
-from graphhal.sampling.sampled_step import SampledStep
+from graphhal.sampling.sampled_step import SampledPrefillStep, SampledStep
 from graphhal.sampling.sampling_params import MIN_TEMPERATURE, SamplingParams, check_sampling_params, sampling_inputs
 from graphhal.sampling.sampling_slots import SAMPLING_SLOT_NAMES, sampling_slots
 
@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_MAX_TOP_K",
     "MIN_TEMPERATURE",
     "SAMPLING_SLOT_NAMES",
+    "SampledPrefillStep",
     "SampledStep",
     "SamplingParams",
     "check_sampling_params",

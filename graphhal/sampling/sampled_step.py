@@ -77,3 +77,33 @@ class SampledStep:
         if logits.dim() == 3:
             logits = logits[:, -1]
         return logits
+
+
+class SampledPrefillStep(SampledStep):
+    """A packed prefill step that samples one token per request, at the last token of the request's chunk, and
+    returns ``{"tokens": [requests] int64, "logprobs": [requests] float32}``: what a prefill runner hands back
+    when it is built with ``request_outputs=SampledPrefillStep.OUTPUTS``.
+
+    Its request slots are the model's, then ``sample_rows`` (int64: the row of each request's last token among
+    the batch's packed tokens) and the sampling slots, one row per request; a padded request reads row 0 and
+    samples greedily there, and its token is never used. Only a request whose prompt ends in the chunk keeps
+    its token; sampling the others costs a row each of the small sampler, which a graph cannot skip.
+    """
+
+    OUTPUTS = ("tokens", "logprobs")
+
+    def request_slots(self, model_request_slots: Sequence[InputSlot]) -> list[InputSlot]:
+        """The runner's request slots: the model's, ``sample_rows``, then the sampling slots."""
+        return [*self.input_slots([*model_request_slots, InputSlot("sample_rows", torch.int64, fill=0)])]
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        rows = inputs.pop("sample_rows", None)
+        if rows is None:
+            raise TypeError("SampledPrefillStep: missing input sample_rows; build the runner's request slots with step.request_slots(...)")
+        missing = [name for name in SAMPLING_SLOT_NAMES if name not in inputs]
+        if missing:
+            raise TypeError(f"SampledPrefillStep: missing sampling inputs {missing}; build the runner with step.request_slots(...)")
+        parameters = [inputs.pop(name) for name in SAMPLING_SLOT_NAMES]
+        logits = self._logits(self.forward(**inputs))  # [tokens, vocab]
+        tokens, logprobs = sample(logits.index_select(0, rows), *parameters, max_top_k=self.max_top_k)
+        return {"tokens": tokens, "logprobs": logprobs}

@@ -32,6 +32,7 @@ from graphhal.transformers.steps import DecodeStep, PrefillStep
 from graphhal.paged_attention.decode_inputs import decode_input_slots
 from graphhal.paged_attention.kv_cache import PagedKVCache
 from graphhal.paged_attention.prefill_inputs import prefill_request_slots, prefill_token_slots
+from graphhal.sampling import DEFAULT_MAX_TOP_K, SampledPrefillStep, SampledStep
 from runners import DecodeConfig, DecodeRunner, PrefillConfig, PrefillRunner
 
 
@@ -40,14 +41,26 @@ def decode_runner(
     kv_cache: PagedKVCache,
     device: "str | hal.Device",
     config: DecodeConfig | None = None,
+    *,
+    sampling: bool = True,
+    max_top_k: int = DEFAULT_MAX_TOP_K,
     **runner_options: Any,
 ) -> DecodeRunner:
     """Decode steps of ``model`` (one new token per request) over ``kv_cache``; ``runner_options`` go to
-    ``DecodeRunner`` (``pool``, ``group``...)."""
+    ``DecodeRunner`` (``pool``, ``group``...).
+
+    sampling:  the step samples inside its graphs and returns ``{"tokens", "logprobs"}``, one row per request,
+               taking the sampling slots besides the model's (``graphhal.sampling``); False: it returns the logits.
+    max_top_k: the largest top_k (and top-p's candidates) the graphs serve (``graphhal.sampling.SampledStep``).
+    """
     config = config or DecodeConfig()
     device = _device_of(model, kv_cache, device, config)
     slots = decode_input_slots(kv_cache.config, conventions=device.conventions)
-    return DecodeRunner(DecodeStep(model, kv_cache), slots, device, config, watched_tensors=_watched(model, kv_cache), **runner_options)
+    step: Any = DecodeStep(model, kv_cache)
+    if sampling:
+        step = SampledStep(step, max_top_k=max_top_k)
+        slots = step.input_slots(slots)
+    return DecodeRunner(step, slots, device, config, watched_tensors=_watched(model, kv_cache), **runner_options)
 
 
 def prefill_runner(
@@ -55,17 +68,30 @@ def prefill_runner(
     kv_cache: PagedKVCache,
     device: "str | hal.Device",
     config: PrefillConfig | None = None,
+    *,
+    sampling: bool = True,
+    max_top_k: int = DEFAULT_MAX_TOP_K,
     **runner_options: Any,
 ) -> PrefillRunner:
     """Prefill steps of ``model`` (packed prompt chunks after each request's cached context) over ``kv_cache``;
-    ``runner_options`` go to ``PrefillRunner``."""
+    ``runner_options`` go to ``PrefillRunner``.
+
+    sampling:  each request samples at its chunk's last token (the request slot ``sample_rows`` names the row)
+               inside the graphs, and the step returns ``{"tokens", "logprobs"}`` with one row per request
+               (``graphhal.sampling.SampledPrefillStep``); False: it returns every token's logits.
+    max_top_k: as for ``decode_runner``.
+    """
     config = config or PrefillConfig()
     device = _device_of(model, kv_cache, device, config)
     token_slots = [slot.for_device(device.conventions) for slot in prefill_token_slots()]
     request_slots = [slot.for_device(device.conventions) for slot in prefill_request_slots(kv_cache.config)]
+    step: Any = PrefillStep(model, kv_cache)
+    if sampling:
+        step = SampledPrefillStep(step, max_top_k=max_top_k)
+        request_slots = step.request_slots(request_slots)
+        runner_options.setdefault("request_outputs", SampledPrefillStep.OUTPUTS)
     return PrefillRunner(
-        PrefillStep(model, kv_cache), token_slots, request_slots, device, config,
-        watched_tensors=_watched(model, kv_cache), **runner_options,
+        step, token_slots, request_slots, device, config, watched_tensors=_watched(model, kv_cache), **runner_options,
     )
 
 

@@ -139,9 +139,8 @@ def token_limits(
     vocab = (kv_cache.config.vocab_size, "the KV cache's model config")
     positions: tuple[int | None, str] = (None, "")
     seen: set[int] = set()
-    for forward in forwards:
-        model = getattr(forward, "model", None)
-        if not isinstance(model, torch.nn.Module) or id(model) in seen:
+    for model in models_of(forwards):
+        if id(model) in seen:
             continue
         first = not seen
         seen.add(id(model))
@@ -156,6 +155,59 @@ def token_limits(
     if max_positions is not None:
         positions = (max_positions, "the loop's max_positions")
     return TokenLimits(vocab[0], vocab[1], positions[0], positions[1])
+
+
+def models_of(forwards: Iterable[Any]) -> list[torch.nn.Module]:
+    """The models the runners' forwards hold: graphhal's steps keep theirs as ``.model``, and a sampled step
+    wraps the model's step as ``.forward``."""
+    models = []
+    for forward in forwards:
+        while forward is not None and not isinstance(getattr(forward, "model", None), torch.nn.Module):
+            forward = getattr(forward, "forward", None) if not isinstance(forward, torch.nn.Module) else None
+        if forward is not None:
+            models.append(forward.model)
+    return models
+
+
+def generation_config(forwards: Iterable[Any]) -> Any:
+    """The ``generation_config`` of the model the forwards hold (transformers keeps one per model), or None."""
+    return next((model.generation_config for model in models_of(forwards) if hasattr(model, "generation_config")), None)
+
+
+def default_sampling(config: Any) -> dict[str, Any]:
+    """``SamplingParams`` fields from a transformers ``GenerationConfig`` (or anything with its attributes):
+    greedy unless ``do_sample``; then its temperature, top_k, top_p and min_p, where set."""
+    if config is None or not getattr(config, "do_sample", False):
+        return {"temperature": 0.0}
+    fields = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+    for name in fields:
+        value = getattr(config, name, None)
+        if value is not None:
+            fields[name] = value
+    return fields
+
+
+def max_top_k(forward: Any) -> int:
+    """The largest top_k a sampled step's graphs serve (``graphhal.sampling.SampledStep.max_top_k``)."""
+    from graphhal.sampling import DEFAULT_MAX_TOP_K
+
+    return getattr(forward, "max_top_k", DEFAULT_MAX_TOP_K)
+
+
+def stop_sequences(request_id: Hashable, stop: Any) -> tuple[tuple[int, ...], ...]:
+    """The stop sequences as tuples of ints: a list (or tuple) of token-id sequences, each non-empty."""
+    if isinstance(stop, (str, bytes)) or not isinstance(stop, Iterable):
+        raise TypeError(f"request {request_id!r}: stop must be a list of token-id sequences, e.g. [[13, 13]], got {stop!r}")
+    sequences = []
+    for index, sequence in enumerate(stop):
+        if _as_int(sequence) is not None:
+            raise TypeError(f"request {request_id!r}: stop[{index}] is {sequence!r}; each stop is a sequence of token ids ([13], not 13)")
+        try:
+            ids = token_ids(request_id, sequence)
+        except (TypeError, ValueError) as error:
+            raise type(error)(str(error).replace(": prompt", f": stop[{index}]").replace("prompt", f"stop[{index}]")) from None
+        sequences.append(tuple(ids))
+    return tuple(sequences)
 
 
 def _vocabulary(model: torch.nn.Module) -> tuple[int, str] | None:

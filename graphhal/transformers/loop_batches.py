@@ -1,0 +1,119 @@
+"""The generation loop's batches: host values in page-locked memory, and the fed tokens taken on the device.
+
+Everything a step needs but the token it feeds is known on the host before the step runs: positions, cache
+slots, lengths, block tables, sampling parameters (a request's ``counter`` is how many tokens it has sampled,
+read back or not). Those go to the runner as host tensors in page-locked memory, which the runner copies to
+its buffers without the host waiting for the device. The token a decode row feeds is the one the request
+sampled last, still on the device: gathered there from the outputs of the step that sampled it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from graphhal.paged_attention.block_allocator import NULL_BLOCK
+from graphhal.paged_attention.kv_cache import PagedKVCache
+from graphhal.sampling import SAMPLING_SLOT_NAMES
+from graphhal.transformers.loop_requests import Request
+from runners import DecodeRunner, PrefillRunner
+
+
+class BatchBuilder:
+    """Builds the decode and prefill batches of the loop's runners (their slots' dtypes, their device)."""
+
+    def __init__(self, decode: DecodeRunner, prefill: PrefillRunner, kv_cache: PagedKVCache) -> None:
+        self.dtypes = {slot.name: slot.dtype for slot in (*decode.slots, *prefill.slots)}
+        self.device = decode.device.torch_device
+        # Page-locked host memory only where there is a device to copy to (torch cannot pin without one).
+        self.pinned = self.device.type != "cpu"
+        self.block_size = kv_cache.block_size
+        self.max_blocks_per_seq = kv_cache.config.max_blocks_per_seq
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def prefill(self, chunks: list[tuple[Request, int]]) -> dict[str, torch.Tensor]:
+        """One packed batch of prompt chunks ``(request, tokens)``, each after what its request has cached; every
+        request samples at its chunk's last token (only those whose prompt ends there keep the token)."""
+        ids, positions, slots, last_rows = [], [], [], []
+        for request, take in chunks:
+            span = range(request.cached, request.cached + take)
+            ids += [request.prompt[p] for p in span]
+            positions += span
+            slots += [self._slot(request, p) for p in span]
+            last_rows.append(len(ids) - 1)
+        requests = [request for request, _ in chunks]
+        return {
+            "input_ids": self._host("input_ids", ids),
+            "positions": self._host("positions", positions),
+            "slot_mapping": self._host("slot_mapping", slots),
+            "query_lens": self._host("query_lens", [take for _, take in chunks]),
+            "seq_lens": self._host("seq_lens", [request.cached + take for request, take in chunks]),
+            "block_tables": self._block_tables(requests),
+            "sample_rows": self._host("sample_rows", last_rows),
+            **self._sampling(requests),
+        }
+
+    def decode(self, rows: list[Request], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One decode batch: each request feeds its last sampled token (``input_ids``, on the device) at the
+        position right after what it has cached."""
+        positions = [request.cached for request in rows]
+        return {
+            "input_ids": input_ids,
+            "positions": self._host("positions", positions),
+            "seq_lens": self._host("seq_lens", [p + 1 for p in positions]),
+            "block_tables": self._block_tables(rows),
+            "slot_mapping": self._host("slot_mapping", [self._slot(r, p) for r, p in zip(rows, positions)]),
+            **self._sampling(rows),
+        }
+
+    def fed_tokens(
+        self,
+        rows: list[Request],
+        last_decode: tuple[torch.Tensor, dict[int, int]] | None,
+        prefill_tokens: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Each row's last sampled token, gathered on the device from the last decode step's tokens and this
+        step's prefill tokens (``Request.source`` says which, and which row): queued work, no host read."""
+        sources, offset = [], {}
+        if last_decode is not None:
+            sources.append(last_decode[0])
+            offset["decode"] = 0
+        if prefill_tokens is not None:
+            offset["prefill"] = sum(len(source) for source in sources)
+            sources.append(prefill_tokens)
+        index = []
+        for request in rows:
+            kind, row = request.source  # type: ignore[misc]
+            index.append(offset[kind] + row)
+        pool = sources[0] if len(sources) == 1 else torch.cat(sources)
+        return pool.index_select(0, self._host("input_ids", index).to(self.device, non_blocking=True))
+
+    # --- host tensors ------------------------------------------------------------------------------------
+
+    def _sampling(self, requests: list[Request]) -> dict[str, torch.Tensor]:
+        """The sampling slots of ``requests``: their parameters, and each one's counter (tokens sampled so far,
+        which picks the random numbers of this draw)."""
+        values = {
+            "temperature": [r.sampling.temperature for r in requests],
+            "top_k": [r.sampling.top_k for r in requests],
+            "top_p": [r.sampling.top_p for r in requests],
+            "min_p": [r.sampling.min_p for r in requests],
+            "seed": [r.sampling.seed for r in requests],
+            "counter": [r.scheduled for r in requests],
+        }
+        assert tuple(values) == SAMPLING_SLOT_NAMES
+        return {name: self._host(name, column) for name, column in values.items()}
+
+    def _host(self, slot: str, values: list) -> torch.Tensor:
+        tensor = torch.tensor(values, dtype=self.dtypes.get(slot, torch.int64))
+        return tensor.pin_memory() if self.pinned else tensor
+
+    def _slot(self, request: Request, position: int) -> int:
+        return request.blocks[position // self.block_size] * self.block_size + position % self.block_size
+
+    def _block_tables(self, requests: list[Request]) -> torch.Tensor:
+        table = torch.full((len(requests), self.max_blocks_per_seq), NULL_BLOCK, dtype=self.dtypes["block_tables"])
+        for row, request in enumerate(requests):
+            table[row, : len(request.blocks)] = torch.tensor(request.blocks, dtype=table.dtype)
+        return table.pin_memory() if self.pinned else table

@@ -290,3 +290,17 @@ def test_a_restart_on_cpu_sets_up_every_bucket_in_two_fresh_processes():
     assert 0 < measured.cold_setup_s < measured.cold_process_s and 0 < measured.warm_setup_s < measured.warm_process_s
     assert measured.cold_compiles == measured.warm_compiles == 0  # no compiler
     assert measured.stored_forward_alone_s is None  # nothing stored without full+inductor
+
+
+def test_the_generation_bench_times_the_runners_step_and_every_loop_variant():
+    pytest.importorskip("transformers")
+    from graphhal.bench import generation
+
+    rows = generation.run("cpu", [2], new_tokens=4)
+    (row,) = rows
+    assert row.batch == 2 and set(row.step_ms) == {"logits", "greedy", "sampled"}
+    assert set(row.loop_ms_per_step) == {"sync greedy", "sync sampled", "overlap greedy", "overlap sampled"}
+    assert all(value > 0 for value in [*row.step_ms.values(), *row.loop_ms_per_step.values(), *row.loop_tokens_per_s.values()])
+    assert row.generate_tokens_per_s is None  # transformers' compiled generate: on a GPU only
+    text = generation.render(rows, hal.get_device("cpu"), 4)
+    assert "4 new tokens" in text and text.splitlines()[2].split()[0] == "2"

@@ -134,6 +134,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "over them, every rank measuring in lockstep, rank 0 reporting; then the same model at TP=1 for the "
         "speed-up. Default model with --tp: large; decode only",
     )
+    parser.add_argument(
+        "--generation", action="store_true",
+        help="instead: the generation loop's throughput, synchronous against overlapped, greedy against sampled, "
+        "beside the runner's step and transformers' generate (graphhal.bench.generation; a 1B-shaped Llama)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--plot", type=Path, metavar="PATH", help="also plot step time and speedup vs batch size to a PNG (needs matplotlib)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -207,6 +212,12 @@ def run(args: argparse.Namespace) -> int:
         plot.require_matplotlib()
     if args.tp > 1:
         return _run_tensor_parallel(args)
+    if args.generation:
+        from graphhal.bench import generation
+
+        device = chosen_device(args.device)
+        print(generation.render(generation.run(str(device), args.batch_sizes), device))
+        return 0
     result = run_bench(plan_from_arguments(args))
     print(table.render(result))
     left_out = [name for name in SETUP_SECTIONS if name not in args.setup and "all" not in args.setup]

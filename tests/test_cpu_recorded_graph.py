@@ -9,6 +9,7 @@ import torch
 
 import hal
 from devices.cpu.recorded_graph import HostSyncDuringCaptureError, RecordingPool
+from support.dispatch_mode_flags import restored_dispatch_mode_flags  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.cpu
 
@@ -221,7 +222,7 @@ def test_a_capture_on_one_thread_leaves_torch_compile_working_on_the_others(cpu)
         other.join()
 
 
-def test_captures_of_two_threads_ending_out_of_order_leave_torch_compile_working(cpu):
+def test_captures_of_two_threads_ending_out_of_order_leave_torch_compile_working(cpu, restored_dispatch_mode_flags):
     # Each mode restores, on exit, the flag it found on entry: other thread in, this thread in, other thread
     # out, this thread out would leave it set for the rest of the process.
     inside, leave = threading.Event(), threading.Event()

@@ -19,6 +19,7 @@ import hal
 from hal.graph_support import graph_support_of, ops_reached
 from runners import DecodeConfig, DecodeRunner, InputSlot, PrefillConfig, PrefillRunner
 from hal.graph_support import OpNotCapturableError
+from support.dispatch_mode_flags import restored_dispatch_mode_flags  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.cpu
 
@@ -150,7 +151,7 @@ def test_ops_reached_lists_declared_ops_and_required_break_points_most_restricti
     ]
 
 
-def test_probes_on_two_threads_ending_out_of_order_leave_torch_compile_working():
+def test_probes_on_two_threads_ending_out_of_order_leave_torch_compile_working(restored_dispatch_mode_flags):
     # torch 2.10 and earlier read one flag of the process for "a dispatch mode is active", which each mode
     # restores on exit to what it found on entry: other thread in, this thread in, other thread out, this
     # thread out would leave torch.compile skipping every frame of the process (hal.graph_support._Probe).

@@ -70,6 +70,12 @@ class DraftModelDrafter:
         self.eager_steps = 0  # draft steps run eagerly instead of replaying a graph
         self._cached: dict[Hashable, _Cached] = {}
 
+    def capture(self) -> None:
+        """Capture the draft model's graphs: prefill (the larger) first, then decode, into their pool. Capture
+        them after the target's (larger) graphs of the same pool."""
+        self.prefill.capture()
+        self.decode.capture()
+
     def propose(self, requests: Sequence[DraftRequest], num_draft_tokens: int) -> torch.Tensor:
         k = check_draft_count(num_draft_tokens, "DraftModelDrafter")
         if not requests:

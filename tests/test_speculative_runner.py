@@ -28,14 +28,14 @@ MODES = ["full", "breakable", "piecewise", "auto", "disabled"]
 class Verifier:
     """The tiny reference model, its cache, ``requests`` requests with ``q - 1`` drafts each, and a runner."""
 
-    def __init__(self, device: str, query_tokens: int, mode: str = "full", *, requests: int = 4, pool=None, cache=None, model=None, seed=0):
+    def __init__(self, device: str, query_tokens: int, mode: str = "full", *, requests: int = 4, pool=None, cache=None, model=None, seed=0, compiler=None):
         self.kv_cache = cache or PagedKVCache(CONFIG, num_blocks=128, device=device, dtype=torch.float32)
         self.model = model or LlamaDecoder(CONFIG, device, torch.float32)
         self.step = self.model.decode_forward(self.kv_cache)
         self.workload = DecodeWorkload(
             self.kv_cache, requests, max_context_len=CONFIG.max_seq_len - 8, seed=seed, query_tokens=query_tokens
         )
-        config = DecodeConfig(mode=mode, buckets=BUCKETS, query_tokens=query_tokens, show_progress=False)
+        config = DecodeConfig(mode=mode, buckets=BUCKETS, query_tokens=query_tokens, compiler=compiler, show_progress=False)
         self.runner = DecodeRunner(self.step, self.workload.input_slots(), device, config, pool=pool, watched_tensors={"kv": self.kv_cache})
 
     def eager(self, rows: int) -> torch.Tensor:
@@ -77,6 +77,19 @@ def test_graph_output_equals_eager(graph_device, mode, query_tokens):
             graph = verifier.runner.run(verifier.workload.batch(rows))
             assert graph.shape == (rows, query_tokens, CONFIG.vocab_size)  # no padded request comes back
             torch.testing.assert_close(graph, eager)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["full", "breakable", "piecewise"])
+def test_graph_output_equals_eager_compiled_by_inductor_on_cuda(mode):
+    """The step compiled once by Inductor with a dynamic request dimension (its token dimension is q times it),
+    then captured per bucket."""
+    verifier = Verifier("cuda", 3, mode, compiler="inductor")
+    with torch.inference_mode():
+        verifier.runner.capture()
+        for rows in (4, 3, 1):
+            eager = verifier.eager(rows)
+            torch.testing.assert_close(verifier.runner.run(verifier.workload.batch(rows)), eager, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["full", "breakable", "piecewise"])

@@ -28,7 +28,9 @@ BLOCK_SIZE = 16
 
 def _requests(cache: PagedKVCache, tokens: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Two steps over ``tokens`` [requests, PROMPT_LEN + QUERY_TOKENS]: the prompt as one step of PROMPT_LEN
-    query tokens from an empty context (a causal prefill), then the verify step over the last QUERY_TOKENS."""
+    query tokens from an empty context (a causal prefill), then the verify step over the last QUERY_TOKENS.
+    On the cache's device."""
+    device = cache.device
     requests = tokens.shape[0]
     blocks = [cache.allocator.allocate(1) for _ in range(requests)]
     tables = torch.zeros(requests, cache.config.max_blocks_per_seq, dtype=torch.int32)  # the null block past the first
@@ -37,22 +39,29 @@ def _requests(cache: PagedKVCache, tokens: torch.Tensor) -> tuple[dict[str, torc
     positions = torch.arange(tokens.shape[1]).expand(requests, -1)
 
     def step(first: int, last: int) -> dict[str, torch.Tensor]:
-        return {
-            "input_ids": tokens[:, first:last].contiguous(),
-            "positions": positions[:, first:last].contiguous(),
+        step = {
+            "input_ids": tokens[:, first:last],
+            "positions": positions[:, first:last],
             "seq_lens": torch.full((requests,), last, dtype=torch.int32),
             "block_tables": tables,
-            "slot_mapping": slots[:, first:last].contiguous(),
+            "slot_mapping": slots[:, first:last],
         }
+        return {name: value.contiguous().to(device) for name, value in step.items()}
 
     return step(0, PROMPT_LEN), step(PROMPT_LEN, PROMPT_LEN + QUERY_TOKENS)
 
 
-@pytest.mark.parametrize("mode", ["disabled", "full", "breakable", "piecewise", "auto"])
-def test_verify_logits_equal_transformers_on_the_whole_sequence(mode):
-    reference = build_model("llama")  # transformers' attention (sdpa) and its causal mask
-    model = build_model("llama")  # the same seeded weights, switched to graphhal's attention
-    tokens = torch.randint(0, 512, (3, PROMPT_LEN + QUERY_TOKENS), generator=torch.Generator().manual_seed(1))
+CASES = [
+    *(pytest.param("cpu", mode, marks=pytest.mark.cpu) for mode in ("disabled", "full", "breakable", "piecewise", "auto")),
+    *(pytest.param("cuda", mode, marks=pytest.mark.cuda) for mode in ("full", "piecewise")),
+]
+
+
+@pytest.mark.parametrize("device, mode", CASES)
+def test_verify_logits_equal_transformers_on_the_whole_sequence(device, mode):
+    reference = build_model("llama", device)  # transformers' attention (sdpa) and its causal mask
+    model = build_model("llama", device)  # the same seeded weights, switched to graphhal's attention
+    tokens = torch.randint(0, 512, (3, PROMPT_LEN + QUERY_TOKENS), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.inference_mode():
         expected = reference(input_ids=tokens).logits[:, PROMPT_LEN:]
         cache = paged_kv_cache(model, num_blocks=8, block_size=BLOCK_SIZE, max_seq_len=64)
@@ -60,7 +69,7 @@ def test_verify_logits_equal_transformers_on_the_whole_sequence(mode):
         prompt, verify = _requests(cache, tokens)
         DecodeStep(model, cache)(**prompt)  # fills the cache: a step of PROMPT_LEN query tokens
         config = DecodeConfig(mode=mode, buckets=[2, 4], query_tokens=QUERY_TOKENS, show_progress=False)
-        runner = decode_runner(model, cache, "cpu", config, sampling=False)
+        runner = decode_runner(model, cache, device, config, sampling=False)
         runner.capture()
         logits = runner.run(verify)
     assert logits.shape == (3, QUERY_TOKENS, 512)

@@ -113,16 +113,16 @@ def test_a_padded_request_writes_only_the_null_block(mode):
     assert out.shape[0] == 3
 
 
-def test_runners_at_several_query_tokens_share_one_pool():
+def test_runners_at_several_query_tokens_share_one_pool(graph_device):
     """A plain decode runner and verify runners at q = 2 and 4, one pool, one cache, interleaved steps."""
-    cache = PagedKVCache(CONFIG, num_blocks=192, device="cpu", dtype=torch.float32)
-    model = LlamaDecoder(CONFIG, "cpu", torch.float32)
+    cache = PagedKVCache(CONFIG, num_blocks=192, device=graph_device, dtype=torch.float32)
+    model = LlamaDecoder(CONFIG, graph_device, torch.float32)
     with torch.inference_mode():
-        plain = Verifier("cpu", 1, "full", cache=cache, model=model, seed=1)
+        plain = Verifier(graph_device, 1, "full", cache=cache, model=model, seed=1)
         plain.runner.capture()
         verifiers = [plain]
         for query_tokens, seed in ((4, 2), (2, 3)):
-            verifier = Verifier("cpu", query_tokens, "full", pool=plain.runner.pool, cache=cache, model=model, seed=seed)
+            verifier = Verifier(graph_device, query_tokens, "full", pool=plain.runner.pool, cache=cache, model=model, seed=seed)
             verifier.runner.capture()
             assert verifier.runner.pool is plain.runner.pool
             verifiers.append(verifier)

@@ -56,6 +56,7 @@ class SpeculativeDecode:
         self.longest = batches.max_blocks_per_seq * batches.block_size
         self.max_positions = max_positions
         self.verify_steps = 0  # verify replays (or eager runs)
+        self.eager_verify_steps = 0  # of them, run eagerly (mode disabled, more requests than its graphs hold)
         self.drafted = 0  # draft tokens verified
         self.accepted = 0  # of them, accepted
 
@@ -117,6 +118,13 @@ class SpeculativeDecode:
             "block_tables": self.batches.block_tables(rows),
             "slot_mapping": self.batches.host("slot_mapping", [[self._slot(r, p) for p in row] for r, row in zip(rows, positions)]),
         }
+        if not self.verify.can_run(batch):
+            self.eager_verify_steps += 1
+            if self.eager_verify_steps == 1:
+                logger.warning(
+                    "graphhal: a verify step of %d requests ran eagerly instead of replaying a graph (mode %s); "
+                    "GenerationLoop.speculation.eager_verify_steps counts every such step", len(rows), self.verify.config.mode,
+                )
         handle = self.verify.submit(batch, keep=["tokens", "num_tokens"])
         self.verify_steps += 1
         return handle.to_host()

@@ -185,9 +185,9 @@ def _loop_rates(
             loop.generate(prompts, 4)  # warm
             speculation = loop.speculation
             assert speculation is not None
-            speculation.drafted = speculation.accepted = 0
+            speculation.drafted = speculation.accepted = speculation.verified_rows = 0
             rate, outputs = _timed(loop, prompts, new_tokens, device)
-            rows_verified = speculation.drafted / k
+            rows_verified = speculation.verified_rows
             rates.append(LoopRate(
                 batch, k, acceptance, rate,
                 tokens_per_verify=1 + speculation.accepted / rows_verified if rows_verified else None,

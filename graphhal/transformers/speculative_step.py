@@ -57,8 +57,11 @@ class SpeculativeDecode:
         self.max_positions = max_positions
         self.verify_steps = 0  # verify replays (or eager runs)
         self.eager_verify_steps = 0  # of them, run eagerly (mode disabled, more requests than its graphs hold)
-        self.drafted = 0  # draft tokens verified
-        self.accepted = 0  # of them, accepted
+        self.verified_rows = 0  # requests verified, summed over the verify steps
+        # Drafts a request could keep (not past its max_new_tokens: those are verified, never kept), and of them
+        # the accepted: an identical draft model accepts all of them.
+        self.drafted = 0
+        self.accepted = 0
 
     @property
     def acceptance_rate(self) -> float:
@@ -137,10 +140,12 @@ class SpeculativeDecode:
         out = []
         for row, request in enumerate(rows):
             count = counts[row]
+            keepable = min(self.num_draft_tokens, request.max_new_tokens - request.scheduled - 1)
             request.cached += count
             request.scheduled += count
-            self.drafted += self.num_draft_tokens
-            self.accepted += count - 1
+            self.verified_rows += 1
+            self.drafted += keepable
+            self.accepted += min(count - 1, keepable)
             out.append(tokens[row][:count])
         return out
 

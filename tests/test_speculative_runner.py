@@ -262,3 +262,11 @@ def test_query_tokens_must_be_positive(query_tokens):
         DecodeConfig(query_tokens=query_tokens)
     with pytest.raises(ValueError, match="query_tokens must be a positive integer"):
         decode_input_slots(CONFIG, query_tokens=query_tokens)
+
+
+def test_query_tokens_comes_from_a_graph_config_and_is_type_checked():
+    from runners import GraphConfig
+
+    assert GraphConfig.from_dict({"decode": {"query_tokens": 3}}).decode.query_tokens == 3
+    with pytest.raises(ValueError, match="decode: query_tokens must be an integer, got '3'"):
+        GraphConfig.from_dict({"decode": {"query_tokens": "3"}})

@@ -120,3 +120,30 @@ def test_verify_step_wants_query_tokens():
     step = GreedyVerifyStep(LlamaDecoder(CONFIG).decode_forward(cache))
     with pytest.raises(ValueError, match="query_tokens=1 \\+ k"):
         step(**DecodeWorkload(cache, 1, max_context_len=8).batch())
+
+
+def test_a_submitted_verdict_survives_a_draft_runner_replaying_in_the_same_pool(graph_device):
+    """The verify runner's outputs handed out by ``submit`` are the caller's: a draft model's runner replaying in
+    the same pool afterwards (as a drafter does before the next verify step) cannot overwrite them, where the
+    views ``run`` hands back would be."""
+    cache = PagedKVCache(CONFIG, num_blocks=128, device=graph_device, dtype=torch.float32)
+    model = LlamaDecoder(CONFIG, graph_device, torch.float32)
+    draft_cache = PagedKVCache(CONFIG, num_blocks=64, device=graph_device, dtype=torch.float32)
+    draft_model = LlamaDecoder(CONFIG, graph_device, torch.float32, seed=5)
+    verify_requests = DecodeWorkload(cache, 4, max_context_len=30, query_tokens=3, seed=3)
+    draft_requests = DecodeWorkload(draft_cache, 4, max_context_len=30, seed=4)
+    step = GreedyVerifyStep(model.decode_forward(cache), keep_logits=True)
+    quiet = dict(buckets=[4], show_progress=False)
+    with torch.inference_mode():
+        verify = DecodeRunner(step, verify_requests.input_slots(), graph_device, DecodeConfig(query_tokens=3, **quiet))
+        verify.capture()
+        draft = DecodeRunner(draft_model.decode_forward(draft_cache), draft_requests.input_slots(), graph_device, DecodeConfig(**quiet), pool=verify.pool)
+        draft.capture()
+        expected = {name: value.clone() for name, value in step(**verify_requests.batch()).items()}
+        handle = verify.submit(verify_requests.batch())
+        for _ in range(3):
+            draft.run(draft_requests.batch())
+        handle.wait()
+    for name in ("accepted", "tokens", "num_tokens"):
+        assert torch.equal(handle.outputs[name], expected[name]), name
+    torch.testing.assert_close(handle.outputs["logits"], expected["logits"])

@@ -245,8 +245,9 @@ def test_requests_join_leave_opt_out_and_sample_beside_drafted_ones():
 
 
 def test_an_end_inside_an_accepted_run_stops_exactly_there():
-    """k = 4 and every draft accepted, so tokens come five a step: an end-of-sequence token, or max_new_tokens,
-    falling inside a run ends the request at that token; drafts past the request's blocks write the null slot."""
+    """k = 4 and every draft accepted, so tokens come five a step: an end-of-sequence token, max_new_tokens or the
+    end of a stop sequence falling inside a run ends the request at that token; drafts past the request's blocks
+    write the null slot. A request asking for log-probabilities runs without drafts beside it."""
     text = prompts(LENGTHS)[2]  # 12 tokens
     with torch.inference_mode():
         server = build_server("cpu", "full", ks=(4,), draft=build_model("llama"))
@@ -259,6 +260,14 @@ def test_an_end_inside_an_accepted_run_stops_exactly_there():
         loop.eos_token_ids = frozenset()
         for budget in (3, 5, 9):  # inside the first run, at a block's end (12 + 5 - 1 = 16 cached), inside the second
             assert loop.generate([text], budget) == [greedy[:budget]]
+        loop.add("stop", text, NEW_TOKENS, stop=[greedy[3:5]])  # a stop sequence ending inside the first run
+        loop.add("logprobs", text, 8, logprobs=True)  # log-probabilities: the plain step, no drafts
+        finished, logprobs = {}, []
+        while not loop.idle:
+            result = loop.step()
+            finished.update(result)
+            logprobs += result.logprobs.get("logprobs", [])
+        assert finished == {"stop": greedy[:5], "logprobs": greedy[:8]} and len(logprobs) == 8
     assert server.blocks_all_back()
 
 

@@ -3,13 +3,14 @@ the accepted tokens read back once per step.
 
     loop = GenerationLoop(decode, prefill, kv_cache, drafter=PromptLookupDrafter(), verify=verify, num_draft_tokens=k)
 
-Each step, every request that rides it (see ``rides``) gets ``k`` drafts from the drafter (``graphhal.speculative``),
-and one replay of the verify runner (``graphhal.transformers.verify_runner``: a ``DecodeRunner`` with
-``query_tokens = 1 + k`` in the loop's pool) feeds ``[last token, draft_1 .. draft_k]`` at the positions after
-what the request has cached, and decides on the device (``greedy_verify``) how many drafts are the target's
-own greedy tokens. The tokens it hands back per request, ``accepted + 1`` of them, are read back to the host
-once per step, for all requests together: the host needs them (and their count) to place the next step's
-tokens and to draft. Keys and values of rejected drafts are not rolled back: the request's cached length
+Each step, every request that rides it (see ``rides``) gets ``k`` drafts from the drafter
+(``graphhal.speculative``), and one replay of the verify runner (a ``DecodeRunner`` with ``query_tokens = 1 + k``
+in the loop's pool: ``decode_runner(model, kv_cache, device, DecodeConfig(query_tokens=1 + k), sampling=False,
+greedy_verify=True)``) feeds ``[last token, draft_1 .. draft_k]`` at the positions after what the request has
+cached, and decides on the device (``greedy_verify``) how many drafts are the target's own greedy tokens. The
+tokens it hands back per request, ``accepted + 1`` of them, are read back to the host once per step, for all
+requests together: the host needs them (and their count) to place the next step's tokens and to draft.
+Keys and values of rejected drafts are not rolled back: the request's cached length
 counts only the accepted ones, and the next step writes over the rest.
 
 What overlap it keeps: the prefill batch and the plain decode rows of a step are queued before the drafts and
@@ -47,7 +48,8 @@ class SpeculativeDecode:
         if not isinstance(verify, DecodeRunner) or getattr(verify, "query_tokens", 1) != 1 + k:
             raise ValueError(
                 f"GenerationLoop: num_draft_tokens={k} verifies 1 + {k} tokens per request; the verify runner must be a "
-                f"DecodeRunner with DecodeConfig(query_tokens={1 + k}) (graphhal.transformers.verify_runner builds it), "
+                f"DecodeRunner with DecodeConfig(query_tokens={1 + k}) (graphhal.transformers.decode_runner(..., sampling=False, "
+                f"greedy_verify=True) builds it), "
                 f"got {type(verify).__name__} with query_tokens={getattr(verify, 'query_tokens', None)}"
             )
         if not callable(getattr(drafter, "propose", None)) or not callable(getattr(drafter, "release", None)):

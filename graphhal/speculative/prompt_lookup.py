@@ -52,8 +52,9 @@ class PromptLookupDrafter:
         length = len(tokens)
         for size in range(min(self.max_matching_ngram_size, length - 1), 0, -1):
             ngram = tokens[length - size :]
+            first = ngram[0]
             for start in range(length - size):  # the ending n-gram itself has nothing after it
-                if tokens[start : start + size] == ngram:
+                if tokens[start] == first and tokens[start : start + size] == ngram:
                     found = tokens[start + size : start + size + num_draft_tokens]
                     for index, token in enumerate(found):
                         if token in self.eos_token_ids:

@@ -56,8 +56,12 @@ class SpeculativeDecode:
         self.longest = batches.max_blocks_per_seq * batches.block_size
         self.max_positions = max_positions
         self.verify_steps = 0  # verify replays (or eager runs)
-        self.drafted = 0  # draft tokens verified
-        self.accepted = 0  # of them, accepted
+        self.eager_verify_steps = 0  # of them, run eagerly (mode disabled, more requests than its graphs hold)
+        self.verified_rows = 0  # requests verified, summed over the verify steps
+        # Drafts a request could keep (not past its max_new_tokens: those are verified, never kept), and of them
+        # the accepted: an identical draft model accepts all of them.
+        self.drafted = 0
+        self.accepted = 0
 
     @property
     def acceptance_rate(self) -> float:
@@ -117,6 +121,13 @@ class SpeculativeDecode:
             "block_tables": self.batches.block_tables(rows),
             "slot_mapping": self.batches.host("slot_mapping", [[self._slot(r, p) for p in row] for r, row in zip(rows, positions)]),
         }
+        if not self.verify.can_run(batch):
+            self.eager_verify_steps += 1
+            if self.eager_verify_steps == 1:
+                logger.warning(
+                    "graphhal: a verify step of %d requests ran eagerly instead of replaying a graph (mode %s); "
+                    "GenerationLoop.speculation.eager_verify_steps counts every such step", len(rows), self.verify.config.mode,
+                )
         handle = self.verify.submit(batch, keep=["tokens", "num_tokens"])
         self.verify_steps += 1
         return handle.to_host()
@@ -129,10 +140,12 @@ class SpeculativeDecode:
         out = []
         for row, request in enumerate(rows):
             count = counts[row]
+            keepable = min(self.num_draft_tokens, request.max_new_tokens - request.scheduled - 1)
             request.cached += count
             request.scheduled += count
-            self.drafted += self.num_draft_tokens
-            self.accepted += count - 1
+            self.verified_rows += 1
+            self.drafted += keepable
+            self.accepted += min(count - 1, keepable)
             out.append(tokens[row][:count])
         return out
 

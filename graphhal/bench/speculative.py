@@ -12,7 +12,8 @@ GPU; every request a 32-token prompt and 128 new tokens) it prints:
   ``q = 1 + k`` for k = 1..4 (and its ratio to the plain step), and a 2-layer draft model's decode step (same
   vocabulary), timed together at a context of prompt + half the new tokens;
 - the loop: the plain loop's tokens per second, then for every k and a = 0.6, 0.8, 1.0 the speculative loop's
-  tokens per second, its tokens per verify step and request (exactly ``k + 1`` at a = 1.0), the ideal tokens
+  tokens per second, its tokens per verify step and request (exactly ``k + 1`` at a = 1.0; counted over the
+  verify steps whose request had room for all ``k + 1``, not cut by ``max_new_tokens``), the ideal tokens
   per second predicted from the step costs, ``batch * (1 - a^(k+1)) / (1 - a) / verify_ms`` (the replay
   drafter costs nothing on the device), the measured share of it, and whether every request's tokens equal
   the plain run's;
@@ -152,19 +153,43 @@ def _prompts(batch: int) -> list[list[int]]:
     return [[(7 * i + 3 * j) % 97 + 5 for j in range(PROMPT_TOKENS)] for i in range(batch)]
 
 
-def _timed(loop: GenerationLoop, prompts: list[list[int]], new_tokens: int, device: hal.Device) -> tuple[float, dict[int, list[int]]]:
-    """Tokens per second of the loop's steps after its first (the prefill's), and every request's tokens."""
+class _CountingDrafter:
+    """A drafter as it is, noting which requests of a step have room for all ``k + 1`` tokens a verify step can
+    yield (``max_new_tokens`` not reached inside the run): what those requests are handed in the step is their
+    verify step's token count, untruncated."""
+
+    def __init__(self, drafter: Any) -> None:
+        self.drafter, self.eager_steps = drafter, 0
+        self.with_room: list[Any] = []
+
+    def propose(self, requests: Sequence[Any], num_draft_tokens: int) -> torch.Tensor:
+        self.with_room = [r.request_id for r in requests if r.max_len - len(r.tokens) >= num_draft_tokens + 1]
+        return self.drafter.propose(requests, num_draft_tokens)
+
+    def release(self, request_id: Any) -> None:
+        self.drafter.release(request_id)
+
+
+def _timed(
+    loop: GenerationLoop, prompts: list[list[int]], new_tokens: int, device: hal.Device, counting: _CountingDrafter | None = None
+) -> tuple[float, dict[int, list[int]], list[int]]:
+    """Tokens per second of the loop's steps after its first (the prefill's), every request's tokens, and (with
+    ``counting``) the tokens each verify step with room for all of them handed a request."""
     for index, prompt in enumerate(prompts):
         loop.add(index, prompt, new_tokens)
     outputs = dict(loop.step())
     device.synchronize()
-    started, produced = time.perf_counter(), 0
+    started, produced, per_verify = time.perf_counter(), 0, []
     while not loop.idle:
+        if counting is not None:
+            counting.with_room = []
         step = loop.step()
         produced += sum(len(tokens) for tokens in step.tokens.values())
         outputs.update(step)
+        if counting is not None:
+            per_verify += [len(step.tokens.get(request_id, ())) for request_id in counting.with_room]
     device.synchronize()
-    return produced / (time.perf_counter() - started), outputs
+    return produced / (time.perf_counter() - started), outputs, per_verify
 
 
 def _loop_rates(
@@ -175,22 +200,18 @@ def _loop_rates(
     plain = setup.loop()
     plain.generate(prompts, 4)  # warm
     recorded = plain.generate(prompts, new_tokens + max(k_values))  # what the replay drafter proposes from
-    rate, outputs = _timed(plain, prompts, new_tokens, device)
+    rate, outputs, _ = _timed(plain, prompts, new_tokens, device)
     rates = [LoopRate(batch, 0, None, rate, same_tokens=all(outputs[i] == recorded[i][:new_tokens] for i in range(batch)))]
     continuations = {i: [*prompts[i], *recorded[i]] for i in range(batch)}
     for k in k_values:
         for acceptance in acceptances:
-            drafter = ReplayDrafter(continuations, acceptance, vocab_size, seed=k)
+            drafter = _CountingDrafter(ReplayDrafter(continuations, acceptance, vocab_size, seed=k))
             loop = setup.loop(drafter=drafter, verify=setup.verify[k], num_draft_tokens=k)
             loop.generate(prompts, 4)  # warm
-            speculation = loop.speculation
-            assert speculation is not None
-            speculation.drafted = speculation.accepted = speculation.verified_rows = 0
-            rate, outputs = _timed(loop, prompts, new_tokens, device)
-            rows_verified = speculation.verified_rows
+            rate, outputs, per_verify = _timed(loop, prompts, new_tokens, device, drafter)
             rates.append(LoopRate(
                 batch, k, acceptance, rate,
-                tokens_per_verify=1 + speculation.accepted / rows_verified if rows_verified else None,
+                tokens_per_verify=sum(per_verify) / len(per_verify) if per_verify else None,
                 ideal_tokens_per_s=batch * expected_tokens_per_verify(acceptance, k) / costs.verify_ms[k] * 1e3,
                 same_tokens=all(outputs[i] == recorded[i][:new_tokens] for i in range(batch)),
             ))
@@ -201,12 +222,11 @@ def _prompt_lookup(setup: _Runners, model: Any, device: hal.Device, new_tokens: 
     """Batch 1, a prompt of one 8-token phrase repeated: the loop with prompt lookup against transformers'."""
     k = LOOKUP_K if LOOKUP_K in setup.verify else max(setup.verify)
     prompt = [11, 23, 5, 42, 17, 8, 31, 64] * (PROMPT_TOKENS // 8)
-    loop = setup.loop(drafter=PromptLookupDrafter(), verify=setup.verify[k], num_draft_tokens=k)
+    drafter = _CountingDrafter(PromptLookupDrafter())
+    loop = setup.loop(drafter=drafter, verify=setup.verify[k], num_draft_tokens=k)
     loop.generate([prompt], 4)  # warm
-    assert loop.speculation is not None
-    loop.speculation.drafted = loop.speculation.accepted = 0
-    ours, _ = _timed(loop, [prompt], new_tokens, device)
-    acceptance = loop.speculation.acceptance_rate
+    ours, _, per_verify = _timed(loop, [prompt], new_tokens, device, drafter)
+    acceptance = (sum(per_verify) / len(per_verify) - 1) / k if per_verify else 0.0  # drafts accepted of those proposed
     ids = torch.tensor([prompt], device=device.torch_device)
     options = dict(
         attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,

@@ -2,6 +2,7 @@
 
     hal.declare_graph_support(torch.ops.mylib.paged_attention.default, hal.GraphSupport.ANY_BATCH)
     hal.declare_graph_support(torch.ops.mylib.fa_decode.default, hal.GraphSupport.UNIFORM_DECODE)
+    hal.declare_graph_support(torch.ops.mylib.spec_decode.default, hal.GraphSupport.UNIFORM_BATCH)
     hal.declare_graph_support(torch.ops.mylib.varlen_attention.default, hal.GraphSupport.NEVER, device_types=["npu"])
 
 An attention kernel knows what its launch bakes in; the runner does not. A kernel that reads every length and
@@ -37,11 +38,16 @@ class GraphSupport(str, Enum):
     """How far an op can be captured inline in a device graph (a ``str`` enum: logs and JSON keep the name).
 
     ANY_BATCH       in any batch: decode, prefill, or both mixed (its launch reads everything from device memory)
-    UNIFORM_DECODE  only in batches of one new token per request (decode runners); prefill must run it eagerly
+    UNIFORM_BATCH   in batches where every request carries the same number of new tokens, one or ``q = 1 + k``
+                    (decode runners, speculative verify steps included); prefill must run it eagerly
+    UNIFORM_DECODE  only in batches of one new token per request (decode runners with ``query_tokens=1``)
     NEVER           in no graph: it runs eagerly between captured pieces or segments (piecewise, breakable)
+
+    Ordered from the most to the least permissive: each level allows the batches of the ones below it.
     """
 
     ANY_BATCH = "any_batch"
+    UNIFORM_BATCH = "uniform_batch"
     UNIFORM_DECODE = "uniform_decode"
     NEVER = "never"
 
@@ -52,6 +58,8 @@ class GraphSupport(str, Enum):
     def allows(self, batch: "BatchKind") -> bool:
         if self is GraphSupport.ANY_BATCH:
             return True
+        if self is GraphSupport.UNIFORM_BATCH:
+            return batch in (BatchKind.UNIFORM_DECODE, BatchKind.UNIFORM_BATCH)
         return self is GraphSupport.UNIFORM_DECODE and batch is BatchKind.UNIFORM_DECODE
 
 
@@ -59,6 +67,7 @@ class BatchKind(str, Enum):
     """What the batches a runner captures look like: what an op's ``GraphSupport`` is checked against."""
 
     UNIFORM_DECODE = "uniform decode"  # one new token per request (DecodeRunner)
+    UNIFORM_BATCH = "uniform batch"  # the same q > 1 new tokens per request (DecodeRunner with query_tokens=q)
     MIXED = "mixed"  # any number of new tokens per request, prefill chunks and decodes together (PrefillRunner)
 
     __str__ = str.__str__

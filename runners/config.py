@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import hal
+from runners.config_fields import check_field_types, plain as _plain
 from runners.buckets import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_TOKENS,
@@ -97,7 +98,7 @@ class PhaseConfig:
     def __post_init__(self) -> None:
         # Nothing here asks a device: a mode graphhal does not name is looked up among those the installed
         # plugins declare (no device needs to be present); check_device adds what depends on the device.
-        self._check_types()
+        check_field_types(self, _FIELD_TYPES, _OPTIONAL_FIELDS)
         self.mode = _plain(self.mode)
         self._check_mode()
         self._check_compiler()
@@ -123,32 +124,6 @@ class PhaseConfig:
             raise ValueError(
                 f"{self.phase}: check_addresses must be one of {', '.join(ADDRESS_CHECKS)}, got {self.check_addresses!r}"
             )
-
-    def _check_types(self) -> None:
-        """ValueError naming the field whose value has the wrong type: a config read from JSON or flags must
-        not turn ``"off"`` into True or ``true`` into 1."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            expected = _FIELD_TYPES.get(f.name)
-            if expected is None or (value is None and f.name in _OPTIONAL_FIELDS):
-                continue
-            if expected is bool:
-                if not isinstance(value, bool):
-                    raise ValueError(f"{self.phase}: {f.name} must be true or false, got {value!r} ({type(value).__name__})")
-            elif expected is int:
-                if not isinstance(value, int) or isinstance(value, bool):
-                    raise ValueError(f"{self.phase}: {f.name} must be an integer, got {value!r} ({type(value).__name__})")
-            elif expected is float:
-                if not isinstance(value, (int, float)) or isinstance(value, bool):
-                    raise ValueError(f"{self.phase}: {f.name} must be a number, got {value!r} ({type(value).__name__})")
-            elif expected is str:
-                if not isinstance(value, str):
-                    raise ValueError(f"{self.phase}: {f.name} must be a string, got {value!r} ({type(value).__name__})")
-            elif expected is list:
-                if not isinstance(value, (list, tuple)) or not all(
-                    isinstance(b, int) and not isinstance(b, bool) for b in value
-                ):
-                    raise ValueError(f"{self.phase}: {f.name} must be a list of integers, got {value!r}")
 
     @property
     def max_size(self) -> int:
@@ -233,12 +208,26 @@ class DecodeConfig(PhaseConfig):
     """How a ``DecodeRunner`` captures and runs; ``max_bs`` is the largest batch run on a graph.
 
     Default buckets: ``default_decode_buckets(max_bs)``; default ``max_bs``: the largest bucket, or 256.
+
+    query_tokens: the new tokens every request carries in a step, ``q = 1 + k`` for a speculative verify step
+                  over ``k`` draft tokens (default 1: plain decode). A runner row is one request either way:
+                  its per-token slots (``InputSlot(per_token=True)``) have ``q`` first in their row shape,
+                  buckets and ``max_bs`` count requests, and padding adds whole requests only. Runners at
+                  several ``q`` share one graph pool through ``pool=``.
     """
 
     phase: ClassVar[str] = "decode"
     size_field: ClassVar[str] = "max_bs"
 
     max_bs: int | None = None
+    query_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.query_tokens < 1:
+            raise ValueError(
+                f"decode: query_tokens must be at least 1 (1 + the draft tokens each request verifies), got {self.query_tokens!r}"
+            )
 
     def default_max_size(self) -> int:
         return DEFAULT_MAX_BATCH_SIZE
@@ -292,12 +281,9 @@ _FIELD_TYPES: dict[str, type] = {
     "pool_budget_mib": float,
     "compile_cache_dir": str,
     "max_bs": int,
+    "query_tokens": int,
     "max_tokens": int,
     "max_requests": int,
 }
 _OPTIONAL_FIELDS = frozenset({"buckets", "compiler", "max_bs", "max_tokens", "pool_budget_mib", "compile_cache_dir"})
 
-
-def _plain(name: str) -> str:
-    """A mode or compiler as the plain string configs and JSON hold (``GraphMode.FULL`` -> ``"full"``)."""
-    return str.__str__(name)

@@ -27,6 +27,10 @@ class InputSlot:
     role:       ``hal.SlotRole.CACHE_LOCATIONS`` or ``hal.SlotRole.SEQ_LENS`` hands the slot's dtype (and, for
                 lengths, its fill) to the device's conventions: ``for_device`` resolves them. On a device whose
                 graphs bake host values, the runner also passes the live lengths to ``Device.update``.
+    per_token:  the slot holds one value per new token of a request (token ids, positions, cache slots), not
+                one per request (lengths, block tables). A decode runner with ``query_tokens=q > 1`` checks
+                that such slots have ``q`` first in their row shape (``(q,)`` for a token id per token); with
+                ``q = 1`` their rows are ``()`` (or ``(1, ...)``). Prefill rows are tokens already: unused there.
     """
 
     name: str
@@ -34,6 +38,7 @@ class InputSlot:
     row_shape: tuple[int, ...] = ()
     fill: int | float | bool = 0
     role: str | None = None
+    per_token: bool = False
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():

@@ -4,7 +4,8 @@ Before it captures, a runner in mode ``auto`` or ``full`` runs its forward once 
 and lists the ops it reached that declared how far they can be captured. Then:
 
 - ``full``: every such op must allow capture in this runner's batches (a decode runner's are uniform decode
-  batches, a prefill runner's mixed ones), or the capture is refused naming the ops;
+  batches, or uniform batches of ``q`` tokens per request with ``query_tokens=q``; a prefill runner's mixed
+  ones), or the capture is refused naming the ops;
 - ``auto``: ``full`` where every op allows it; otherwise ``piecewise`` when every op that does not is a
   splitting op (it runs eagerly between the captured pieces), else ``breakable`` when every such op is reached
   inside a break point (it runs eagerly between segments); else it refuses (``OpNotCapturableError``): every

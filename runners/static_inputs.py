@@ -78,9 +78,12 @@ class StaticInputs:
                 )
             if tensor.dim() != 1 + len(slot.row_shape) or tuple(tensor.shape[1:]) != slot.row_shape:
                 raise ValueError(
-                    f"input slot {slot.name!r}: shape {tuple(tensor.shape)}, expected (rows, {', '.join(map(str, slot.row_shape))})"
-                    if slot.row_shape
-                    else f"input slot {slot.name!r}: shape {tuple(tensor.shape)}, expected (rows,)"
+                    (
+                        f"input slot {slot.name!r}: shape {tuple(tensor.shape)}, expected (rows, {', '.join(map(str, slot.row_shape))})"
+                        if slot.row_shape
+                        else f"input slot {slot.name!r}: shape {tuple(tensor.shape)}, expected (rows,)"
+                    )
+                    + _per_token_hint(slot)
                 )
             if rows is None:
                 rows = tensor.shape[0]
@@ -132,3 +135,13 @@ class StaticInputs:
 
     def views(self, bucket: int) -> dict[str, torch.Tensor]:
         return {name: buffer[:bucket] for name, buffer in self.buffers.items()}
+
+
+def _per_token_hint(slot: InputSlot) -> str:
+    if not slot.per_token:
+        return ""
+    tokens = slot.row_shape[0] if slot.row_shape else 1
+    return (
+        f" (a per-token slot: one row per request holding its {tokens} new token{'s' if tokens > 1 else ''}; the "
+        "runner's query_tokens)"
+    )

@@ -190,7 +190,7 @@ def test_readme_links_every_docs_page_and_every_link_resolves():
 NOT_OURS = {
     "ExternalEvent", "StaticCache", "ValueError", "TypeError", "aot_compile", "load_cache_artifacts",  # torch
     "AttentionCGSupport", "AutoModelForCausalLM", "generation_config", "eos_token_id", "batched_mm",  # vLLM, transformers
-    "AttentionInterface", "emulate_precision_casts",  # transformers, Inductor
+    "AttentionInterface", "emulate_precision_casts", "PromptLookupCandidateGenerator",  # transformers, Inductor
     "auto_dispatch_capture", "npu_fused_infer_attention_score", "npu_fused_infer_attention_score_v2",  # torch_npu
     "npu_multi_head_latent_attention", "actual_seq_kvlen", "capture_end", "BSH", "TND",
 }

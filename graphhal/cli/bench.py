@@ -139,6 +139,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead: the generation loop's throughput, synchronous against overlapped, greedy against sampled, "
         "beside the runner's step and transformers' generate (graphhal.bench.generation; a 1B-shaped Llama)",
     )
+    parser.add_argument(
+        "--spec", action="store_true",
+        help="instead: speculative decoding's machinery on the llama family (graphhal.bench.speculative): the verify "
+        "step at q = 1 + k against the plain decode step, a draft model's step, the loop's tokens per second at a "
+        "set acceptance (replay drafter) against the ideal from the step costs, prompt lookup against transformers'",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--plot", type=Path, metavar="PATH", help="also plot step time and speedup vs batch size to a PNG (needs matplotlib)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -212,6 +218,13 @@ def run(args: argparse.Namespace) -> int:
         plot.require_matplotlib()
     if args.tp > 1:
         return _run_tensor_parallel(args)
+    if args.spec:
+        if args.model not in (None, "llama"):
+            raise SystemExit(f"graphhal bench --spec runs the llama family (--model llama), not {args.model!r}")
+        from graphhal.bench import speculative
+
+        print(speculative.render(speculative.run(str(chosen_device(args.device)), args.batch_sizes)))
+        return 0
     if args.generation:
         from graphhal.bench import generation
 

@@ -37,9 +37,11 @@ def decode_attention(
     scale: float,
     out: torch.Tensor,
 ) -> None:
-    """Write paged decode attention of ``q`` [batch, num_heads, head_dim] into ``out`` (same shape).
+    """Write paged decode attention of ``q`` into ``out`` (same shape).
 
-    See ``decode_attention_reference`` for the argument shapes and the math (GQA, zeros where seq_len is 0).
+    ``q`` is [batch, num_heads, head_dim] (one new token per row) or [batch, query_tokens, num_heads, head_dim]
+    (``query_tokens`` per row, causal among them: speculative verification). See
+    ``decode_attention_reference`` for the shapes and the math (GQA, causal lengths, zeros where seq_len is 0).
     """
     out.copy_(decode_attention_reference(q, key_cache, value_cache, block_tables, seq_lens, scale))
 
@@ -55,23 +57,40 @@ def _decode_attention_cpu(q, key_cache, value_cache, block_tables, seq_lens, sca
     # on CPU and this op is opaque to tracing, so no captured graph ever holds the values. Gathering the
     # full block-table width instead (what the reference does) is memory-bound: a default-config step at
     # batch 64 spent 5x (contexts up to 256) to 10x (up to 1024) longer in attention that way.
-    batch, num_heads, head_dim = q.shape
+    multi_token = q.dim() == 4
+    if not multi_token:
+        q, out = q[:, None], out[:, None]
+    batch, query_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // num_kv_heads
     flat_keys = key_cache.view(-1, num_kv_heads, head_dim)
     flat_values = value_cache.view(-1, num_kv_heads, head_dim)
     offsets_in_block = torch.arange(block_size)
+    # Query token i of a row sits at cached position seq_len - query_tokens + i: it sees the tokens up to it.
+    ahead = torch.arange(query_tokens - 1, -1, -1)[:, None]  # [query_tokens, 1]: tokens after query token i
     for row, seq_len in enumerate(seq_lens.tolist()):
-        if seq_len == 0:
+        if seq_len <= 0:
             out[row].zero_()
             continue
         blocks = block_tables[row, : -(-seq_len // block_size)].long()
         slots = (blocks[:, None] * block_size + offsets_in_block).reshape(-1)[:seq_len]
         keys = flat_keys.index_select(0, slots).transpose(0, 1).float()  # [kv_heads, seq_len, head_dim]
         values = flat_values.index_select(0, slots).transpose(0, 1).float()
-        queries = q[row].reshape(num_kv_heads, group, head_dim).float()  # a KV head's group as its queries
-        attended = F.scaled_dot_product_attention(queries, keys, values, scale=scale)
-        out[row].copy_(attended.reshape(num_heads, head_dim))
+        # A KV head's queries: its group of heads for every query token, [kv_heads, query_tokens * group, head_dim].
+        queries = q[row].reshape(query_tokens, num_kv_heads, group, head_dim).permute(1, 0, 2, 3).reshape(
+            num_kv_heads, query_tokens * group, head_dim
+        ).float()
+        mask = None
+        if query_tokens > 1:
+            visible = torch.arange(seq_len)[None, :] < (seq_len - ahead)  # [query_tokens, seq_len]
+            if not bool(visible.any(dim=1).all()):  # a token seeing nothing: seq_len < query_tokens
+                visible[~visible.any(dim=1), 0] = True  # softmax over one key, zeroed below
+            mask = visible.repeat_interleave(group, dim=0)
+        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+        attended = attended.reshape(num_kv_heads, query_tokens, group, head_dim).permute(1, 0, 2, 3)
+        if query_tokens > 1 and seq_len < query_tokens:
+            attended[: query_tokens - seq_len] = 0  # those tokens' causal length is 0: zeros, as the reference
+        out[row].copy_(attended.reshape(query_tokens, num_heads, head_dim))
 
 
 @decode_attention.register_kernel("cuda")
@@ -117,8 +136,10 @@ decode_attention_break = hal.break_point(
 )
 
 # Its kernels read lengths and block tables from device memory (npu: host lengths the device updates before
-# each replay), and launch one program per row: capturable in any decode batch. Prefill never calls it.
-hal.declare_graph_support(_decode_attention_op, hal.GraphSupport.UNIFORM_DECODE)
+# each replay), and launch one program per (row, query token) with the row's query token count baked into
+# the launch: capturable in any uniform batch (q new tokens per request, q = 1 for plain decode), never in a
+# mixed one. Prefill never calls it.
+hal.declare_graph_support(_decode_attention_op, hal.GraphSupport.UNIFORM_BATCH)
 
 # Piecewise graphs split at this op: it writes into `out`, so the pieces around it keep fixed addresses.
 hal.register_splitting_op(torch.ops.graphhal.decode_attention.default)

@@ -1,7 +1,9 @@
 """The npu kernel of ``graphhal::decode_attention``: torch_npu's fused infer-attention op over the paged cache.
 
 ``npu_fused_infer_attention_score`` takes the per-request lengths as a host list (``actual_seq_lengths_kv``),
-which a captured NPU graph bakes in; graphhal's npu device updates them before every replay. Two rules follow:
+which a captured NPU graph bakes in; graphhal's npu device updates them before every replay. Several query
+tokens per request (a speculative verify step, q [batch, query_tokens, heads, head_dim]) go in as the BSH
+sequence dimension with sparse_mode 3 (causal from the cached context on). Two rules follow:
 
 - While an NPU graph is being captured, the device lengths cannot be read back (``.tolist()`` would sync with
   a stream that is only recording): the capture gets placeholder lengths, the largest the block tables allow,
@@ -31,6 +33,11 @@ import torch
 # tests' CPU simulator) says so with ``npu_tensors_on``.
 _npu_tensor_type = "npu"
 _FUSED_ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+RIGHT_DOWN_CAUSAL = 3  # sparse_mode: each request causal from its cached context on
+CAUSAL_MASK_SIZE = 2048  # sparse_mode 3 takes this fixed "optimized" mask, whatever the lengths
+# One mask per device, made outside any capture and kept for the process, as vllm-ascend keeps it (a mask made
+# inside a capture would live in the graph's pool, which later captures reuse).
+_causal_masks: dict[torch.device, torch.Tensor] = {}
 
 
 def is_npu_tensor(tensor: torch.Tensor) -> bool:
@@ -59,14 +66,20 @@ def decode_attention_npu(
 ) -> None:
     """``graphhal::decode_attention`` through ``torch_npu.npu_fused_infer_attention_score`` (same arguments)."""
     torch_npu = fused_attention_module(q, "decode")
-    batch, num_heads, head_dim = q.shape
+    # [batch, num_heads, head_dim] (one token per request), or [batch, query_tokens, ...] (speculative verify)
+    batch, query_tokens, num_heads, head_dim = q.shape if q.dim() == 4 else (q.shape[0], 1, *q.shape[1:])
     num_blocks, block_size, num_kv_heads, _ = key_cache.shape
     if torch.npu.is_current_stream_capturing():
         lengths = [block_tables.shape[1] * block_size] * batch  # replaced by the update before any replay
     else:
         lengths = seq_lens.tolist()
+    # Several query tokens per request: BSH with S = query_tokens, causal among them from the cached context on
+    # (sparse_mode 3, rightDownCausal, with the fixed triangular mask it takes): token i sees the first
+    # seq_len - (query_tokens - 1 - i) KV tokens. The KV lengths stay per request, so the device's update of
+    # a graph's lengths is the same as for one token.
+    causal = {"atten_mask": causal_mask(q.device), "sparse_mode": RIGHT_DOWN_CAUSAL} if query_tokens > 1 else {}
     attention, _ = torch_npu.npu_fused_infer_attention_score(
-        q.reshape(batch, 1, num_heads * head_dim),
+        q.reshape(batch, query_tokens, num_heads * head_dim),
         key_cache.view(num_blocks, block_size, num_kv_heads * head_dim),
         value_cache.view(num_blocks, block_size, num_kv_heads * head_dim),
         block_table=block_tables,
@@ -76,8 +89,24 @@ def decode_attention_npu(
         scale=scale,
         input_layout="BSH",
         block_size=block_size,
+        **causal,
     )
-    out.copy_(attention.view(batch, num_heads, head_dim))
+    out.copy_(attention.view(out.shape))
+
+
+def causal_mask(device: torch.device) -> torch.Tensor:
+    """The triangular mask sparse_mode 3 takes (1 above the diagonal; vllm-ascend's ``get_splitfuse_attn_mask``)."""
+    mask = _causal_masks.get(device)
+    if mask is None:
+        if torch.npu.is_current_stream_capturing():
+            raise RuntimeError(
+                "npu attention met its first multi-token call inside an NPU graph capture: its causal mask must be "
+                "made outside it (run the forward eagerly once before capturing, as runners do)"
+            )
+        size = CAUSAL_MASK_SIZE
+        mask = torch.triu(torch.ones(size, size), diagonal=1).to(torch.int8).to(device)
+        _causal_masks[device] = mask
+    return mask
 
 
 def fused_attention_module(q: torch.Tensor, phase: str) -> Any:

@@ -40,28 +40,36 @@ def _num_warps(tile_bytes: int) -> int:
 def _paged_decode_attention_kernel(
     q_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
     scale,
-    stride_q_row, stride_q_head, stride_q_dim,
+    stride_q_row, stride_q_token, stride_q_head, stride_q_dim,
     stride_k_block, stride_k_slot, stride_k_head, stride_k_dim,
     stride_v_block, stride_v_slot, stride_v_head, stride_v_dim,
     stride_bt_row, stride_bt_col,
-    stride_out_row, stride_out_head, stride_out_dim,
+    stride_out_row, stride_out_token, stride_out_head, stride_out_dim,
+    QUERY_TOKENS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PADDED: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     QUERIES_PER_KV_HEAD: tl.constexpr,
     TOKENS_PER_TILE: tl.constexpr,
 ):
-    # One program per (row, query head).
-    row = tl.program_id(0)
+    # One program per (row, query token) and query head. Query token i of a row is the i-th of its last
+    # QUERY_TOKENS cached tokens: it attends causally, to the first seq_len - (QUERY_TOKENS - 1 - i).
+    row_token = tl.program_id(0)
+    row = row_token // QUERY_TOKENS
+    token = row_token % QUERY_TOKENS
     head = tl.program_id(1)
     kv_head = head // QUERIES_PER_KV_HEAD
 
     dims = tl.arange(0, HEAD_DIM_PADDED)
     dim_mask = dims < HEAD_DIM
-    q = tl.load(q_ptr + row * stride_q_row + head * stride_q_head + dims * stride_q_dim, mask=dim_mask, other=0.0)
+    q = tl.load(
+        q_ptr + row * stride_q_row + token * stride_q_token + head * stride_q_head + dims * stride_q_dim,
+        mask=dim_mask,
+        other=0.0,
+    )
     q = q.to(tl.float32)
 
-    seq_len = tl.load(seq_lens_ptr + row)
+    seq_len = tl.maximum(tl.load(seq_lens_ptr + row) - (QUERY_TOKENS - 1 - token), 0)
 
     # Online softmax state in float32: running max, running denominator, running weighted sum of values.
     running_max = -float("inf")
@@ -108,7 +116,7 @@ def _paged_decode_attention_kernel(
     denominator = tl.where(running_sum > 0.0, running_sum, 1.0)
     out = acc / denominator
     tl.store(
-        out_ptr + row * stride_out_row + head * stride_out_head + dims * stride_out_dim,
+        out_ptr + row * stride_out_row + token * stride_out_token + head * stride_out_head + dims * stride_out_dim,
         out.to(out_ptr.dtype.element_ty),
         mask=dim_mask,
     )
@@ -130,11 +138,20 @@ def paged_decode_attention(
 ) -> None:
     """Launch the kernel: write attention of ``q`` over each row's cached tokens into ``out``.
 
-    Same arguments and result as ``graphhal.paged_attention.decode_attention_reference`` (shapes, GQA, zeros for
-    ``seq_len == 0``), except that the result is written into ``out`` [batch, num_heads, head_dim].
-    Supports float32, float16 and bfloat16 (q, caches and out share one dtype); math is float32.
+    Same arguments and result as ``graphhal.paged_attention.decode_attention_reference`` (shapes, GQA, causal
+    lengths of several query tokens, zeros for ``seq_len == 0``), except that the result is written into ``out``
+    (q's shape: [batch, num_heads, head_dim] or [batch, query_tokens, num_heads, head_dim]). One program per
+    (row, query token, head): the grid is the batch's token count, fixed per bucket. Supports float32,
+    float16 and bfloat16 (q, caches and out share one dtype); math is float32.
     """
-    batch, num_heads, head_dim = q.shape
+    if q.dim() == 4:
+        batch, query_tokens, num_heads, head_dim = q.shape
+        q_strides, out_strides = q.stride(), out.stride()
+    else:
+        batch, num_heads, head_dim = q.shape
+        query_tokens = 1
+        q_strides = (q.stride(0), 0, q.stride(1), q.stride(2))
+        out_strides = (out.stride(0), 0, out.stride(1), out.stride(2))
     _, block_size, num_kv_heads, _ = key_cache.shape
     # The constexprs and warp count depend only on the model's sizes: worked out (and checked) once per shape
     # instead of on every launch, which runs once per layer per step and twice per captured bucket.
@@ -144,14 +161,15 @@ def paged_decode_attention(
     if batch == 0:
         return
 
-    _paged_decode_attention_kernel[(batch, num_heads)](
+    _paged_decode_attention_kernel[(batch * query_tokens, num_heads)](
         q, key_cache, value_cache, block_tables, seq_lens, out,
         float(scale),
-        *q.stride(),
+        *q_strides,
         *key_cache.stride(),
         *value_cache.stride(),
         *block_tables.stride(),
-        *out.stride(),
+        *out_strides,
+        QUERY_TOKENS=query_tokens,
         **constants,
     )
 

@@ -29,6 +29,11 @@ class DecodeWorkload:
     ``conventions`` (``Device.conventions``) types the role inputs the way the device's kernels want them
     (the npu takes int32 cache slots): batches and ``input_slots()`` agree on every dtype. Default: the
     dtypes cpu and cuda use.
+
+    ``query_tokens = q > 1`` makes speculative verify batches (``decode_input_slots(..., query_tokens=q)``): each
+    request's next token followed by ``q - 1`` random draft tokens (from ``seed``), at positions
+    ``context_len .. context_len + q - 1``, written to the slots right after the context, with ``seq_lens``
+    ``context_len + q``; room for the ``q`` tokens is allocated. ``advance`` takes one token per request only.
     """
 
     def __init__(
@@ -41,20 +46,24 @@ class DecodeWorkload:
         max_blocks_per_seq: int | None = None,
         seed: int = 0,
         conventions: DeviceConventions | None = None,
+        query_tokens: int = 1,
     ) -> None:
         config = kv_cache.config
         self.kv_cache = kv_cache
         self.config = config
         self.conventions = conventions
+        self.query_tokens = query_tokens
         self.max_blocks_per_seq = config.max_blocks_per_seq if max_blocks_per_seq is None else max_blocks_per_seq
         self._capacity = min(self.max_blocks_per_seq * config.block_size, config.max_seq_len)
         if num_requests <= 0:
             raise ValueError(f"num_requests must be positive, got {num_requests}")
         if not 0 <= min_context_len <= max_context_len:
             raise ValueError(f"need 0 <= min_context_len ({min_context_len}) <= max_context_len ({max_context_len})")
-        if max_context_len + 1 > self._capacity:
+        if query_tokens < 1:
+            raise ValueError(f"query_tokens must be at least 1, got {query_tokens}")
+        if max_context_len + query_tokens > self._capacity:
             raise ValueError(
-                f"max_context_len {max_context_len} + the new token exceeds what a row can hold "
+                f"max_context_len {max_context_len} + {query_tokens} new token(s) exceeds what a row can hold "
                 f"({self._capacity} tokens: {self.max_blocks_per_seq} blocks of {config.block_size}, max_seq_len "
                 f"{config.max_seq_len})"
             )
@@ -62,10 +71,11 @@ class DecodeWorkload:
         generator = torch.Generator().manual_seed(seed)
         self.context_lens = torch.randint(min_context_len, max_context_len + 1, (num_requests,), generator=generator).tolist()
         self.next_tokens = torch.randint(0, config.vocab_size, (num_requests,), generator=generator).tolist()
+        self.draft_tokens = torch.randint(0, config.vocab_size, (num_requests, query_tokens - 1), generator=generator).tolist()
         self.blocks: list[list[int]] = []
         try:
             for context_len in self.context_lens:
-                self.blocks.append(kv_cache.allocator.allocate(self._blocks_for(context_len + 1)))
+                self.blocks.append(kv_cache.allocator.allocate(self._blocks_for(context_len + query_tokens)))
         except Exception:
             self.release()
             raise
@@ -78,7 +88,7 @@ class DecodeWorkload:
 
     def input_slots(self) -> list[InputSlot]:
         """The runner slots matching this workload's block-table width and dtypes."""
-        return decode_input_slots(self.config, self.max_blocks_per_seq, self.conventions)
+        return decode_input_slots(self.config, self.max_blocks_per_seq, self.conventions, query_tokens=self.query_tokens)
 
     def batch(self, n: int | None = None) -> dict[str, torch.Tensor]:
         """Decode-step inputs for the first ``n`` requests (all by default), on the cache's device.
@@ -98,6 +108,11 @@ class DecodeWorkload:
         block is allocated when the next token starts one. Later batches reflect this; batches already
         returned do not change.
         """
+        if self.query_tokens > 1:
+            raise ValueError(
+                "advance moves requests on by one token; a workload of verify batches (query_tokens > 1) is built for "
+                "fixed batches: build a new one per step"
+            )
         ids = next_token_ids.reshape(-1).tolist()
         if not 1 <= len(ids) <= self.num_requests:
             raise ValueError(f"expected 1..{self.num_requests} next token ids, got {len(ids)}")
@@ -131,19 +146,26 @@ class DecodeWorkload:
 
     def _build_batch(self) -> None:
         block_size = self.config.block_size
+        q = self.query_tokens
         tables = torch.full((self.num_requests, self.max_blocks_per_seq), NULL_BLOCK, dtype=torch.int32)
         for row, blocks in enumerate(self.blocks):
             tables[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         new_token_slots = [
-            blocks[context_len // block_size] * block_size + context_len % block_size
+            [blocks[(context_len + i) // block_size] * block_size + (context_len + i) % block_size for i in range(q)]
             for context_len, blocks in zip(self.context_lens, self.blocks)
         ]
+        token_ids = [[token, *drafts] for token, drafts in zip(self.next_tokens, self.draft_tokens)]
+        positions = [[context_len + i for i in range(q)] for context_len in self.context_lens]
+        if q == 1:  # one token per request: rows of ()
+            new_token_slots, token_ids, positions = (
+                [row[0] for row in rows] for rows in (new_token_slots, token_ids, positions)
+            )
         device = self.kv_cache.device
         dtypes = {slot.name: slot.dtype for slot in self.input_slots()}
         self._full_batch = {
-            "input_ids": torch.tensor(self.next_tokens, dtype=dtypes["input_ids"], device=device),
-            "positions": torch.tensor(self.context_lens, dtype=dtypes["positions"], device=device),
-            "seq_lens": torch.tensor([n + 1 for n in self.context_lens], dtype=dtypes["seq_lens"], device=device),
+            "input_ids": torch.tensor(token_ids, dtype=dtypes["input_ids"], device=device),
+            "positions": torch.tensor(positions, dtype=dtypes["positions"], device=device),
+            "seq_lens": torch.tensor([n + q for n in self.context_lens], dtype=dtypes["seq_lens"], device=device),
             "block_tables": tables.to(device, dtypes["block_tables"]),
             "slot_mapping": torch.tensor(new_token_slots, dtype=dtypes["slot_mapping"], device=device),
         }

@@ -173,13 +173,25 @@ class LlamaDecoder(torch.nn.Module):
         it), seq_lens [batch] int32 (tokens attended to, new one included; 0 = padded row), block_tables
         [batch, max_blocks] int32, slot_mapping [batch] int64 (cache slot the new token's K/V go to).
         Writes each row's new K/V into ``kv_cache``.
+
+        Several new tokens per row (a speculative verify step, ``decode_input_slots(..., query_tokens=q)``):
+        input_ids, positions and slot_mapping are [batch, q], seq_lens count all q new tokens, token ``i``
+        attends causally to the first ``seq_len - (q - 1 - i)``; returns logits [batch, q, vocab_size].
         """
         scale = self.config.head_dim**-0.5
+        # A row per request either way; the layers see the requests' tokens back to back, [batch * q].
+        shape = input_ids.shape
+        multi_token = input_ids.dim() == 2
+        if multi_token:
+            input_ids, positions, slot_mapping = input_ids.reshape(-1), positions.reshape(-1), slot_mapping.reshape(-1)
 
         def attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor) -> None:
+            if multi_token:  # [batch * q, heads, head_dim] -> [batch, q, heads, head_dim]: the op's q > 1 form
+                q, out = q.view(*shape, *q.shape[1:]), out.view(*shape, *out.shape[1:])
             decode_attention_break(q, key_cache, value_cache, block_tables, seq_lens, scale, out)
 
-        return self._logits(input_ids, positions, slot_mapping, kv_cache, attention)
+        logits = self._logits(input_ids, positions, slot_mapping, kv_cache, attention)
+        return logits.view(*shape, logits.shape[-1]) if multi_token else logits
 
     def prefill(
         self,

@@ -30,6 +30,7 @@ from graphhal.transformers.attention import (
 from graphhal.transformers.builders import decode_runner, prefill_runner
 from graphhal.transformers.generation import GenerationLoop, RequestFailedError, StepResult
 from graphhal.transformers.kv_cache import cache_shape, paged_kv_cache
+from graphhal.transformers.drafters import draft_model_drafter
 
 __all__ = [
     "ATTENTION_NAME",
@@ -41,6 +42,7 @@ __all__ = [
     "UnsupportedModelError",
     "cache_shape",
     "decode_runner",
+    "draft_model_drafter",
     "paged_kv_cache",
     "prefill_runner",
     "register_graphhal_attention",

@@ -6,7 +6,8 @@ step (``graphhal.transformers.steps``) calls the model with the batch's paged-ca
 keywords (``graphhal_*``); the attention registered here writes the layer's new keys and values into the
 paged KV cache at ``graphhal_slot_mapping`` and attends over it with the reference model's attention ops:
 
-- decode (no ``graphhal_query_lens``): one token per request, ``graphhal::decode_attention``;
+- decode (no ``graphhal_query_lens``): one token per request, or the same ``q`` tokens per request back to back
+  (a speculative verify step: ``T = requests * q``), ``graphhal::decode_attention``;
 - prefill (with ``graphhal_query_lens``): packed requests attending causally over their cached context,
   ``graphhal::prefill_attention``.
 
@@ -129,7 +130,12 @@ def graphhal_attention(
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     query_lens = kwargs.get("graphhal_query_lens")
     if query_lens is None:
-        decode_attention_break(q, key_cache, value_cache, kwargs["graphhal_block_tables"], kwargs["graphhal_seq_lens"], scale, out)
+        seq_lens = kwargs["graphhal_seq_lens"]
+        requests = seq_lens.shape[0]
+        if q.shape[0] != requests:  # q > 1 new tokens per request (a verify step), back to back: the op's 4-D form
+            q, out = (t.view(requests, t.shape[0] // requests, *t.shape[1:]) for t in (q, out))
+        decode_attention_break(q, key_cache, value_cache, kwargs["graphhal_block_tables"], seq_lens, scale, out)
+        out = out.view(-1, *out.shape[-2:])
     else:
         prefill_attention_break(
             q, key_cache, value_cache, kwargs["graphhal_block_tables"], query_lens, kwargs["graphhal_seq_lens"], scale, out

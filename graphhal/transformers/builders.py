@@ -33,6 +33,7 @@ from graphhal.paged_attention.decode_inputs import decode_input_slots
 from graphhal.paged_attention.kv_cache import PagedKVCache
 from graphhal.paged_attention.prefill_inputs import prefill_request_slots, prefill_token_slots
 from graphhal.sampling import DEFAULT_MAX_TOP_K, SampledPrefillStep, SampledStep
+from graphhal.speculative.verify import GreedyVerifyStep
 from runners import DecodeConfig, DecodeRunner, PrefillConfig, PrefillRunner
 
 
@@ -44,19 +45,33 @@ def decode_runner(
     *,
     sampling: bool = True,
     max_top_k: int = DEFAULT_MAX_TOP_K,
+    greedy_verify: bool = False,
     **runner_options: Any,
 ) -> DecodeRunner:
-    """Decode steps of ``model`` (one new token per request) over ``kv_cache``; ``runner_options`` go to
-    ``DecodeRunner`` (``pool``, ``group``...).
+    """Decode steps of ``model`` (one new token per request, or ``config.query_tokens`` for a speculative verify
+    step) over ``kv_cache``; ``runner_options`` go to ``DecodeRunner`` (``pool``, ``group``...).
 
     sampling:  the step samples inside its graphs and returns ``{"tokens", "logprobs"}``, one row per request,
-               taking the sampling slots besides the model's (``graphhal.sampling``); False: it returns the logits.
+               taking the sampling slots besides the model's (``graphhal.sampling``); False: it returns the logits
+               ([requests, vocab], or [requests, q, vocab] with ``query_tokens=q``).
     max_top_k: the largest top_k (and top-p's candidates) the graphs serve (``graphhal.sampling.SampledStep``).
+    greedy_verify: with ``query_tokens = 1 + k``, the step verifies the batch's drafts (``input_ids[:, 1:]``)
+               greedily on the device and returns ``{"accepted", "tokens", "num_tokens"}``
+               (``graphhal.speculative.GreedyVerifyStep``); ``sampling`` must then be False.
     """
     config = config or DecodeConfig()
+    if (greedy_verify or (config.query_tokens > 1 if isinstance(config, DecodeConfig) else False)) and sampling:
+        raise ValueError(
+            "decode_runner: a step of several query tokens per request is verified, not sampled: pass sampling=False "
+            "(logits [requests, q, vocab]) or greedy_verify=True with sampling=False"
+        )
+    if greedy_verify and isinstance(config, DecodeConfig) and config.query_tokens < 2:
+        raise ValueError("decode_runner: greedy_verify needs DecodeConfig(query_tokens=1 + k) with k >= 1 drafts per request")
     device = _device_of(model, kv_cache, device, config)
-    slots = decode_input_slots(kv_cache.config, conventions=device.conventions)
+    slots = decode_input_slots(kv_cache.config, conventions=device.conventions, query_tokens=config.query_tokens)
     step: Any = DecodeStep(model, kv_cache)
+    if greedy_verify:
+        step = GreedyVerifyStep(step)
     if sampling:
         step = SampledStep(step, max_top_k=max_top_k)
         slots = step.input_slots(slots)

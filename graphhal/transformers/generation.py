@@ -56,46 +56,13 @@ from graphhal.sampling import SAMPLING_SLOT_NAMES, SamplingParams
 from graphhal.transformers import request_checks
 from graphhal.transformers.loop_batches import BatchBuilder
 from graphhal.transformers.loop_requests import Request, tokens_cached
+from graphhal.transformers.loop_results import Reads, RequestFailedError, StepResult
+from graphhal.transformers.speculative_step import SpeculativeDecode
 from runners import DecodeRunner, PrefillRunner
 
 logger = logging.getLogger(__name__)
 
 _FROM_MODEL: Any = object()  # eos_token_ids: read from the model's generation_config
-
-
-class RequestFailedError(hal.GraphHalError, RuntimeError):
-    """A request the loop dropped because the run of a step it was in failed; its blocks are back in the cache.
-
-    ``request_id`` names it, ``phase`` is ``"prefill"`` or ``"decode"``, ``batch`` lists every request of
-    that run (all failed with it), and ``__cause__`` is the run's exception."""
-
-    def __init__(self, request_id: Hashable, phase: str, batch: list[Hashable], cause: BaseException) -> None:
-        others = [other for other in batch if other != request_id]
-        shown = ", ".join(repr(other) for other in others[:8]) + (", ..." if len(others) > 8 else "")
-        beside = f" ({len(others)} other request(s) of that run failed with it: {shown})" if others else ""
-        super().__init__(f"request {request_id!r} failed: the {phase} run it was in raised {type(cause).__name__}: {cause}{beside}")
-        self.request_id, self.phase, self.batch = request_id, phase, batch
-
-
-class StepResult(dict):
-    """What a step handed out: the requests that finished, ``{request_id: generated tokens}`` (the dict
-    itself); ``tokens``, ``{request_id: [tokens read back in this step]}`` for streaming; ``logprobs``, the
-    same for the requests that asked for log-probabilities; and ``failed``, ``{request_id:
-    RequestFailedError}``: the requests dropped because a run they were in failed. A server answers all of
-    them; a failed request never finishes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tokens: dict[Hashable, list[int]] = {}
-        self.logprobs: dict[Hashable, list[float]] = {}
-        self.failed: dict[Hashable, RequestFailedError] = {}
-
-
-class _Reads:
-    """One run's sampled tokens on their way to the host, and which request each row belongs to."""
-
-    def __init__(self, phase: str, rows: list[tuple[Request, int]], copy: Any) -> None:
-        self.phase, self.rows, self.copy = phase, rows, copy
 
 
 class GenerationLoop:
@@ -113,6 +80,10 @@ class GenerationLoop:
                        (default); False reads every step's tokens before ``step`` returns.
     seed:              the seed of the seeds given to requests added without one: a loop with the same seed,
                        requests and order samples the same tokens.
+    drafter, verify, num_draft_tokens: speculative decoding (``graphhal.transformers.speculative_step``): a
+                       ``graphhal.speculative`` drafter proposes ``num_draft_tokens`` tokens a request, the
+                       ``verify`` runner (``query_tokens = 1 + num_draft_tokens``) checks them; implies
+                       ``overlap=False``. ``speculation`` then holds the counts (``acceptance_rate``).
     """
 
     def __init__(
@@ -126,8 +97,11 @@ class GenerationLoop:
         max_running: int | None = None,
         vocab_size: int | None = None,
         max_positions: int | None = None,
-        overlap: bool = True,
+        overlap: bool | None = None,
         seed: int = 0,
+        drafter: Any = None,
+        verify: DecodeRunner | None = None,
+        num_draft_tokens: int | None = None,
     ) -> None:
         for name, runner in (("decode", decode), ("prefill", prefill)):
             if not set(SAMPLING_SLOT_NAMES) <= {slot.name for slot in runner.slots}:
@@ -136,7 +110,9 @@ class GenerationLoop:
                     f"with graphhal.transformers.{name}_runner, or wrap its step in graphhal.sampling's sampled steps"
                 )
         self.decode, self.prefill, self.kv_cache = decode, prefill, kv_cache
-        self.overlap = overlap
+        if drafter is not None and overlap:
+            raise ValueError("GenerationLoop: a loop with a drafter reads every step back (its drafts follow the accepted tokens): overlap must be False")
+        self.overlap = drafter is None if overlap is None else overlap
         # Read from the model the runners already hold: a second description of it could disagree with it.
         forwards = (decode.forward, prefill.forward)
         self.limits = request_checks.token_limits(forwards, kv_cache, vocab_size=vocab_size, max_positions=max_positions)
@@ -150,11 +126,14 @@ class GenerationLoop:
         self.max_chunk_tokens = prefill.config.max_size  # the largest prefill bucket: every chunk replays a graph
         self.max_requests = prefill.config.max_requests
         self.batches = BatchBuilder(decode, prefill, kv_cache)
+        self.speculation: SpeculativeDecode | None = None
+        if drafter is not None or verify is not None:
+            self.speculation = SpeculativeDecode(verify, drafter, num_draft_tokens, self.batches, self.limits.max_positions)  # type: ignore[arg-type]
         self._seeds = random.Random(seed)
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._ids: set[Hashable] = set()
-        self._unread: list[_Reads] = []  # the last step's tokens, on their way to the host
+        self._unread: list[Reads] = []  # the last step's tokens, on their way to the host
         self._last_decode: tuple[torch.Tensor, dict[int, int]] | None = None  # its tokens; request id() -> row
 
     @property
@@ -183,6 +162,7 @@ class GenerationLoop:
         sampling: SamplingParams | None = None,
         stop: Sequence[Sequence[int]] = (),
         logprobs: bool = False,
+        speculative: bool = True,
     ) -> None:
         """Queue a request: its prompt token ids and how many tokens to generate at most.
 
@@ -190,6 +170,7 @@ class GenerationLoop:
         sampling:  how it samples; default the loop's (the model's generation_config), with a seed of its own.
         stop:      token sequences that end the request where its output ends with one (kept in the output).
         logprobs:  hand out each token's log-probability under the model (``StepResult.logprobs``).
+        speculative: take drafts when the loop has a drafter (False: one token a step; see ``speculative_step``).
 
         A request the loop cannot serve is refused here, before it is queued, with a ``TypeError`` (an argument
         of the wrong kind) or a ``ValueError`` (ids outside the vocabulary, longer than the model's positions or
@@ -218,7 +199,7 @@ class GenerationLoop:
         if self.batches.blocks_for(cached) > self.kv_cache.num_blocks - 1:
             raise ValueError(f"request {request_id!r} needs more KV-cache blocks than the whole cache has")
         self._ids.add(request_id)
-        self._waiting.append(Request(request_id, prompt, max_new_tokens, sampling, stop, logprobs))
+        self._waiting.append(Request(request_id, prompt, max_new_tokens, sampling, stop, logprobs, speculative=bool(speculative)))
 
     def abort(self, request_id: Hashable) -> bool:
         """Drop a queued or running request between two steps; its blocks go back at once. Whether it was
@@ -320,11 +301,20 @@ class GenerationLoop:
             if not request.prefilling:  # its whole prompt is cached: its last token's logits gave the first token
                 request.scheduled, request.source = 1, ("prefill", row)
                 completing.append((request, row))
-        self._unread.append(_Reads("prefill", completing, handle.to_host()))
+        self._unread.append(Reads("prefill", completing, handle.to_host()))
         return handle.outputs["tokens"]
 
     def _decode(self, prefill_tokens: torch.Tensor | None, result: StepResult) -> None:
         rows = [request for request in self._running if request.decodable]
+        speculative = [request for request in rows if self.speculation and self.speculation.rides(request)]
+        rows = [request for request in rows if request not in speculative]
+        self._plain_decode(rows, prefill_tokens, result)
+        if speculative:  # drafts, one verify step, its tokens read back and handed out
+            self.speculation.step(  # type: ignore[union-attr]
+                speculative, lambda *failed: self._fail(*failed, result), lambda r, token: self._hand_out(r, token, None, result)
+            )
+
+    def _plain_decode(self, rows: list[Request], prefill_tokens: torch.Tensor | None, result: StepResult) -> None:
         if not rows:
             self._last_decode = None
             return
@@ -339,7 +329,7 @@ class GenerationLoop:
             request.scheduled += 1
             request.source = ("decode", row)
         self._last_decode = (handle.outputs["tokens"], {id(request): row for row, request in enumerate(rows)})
-        self._unread.append(_Reads("decode", list(zip(rows, range(len(rows)))), handle.to_host()))
+        self._unread.append(Reads("decode", list(zip(rows, range(len(rows)))), handle.to_host()))
 
     def _submit(self, phase: str, runner: Any, batch: dict[str, torch.Tensor], requests: list[Request], result: StepResult) -> Any:
         """``runner.submit(batch)``, or None after failing every request in it: a run's exception cannot be
@@ -350,7 +340,7 @@ class GenerationLoop:
             self._fail(phase, requests, error, result)
             return None
 
-    def _read(self, reads: _Reads, result: StepResult) -> None:
+    def _read(self, reads: Reads, result: StepResult) -> None:
         """Hand out one run's tokens, now on the host; end the requests they end. On CUDA an error inside the
         run surfaces here, when its copy is waited on: it fails the run's requests."""
         try:
@@ -360,15 +350,17 @@ class GenerationLoop:
             self._fail(reads.phase, [request for request, _ in reads.rows if request.running], error, result)
             return
         for request, row in reads.rows:
-            if not request.running:
-                continue  # ended (or aborted) while this run was queued: its token is discarded
-            request.generated.append(tokens[row])
-            result.tokens.setdefault(request.request_id, []).append(tokens[row])
-            if request.wants_logprobs:
-                result.logprobs.setdefault(request.request_id, []).append(logprobs[row])
-            if request.ended_by(tokens[row], self.eos_token_ids):
-                self._finish(request)
-                result[request.request_id] = request.generated
+            if request.running:  # else ended (or aborted) while this run was queued: its token is discarded
+                self._hand_out(request, tokens[row], logprobs[row], result)
+
+    def _hand_out(self, request: Request, token: int, logprob: float | None, result: StepResult) -> None:
+        request.generated.append(token)
+        result.tokens.setdefault(request.request_id, []).append(token)
+        if request.wants_logprobs:
+            result.logprobs.setdefault(request.request_id, []).append(logprob)
+        if request.ended_by(token, self.eos_token_ids):
+            self._finish(request)
+            result[request.request_id] = request.generated
 
     def _fail(self, phase: str, requests: list[Request], error: BaseException, result: StepResult) -> None:
         batch = [request.request_id for request in requests]
@@ -387,3 +379,5 @@ class GenerationLoop:
             self._running.remove(request)
             self._ids.discard(request.request_id)
             self.kv_cache.allocator.free(request.blocks)
+            if self.speculation is not None:
+                self.speculation.drafter.release(request.request_id)

@@ -40,17 +40,17 @@ class BatchBuilder:
             span = range(request.cached, request.cached + take)
             ids += [request.prompt[p] for p in span]
             positions += span
-            slots += [self._slot(request, p) for p in span]
+            slots += [self.slot(request, p) for p in span]
             last_rows.append(len(ids) - 1)
         requests = [request for request, _ in chunks]
         return {
-            "input_ids": self._host("input_ids", ids),
-            "positions": self._host("positions", positions),
-            "slot_mapping": self._host("slot_mapping", slots),
-            "query_lens": self._host("query_lens", [take for _, take in chunks]),
-            "seq_lens": self._host("seq_lens", [request.cached + take for request, take in chunks]),
-            "block_tables": self._block_tables(requests),
-            "sample_rows": self._host("sample_rows", last_rows),
+            "input_ids": self.host("input_ids", ids),
+            "positions": self.host("positions", positions),
+            "slot_mapping": self.host("slot_mapping", slots),
+            "query_lens": self.host("query_lens", [take for _, take in chunks]),
+            "seq_lens": self.host("seq_lens", [request.cached + take for request, take in chunks]),
+            "block_tables": self.block_tables(requests),
+            "sample_rows": self.host("sample_rows", last_rows),
             **self._sampling(requests),
         }
 
@@ -60,10 +60,10 @@ class BatchBuilder:
         positions = [request.cached for request in rows]
         return {
             "input_ids": input_ids,
-            "positions": self._host("positions", positions),
-            "seq_lens": self._host("seq_lens", [p + 1 for p in positions]),
-            "block_tables": self._block_tables(rows),
-            "slot_mapping": self._host("slot_mapping", [self._slot(r, p) for r, p in zip(rows, positions)]),
+            "positions": self.host("positions", positions),
+            "seq_lens": self.host("seq_lens", [p + 1 for p in positions]),
+            "block_tables": self.block_tables(rows),
+            "slot_mapping": self.host("slot_mapping", [self.slot(r, p) for r, p in zip(rows, positions)]),
             **self._sampling(rows),
         }
 
@@ -74,20 +74,27 @@ class BatchBuilder:
         prefill_tokens: torch.Tensor | None,
     ) -> torch.Tensor:
         """Each row's last sampled token, gathered on the device from the last decode step's tokens and this
-        step's prefill tokens (``Request.source`` says which, and which row): queued work, no host read."""
+        step's prefill tokens (``Request.source`` says which, and which row): queued work, no host read. A
+        source ``("host", token)`` is a token already read back (a speculative step's last)."""
         sources, offset = [], {}
+        known = [request.source[1] for request in rows if request.source[0] == "host"]  # type: ignore[index]
+        if known:
+            offset["host"] = 0
+            sources.append(self.host("input_ids", known).to(self.device, non_blocking=True))
         if last_decode is not None:
+            offset["decode"] = sum(len(source) for source in sources)
             sources.append(last_decode[0])
-            offset["decode"] = 0
         if prefill_tokens is not None:
             offset["prefill"] = sum(len(source) for source in sources)
             sources.append(prefill_tokens)
-        index = []
+        index, hosted = [], 0
         for request in rows:
             kind, row = request.source  # type: ignore[misc]
+            if kind == "host":
+                row, hosted = hosted, hosted + 1
             index.append(offset[kind] + row)
         pool = sources[0] if len(sources) == 1 else torch.cat(sources)
-        return pool.index_select(0, self._host("input_ids", index).to(self.device, non_blocking=True))
+        return pool.index_select(0, self.host("input_ids", index).to(self.device, non_blocking=True))
 
     # --- host tensors ------------------------------------------------------------------------------------
 
@@ -103,16 +110,16 @@ class BatchBuilder:
             "counter": [r.scheduled for r in requests],
         }
         assert tuple(values) == SAMPLING_SLOT_NAMES
-        return {name: self._host(name, column) for name, column in values.items()}
+        return {name: self.host(name, column) for name, column in values.items()}
 
-    def _host(self, slot: str, values: list) -> torch.Tensor:
+    def host(self, slot: str, values: list) -> torch.Tensor:
         tensor = torch.tensor(values, dtype=self.dtypes.get(slot, torch.int64))
         return tensor.pin_memory() if self.pinned else tensor
 
-    def _slot(self, request: Request, position: int) -> int:
+    def slot(self, request: Request, position: int) -> int:
         return request.blocks[position // self.block_size] * self.block_size + position % self.block_size
 
-    def _block_tables(self, requests: list[Request]) -> torch.Tensor:
+    def block_tables(self, requests: list[Request]) -> torch.Tensor:
         table = torch.full((len(requests), self.max_blocks_per_seq), NULL_BLOCK, dtype=self.dtypes["block_tables"])
         for row, request in enumerate(requests):
             table[row, : len(request.blocks)] = torch.tensor(request.blocks, dtype=table.dtype)

@@ -33,6 +33,7 @@ class Request:
     scheduled: int = 0  # tokens sampled on the device, read back or not
     source: tuple[str, int] | None = None  # ("prefill" or "decode", row): the step output holding the last one
     running: bool = False  # admitted, and neither finished nor failed
+    speculative: bool = True  # takes drafts when the loop has a drafter
 
     @property
     def prefilling(self) -> bool:

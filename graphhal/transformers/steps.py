@@ -73,7 +73,9 @@ class _Step(torch.nn.Module):
 
 
 class DecodeStep(_Step):
-    """One new token per request: ``graphhal.paged_attention.decode_input_slots``."""
+    """One new token per request (logits [requests, vocab]), or ``q`` per request for a speculative verify step
+    (input_ids, positions, slot_mapping [requests, q]; logits [requests, q, vocab]):
+    ``graphhal.paged_attention.decode_input_slots(..., query_tokens=q)``."""
 
     def forward(
         self,
@@ -84,7 +86,11 @@ class DecodeStep(_Step):
         block_tables: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> torch.Tensor:
-        return self._logits(input_ids, positions, seq_lens=seq_lens, block_tables=block_tables, slot_mapping=slot_mapping)
+        shape = input_ids.shape
+        if input_ids.dim() == 2:  # the requests' tokens back to back, as the model sees one packed row
+            input_ids, positions, slot_mapping = input_ids.reshape(-1), positions.reshape(-1), slot_mapping.reshape(-1)
+        logits = self._logits(input_ids, positions, seq_lens=seq_lens, block_tables=block_tables, slot_mapping=slot_mapping)
+        return logits.view(*shape, logits.shape[-1])
 
 
 class PrefillStep(_Step):

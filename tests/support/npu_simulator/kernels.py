@@ -13,7 +13,9 @@ namespace per op-plugin generation, since a torch op's schema cannot change with
 
 The ops: the fused infer attention (v1: ``actual_seq_lengths_kv``; v2: ``actual_seq_kvlen``), incremental
 (decode) branch with a paged KV cache: query ``[B, 1, N*D]`` ("BSH") or ``[B, 1, N, D]`` ("BSND"), key/value
-``[num_blocks, block_size, KV_N*D]``, ``block_table`` int32 ``[B, max_blocks]``, lengths a HOST list of B ints.
+``[num_blocks, block_size, KV_N*D]``, ``block_table`` int32 ``[B, max_blocks]``, lengths a HOST list of B ints;
+a query S > 1 (speculative verification) with ``sparse_mode`` 3 and its mask, each request's S tokens causal
+from its cached context on (rightDownCausal, as in TND).
 ``_npu_paged_attention``: query ``[B, N, D]``, caches ``[blocks, block_size, KV_N, D]``, lengths as a host
 (CPU) int32 tensor ``context_lens`` (positional 7), output ``out`` (positional 8). float16/bfloat16 only, as on
 hardware. A row whose length is 0 attends to nothing and gets zeros (what hardware gives there is not
@@ -217,16 +219,29 @@ def _fused_attention(op: str, query, key, value, block_table, lengths, num_heads
         )
     if input_layout not in ("BSH", "BSND"):
         raise NotSimulatedError(f"{op}: input_layout {input_layout!r} is not simulated (BSH, BSND, TND are)")
-    if query.shape[1] != 1:
-        raise NotSimulatedError(f"{op}: in BSH/BSND only the incremental branch (query S == 1) is simulated")
-    if atten_mask is not None or sparse_mode:
-        raise NotSimulatedError(f"{op}: masks (atten_mask, sparse_mode) are simulated in the TND layout only")
+    query_tokens = query.shape[1]
+    if query_tokens != 1:
+        # Several query tokens per request (speculative verification): simulated with sparse_mode 3 only.
+        if sparse_mode != 3 or query_ends is not None:
+            raise NotSimulatedError(
+                f"{op}: in BSH/BSND a query S > 1 is simulated with sparse_mode 3 (causal from the cached context on) "
+                "and per-request KV lengths only"
+            )
+        packed_prefill.checked_sparse_mode(op, sparse_mode, atten_mask)
+    elif atten_mask is not None or sparse_mode:
+        raise NotSimulatedError(f"{op}: masks (atten_mask, sparse_mode) are simulated in the TND layout and for S > 1 only")
     batch = query.shape[0]
     head_dim = (query.shape[2] // num_heads) if input_layout == "BSH" else query.shape[3]
     lengths = _checked_lengths(op, lengths, batch, block_table.shape[1] * block_size)
     state.current().log_launch(op, lengths)
     key_cache = key.reshape(key.shape[0], block_size, num_kv_heads, head_dim)
     value_cache = value.reshape(value.shape[0], block_size, num_kv_heads, head_dim)
+    if query_tokens != 1:
+        # rightDownCausal per request: its S tokens are the last S of its KV length (packed_prefill's math).
+        packed = query.reshape(batch * query_tokens, num_heads, head_dim)
+        ends = [query_tokens * (row + 1) for row in range(batch)]
+        out = packed_prefill.packed_paged_attention(packed, key_cache, value_cache, block_table, ends, lengths, scale, True)
+        return out.reshape(query.shape), lengths
     queries = query.reshape(batch, num_heads, head_dim)
     return _paged_decode(queries, key_cache, value_cache, block_table, lengths, scale).reshape(query.shape), lengths
 

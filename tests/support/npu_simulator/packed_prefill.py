@@ -67,7 +67,7 @@ def attention(op, query, key, value, block_table, query_ends, kv_lengths, num_he
         raise ValueError(f"{op}: TND with page attention takes a block_size that is a multiple of 16, at most 1024")
     if block_table.dtype != torch.int32 or block_table.dim() != 2:
         raise TypeError(f"{op}: block_table must be 2-D int32, got {block_table.dtype} {tuple(block_table.shape)}")
-    causal = _checked_sparse_mode(op, sparse_mode, atten_mask)
+    causal = checked_sparse_mode(op, sparse_mode, atten_mask)
     query_ends = _checked_query_ends(op, query_ends, tokens)
     batch = len(query_ends)
     if block_table.shape[0] != batch:
@@ -80,11 +80,11 @@ def attention(op, query, key, value, block_table, query_ends, kv_lengths, num_he
     state.current().log_launch(op, kv_lengths, query_ends)
     key_cache = key.reshape(key.shape[0], block_size, num_kv_heads, head_dim)
     value_cache = value.reshape(value.shape[0], block_size, num_kv_heads, head_dim)
-    output = _packed_paged_attention(query, key_cache, value_cache, block_table, query_ends, kv_lengths, scale, causal)
+    output = packed_paged_attention(query, key_cache, value_cache, block_table, query_ends, kv_lengths, scale, causal)
     return output, kv_lengths
 
 
-def _checked_sparse_mode(op: str, sparse_mode: int, atten_mask: torch.Tensor | None) -> bool:
+def checked_sparse_mode(op: str, sparse_mode: int, atten_mask: torch.Tensor | None) -> bool:
     """Whether the call is causal (mode 3) or not (mode 0), after checking its mask."""
     if sparse_mode == 0:
         if atten_mask is not None:
@@ -138,7 +138,7 @@ def _checked_kv_lengths(op: str, lengths: Any, batch: int, capacity: int) -> lis
     return lengths
 
 
-def _packed_paged_attention(query, key_cache, value_cache, block_table, query_ends, kv_lengths, scale, causal):  # type: ignore[no-untyped-def]  # noqa: E501
+def packed_paged_attention(query, key_cache, value_cache, block_table, query_ends, kv_lengths, scale, causal):  # type: ignore[no-untyped-def]  # noqa: E501
     """query [T, N, D]; caches [blocks, block_size, KV_N, D]; returns [T, N, D] in the query's dtype."""
     _, num_heads, head_dim = query.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]

@@ -1,0 +1,56 @@
+"""``ReplayDrafter``: drafts at a set acceptance rate, for measuring the speculative machinery (the bench).
+
+Random weights make a real draft model's acceptance meaningless. This drafter proposes the target's own
+greedy continuation, recorded by a plain run (every token the request would hold), and corrupts each draft
+token independently with probability ``1 - acceptance`` (a seeded draw): a draft is accepted only while every
+one before it was, so a verify step yields ``(1 - a^(k+1)) / (1 - a)`` tokens on average (``k + 1`` at
+``a = 1``). Past the recording's end it proposes the last token it has.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Hashable, Mapping, Sequence
+
+import torch
+
+from graphhal.speculative.drafter import DraftRequest, check_draft_count
+
+
+class ReplayDrafter:
+    """recorded:   ``{request_id: prompt + greedy generated tokens}`` of a plain run.
+    acceptance: the probability that a draft token is left as recorded, in [0, 1].
+    vocab_size: corrupted tokens are drawn from ``range(vocab_size)``, never the recorded token.
+    seed:       the draws' seed: the same seed, the same drafts."""
+
+    eager_steps = 0  # runs no model
+
+    def __init__(self, recorded: Mapping[Hashable, Sequence[int]], acceptance: float, vocab_size: int, *, seed: int = 0) -> None:
+        if not 0.0 <= acceptance <= 1.0:
+            raise ValueError(f"ReplayDrafter: acceptance must be in [0, 1], got {acceptance!r}")
+        if vocab_size < 2:
+            raise ValueError(f"ReplayDrafter: vocab_size must be at least 2 (a corrupted token differs), got {vocab_size!r}")
+        self.recorded = {request_id: list(tokens) for request_id, tokens in recorded.items()}
+        self.acceptance, self.vocab_size = acceptance, vocab_size
+        self._random = random.Random(seed)
+
+    def propose(self, requests: Sequence[DraftRequest], num_draft_tokens: int) -> torch.Tensor:
+        check_draft_count(num_draft_tokens, "ReplayDrafter")
+        rows = []
+        for request in requests:
+            if request.request_id not in self.recorded:
+                raise KeyError(f"ReplayDrafter: no recorded continuation for request {request.request_id!r}")
+            recording = self.recorded[request.request_id]
+            at = len(request.tokens)
+            row = recording[at : at + num_draft_tokens]
+            row += [row[-1] if row else request.tokens[-1]] * (num_draft_tokens - len(row))
+            rows.append([self._corrupted(token) for token in row])
+        return torch.tensor(rows, dtype=torch.int64).reshape(len(requests), num_draft_tokens)
+
+    def _corrupted(self, token: int) -> int:
+        if self._random.random() < self.acceptance:
+            return token
+        return (token + 1 + self._random.randrange(self.vocab_size - 1)) % self.vocab_size
+
+    def release(self, request_id: Hashable) -> None:
+        pass  # the recording stays: a bench may run the same requests again

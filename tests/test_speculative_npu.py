@@ -1,0 +1,52 @@
+"""Verify steps (q = 1 + k tokens per request) of the reference decoder on the npu device, through DecodeRunner,
+on the CPU SIMULATOR of torch_npu (every simulated torch_npu line; never hardware-verified here).
+
+The npu's decode attention takes each request's KV length as a host value the device updates before every
+replay; with several query tokens those stay per request (the query tokens go in as FIA's BSH sequence, causal
+with sparse_mode 3). So a verify graph is updated exactly as a one-token one: the lengths of the live requests,
+padded with zeros for padded requests, and its output equals eager in modes full and breakable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from graphhal.paged_attention import PagedKVCache
+from graphhal.refmodel import DecodeWorkload, LlamaDecoder, ModelConfig
+from runners import DecodeConfig, DecodeRunner
+from support.npu_simulator.fixture import PROFILE_PARAMS, npu_simulated_on_cpu
+
+import hal
+
+MAX_BS = 4
+BUCKETS = [1, 2, 4]
+DTYPE = torch.bfloat16
+CONFIG = replace(ModelConfig.tiny(), block_size=16)
+
+
+@pytest.mark.cpu
+@pytest.mark.parametrize("mode", ["full", "breakable"])
+@pytest.mark.parametrize("profile", [param.values[0] for param in PROFILE_PARAMS], ids=[param.id for param in PROFILE_PARAMS])
+def test_verify_step_on_the_simulated_npu_equals_eager(profile, mode):
+    with npu_simulated_on_cpu(profile) as simulator:
+        device = hal.DeviceRegistry(load_entry_points=False).get_device("npu")
+        cache = PagedKVCache(CONFIG, 1 + MAX_BS * CONFIG.max_blocks_per_seq, device.torch_device, DTYPE)
+        step = LlamaDecoder(CONFIG, device.torch_device, DTYPE).decode_forward(cache)
+        workload = DecodeWorkload(cache, MAX_BS, max_context_len=40, conventions=device.conventions, query_tokens=3)
+        config = DecodeConfig(mode=mode, buckets=BUCKETS, query_tokens=3, show_progress=False)
+        runner = DecodeRunner(step, workload.input_slots(), device, config)
+        runner.capture()
+        for rows in (4, 3, 1, 2):
+            batch = workload.batch(rows)
+            with torch.no_grad():
+                eager = step(**batch).clone()
+            graph = runner.run(batch)
+            assert graph.shape == (rows, 3, CONFIG.vocab_size)
+            torch.testing.assert_close(graph, eager, rtol=2e-2, atol=2e-2)
+            if mode == "full":  # the attention replayed with these requests' lengths, padded requests' zeros
+                padding = next(bucket for bucket in BUCKETS if bucket >= rows) - rows
+                replayed = [launch for launch in simulator.launches if launch.phase == "replay"][-1].lengths
+                assert replayed == (*batch["seq_lens"].tolist(), *(0,) * padding)

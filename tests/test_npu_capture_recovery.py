@@ -23,7 +23,7 @@ from support.npu_simulator.fixture import npu_profile, npu_simulator, simulated_
 
 pytestmark = pytest.mark.cpu
 
-HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, MAX_BLOCKS, ROWS = 4, 2, 8, 4, 3, 2
+HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, MAX_BLOCKS, ROWS = 4, 2, 8, 16, 3, 2  # FIA pages: blocks of 16n
 CAPACITY = MAX_BLOCKS * BLOCK_SIZE
 
 
@@ -121,7 +121,7 @@ def _fail_inside_a_task_group(step: "FusedAttentionStep") -> None:
     ("fail", "error", "message"),
     [
         (_fail_in_the_body, RuntimeError, "the model failed"),
-        (_fail_inside_a_task_group, ValueError, r"length 13 outside 0\.\.12"),
+        (_fail_inside_a_task_group, ValueError, rf"length {CAPACITY + 1} outside 0\.\.{CAPACITY}"),
     ],
 )
 def test_a_failing_body_or_op_inside_its_task_group_leaves_nothing_behind(simulated_npu, npu_simulator, fail, error, message):

@@ -110,7 +110,7 @@ class NpuCaptureSession:
             graph.discard()
             raise
         # Pushed after capture_begin succeeded, so a failing begin leaves no mode behind.
-        self._launch_capture = HostLengthCapture(graph.runtime, graph.launches)
+        self._launch_capture = HostLengthCapture(graph.runtime, graph.launches, graph.workspaces)
         self._launch_capture.__enter__()
         return graph
 

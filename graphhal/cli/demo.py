@@ -42,7 +42,10 @@ def run(args: argparse.Namespace) -> int:
     blocks_per_request = -(-(args.context_len + 1) // config.block_size)
     kv_cache = PagedKVCache(config, 1 + max(batch_sizes) * blocks_per_request, device.torch_device, dtype)
     model = LlamaDecoder(config, device.torch_device, dtype, seed=0)
-    workload = DecodeWorkload(kv_cache, max(batch_sizes), max_context_len=args.context_len, max_blocks_per_seq=blocks_per_request)
+    workload = DecodeWorkload(
+        kv_cache, max(batch_sizes), max_context_len=args.context_len, max_blocks_per_seq=blocks_per_request,
+        conventions=device.conventions,  # the role inputs in the dtypes the device's kernels take (npu: int32)
+    )
     step = model.decode_forward(kv_cache)
 
     print(

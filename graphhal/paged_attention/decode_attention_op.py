@@ -61,7 +61,7 @@ def _decode_attention_cpu(q, key_cache, value_cache, block_tables, seq_lens, sca
     flat_keys = key_cache.view(-1, num_kv_heads, head_dim)
     flat_values = value_cache.view(-1, num_kv_heads, head_dim)
     offsets_in_block = torch.arange(block_size)
-    for row, seq_len in enumerate(seq_lens.tolist()):
+    for row, seq_len in enumerate(hal.host_list(seq_lens)):  # once per step inside hal.step_host_values
         if seq_len == 0:
             out[row].zero_()
             continue

@@ -66,6 +66,19 @@ _UNINITIALISED_FACTORIES = frozenset(
     }
 )
 _HOST_SYNC_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
+# Tagged dynamic_output_shape for their boolean-mask form only: with integer indices the output shape is the
+# indices', and the kernel reads nothing on the host (a gather).
+_DYNAMIC_WITH_MASKS_ONLY = frozenset({torch.ops.aten.index.Tensor})
+
+
+def _reads_on_host(func: Any, args: tuple[Any, ...]) -> bool:
+    """The op must read tensor values on the host to run (its output shape or result depends on them)."""
+    if not any(tag in func.tags for tag in _HOST_SYNC_TAGS):
+        return False
+    if func in _DYNAMIC_WITH_MASKS_ONLY:
+        indices = args[1] if len(args) > 1 else ()
+        return any(index is not None and index.dtype in (torch.bool, torch.uint8) for index in indices)
+    return True
 
 
 @dataclass
@@ -204,7 +217,7 @@ class SimGraph:
 
     def record(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], stream: Stream) -> Any:
         """Record (and run) one op issued on this thread while this graph captures."""
-        if any(tag in func.tags for tag in _HOST_SYNC_TAGS):
+        if _reads_on_host(func, args):
             raise HostReadDuringCaptureError(
                 f"{func} reads a tensor's values on the host while an NPU graph is being captured"
             )

@@ -130,12 +130,13 @@ def decode_route(torch_npu: Any, head_dim: int, block_size: int, dtype: torch.dt
 
 def prefill_route(torch_npu: Any, head_dim: int, block_size: int, dtype: torch.dtype) -> Route:
     """TND where documented, else the graph-safe torch kernel (the fused op's other layouts take no packed batch)."""
-    problem = _tnd_problem(fused_attention_line(torch_npu), head_dim, block_size, dtype)
+    line = fused_attention_line(torch_npu)
+    problem = _tnd_problem(line, head_dim, block_size, dtype)
     if not problem:
         return Route("TND")
-    return _fallback(
-        "prefill", problem, "torch_npu 7.3 or later (pip torch-npu 2.6.0.post5 on) and a head dim of 128 or 192"
-    )
+    shapes = "a head dim of 128 or 192 and blocks of 16n tokens up to 1024"
+    lift = shapes if line.tnd_page_attention else f"torch_npu 7.3 or later (pip torch-npu 2.6.0.post5 on) and {shapes}"
+    return _fallback("prefill", problem, lift)
 
 
 # Fallbacks taken in this process, phase -> reason: logged once each, and read by the bench for its notes.

@@ -115,6 +115,15 @@ class _Probe(TorchDispatchMode):
         self.device_type = device_type
         self.found = found
 
+    @classmethod
+    def is_infra_mode(cls) -> bool:
+        # torch 2.10 and earlier tell Dynamo about non-infra modes through one flag of the process, which each
+        # mode saves on entry and restores on exit, from any thread: runners choosing their mode in several
+        # threads at once can leave it set, and torch.compile then skips every frame in the process. An infra
+        # mode stays off that flag (all the word means to those versions). torch 2.11 asks the thread's own
+        # stack (inline_torch_dispatch_torch_compile), where the probe stays what it is.
+        return not getattr(torch._dynamo.config, "inline_torch_dispatch_torch_compile", False)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         support = graph_support_of(func, self.device_type)
         if support is not None:

@@ -14,6 +14,7 @@ in a directory of its own by default, and can pack what one process compiled int
   one is refused (``CompileCacheConflictError``);
 - ``compile-artifacts.bin``: the portable artifacts, written after the capture and loaded before one where
   the on-disk caches are missing, so the file alone (an image, a shared volume) warms a fresh machine too.
+  torch 2.7 added them (``portable_artifacts``); before, the on-disk caches alone serve a restart.
 
 - ``forwards/``: compiled forwards stored whole (``hal.compile.stored_compile``: Dynamo's output and
   Inductor's), for ``compiler: inductor`` in mode ``full``; a restart loads its forward and traces nothing.
@@ -45,6 +46,11 @@ ON_DISK_CACHES = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "tr
 _loaded: set[Path] = set()  # directories whose artifacts this process has loaded already
 _active: Path | None = None  # the process's one compile cache directory (the caches are process-wide)
 _unwritable: set[Path] = set()  # directories found unwritable (and said so) in this process
+
+
+def portable_artifacts() -> bool:
+    """Whether this torch can pack what a process compiled into portable artifacts (torch 2.7 and later)."""
+    return hasattr(torch.compiler, "save_cache_artifacts") and hasattr(torch.compiler, "load_cache_artifacts")
 
 
 class CompileCacheConflictError(ValueError):
@@ -101,6 +107,9 @@ class CompileCache:
         _active = self.directory
         if self.directory in _loaded or not self.artifacts.is_file() or self._holds_on_disk_caches():
             return
+        if not portable_artifacts():
+            logger.warning("graphhal: %s is ignored: this torch (%s) cannot load compile artifacts", self.artifacts, torch.__version__)
+            return
         try:
             info = torch.compiler.load_cache_artifacts(self.artifacts.read_bytes())
         except Exception as exc:  # a cache must never stop a server: compile cold instead
@@ -133,6 +142,8 @@ class CompileCache:
         Nothing where the caches are not here (``active``): an unwritable directory was reported already."""
         if not self.active:
             return False
+        if not portable_artifacts():
+            return False  # nothing to write: the on-disk caches keep what this process compiled
         try:
             packed = torch.compiler.save_cache_artifacts()
             if packed is None:

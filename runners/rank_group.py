@@ -10,13 +10,14 @@ never leave the others waiting in a collective. The anchors paid for each rule:
 
 Agreement runs on a gloo group of the same ranks (the control group, made once per group): host-side,
 bounded by its timeout, and independent of the device's own communicator (NCCL, HCCL), whose collectives
-the graphs capture. Each agreement point is one ``all_gather_object`` of (stage, outcome), so every rank makes
+the graphs capture. Each agreement point is one object all-gather of (stage, outcome), so every rank makes
 the same number of control collectives whatever happened locally, and every rank raises the same error.
 """
 
 from __future__ import annotations
 
 import datetime
+import pickle
 import threading
 import time
 from dataclasses import dataclass
@@ -83,6 +84,29 @@ def _use_timeout(control: Any, timeout_s: float) -> None:
     if _control_timeouts.get(name) != timeout_s:
         dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=timeout_s), control)
         _control_timeouts[name] = timeout_s
+
+
+def _all_gather_within(timeout_s: float, outputs: list[torch.Tensor], tensor: torch.Tensor, control: Any) -> None:
+    """``dist.all_gather`` on the control group, waited for at most ``timeout_s``.
+
+    The control group's own timeout (``_use_timeout``) ends a collective on torch 2.9 and later; torch 2.6
+    keeps for gloo the timeout the group was made with, whatever it is set to after, so every runner of a
+    group would wait as long as its first. The wait bounds the agreement on every torch."""
+    work = dist.all_gather(outputs, tensor, group=control, async_op=True)
+    work.wait(timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _all_gather_objects_within(timeout_s: float, value: Any, size: int, control: Any) -> list[Any]:
+    """``dist.all_gather_object`` (which has no asynchronous form), each of its two collectives bounded."""
+    payload = torch.frombuffer(bytearray(pickle.dumps(value)), dtype=torch.uint8)
+    lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
+    _all_gather_within(timeout_s, lengths, torch.tensor([payload.numel()]), control)
+    longest = max(int(length) for length in lengths)
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[: payload.numel()] = payload
+    gathered = [torch.empty(longest, dtype=torch.uint8) for _ in range(size)]
+    _all_gather_within(timeout_s, gathered, padded, control)
+    return [pickle.loads(data[: int(length)].numpy().tobytes()) for data, length in zip(gathered, lengths)]
 
 
 def rank_group(group: Any, timeout_s: float, device: str) -> "RankGroup | SoloRank":
@@ -177,10 +201,9 @@ class RankGroup:
         self.agree(f"the warm-up of {what} at bucket {bucket}", error, bucket=bucket, mode=mode)
 
     def _gather(self, value: Any, stage: str, *, mode: str, bucket: int | None) -> list[Any]:
-        gathered: list[Any] = [None] * self.size
         try:
             _use_timeout(self.control, self.timeout_s)
-            dist.all_gather_object(gathered, value, group=self.control)
+            gathered = _all_gather_objects_within(self.timeout_s, value, self.size, self.control)
         except Exception as exc:  # the control group's timeout, or a peer that went away
             raise RankCaptureError(
                 f"rank {self.rank}: the ranks of the group did not all reach {stage} within {self.timeout_s:g} s "
@@ -203,11 +226,12 @@ class RankGroup:
         everyone = [torch.empty_like(mine) for _ in range(self.size)]
         try:
             _use_timeout(self.control, self.timeout_s)
-            dist.all_gather(everyone, mine, group=self.control)
+            _all_gather_within(self.timeout_s, everyone, mine, self.control)
             failed = [rank for rank, t in enumerate(everyone) if int(t[1]) == _FAILED]
             texts: list[Any] = [None] * self.size
             if failed:  # every rank sees it, so every rank makes this second exchange
-                dist.all_gather_object(texts, None if error is None else f"{type(error).__name__}: {error}", group=self.control)
+                text = None if error is None else f"{type(error).__name__}: {error}"
+                texts = _all_gather_objects_within(self.timeout_s, text, self.size, self.control)
         except Exception as exc:
             raise RankRunError(
                 f"rank {self.rank}: the ranks of the consensus group did not all agree on a run within "

@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from runners import DecodeConfig, GraphConfig
 from runners import compile_cache
@@ -52,14 +53,17 @@ def _fresh_process(directory: Path) -> dict:
 
 def test_a_restarted_process_loads_what_the_first_compiled(tmp_path):
     cold = _fresh_process(tmp_path)
-    assert cold["saved"] and cold["misses"] >= 1 and cold["hits"] == 0
-    assert (tmp_path / ARTIFACTS).stat().st_size > 0
+    assert cold["misses"] >= 1 and cold["hits"] == 0
+    # torch 2.6 has no portable artifacts: the on-disk caches alone serve the restart, and nothing is saved.
+    assert cold["saved"] == compile_cache.portable_artifacts()
+    assert (tmp_path / ARTIFACTS).is_file() == compile_cache.portable_artifacts()
     assert (tmp_path / "inductor").is_dir()  # Inductor's on-disk cache went into the directory
     warm = _fresh_process(tmp_path)
     assert warm["hits"] >= 1 and warm["misses"] == 0
     assert not warm["loaded"]  # the on-disk caches were there: the artifacts held nothing more
 
 
+@pytest.mark.skipif(not compile_cache.portable_artifacts(), reason="this torch (before 2.7) has no portable compile artifacts")
 def test_the_artifacts_alone_warm_a_directory_without_its_on_disk_caches(tmp_path):
     _fresh_process(tmp_path)
     shutil.rmtree(tmp_path / "inductor")  # as on a fresh machine handed only the artifacts file
@@ -75,6 +79,20 @@ def fresh_process_state(monkeypatch):
         monkeypatch.setenv(variable, "restored after the test")
     monkeypatch.setattr(compile_cache, "_active", None)
     monkeypatch.setattr(compile_cache, "_unwritable", set())
+
+
+def test_a_torch_without_portable_artifacts_saves_none_and_says_nothing_until_a_file_is_there(tmp_path, fresh_process_state, monkeypatch, caplog):
+    # torch 2.6: no save_cache_artifacts / load_cache_artifacts. A runner saves after every capture, so a
+    # warning there would repeat for a feature this torch lacks; a file another torch left is worth one.
+    monkeypatch.delattr(torch.compiler, "save_cache_artifacts", raising=False)
+    cache = CompileCache(tmp_path)
+    cache.activate()
+    assert not cache.save() and not cache.artifacts.exists()
+    assert "artifacts" not in caplog.text
+    cache.artifacts.write_bytes(b"left by a newer torch")
+    compile_cache._loaded.discard(cache.directory)
+    CompileCache(tmp_path).activate()
+    assert "cannot load compile artifacts" in caplog.text
 
 
 def test_a_broken_artifact_file_is_skipped_not_fatal(tmp_path, fresh_process_state):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
 import hal
 from devices.cpu.recorded_graph import HostSyncDuringCaptureError, RecordingPool
+from support.dispatch_mode_flags import restored_dispatch_mode_flags  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.cpu
 
@@ -184,3 +187,50 @@ def test_a_graph_is_captured_once(cpu):
     with pytest.raises(hal.GraphStateError, match="already captured"):
         with cpu.capture_session(graph, None):
             pass
+
+
+# --- torch.compile in other threads -------------------------------------------------------------------------
+
+
+def compiles_here() -> bool:
+    """Whether torch.compile, called on this thread, hands a fresh function to its backend."""
+    torch._dynamo.reset()
+    compiled = []
+    torch.compile(lambda x: x * 2 + 1, backend=lambda gm, inputs: compiled.append(gm) or gm)(torch.ones(3))
+    return bool(compiled)
+
+
+def hold_a_capture(cpu: hal.Device, inside: threading.Event, leave: threading.Event) -> None:
+    graph = cpu.make_graph("full")
+    with cpu.capture_session(graph, cpu.graph_pool()):
+        _ = torch.ones(2) + 1
+        inside.set()
+        leave.wait(30)
+
+
+def test_a_capture_on_one_thread_leaves_torch_compile_working_on_the_others(cpu):
+    # torch 2.10 and earlier read one flag of the process for "a dispatch mode is active", not the thread's
+    # stack: a capture's modes must stay off it (devices.cpu.recorded_graph._ThreadLocalMode).
+    inside, leave = threading.Event(), threading.Event()
+    other = threading.Thread(target=hold_a_capture, args=(cpu, inside, leave))
+    other.start()
+    try:
+        assert inside.wait(30)
+        assert compiles_here()
+    finally:
+        leave.set()
+        other.join()
+
+
+def test_captures_of_two_threads_ending_out_of_order_leave_torch_compile_working(cpu, restored_dispatch_mode_flags):
+    # Each mode restores, on exit, the flag it found on entry: other thread in, this thread in, other thread
+    # out, this thread out would leave it set for the rest of the process.
+    inside, leave = threading.Event(), threading.Event()
+    other = threading.Thread(target=hold_a_capture, args=(cpu, inside, leave))
+    other.start()
+    assert inside.wait(30)
+    graph = cpu.make_graph("full")
+    with cpu.capture_session(graph, cpu.graph_pool()):
+        leave.set()
+        other.join()
+    assert compiles_here()

@@ -8,6 +8,7 @@ input into ``out`` (a splitting op's convention), so results are easy to check a
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -18,6 +19,7 @@ import hal
 from hal.graph_support import graph_support_of, ops_reached
 from runners import DecodeConfig, DecodeRunner, InputSlot, PrefillConfig, PrefillRunner
 from hal.graph_support import OpNotCapturableError
+from support.dispatch_mode_flags import restored_dispatch_mode_flags  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.cpu
 
@@ -147,6 +149,32 @@ def test_ops_reached_lists_declared_ops_and_required_break_points_most_restricti
         ("host_sync_point", "never"),
         ("graphhal_test::support_any_batch", "any_batch"),
     ]
+
+
+def test_probes_on_two_threads_ending_out_of_order_leave_torch_compile_working(restored_dispatch_mode_flags):
+    # torch 2.10 and earlier read one flag of the process for "a dispatch mode is active", which each mode
+    # restores on exit to what it found on entry: other thread in, this thread in, other thread out, this
+    # thread out would leave torch.compile skipping every frame of the process (hal.graph_support._Probe).
+    inside, leave = threading.Event(), threading.Event()
+
+    def forward_that_waits(x):
+        inside.set()
+        leave.wait(30)
+        return x + 1
+
+    def forward_that_lets_the_other_finish(x):
+        leave.set()
+        other.join()
+        return x + 1
+
+    other = threading.Thread(target=ops_reached, args=(forward_that_waits, {"x": torch.ones(2)}, "cpu"))
+    other.start()
+    assert inside.wait(30)
+    ops_reached(forward_that_lets_the_other_finish, {"x": torch.ones(2)}, "cpu")
+    torch._dynamo.reset()
+    compiled = []
+    torch.compile(lambda x: x * 2 + 1, backend=lambda gm, inputs: compiled.append(gm) or gm)(torch.ones(3))
+    assert compiled
 
 
 # --- the runners' choice --------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 import hal
 from hal.compile import CompiledForward
@@ -285,6 +286,15 @@ def test_a_specialisation_during_the_backends_fake_pass_names_the_model_line(mon
     assert "mode 'full' (decode) or 'breakable'" in message
 
 
+# torch 2.6 and 2.7 keep no traced stack per specialisation, only a one-line note of the user line, with the
+# file name shortened (hal.token_specialization): the file is named, its full path is not.
+_FILE_AS_TORCH_NAMES_IT = (
+    __file__
+    if any(hasattr(ShapeEnv(), stacks) for stacks in ("specialization_stacks", "user_specialization_stacks"))
+    else "tests/test_piecewise_backend.py"
+)
+
+
 class RowLoopStep(torch.nn.Module):
     """Model code that truly fixes the row count: a Python loop over the rows (one iteration per row)."""
 
@@ -304,7 +314,7 @@ def test_model_code_that_fixes_the_token_dimension_gets_an_error_naming_its_line
         piecewise.capture()
     assert isinstance(error.value.__cause__, hal.TokenSpecializationError)
     message = str(error.value)
-    assert f"{__file__}:" in message and "the specialising line" in message
+    assert f"{_FILE_AS_TORCH_NAMES_IT}:" in message and "the specialising line" in message
     assert ".size()[0]) was specialised to 8" in message and "mode 'full' (decode) or 'breakable'" in message
     full = DecodeRunner(RowLoopStep(), slots, "cpu", DecodeConfig(mode="full", max_bs=8, show_progress=False))
     full.capture()  # the mode the error suggests works

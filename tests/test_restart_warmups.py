@@ -17,11 +17,19 @@ from runners import DecodeConfig, DecodeRunner
 pytestmark = pytest.mark.cpu
 
 
+def _module_with_triton_key():
+    """Where Triton keeps ``triton_key``: triton.runtime.cache (Triton 3.5), triton.compiler.compiler (3.2)."""
+    pytest.importorskip("triton")
+    import triton.compiler.compiler
+    import triton.runtime.cache
+
+    return next(module for module in (triton.runtime.cache, triton.compiler.compiler) if hasattr(module, "triton_key"))
+
+
 def test_triton_key_is_hashed_once_on_a_background_thread(monkeypatch):
-    cache = pytest.importorskip("triton.runtime.cache")
     calls = []
     monkeypatch.setattr(triton_key_warmup, "_started", False)
-    monkeypatch.setattr(cache, "triton_key", lambda: calls.append(threading.current_thread().name))
+    monkeypatch.setattr(_module_with_triton_key(), "triton_key", lambda: calls.append(threading.current_thread().name))
     triton_key_warmup.start_hashing_triton_key()
     triton_key_warmup.start_hashing_triton_key()  # the device made twice, or a second GPU: once per process
     for thread in threading.enumerate():

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")  # before the integration, wh
 from graphhal.transformers import GenerationLoop, RequestFailedError, decode_runner, paged_kv_cache, prefill_runner  # noqa: E402
 from graphhal.paged_attention.block_allocator import OutOfBlocksError  # noqa: E402
 from runners import DecodeConfig, PrefillConfig  # noqa: E402
-from support.transformers_models import build_model, generated_by_transformers  # noqa: E402
+from support.transformers_models import build_model, generated_by_transformers, skip_where_torch_cannot_compile_the_model  # noqa: E402
 
 NEW_TOKENS = 32
 # Eight prompts of different lengths: one token, a few, and two longer than the 32-token prefill bucket.
@@ -32,6 +32,7 @@ def prompts(count: int, vocab: int = 512) -> list[list[int]]:
 
 def build_loop(model, device: str, mode: str, compiler: str | None, *, max_requests: int = 8, **loop_options) -> GenerationLoop:
     """Prefill captured first, decode into its pool, as a server does (README); two buckets per phase."""
+    skip_where_torch_cannot_compile_the_model(mode, compiler)
     torch._dynamo.reset()
     kv_cache = paged_kv_cache(model, num_blocks=96, block_size=16, max_seq_len=256)
     prefill_config = PrefillConfig(

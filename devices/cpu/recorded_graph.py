@@ -215,7 +215,25 @@ class _RecordedOp:
                 target.copy_(value)
 
 
-class _OpRecorder(TorchDispatchMode):
+class _ThreadLocalMode(TorchDispatchMode):
+    """A dispatch mode of this thread's capture that leaves torch.compile in other threads alone.
+
+    Dynamo does not trace while a (non-infra) dispatch mode is active. torch 2.11 and later ask the current
+    thread's mode stack; torch 2.10 and earlier read a flag of the process instead, which every mode sets on
+    entry and restores on exit, from whichever thread. A capture in one thread then stops torch.compile in
+    every other (a piecewise runner compiling there runs its forward without its backend), and two threads
+    entering and leaving modes in turn can leave the flag set for good, so that nothing in the process is
+    compiled again. Where Dynamo reads that flag, these modes call themselves infra modes, which keeps them
+    off it (the flag is all that torch 2.6 to 2.10 use the word for); elsewhere they stay what they are, so
+    torch.compile skips frames entered inside a capture as it does for any mode."""
+
+    @classmethod
+    def is_infra_mode(cls) -> bool:
+        # torch 2.11 added the option (on by default) to walk the thread's own stack instead of the flag.
+        return not getattr(torch._dynamo.config, "inline_torch_dispatch_torch_compile", False)
+
+
+class _OpRecorder(_ThreadLocalMode):
     """Runs each op as usual, places what it creates in the pool, and keeps what replay needs to issue it
     again: the op, and non-owning aliases of every pool tensor it reads or writes."""
 
@@ -262,7 +280,7 @@ class _OpRecorder(TorchDispatchMode):
         return _alias(tensor) if _is_dense(tensor) and self._pool.owns(tensor) else tensor
 
 
-class _HostReadDetector(TorchDispatchMode):
+class _HostReadDetector(_ThreadLocalMode):
     """Refuses host reads inside custom ops: a custom op reaches a dispatch mode as one opaque call, and its
     kernel's own ops (``.item()`` in a Python kernel) would run unseen. A CUDA capture fails on them wherever
     they hide, so the reference device must too."""

@@ -13,7 +13,8 @@ Per batch size (1, 16, 64 on a GPU), every request a 32-token prompt and 128 new
   steps, after its prefill step) and its output tokens per second, synchronous and overlapped, greedy and
   sampled, and the overlapped loop's time per step over the runner's (the host's work, hidden when ~1.00x);
 - ``generate``: transformers' ``generate`` with a static cache and ``torch.compile`` on the same weights,
-  greedy, its output tokens per second (compiled once per batch size, not counted).
+  greedy, its output tokens per second (compiled once per batch size, not counted; at the first batch size
+  only, unless asked: each compile takes tens of seconds).
 
 Random weights: what is measured is the machinery, not what the model says.
 """
@@ -51,7 +52,11 @@ class GenerationRow:
         return self.step_ms["sampled"] / self.step_ms["logits"] - 1
 
 
-def run(device_name: str | None = None, batches: list[int] | None = None, new_tokens: int = NEW_TOKENS) -> list[GenerationRow]:
+def run(
+    device_name: str | None = None, batches: list[int] | None = None, new_tokens: int = NEW_TOKENS, generate_batches: list[int] | None = None
+) -> list[GenerationRow]:
+    """``generate_batches``: the batch sizes transformers' generate is compiled and timed at (a compile each,
+    tens of seconds for a 1B model); default the first batch size only, on a GPU (none on cpu)."""
     import transformers
 
     device = hal.get_device(device_name) if device_name else hal.best_available_device()
@@ -61,7 +66,9 @@ def run(device_name: str | None = None, batches: list[int] | None = None, new_to
     config = family_config("llama", tiny=on_cpu)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(device.torch_device, dtype).eval()
-    baseline = _transformers_generate_rates(model, device, batches, new_tokens) if not on_cpu else {}
+    if generate_batches is None:
+        generate_batches = [] if on_cpu else batches[:1]
+    baseline = _transformers_generate_rates(model, device, generate_batches, new_tokens) if generate_batches else {}
     rows = []
     with torch.inference_mode():
         logits_only = _logits_runner(model, device, max(batches))
@@ -210,9 +217,10 @@ def main() -> None:
     parser.add_argument("--device")
     parser.add_argument("--batches", type=lambda text: [int(part) for part in text.split(",")])
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    parser.add_argument("--generate-batches", type=lambda text: [int(part) for part in text.split(",") if part])
     args = parser.parse_args()
     device = hal.get_device(args.device) if args.device else hal.best_available_device()
-    print(render(run(args.device, args.batches, args.new_tokens), device, args.new_tokens))
+    print(render(run(args.device, args.batches, args.new_tokens, args.generate_batches), device, args.new_tokens))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ modes (with ``InductorBackend``): either way one compile serves every bucket, an
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import logging
 import types
 from typing import Any, Callable, Iterable
@@ -103,8 +106,9 @@ class CompiledForward:
         self._stored: Any = None  # the aot-compiled forward, once stored or loaded: called directly
         self._entry = _fresh_entry(forward)
         self._compiled = torch.compile(
-            self._entry, backend=backend, fullgraph=True, dynamic=False, options={"guard_filter_fn": _drop_shape_guards}
+            self._entry, backend=backend, fullgraph=True, dynamic=False, **_guard_filter(_drop_shape_guards)
         )
+        self._direct: tuple[types.CodeType, Callable[..., Any]] | None = None  # see _unguarded
 
     def __call__(self, **inputs: Any) -> Any:
         if self._stored is not None:
@@ -121,7 +125,7 @@ class CompiledForward:
         else:
             for name in self.token_inputs:
                 torch._dynamo.mark_dynamic(inputs[name], 0)
-            with fx_config.patch(backed_size_oblivious=True):
+            with _backed_size_oblivious():
                 outputs = self._call_compiled(inputs)
         self._check_compiled(outputs)
         return outputs
@@ -173,13 +177,13 @@ class CompiledForward:
         try:
             with torch._dynamo.config.patch(enable_aot_compile=True):  # read by torch.compile: adds aot_compile
                 compiled = torch.compile(
-                    _stored_entry, backend=self.backend, fullgraph=True, dynamic=False, options={"guard_filter_fn": _no_guards}
+                    _stored_entry, backend=self.backend, fullgraph=True, dynamic=False, **_guard_filter(_no_guards)
                 )
                 if not dynamic:
                     return compiled.aot_compile(((self.forward,), inputs))
                 for name in self.token_inputs:
                     torch._dynamo.mark_dynamic(inputs[name], 0)
-                with fx_config.patch(backed_size_oblivious=True):
+                with _backed_size_oblivious():
                     return compiled.aot_compile(((self.forward,), inputs))
         finally:
             self.backend.storing = False
@@ -200,7 +204,28 @@ class CompiledForward:
         )
 
     def _call_compiled(self, inputs: dict[str, Any]) -> Any:
-        return self._guarded(lambda: self._compiled(**inputs))
+        compiled = self._compiled if _guard_filters() else self._unguarded()
+        return self._guarded(lambda: compiled(**inputs))
+
+    def _unguarded(self) -> Callable[..., Any]:
+        """Before torch 2.8 (no ``guard_filter_fn``): the code Dynamo compiled, called directly, so no guard runs.
+
+        The shape guards cannot be dropped there, and the compile's own one (the token count is at least 2:
+        torch 2.6 specialises sizes 0 and 1, with no ``backed_size_oblivious`` to stop it) would fail for a
+        bucket of one token and compile again. So every guard is skipped, as vLLM's dispatcher did on those
+        versions: Dynamo's rewritten bytecode of the entry, run as a function outside torch.compile. The
+        runner's input checks stand in for the guards, as they do for the shape guards on newer torch; what
+        is lost there is a recompile on a changed global or module attribute. While Dynamo holds no compiled
+        code for the entry (before the first compile, or after ``torch._dynamo.reset()``), the compiling
+        function is called, so a reset still ends in a RecompileError."""
+        entries = _debug_cache_entries(self._entry.__code__)
+        if not entries:
+            return self._compiled
+        code = entries[0].code
+        if self._direct is None or self._direct[0] is not code:
+            entry = self._entry
+            self._direct = code, types.FunctionType(code, entry.__globals__, code.co_name, None, entry.__closure__)
+        return self._direct[1]
 
     def _guarded(self, compile_or_call: Callable[[], Any]) -> Any:
         """``compile_or_call()``, with torch.compile's errors turned into what graphhal users can act on."""
@@ -231,6 +256,30 @@ class CompiledForward:
             if isinstance(inner, GraphHalError):
                 raise inner from None  # graphhal's own error, not Dynamo's wrapping of it
             raise
+
+
+@functools.cache
+def _guard_filters() -> bool:
+    """Whether torch.compile takes a ``guard_filter_fn`` (torch 2.8 on). Before, it hands ``options`` to a
+    backend other than Inductor as a keyword the backend does not take, and no guard can be dropped
+    (``CompiledForward._unguarded`` says what graphhal does there instead). Asked on first use: importing
+    Dynamo at hal's import would import Triton before the tests can set TRITON_INTERPRET (torch 2.6)."""
+    return "guard_filter_fn" in inspect.signature(torch._dynamo.eval_frame._optimize).parameters
+
+
+def _guard_filter(guard_filter_fn: Callable[[list[Any]], list[bool]]) -> dict[str, Any]:
+    """torch.compile's keyword for ``guard_filter_fn``, where torch has it (see ``_guard_filters``)."""
+    return {"options": {"guard_filter_fn": guard_filter_fn}} if _guard_filters() else {}
+
+
+def _backed_size_oblivious() -> contextlib.AbstractContextManager[Any]:
+    """Size-oblivious reasoning for the marked (backed) token dimension: no guard that it is not 0 or 1.
+
+    torch 2.7 added the switch; torch 2.6 specialises 0 and 1 regardless, and ``_unguarded`` skips the
+    guard that leaves."""
+    if hasattr(fx_config, "backed_size_oblivious"):
+        return fx_config.patch(backed_size_oblivious=True)
+    return contextlib.nullcontext()
 
 
 def _fresh_entry(forward: Callable[..., Any]) -> Callable[..., Any]:

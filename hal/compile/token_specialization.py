@@ -38,20 +38,37 @@ def specialized_value(shape_env: Any, symbol: Any) -> int | None:
 def symbol_inputs(shape_env: Any, symbol: Any) -> str:
     """The inputs whose size ``symbol`` is, as Dynamo names them (``L['input_ids'].size()[0]``)."""
     sources = getattr(shape_env, "var_to_sources", {}).get(symbol, [])
-    return ", ".join(source.name for source in sources) or f"symbol {symbol}"
+    return ", ".join(_source_name(source) for source in sources) or f"symbol {symbol}"
 
 
-def traced_specialization(shape_env: Any) -> tuple[str, int | None, traceback.FrameSummary] | None:
-    """(input, value, innermost user frame) of a specialisation Dynamo recorded while tracing, if any."""
-    stacks = getattr(shape_env, "specialization_stacks", None) or {}
+def traced_specialization(shape_env: Any) -> tuple[str, int | None, str] | None:
+    """(input, value, where in the model) of a specialisation Dynamo recorded while tracing, if any."""
+    # The traced user frames per specialised input: ``specialization_stacks`` from torch 2.9 on,
+    # ``user_specialization_stacks`` in torch 2.8.
+    stacks = getattr(shape_env, "specialization_stacks", None) or getattr(shape_env, "user_specialization_stacks", None) or {}
     for source, stack in stacks.items():
         if stack:
             value = None
             for symbol, sources in getattr(shape_env, "var_to_sources", {}).items():
                 if source in sources:
                     value = specialized_value(shape_env, symbol)
-            return source.name, value, stack[-1]
+            return _source_name(source), value, describe_frame(stack[-1])
+    if stacks:
+        return None
+    # torch 2.6 and 2.7 keep no stack, only torch's one-line note of the user line where a symbol became a
+    # constant (its file name shortened by torch, not always to a path that exists).
+    for symbol, sloc in getattr(shape_env, "replacements_slocs", {}).items():
+        where = getattr(sloc, "maybe_user_loc", None)
+        value = specialized_value(shape_env, symbol)
+        if where and value is not None and getattr(shape_env, "var_to_sources", {}).get(symbol):
+            return symbol_inputs(shape_env, symbol), value, where
     return None
+
+
+def _source_name(source: Any) -> str:
+    """A Dynamo source's name: a (cached) property from torch 2.10 on, a method before."""
+    name = source.name
+    return name() if callable(name) else name
 
 
 def describe_frame(frame: traceback.FrameSummary) -> str:
@@ -87,5 +104,5 @@ def from_traced(shape_env: Any) -> TokenSpecializationError | None:
     found = traced_specialization(shape_env)
     if found is None:
         return None
-    source, value, frame = found
-    return token_specialization_error(source, value, describe_frame(frame))
+    source, value, where = found
+    return token_specialization_error(source, value, where)

@@ -40,9 +40,16 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, pg_timeout_s
             timeout=datetime.timedelta(seconds=pg_timeout_s),
             device_id=torch.device("cuda", rank) if backend == "nccl" else None,
         )
-        results.put((rank, "ok", body(rank, world_size, *args)))
+        outcome = (rank, "ok", body(rank, world_size, *args))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the test with it
-        results.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        outcome = (rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    try:
+        # In the pipe before the process group is torn down: put() only buffers, a feeder thread sends it. On
+        # torch 2.6, under load, a rank that had finished its body was still unheard of 60 s later (seen twice
+        # in whole-suite runs, never alone): the teardown after it is the one thing left that can block.
+        results.put(outcome)
+        results.close()
+        results.join_thread()
     finally:
         if dist.is_initialized():
             try:

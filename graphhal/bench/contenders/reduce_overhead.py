@@ -14,6 +14,7 @@ sizes.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Callable
 
@@ -26,6 +27,19 @@ from graphhal.bench.names import REDUCE_OVERHEAD
 from graphhal.bench.workload import Workload
 
 SETUP_CALLS = 3  # calls until cudagraph trees replay at a new size: see reduce_overhead_setup_calls
+
+
+def recompile_limit_at_least(limit: int, *, fail_when_hit: bool = False) -> contextlib.AbstractContextManager[Any]:
+    """Dynamo's recompile limit raised to ``limit`` for the block (never lowered); ``fail_when_hit``: an error
+    instead of a silent eager fallback past it. torch 2.7 renamed ``cache_size_limit`` and
+    ``fail_on_cache_limit_hit`` to these names (the old ones stay as aliases); torch 2.6 knows only the old."""
+    config = torch._dynamo.config
+    renamed = hasattr(config, "recompile_limit")
+    name = "recompile_limit" if renamed else "cache_size_limit"
+    settings: dict[str, Any] = {name: max(getattr(config, name), limit)}
+    if fail_when_hit:
+        settings["fail_on_recompile_limit_hit" if renamed else "fail_on_cache_limit_hit"] = True
+    return config.patch(**settings)
 
 
 def compile_reduce_overhead(step: Callable[..., Any], dynamic: bool) -> Callable[..., Any]:
@@ -41,7 +55,9 @@ def mark_for_reduce_overhead(workload: Workload, static: dict[str, torch.Tensor]
     one compile serves every batch size (as torch.compile makes it anyway once a server has run two sizes).
     """
     for tensor in [*workload.kv_cache_tensors(), *static.values()]:
-        torch._dynamo.mark_static_address(tensor)
+        # guard=False, torch 2.10's default: up to torch 2.9 the default guards each tensor's identity, and
+        # every size's new buffers would compile the step again.
+        torch._dynamo.mark_static_address(tensor, guard=False)
     if dynamic_batch:
         for tensor in static.values():
             # "maybe": a batch of 1 is specialised by dynamo whatever we ask, and must not raise for it.

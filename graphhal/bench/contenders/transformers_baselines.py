@@ -27,7 +27,7 @@ import torch
 
 import hal
 from graphhal.bench.contenders.contender import Batch, Contender, Prepared
-from graphhal.bench.contenders.reduce_overhead import ReduceOverhead, cudagraph_skips
+from graphhal.bench.contenders.reduce_overhead import ReduceOverhead, cudagraph_skips, recompile_limit_at_least
 from graphhal.bench.names import TRANSFORMERS_EAGER, TRANSFORMERS_STATIC_COMPILE
 from graphhal.bench.workload import Workload
 
@@ -93,8 +93,7 @@ class TransformersStaticCompile(Contender[Batch]):
         # again (new cache shapes), so the recompile limit grows with them; a skipped CUDA graph is an error,
         # not a row timing Inductor without graphs under this name (as for reduce-overhead).
         skips = cudagraph_skips()
-        limit = torch._dynamo.config.recompile_limit
-        with torch._dynamo.config.patch(recompile_limit=max(limit, 64)):
+        with recompile_limit_at_least(64):
             for _ in range(3):
                 run()
         workload.device.synchronize()

@@ -39,6 +39,7 @@ from graphhal.bench.contenders.reduce_overhead import (
     compile_reduce_overhead,
     mark_for_reduce_overhead,
     private_pool_bytes,
+    recompile_limit_at_least,
     reduce_overhead_setup_calls,
 )
 from graphhal.bench.contenders.static_buffers import padded_inputs
@@ -112,8 +113,9 @@ def static_sizes(requested: list[int], max_bs: int) -> list[int]:
 @contextlib.contextmanager
 def cold_compile_caches() -> Iterator[None]:
     """Inductor's and Triton's on-disk caches in a fresh temporary directory, removed afterwards."""
-    from torch._inductor.utils import fresh_cache
+    from torch._inductor import utils
 
+    fresh_cache = getattr(utils, "fresh_cache", None) or utils.fresh_inductor_cache  # its name before torch 2.8
     with fresh_cache():
         yield
 
@@ -161,8 +163,7 @@ def reduce_overhead(
     # One compiled function at many static sizes recompiles per size; past Dynamo's recompile limit (8) it
     # would silently run the step eagerly, and this setup would be timed without the compiles it needs.
     # Room for every size, and an error rather than a silent eager fallback should it still run out.
-    limit = max(torch._dynamo.config.recompile_limit, len(sizes) + 1)
-    with cold_compile_caches(), torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+    with cold_compile_caches(), recompile_limit_at_least(len(sizes) + 1, fail_when_hit=True):
         before = private_pool_bytes(torch_device)
         with metered_setup(workload.device) as meter:
             compiled = compile_reduce_overhead(workload.decode_step, dynamic)

@@ -36,7 +36,12 @@ def set_up(argv: list[str]) -> dict:
     args = parser.parse_args(argv)
 
     import hal
-    from graphhal.bench.contenders.reduce_overhead import compile_reduce_overhead, mark_for_reduce_overhead, reduce_overhead_setup_calls
+    from graphhal.bench.contenders.reduce_overhead import (
+        compile_reduce_overhead,
+        mark_for_reduce_overhead,
+        recompile_limit_at_least,
+        reduce_overhead_setup_calls,
+    )
     from graphhal.bench.contenders.static_buffers import padded_inputs
     from graphhal.bench.setup.setup_meter import metered_setup
     from graphhal.bench.workload import build_reference_workload
@@ -55,8 +60,7 @@ def set_up(argv: list[str]) -> dict:
         if args.setup == STORED_FORWARD_ALONE:
             _call_stored_forward(cache, workload, max(buckets))
         elif args.setup == REDUCE_OVERHEAD:
-            limit = max(torch._dynamo.config.recompile_limit, len(buckets) + 1)
-            with torch._dynamo.config.patch(recompile_limit=limit):
+            with recompile_limit_at_least(len(buckets) + 1):
                 compiled = compile_reduce_overhead(workload.decode_step, True)
                 statics = []  # every size's buffers stay alive, as in a server
                 for size in buckets:

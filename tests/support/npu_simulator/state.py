@@ -56,6 +56,10 @@ class SimulatorState:
     # Class attributes of torch_npu objects, kept per installation (they hold simulated streams).
     class_attributes: dict[str, Any] = field(default_factory=dict)
     device_queue: Any = None  # the mode standing for the device's streams (capture.DeviceQueue)
+    # The Ascend stack under torch_npu (the npu plugin's preflight reads it, devices/npu/ascend_stack.py): the
+    # driver's version.info (None: no file) and what libascendcl.so exports (None: it does not load).
+    driver_version: str | None = "25.0.rc1"
+    runtime_symbols: frozenset[str] | None = frozenset({"aclmdlRICaptureTaskGrpBegin", "aclmdlRICaptureTaskUpdateBegin"})
     _next_stream_id: int = 0
     _next_pool_id: int = 0
     _default_streams: dict[int, "Stream"] = field(default_factory=dict)

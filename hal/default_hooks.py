@@ -60,6 +60,10 @@ def hal_memory_stats(device: DeviceId, pool: Any) -> MemoryStats:
     return MemoryStats()
 
 
+def hal_graph_budget(device: DeviceId) -> None:
+    return None
+
+
 def hal_stack_checks(device: DeviceId) -> list[str]:
     return []
 
@@ -77,4 +81,5 @@ OPTIONAL_HOOK_DEFAULTS = {
     "hal_distributed_backend": hal_distributed_backend,
     "hal_event": hal_event,
     "hal_stack_checks": hal_stack_checks,
+    "hal_graph_budget": hal_graph_budget,
 }

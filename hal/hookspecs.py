@@ -317,6 +317,21 @@ def hal_distributed_backend(device: "DeviceId") -> str | None:
 
 
 @hookspec(firstresult=True)
+def hal_graph_budget(device: "DeviceId") -> int | None:
+    """Return how many more of its own graphs (``hal_make_graph``) ``device`` can hold now, or None for no limit.
+
+    Called by a runner before it captures its largest bucket; with the graphs that bucket took (one for
+    ``full``, one per segment or piece for ``breakable`` and ``piecewise``) it fits its buckets to the budget:
+    fewer default buckets, or a refusal with the numbers (``runners.graph_budget``). A device whose graphs hold
+    a scarce resource (an Ascend ACL graph holds one of the device's streams) answers with what is left of it.
+
+    Default: ``hal.default_hooks.hal_graph_budget`` (None: no limit).
+
+    :param device: the device asked about.
+    """
+
+
+@hookspec(firstresult=True)
 def hal_stack_checks(device: "DeviceId") -> Sequence[str] | None:
     """Return one line per prerequisite of the vendor stack under the device (driver, runtime libraries,
     environment), each saying what was checked, what was found and, where it fails, what to change.

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 import torch
 
-from devices.npu import placement
+from devices.npu import placement, stream_budget
 from devices.npu.capture_session import NpuCaptureSession
 from devices.npu.graph_update import update_graph
 from devices.npu.npu_graph import NpuGraph
@@ -131,8 +131,8 @@ def hal_compiled_capture_problem(device: DeviceId, mode: str, compiler: str) -> 
 
 @hookimpl
 def hal_distributed_backend(device: DeviceId) -> str:
-    # HCCL collectives are captured into an NPUGraph like any other launch on the capture stream; what that
-    # costs in device streams is said where a capture fails (capture_session.collective_capture_advice).
+    # HCCL collectives are captured into an NPUGraph like any other launch on the capture stream. Streams are
+    # held by every graph, collectives or not: hal_graph_budget fits the buckets to them (stream_budget).
     return "hccl"
 
 
@@ -140,7 +140,14 @@ def hal_distributed_backend(device: DeviceId) -> str:
 def hal_make_graph(device: DeviceId, mode: str) -> NpuGraph:
     runtime = torch_npu_runtime()
     refuse_failures(runtime.module)  # again at capture: the environment may have changed since the device loaded
-    return NpuGraph(runtime, _index(device))
+    graph = NpuGraph(runtime, _index(device))
+    stream_budget.track(graph, graph.index)
+    return graph
+
+
+@hookimpl
+def hal_graph_budget(device: DeviceId) -> int:
+    return stream_budget.graphs_left(_index(device))
 
 
 @hookimpl

@@ -600,8 +600,15 @@ def test_installing_and_uninstalling_leaves_the_process_as_it_was(profile):
         assert sys.modules["torch_npu"].__version__ == profile.version
         assert "SIMULATOR" in sys.modules["torch_npu"].__simulator__
         assert torch.npu.is_available() and simulator.device_count == 1
-        stack = torch.utils._python_dispatch._get_current_dispatch_mode_stack()
-        assert [type(mode) for mode in stack] == [DeviceQueue] and DeviceQueue.is_infra_mode()
+        # No mode outside a capture, as with real torch_npu; the device queue only while a stream captures.
+        assert torch._C._len_torch_dispatch_stack() == 0
+        graph, stream = torch.npu.NPUGraph(), torch.npu.Stream()
+        with torch.npu.stream(stream):
+            graph.capture_begin()
+            stack = torch.utils._python_dispatch._get_current_dispatch_mode_stack()
+            assert [type(mode) for mode in stack] == [DeviceQueue] and DeviceQueue.is_infra_mode()
+            graph.capture_end()
+        assert torch._C._len_torch_dispatch_stack() == 0
     assert "torch_npu" not in sys.modules and "torch_npu.npu" not in sys.modules and not hasattr(torch, "npu")
     assert torch.Tensor.tolist is tolist and torch._C._len_torch_dispatch_stack() == 0
     with pytest.raises(SimulatorError, match="not installed"):

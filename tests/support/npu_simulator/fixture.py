@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import hal
-from devices.npu import ascend_stack, placement, runtime
+from devices.npu import ascend_stack, placement, runtime, stream_budget
 from graphhal.paged_attention import npu_decode_attention
 from support.npu_simulator.namespace import installed
 from support.npu_simulator.profiles import NEWEST, PROFILES, TorchNpuProfile
@@ -42,6 +42,7 @@ def npu_simulated_on_cpu(profile: TorchNpuProfile = NEWEST, device_count: int = 
             yield simulator
     finally:
         runtime._runtime = None  # the plugin's cached torch_npu belongs to this installation
+        stream_budget._alive.clear()  # as do its graphs, which hold no stream of the next one
         hal.reload_plugins()
 
 

@@ -27,7 +27,8 @@ def test_a_sound_stack_passes_and_info_shows_every_check(capsys):
         "task queue: ok (TASK_QUEUE_ENABLE unset",
         "driver: ok (HDK 25.0.rc1)",
         "CANN runtime: ok (libascendcl.so has aclmdlRICaptureTaskGrpBegin, aclmdlRICaptureTaskUpdateBegin)",
-        "max-workspace query: ok (torch_npu._npu_fused_infer_attention_score_get_max_workspace)",
+        "max-workspace query: ok (torch_npu._npu_fused_infer_attention_score_get_max_workspace, libopapi.so has "
+        "aclnnFusedInferAttentionScoreV3GetMaxWorkspaceSize)",
     ):
         assert line in out, out
 
@@ -77,7 +78,17 @@ def test_a_torch_npu_without_the_max_workspace_query_is_reported(capsys):
         del simulator.torch_npu._npu_fused_infer_attention_score_get_max_workspace
         assert "full" in _device().modes  # reported, not refused: a model may never call the fused op
         assert main(["info"]) == 0
-    assert "max-workspace query: unknown (torch_npu has no _npu_fused_infer_attention_score_get_max_workspace)" in capsys.readouterr().out
+    assert "max-workspace query: missing (torch_npu has no _npu_fused_infer_attention_score_get_max_workspace); full graphs" in capsys.readouterr().out
+
+
+def test_a_cann_without_the_max_workspace_call_is_reported_with_what_to_do(capsys):
+    with npu_simulated_on_cpu() as simulator:
+        simulator.op_api_symbols = frozenset()
+        assert "full" in _device().modes
+        assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "max-workspace query: missing (libopapi.so lacks aclnnFusedInferAttentionScoreV3GetMaxWorkspaceSize)" in out, out
+    assert "use mode breakable or piecewise" in out
 
 
 @pytest.mark.parametrize(

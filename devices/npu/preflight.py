@@ -9,9 +9,11 @@ when the device is loaded (``hal_graph_modes``) and shown by ``graphhal info`` (
   update is) need HDK 25.0.RC1 or later.
 - The CANN runtime: ``libascendcl.so`` exports the capture task-group and task-update calls
   (``aclmdlRICaptureTaskGrpBegin``, ``aclmdlRICaptureTaskUpdateBegin``) torch_npu's task-group functions call.
-- The max-workspace query: torch_npu exposes ``_npu_fused_infer_attention_score_get_max_workspace``, which
-  sizes the one workspace an updatable fused-attention launch keeps (``host_length_ops``). Without it the
-  fused op cannot be captured updatably; reported, not refused (a model may never call the op).
+- The max-workspace query: torch_npu exposes ``_npu_fused_infer_attention_score_get_max_workspace``, and CANN's
+  operator library ``libopapi.so`` the call it makes (``aclnnFusedInferAttentionScoreV3GetMaxWorkspaceSize``),
+  which sizes the one workspace an updatable fused-attention launch keeps (``host_length_ops``). Without it
+  the fused op cannot be captured updatably; reported as missing, not refused (a model may never call the op,
+  and breakable and piecewise graphs run attention outside the graphs).
 
 A prerequisite the plugin cannot read (no version file, no library on the path) is reported as unknown and
 not refused: only what is known to be wrong stops the device. ``NpuStackError`` lists every failure with
@@ -32,8 +34,9 @@ MIN_HDK = (25, 0, 1)  # 25.0.RC1
 MIN_HDK_TEXT = "25.0.RC1"
 TASK_UPDATE_SYMBOLS = ("aclmdlRICaptureTaskGrpBegin", "aclmdlRICaptureTaskUpdateBegin")
 MAX_WORKSPACE_HELPER = "_npu_fused_infer_attention_score_get_max_workspace"
+MAX_WORKSPACE_SYMBOL = "aclnnFusedInferAttentionScoreV3GetMaxWorkspaceSize"
 
-PASSED, FAILED, UNKNOWN = "ok", "FAILED", "unknown"
+PASSED, FAILED, UNKNOWN, MISSING = "ok", "FAILED", "unknown", "missing"
 
 
 class NpuStackError(DeviceUnavailableError):
@@ -111,20 +114,29 @@ def _runtime(stack: ascend_stack.AscendStack) -> StackCheck:
     return StackCheck("CANN runtime", PASSED, f"{ascend_stack.ACL_LIBRARY} has {', '.join(TASK_UPDATE_SYMBOLS)}")
 
 
-def _max_workspace(torch_npu: Any) -> StackCheck:
-    if hasattr(torch_npu, MAX_WORKSPACE_HELPER):
-        return StackCheck("max-workspace query", PASSED, f"torch_npu.{MAX_WORKSPACE_HELPER}")
-    return StackCheck(
-        "max-workspace query", UNKNOWN, f"torch_npu has no {MAX_WORKSPACE_HELPER}",
-        "fused attention cannot be captured updatably (its workspace cannot be sized for every length); "
-        "install a torch_npu of the lines 7.1, 7.2, 7.3 or 26.0 on",
+def _max_workspace(torch_npu: Any, stack: ascend_stack.AscendStack) -> StackCheck:
+    fix = (
+        "full graphs cannot update torch_npu's fused attention (its workspace cannot be sized for every length): "
+        "install a torch_npu of the lines 7.1 on with a CANN whose operator library has the query, or use mode "
+        "breakable or piecewise (attention outside the graphs)"
     )
+    if not hasattr(torch_npu, MAX_WORKSPACE_HELPER):
+        return StackCheck("max-workspace query", MISSING, f"torch_npu has no {MAX_WORKSPACE_HELPER}", fix)
+    exported = stack.op_library_has(MAX_WORKSPACE_SYMBOL)
+    if exported is None:
+        return StackCheck(
+            "max-workspace query", UNKNOWN,
+            f"torch_npu.{MAX_WORKSPACE_HELPER}; {ascend_stack.OP_API_LIBRARY} could not be loaded to look for {MAX_WORKSPACE_SYMBOL}",
+        )
+    if not exported:
+        return StackCheck("max-workspace query", MISSING, f"{ascend_stack.OP_API_LIBRARY} lacks {MAX_WORKSPACE_SYMBOL}", fix)
+    return StackCheck("max-workspace query", PASSED, f"torch_npu.{MAX_WORKSPACE_HELPER}, {ascend_stack.OP_API_LIBRARY} has {MAX_WORKSPACE_SYMBOL}")
 
 
 def stack_checks(torch_npu: Any) -> list[StackCheck]:
     """Every prerequisite, in the order a capture meets them."""
     stack = ascend_stack.current()
-    return [_task_queue(), _driver(stack), _runtime(stack), _max_workspace(torch_npu)]
+    return [_task_queue(), _driver(stack), _runtime(stack), _max_workspace(torch_npu, stack)]
 
 
 def refuse_failures(torch_npu: Any) -> list[StackCheck]:

@@ -9,7 +9,7 @@ once per simulated torch_npu release line.
 Besides installing the simulator, they point the two seams that say where npu tensors live at the CPU:
 the npu plugin's ``devices.npu.placement`` and the reference model's ``graphhal.paged_attention.npu_decode_attention`` (whose
 ``is_npu_tensor`` the npu prefill kernel shares), and the plugin's preflight at the Ascend stack the simulator's
-state describes (``devices.npu.ascend_stack``: driver version, CANN runtime symbols). On the way out everything is restored, and the process-wide
+state describes (``devices.npu.ascend_stack``: driver version, CANN runtime and operator library symbols). On the way out everything is restored, and the process-wide
 registry is reloaded so that no Device facade built against the simulator outlives it.
 """
 
@@ -53,7 +53,11 @@ def _simulated_stack(simulator: SimulatorState) -> ascend_stack.AscendStack:
         symbols = simulator.runtime_symbols
         return None if symbols is None else symbol in symbols
 
-    return ascend_stack.AscendStack(lambda: simulator.driver_version, runtime_has)
+    def op_library_has(symbol: str) -> bool | None:
+        symbols = simulator.op_api_symbols
+        return None if symbols is None else symbol in symbols
+
+    return ascend_stack.AscendStack(lambda: simulator.driver_version, runtime_has, op_library_has)
 
 
 @pytest.fixture(params=PROFILE_PARAMS)

@@ -57,9 +57,10 @@ class SimulatorState:
     class_attributes: dict[str, Any] = field(default_factory=dict)
     device_queue: Any = None  # the mode standing for the device's streams while one captures or updates
     # The Ascend stack under torch_npu (the npu plugin's preflight reads it, devices/npu/ascend_stack.py): the
-    # driver's version.info (None: no file) and what libascendcl.so exports (None: it does not load).
+    # driver's version.info (None: no file) and what libascendcl.so and libopapi.so export (None: no library).
     driver_version: str | None = "25.0.rc1"
     runtime_symbols: frozenset[str] | None = frozenset({"aclmdlRICaptureTaskGrpBegin", "aclmdlRICaptureTaskUpdateBegin"})
+    op_api_symbols: frozenset[str] | None = frozenset({"aclnnFusedInferAttentionScoreV3GetMaxWorkspaceSize"})
     _next_stream_id: int = 0
     _next_pool_id: int = 0
     _default_streams: dict[int, "Stream"] = field(default_factory=dict)

@@ -85,9 +85,35 @@ def hal_distributed_backend(device: DeviceId) -> str:
     return "nccl"
 
 
+class _StepEvent:
+    """A ``torch.cuda.Event`` recorded on the current stream of its own device, where a runner queues a step.
+
+    ``torch.cuda.Event().record()`` records on the current stream of the *current* device; a runner on
+    ``cuda:1`` driven from a thread whose current device is 0 queues its copies and replays on device 1's
+    stream (a graph replays on its own device), so the event would have completed before the step did.
+    Waiting spins a host core (``blocking=False``, torch's default): the wake-up comes microseconds sooner
+    than a blocking event's, which the overlapped loop, waiting one step late, turns into throughput.
+    """
+
+    __slots__ = ("_event", "_index")
+
+    def __init__(self, index: int) -> None:
+        self._event = torch.cuda.Event()
+        self._index = index
+
+    def record(self) -> None:
+        self._event.record(torch.cuda.current_stream(self._index))
+
+    def query(self) -> bool:
+        return self._event.query()
+
+    def synchronize(self) -> None:
+        self._event.synchronize()
+
+
 @hookimpl
-def hal_event(device: DeviceId) -> torch.cuda.Event:
-    return torch.cuda.Event()  # recorded on the current stream of the current device, like the replays
+def hal_event(device: DeviceId) -> _StepEvent:
+    return _StepEvent(_index(device))
 
 
 @hookimpl

@@ -22,27 +22,22 @@ from devices.cuda.cuda_graph import CudaGraph
 # a capture they have nothing to do with, which the default "global" mode would do.
 CAPTURE_ERROR_MODE = "thread_local"
 
-# Capture streams whose cuBLAS handle and workspace exist already (see _give_blas_its_workspace).
-_streams_with_blas_workspace: set[torch.cuda.Stream] = set()
+def _clear_blas_workspaces() -> None:
+    """Drop torch's cached cuBLAS workspaces, so that the next matmul allocates a workspace where it runs.
 
-
-def _give_blas_its_workspace(stream: torch.cuda.Stream) -> None:
-    """Make cuBLAS allocate its workspace for ``stream`` now, outside any capture.
-
-    torch keeps one cuBLAS workspace per (handle, stream), allocated on the stream's first matmul. The first
-    matmul on a capture stream is inside a capture, so the workspace (32 MiB on an H100) landed in the first
-    runner's graph pool: that runner's pool estimate was 32 MiB larger than an identical runner's built after
-    it (measured on an H100, torch 2.11). One small matmul per stream and dtype family, once, puts it in
-    ordinary memory where it belongs, for every runner alike.
+    torch keeps one cuBLAS workspace per (handle, stream), 32 MiB on an H100, allocated on the first matmul
+    and reused after. Cleared before a capture, the captured matmuls allocate theirs inside the capture, in
+    the graph's pool: every graph owns the workspace it replays with, and every identical runner's pool holds
+    the same bytes. Cleared after it, no eager matmul later works in pool memory that the pool's other graphs
+    use too. torch.compile's cudagraph trees do both for their own captures (``clear_cublas_manager``), and
+    that clearing is why a workspace made outside a capture is unsafe: a graph that had captured one, made
+    for the capture stream in ordinary memory, replayed into memory the allocator had handed back after
+    a reduce-overhead compile cleared it (an illegal memory access in ``graphhal bench`` on an H100, torch
+    2.11).
     """
-    if stream in _streams_with_blas_workspace:
-        return
-    with torch.cuda.stream(stream):
-        for dtype in (torch.float32, torch.bfloat16):  # cuBLAS and cuBLASLt paths
-            square = torch.ones(8, 8, dtype=dtype, device=stream.device)
-            square @ square
-    stream.synchronize()
-    _streams_with_blas_workspace.add(stream)
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
 
 
 class CudaCaptureSession:
@@ -63,7 +58,7 @@ class CudaCaptureSession:
         # stream records the captured one (vLLM's graph_capture makes its capture stream wait on the current
         # stream for the same reason).
         torch.cuda.synchronize(self._stream.device)
-        _give_blas_its_workspace(self._stream)
+        _clear_blas_workspaces()
         self._stream_context = torch.cuda.stream(self._stream)
         self._stream_context.__enter__()
         try:
@@ -89,6 +84,7 @@ class CudaCaptureSession:
             return
         finally:
             self._stream_context.__exit__(None, None, None)
+            _clear_blas_workspaces()
         if exc_type is not None:
             self._discard()
             return

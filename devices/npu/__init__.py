@@ -183,7 +183,28 @@ def hal_synchronize(device: DeviceId) -> None:
 
 @hookimpl
 def hal_event(device: DeviceId) -> Any:
-    return torch_npu_runtime().npu.Event()  # recorded on the current stream, like the replays
+    return _StepEvent(_index(device))
+
+
+class _StepEvent:
+    """An npu event recorded on the current stream of its own device (not the current device's), where a
+    runner queues its step: as the cuda plugin's, for a runner driven from a thread whose current device is
+    another."""
+
+    __slots__ = ("_event", "_index")
+
+    def __init__(self, index: int) -> None:
+        self._event = torch_npu_runtime().npu.Event()
+        self._index = index
+
+    def record(self) -> None:
+        self._event.record(torch_npu_runtime().npu.current_stream(self._index))
+
+    def query(self) -> bool:
+        return bool(self._event.query())
+
+    def synchronize(self) -> None:
+        self._event.synchronize()
 
 
 @hookimpl

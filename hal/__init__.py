@@ -43,6 +43,7 @@ from hal.registry import (
     get_device,
     reload_plugins,
 )
+from hal.step_host_values import host_list, step_host_values
 
 # The strategies, above the contract: importing them registers their modes with the facade.
 from hal.breakable import break_graph, break_point
@@ -79,6 +80,9 @@ __all__ = [
     "break_point",
     "declare_graph_support",
     "register_splitting_op",
+    # host values a step reads once (kernels taking host lengths)
+    "host_list",
+    "step_host_values",
     # errors a user catches
     "CaptureError",
     "DeviceUnavailableError",

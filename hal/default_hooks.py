@@ -60,6 +60,14 @@ def hal_memory_stats(device: DeviceId, pool: Any) -> MemoryStats:
     return MemoryStats()
 
 
+def hal_graph_budget(device: DeviceId) -> None:
+    return None
+
+
+def hal_stack_checks(device: DeviceId) -> list[str]:
+    return []
+
+
 OPTIONAL_HOOK_DEFAULTS = {
     "hal_torch_device": hal_torch_device,
     "hal_needs_graph_update": hal_needs_graph_update,
@@ -72,4 +80,6 @@ OPTIONAL_HOOK_DEFAULTS = {
     "hal_compiled_capture_problem": hal_compiled_capture_problem,
     "hal_distributed_backend": hal_distributed_backend,
     "hal_event": hal_event,
+    "hal_stack_checks": hal_stack_checks,
+    "hal_graph_budget": hal_graph_budget,
 }

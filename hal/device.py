@@ -54,6 +54,7 @@ class Device:
             self._answer("hal_conventions", DeviceConventions, "a hal.DeviceConventions") or DeviceConventions()
         )
         self.distributed_backend: str | None = self._answer("hal_distributed_backend", str, "a backend name")
+        self.plugin_graphs_made = 0  # the device's own graphs made through this facade (segments, pieces included)
 
     def _answer(self, hook: str, expected: type | tuple[type, ...], description: str) -> Any:
         """The plugin's answer to a per-device hook: None or an instance of ``expected``."""
@@ -102,6 +103,7 @@ class Device:
         self.check_mode(mode)
         if mode in self.graph_modes:
             raw = self._hooks["hal_make_graph"](self.id, mode)
+            self.plugin_graphs_made += 1
             if raw is None:
                 expected = f"a graph object for {self.id} in mode '{mode}'"
                 raise PluginContractError(self.plugin_name, "hal_make_graph", raw, expected)
@@ -110,6 +112,13 @@ class Device:
         if make is None:
             raise UnsupportedModeError(f"mode '{mode}' runs eagerly on {self.id}: there is no graph to make")
         return make(self)
+
+    def graph_budget(self) -> int | None:
+        """How many more of its own graphs the device can hold now (``hal_graph_budget``); None: no limit."""
+        budget = self._hooks["hal_graph_budget"](self.id)
+        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool)):
+            raise PluginContractError(self.plugin_name, "hal_graph_budget", budget, "a number of graphs or None")
+        return budget
 
     def capture_session(self, graph: DeviceGraph, pool: Any = None) -> AbstractContextManager[Any]:
         """Context manager recording the work issued inside into ``graph``, allocating from ``pool``.

@@ -317,6 +317,37 @@ def hal_distributed_backend(device: "DeviceId") -> str | None:
 
 
 @hookspec(firstresult=True)
+def hal_graph_budget(device: "DeviceId") -> int | None:
+    """Return how many more of its own graphs (``hal_make_graph``) ``device`` can hold now, or None for no limit.
+
+    Called by a runner before it captures its largest bucket; with the graphs that bucket took (one for
+    ``full``, one per segment or piece for ``breakable`` and ``piecewise``) it fits its buckets to the budget:
+    fewer default buckets, or a refusal with the numbers (``runners.graph_budget``). A device whose graphs hold
+    a scarce resource (an Ascend ACL graph holds one of the device's streams) answers with what is left of it.
+
+    Default: ``hal.default_hooks.hal_graph_budget`` (None: no limit).
+
+    :param device: the device asked about.
+    """
+
+
+@hookspec(firstresult=True)
+def hal_stack_checks(device: "DeviceId") -> Sequence[str] | None:
+    """Return one line per prerequisite of the vendor stack under the device (driver, runtime libraries,
+    environment), each saying what was checked, what was found and, where it fails, what to change.
+
+    Shown by ``graphhal info``, for a first look at a machine and for bug reports; asked through
+    ``DeviceRegistry.stack_checks_of`` whether or not the device is available, so it must answer without a
+    working device where it can. A plugin refuses a failing prerequisite itself (in ``hal_graph_modes`` or
+    ``hal_make_graph``, with a ``hal.DeviceUnavailableError`` saying what to change); this hook only reports.
+
+    Default: ``hal.default_hooks.hal_stack_checks`` (no lines: nothing to check).
+
+    :param device: the device asked about.
+    """
+
+
+@hookspec(firstresult=True)
 def hal_memory_stats(device: "DeviceId", pool: Any) -> "MemoryStats | None":
     """Return the memory in use on ``device``; with ``pool`` given, also the bytes held by that graph pool.
 

@@ -216,6 +216,19 @@ class DeviceRegistry:
             return ()
         return tuple(self._impl(owner, "hal_graph_modes")(DeviceId(device_type, None)) or ())  # type: ignore[misc]
 
+    def stack_checks_of(self, device_type: str) -> list[str]:
+        """What the plugin serving ``device_type`` checks of the stack under it (``hal_stack_checks``), one line
+        per prerequisite, whether or not the device is present."""
+        owner = self._owner_by_type.get(device_type)
+        if owner is None:
+            return []
+        checks = (self._impl(owner, "hal_stack_checks") or OPTIONAL_HOOK_DEFAULTS["hal_stack_checks"])(
+            DeviceId(device_type, None)
+        )
+        if checks is not None and not (_is_name_list(checks) or checks in ((), [])):
+            raise PluginContractError(owner, "hal_stack_checks", checks, "a list of strings")
+        return list(checks or ())
+
     def declared_graph_modes(self) -> frozenset[str]:
         """Every graph mode a loaded plugin declares for a type it serves, whether or not the device is present.
         A plugin that cannot answer for an absent device (``graph_modes_of`` raises) adds none."""

@@ -271,9 +271,13 @@ class BucketedRunner:
     def _load_and_replay(self, step: CapturedStep, batch: Mapping[str, torch.Tensor], shape: BatchRows, bucket: int) -> Any:
         # No torch.no_grad() needed around the copies: an input that requires grad was refused by the check.
         self.inputs.load(batch, shape, bucket)
-        if step.graph is not None and self.device.needs_graph_update:
+        if not self.device.needs_graph_update:
+            return step.captured.run()
+        if step.graph is not None:
             self.device.update(step.graph, self.inputs.graph_update(batch, shape, bucket))
-        return step.captured.run()
+        # One step: eager attention between pieces or segments reads its host lengths once, not once per layer.
+        with hal.step_host_values():
+            return step.captured.run()
 
     def _run_eagerly(self, batch: Mapping[str, torch.Tensor], shape: BatchRows, dispatch: Dispatch) -> Any:
         """Eagerly; padded to the largest batch across ranks when that is larger than this rank's, so that

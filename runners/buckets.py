@@ -73,6 +73,10 @@ class BucketPolicy:
         """The smallest bucket >= ``size``; the caller checks ``fits`` first."""
         return self._bucket_for_size[size]
 
+    def keep_only(self, buckets: Sequence[int]) -> None:
+        """Serve only ``buckets`` (its largest the current one): what a graph budget left to capture."""
+        self.__init__(buckets)  # type: ignore[misc]
+
     def capture_order(self) -> list[int]:
         """Largest first: later, smaller captures then reuse the pool memory the largest one reserved."""
         return sorted(self.buckets, reverse=True)

@@ -192,7 +192,9 @@ NOT_OURS = {
     "AttentionCGSupport", "AutoModelForCausalLM", "generation_config", "eos_token_id", "batched_mm",  # vLLM, transformers
     "AttentionInterface", "emulate_precision_casts", "PromptLookupCandidateGenerator",  # transformers, Inductor
     "auto_dispatch_capture", "npu_fused_infer_attention_score", "npu_fused_infer_attention_score_v2",  # torch_npu
-    "npu_multi_head_latent_attention", "actual_seq_kvlen", "capture_end", "BSH", "TND",
+    "npu_multi_head_latent_attention", "actual_seq_kvlen", "capture_end", "BSH", "TND", "BNSD", "NPUGraph",
+    "full_graph_fia", "libascendcl", "libopapi", "set_env",  # vllm-ascend, CANN
+    "npu_smoke",  # the log scripts/npu_smoke.sh writes
 }
 
 

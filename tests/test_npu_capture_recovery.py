@@ -23,7 +23,7 @@ from support.npu_simulator.fixture import npu_profile, npu_simulator, simulated_
 
 pytestmark = pytest.mark.cpu
 
-HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, MAX_BLOCKS, ROWS = 4, 2, 8, 4, 3, 2
+HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, MAX_BLOCKS, ROWS = 4, 2, 8, 16, 3, 2  # FIA pages: blocks of 16n
 CAPACITY = MAX_BLOCKS * BLOCK_SIZE
 
 
@@ -121,7 +121,7 @@ def _fail_inside_a_task_group(step: "FusedAttentionStep") -> None:
     ("fail", "error", "message"),
     [
         (_fail_in_the_body, RuntimeError, "the model failed"),
-        (_fail_inside_a_task_group, ValueError, r"length 13 outside 0\.\.12"),
+        (_fail_inside_a_task_group, ValueError, rf"length {CAPACITY + 1} outside 0\.\.{CAPACITY}"),
     ],
 )
 def test_a_failing_body_or_op_inside_its_task_group_leaves_nothing_behind(simulated_npu, npu_simulator, fail, error, message):
@@ -179,7 +179,7 @@ def test_a_failed_capture_end_under_an_hccl_group_says_what_to_change(simulated_
     step = FusedAttentionStep()
     graph = simulated_npu.make_graph("full")
     npu_simulator.faults.add("capture_end")
-    with pytest.raises(hal.GraphHalError, match=r"AclmdlRICaptureEnd failed.*HCCL collectives.*2048.*HCCL_OP_EXPANSION_MODE=AIV"):
+    with pytest.raises(hal.GraphHalError, match=r"AclmdlRICaptureEnd failed.*npu:0 holds \d+ NPU graphs now; each holds one of the device's about 2,048 streams.*HCCL_OP_EXPANSION_MODE=AIV"):
         with simulated_npu.capture_session(graph, simulated_npu.graph_pool()):
             step(**step.batch([1, 1]))
     assert_left_clean(npu_simulator)

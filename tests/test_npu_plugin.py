@@ -107,7 +107,7 @@ def test_the_npu_device_states_its_conventions_and_how_its_graphs_behave(simulat
 class DecodeStepInputs:
     """Slots and batches of a one-layer decode-attention step: query, block tables, sequence lengths."""
 
-    HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, MAX_BLOCKS = 4, 2, 8, 4, 3
+    HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, MAX_BLOCKS = 4, 2, 8, 16, 3  # FIA pages: blocks of 16n
 
     def slots(self) -> list[InputSlot]:
         return [
@@ -140,7 +140,9 @@ class PagedAttentionStep(DecodeStepInputs):
     def __call__(self, *, q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(q)
         if torch.npu.is_current_stream_capturing():  # no values to read yet: placeholders the update replaces
-            context_lens = torch.full((q.shape[0],), self.MAX_BLOCKS * self.BLOCK_SIZE, dtype=torch.int32)
+            # Short ones, as a server's dummy batch has: ATB sizes its workspace from context_lens, so the plugin
+            # must size it for the longest lengths an update may bring, not for these.
+            context_lens = torch.ones(q.shape[0], dtype=torch.int32)
         else:
             context_lens = torch.tensor(seq_lens.tolist(), dtype=torch.int32)
         sys.modules["torch_npu"]._npu_paged_attention(
@@ -224,6 +226,38 @@ def test_a_fused_out_call_without_a_workspace_gets_one_the_graph_holds_for_every
         torch.testing.assert_close(runner.run(batch), step(**batch), rtol=0, atol=0)
     workspaces = [launch.kwargs["workspace"] for graph in _runner_graphs(runner) for launch in graph.launches]
     assert len(workspaces) == 2 and all(workspace is not None for workspace in workspaces)
+
+
+class TwoLayerFusedStep(FusedOutStep):
+    """Two fused-attention launches per step (two layers), each through ``.default``: one graph, two launches."""
+
+    def __call__(self, *, q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        rows = q.shape[0]
+        lengths = [1] * rows if torch.npu.is_current_stream_capturing() else seq_lens.tolist()
+        hidden = q
+        for _ in range(2):
+            out, _ = sys.modules["torch_npu"].npu_fused_infer_attention_score(
+                hidden.reshape(rows, 1, -1), self.key_cache, self.value_cache, block_table=block_tables,
+                actual_seq_lengths_kv=lengths, num_heads=self.HEADS, num_key_value_heads=self.KV_HEADS,
+                scale=self.HEAD_DIM**-0.5, input_layout="BSH", block_size=self.BLOCK_SIZE,
+            )
+            hidden = out.view(rows, self.HEADS, self.HEAD_DIM) + q
+        return hidden
+
+
+@pytest.mark.cpu
+def test_the_attention_launches_of_one_graph_share_one_workspace(simulated_npu):
+    """As vllm-ascend shares one per capture size: a workspace per layer per bucket would multiply the graph
+    memory by the layer count for nothing (the launches of a graph run one after another)."""
+    step = TwoLayerFusedStep(max_rows=2)
+    runner = DecodeRunner(step, step.slots(), simulated_npu, DecodeConfig(buckets=[1, 2], show_progress=False))
+    runner.capture()
+    for graph in _runner_graphs(runner):
+        workspaces = {launch.kwargs["workspace"].data_ptr() for launch in graph.launches}
+        assert len(graph.launches) == 2 and len(workspaces) == 1
+    for seed, lengths in enumerate([[12, 1], [step.MAX_BLOCKS * step.BLOCK_SIZE], [0, 30]]):
+        batch = step.batch(lengths, seed)
+        torch.testing.assert_close(runner.run(batch), step(**batch), rtol=0, atol=0)
 
 
 def _runner_graphs(runner: DecodeRunner) -> list:

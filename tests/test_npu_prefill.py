@@ -11,8 +11,11 @@ Which kernel each mode runs here: ``full`` captures the npu kernel and ``breakab
 break; ``piecewise`` runs the custom op between compiled pieces, and on the simulator that is the op's CPU
 kernel (its npu kernel is registered only where torch_npu names the PrivateUse1 backend "npu").
 
-The simulator checks the op's arguments as torch_npu documents them (``support.npu_simulator.packed_prefill``):
-TND takes a head dim of 128 and paged blocks of 16n tokens, hence ``CONFIG``.
+The simulator checks the op's arguments as each line's op-plugin documents them
+(``support.npu_simulator.packed_prefill``): TND over a paged cache from 7.3 on, with a head dim of 128 and
+blocks of 16n tokens, hence ``CONFIG``. On 7.1 and 7.2, which document no page attention in TND, the npu kernel
+runs the graph-safe torch kernel instead (``npu_fused_attention_limits``): no fused launch, no update, and
+graphs in every mode all the same.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from graphhal.paged_attention.prefill_attention_reference import prefill_attenti
 from graphhal.refmodel.prefill_workload import PrefillWorkload
 from runners.config import PrefillConfig
 from runners.prefill_runner import PrefillRunner
-from support.npu_simulator import SimulatedHangError, SimulatorState
+from support.npu_simulator import SimulatedHangError, SimulatorState, TorchNpuProfile
 from support.npu_simulator.fixture import npu_profile, npu_simulator, simulated_npu  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.cpu
@@ -90,7 +93,9 @@ def test_prefill_on_npu_equals_eager(simulated_npu, npu_simulator: SimulatorStat
             graph = prefill.runner.run(batch).clone()
             assert graph.shape == eager.shape == (sum(query_lens), CONFIG.vocab_size)
             torch.testing.assert_close(graph, eager, **TOLERANCE)
-            if mode == "full":  # the replayed attention ran with this batch's lengths, padded, and the token tail
+            if not npu_simulator.profile.fia_tnd_page_attention:  # the torch kernel: no fused launch at all
+                assert not npu_simulator.launches
+            elif mode == "full":  # the replayed attention ran with this batch's lengths, padded, and the token tail
                 replayed = [launch for launch in npu_simulator.launches if launch.phase == "replay"][-1]
                 padding = MAX_REQUESTS - len(query_lens)
                 seq_lens = [query + context for query, context in zip(query_lens, context_lens)]
@@ -123,7 +128,13 @@ def test_the_npu_kernel_equals_the_reference_with_zeros_in_padded_rows(simulated
     assert out[9:].eq(0).all()
 
 
-def test_a_full_prefill_graph_replayed_without_its_update_fails_loudly(simulated_npu):
+def needs_fused_prefill(profile: TorchNpuProfile) -> None:
+    if not profile.fia_tnd_page_attention:
+        pytest.skip(f"torch_npu {profile.name} documents no page attention in TND: prefill runs the torch kernel")
+
+
+def test_a_full_prefill_graph_replayed_without_its_update_fails_loudly(simulated_npu, npu_profile):
+    needs_fused_prefill(npu_profile)
     prefill = NpuPrefill(simulated_npu, "full")
     device, workload = simulated_npu, prefill.workload(0, [5, 3], [2, 9])
     try:

@@ -35,7 +35,7 @@ from support.npu_simulator.fixture import PROFILE_PARAMS, npu_profile  # noqa: F
 
 pytestmark = pytest.mark.cpu
 
-BATCH, HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, MAX_BLOCKS = 3, 4, 2, 8, 4, 3
+BATCH, HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, MAX_BLOCKS = 3, 4, 2, 8, 16, 3  # FIA pages: blocks of 16n
 CAPACITY = MAX_BLOCKS * BLOCK_SIZE
 
 
@@ -172,12 +172,25 @@ def test_each_line_offers_the_ops_and_schemas_of_its_op_plugin(torch_npu):
     assert ("_npugraph_handlers" in dir(torch_npu.npu)) is profile.has_handler_registry
 
 
-def test_a_workspace_sized_for_shorter_lengths_is_refused(torch_npu):
+def test_fias_max_workspace_covers_every_length_its_block_table_allows(torch_npu):
+    """FIA's helper asks CANN for the call's MAX workspace: asked with short lengths, it still serves the longest
+    the block tables allow (what an update may bring)."""
     case = AttentionCase()
     workspace = case.fused_workspace(torch_npu, [1, 1, 1])
     out = [torch.empty(BATCH, 1, HEADS * HEAD_DIM, dtype=case.q.dtype), torch.empty(1, dtype=case.q.dtype)]
+    case.fused_out(torch_npu, [CAPACITY] * BATCH, workspace, out)
+    torch.testing.assert_close(out[0].view(BATCH, HEADS, HEAD_DIM), case.reference([CAPACITY] * BATCH), rtol=2e-2, atol=2e-2)
+
+
+def test_a_paged_attention_workspace_sized_for_shorter_lengths_is_refused(torch_npu):
+    """ATB sizes the paged attention workspace from the context_lens it is given: too small for longer ones (on
+    hardware silently; the simulator raises)."""
+    if not torch_npu.simulator.profile.paged_attention_workspace:
+        pytest.skip("op-plugin 480bc431 (torch_npu 7.1) has no paged attention workspace")
+    case = AttentionCase()
+    workspace = case.paged_workspace(torch_npu, torch.tensor([1, 1, 1], dtype=torch.int32))
     with pytest.raises(ValueError, match="workspace holds .* bytes but these lengths need"):
-        case.fused_out(torch_npu, [CAPACITY, 1, 1], workspace, out)
+        case.paged(torch_npu, torch.tensor([CAPACITY, 1, 1], dtype=torch.int32), workspace)
 
 
 class PackedCase:
@@ -214,7 +227,23 @@ class PackedCase:
         return out
 
 
+def needs_tnd_pages(torch_npu) -> None:
+    profile = torch_npu.simulator.profile
+    if not profile.fia_tnd_page_attention:
+        pytest.skip(f"op-plugin {profile.op_plugin} (torch_npu {profile.name}) documents no page attention in TND")
+
+
+def test_lines_before_7_3_refuse_page_attention_in_tnd_as_their_op_plugin_documents(torch_npu):
+    profile = torch_npu.simulator.profile
+    if profile.fia_tnd_page_attention:
+        PackedCase().fused(torch_npu)
+        return
+    with pytest.raises(ValueError, match=f"torch_npu {profile.name} .*documents no page attention .*in layout TND"):
+        PackedCase().fused(torch_npu)
+
+
 def test_packed_prefill_is_causal_from_each_requests_context_as_the_reference(torch_npu):
+    needs_tnd_pages(torch_npu)
     case = PackedCase()
     out = case.fused(torch_npu)
     query_lens, seq_lens = torch.tensor([4, 5], dtype=torch.int32), torch.tensor([4, 20], dtype=torch.int32)
@@ -248,13 +277,15 @@ def test_packed_prefill_is_causal_from_each_requests_context_as_the_reference(to
     ],
 )
 def test_packed_prefill_checks_its_arguments_as_torch_npu_documents_them(torch_npu, changes, error, message):
+    needs_tnd_pages(torch_npu)
     with pytest.raises(error, match=message):
         PackedCase().fused(torch_npu, **changes)
 
 
 def test_packed_prefill_takes_a_head_dim_of_128_or_192_and_a_contiguous_query(torch_npu):
+    needs_tnd_pages(torch_npu)
     case = PackedCase()
-    with pytest.raises(ValueError, match="head dim of 128 or 192, got 64"):
+    with pytest.raises(ValueError, match="head dim of 128 or 192 in TND without rope, got 64"):
         case.fused(torch_npu, q=case.q[..., :64].contiguous())
     with pytest.raises(ValueError, match="must be contiguous"):
         case.fused(torch_npu, q=case.q.transpose(0, 1).contiguous().transpose(0, 1))
@@ -569,8 +600,15 @@ def test_installing_and_uninstalling_leaves_the_process_as_it_was(profile):
         assert sys.modules["torch_npu"].__version__ == profile.version
         assert "SIMULATOR" in sys.modules["torch_npu"].__simulator__
         assert torch.npu.is_available() and simulator.device_count == 1
-        stack = torch.utils._python_dispatch._get_current_dispatch_mode_stack()
-        assert [type(mode) for mode in stack] == [DeviceQueue] and DeviceQueue.is_infra_mode()
+        # No mode outside a capture, as with real torch_npu; the device queue only while a stream captures.
+        assert torch._C._len_torch_dispatch_stack() == 0
+        graph, stream = torch.npu.NPUGraph(), torch.npu.Stream()
+        with torch.npu.stream(stream):
+            graph.capture_begin()
+            stack = torch.utils._python_dispatch._get_current_dispatch_mode_stack()
+            assert [type(mode) for mode in stack] == [DeviceQueue] and DeviceQueue.is_infra_mode()
+            graph.capture_end()
+        assert torch._C._len_torch_dispatch_stack() == 0
     assert "torch_npu" not in sys.modules and "torch_npu.npu" not in sys.modules and not hasattr(torch, "npu")
     assert torch.Tensor.tolist is tolist and torch._C._len_torch_dispatch_stack() == 0
     with pytest.raises(SimulatorError, match="not installed"):

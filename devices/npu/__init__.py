@@ -10,6 +10,10 @@ launches (FIA's "TND" layout) also the query lengths as cumulative ends (``query
 step is capturable too (``launch_lengths``). torch_npu's own ``auto_dispatch_capture`` is never used: what it
 handles differs per release line (``capture_session`` says how).
 
+Before anything is captured, the preflight (``preflight``) checks the Ascend stack's prerequisites of
+updatable graphs (driver, CANN runtime, ``TASK_QUEUE_ENABLE``) when the device is loaded and at every new
+graph, and refuses with what to change; ``graphhal info`` shows its checks.
+
 Supported: the torch_npu lines 7.1, 7.2, 7.3 and 26.0 on, decided by the API a build has, not its version
 (``runtime``); ``_npu_paged_attention`` in a graph needs 7.2 on (its workspace). ``full`` with
 ``compiler="inductor"`` is refused (``hal_compiled_capture_problem``). Conventions the runners ask for rather
@@ -29,10 +33,11 @@ from typing import Any, Mapping
 
 import torch
 
-from devices.npu import placement
+from devices.npu import placement, stream_budget
 from devices.npu.capture_session import NpuCaptureSession
 from devices.npu.graph_update import update_graph
 from devices.npu.npu_graph import NpuGraph
+from devices.npu.preflight import refuse_failures, stack_checks
 from devices.npu.runtime import find_torch_npu, torch_npu_runtime
 from hal import Compiler, DeviceConventions, DeviceId, GraphMode, MemoryStats, hookimpl
 
@@ -70,8 +75,17 @@ def hal_is_available(device: DeviceId) -> bool:
 
 @hookimpl
 def hal_graph_modes(device: DeviceId) -> tuple[str, ...]:
-    torch_npu_runtime()  # refuses a torch_npu lacking the graph API, naming what is missing and its version
+    runtime = torch_npu_runtime()  # refuses a torch_npu lacking the graph API, naming what is missing and its version
+    refuse_failures(runtime.module)  # the stack's prerequisites of updatable graphs (preflight)
     return GRAPH_MODES
+
+
+@hookimpl
+def hal_stack_checks(device: DeviceId) -> list[str]:
+    module, _ = find_torch_npu()
+    if module is None:
+        return []  # nothing to check under it: the device's error says why torch_npu is missing
+    return [check.line() for check in stack_checks(module)]
 
 
 @hookimpl
@@ -117,14 +131,23 @@ def hal_compiled_capture_problem(device: DeviceId, mode: str, compiler: str) -> 
 
 @hookimpl
 def hal_distributed_backend(device: DeviceId) -> str:
-    # HCCL collectives are captured into an NPUGraph like any other launch on the capture stream; what that
-    # costs in device streams is said where a capture fails (capture_session.collective_capture_advice).
+    # HCCL collectives are captured into an NPUGraph like any other launch on the capture stream. Streams are
+    # held by every graph, collectives or not: hal_graph_budget fits the buckets to them (stream_budget).
     return "hccl"
 
 
 @hookimpl
 def hal_make_graph(device: DeviceId, mode: str) -> NpuGraph:
-    return NpuGraph(torch_npu_runtime(), _index(device))
+    runtime = torch_npu_runtime()
+    refuse_failures(runtime.module)  # again at capture: the environment may have changed since the device loaded
+    graph = NpuGraph(runtime, _index(device))
+    stream_budget.track(graph, graph.index)
+    return graph
+
+
+@hookimpl
+def hal_graph_budget(device: DeviceId) -> int:
+    return stream_budget.graphs_left(_index(device))
 
 
 @hookimpl

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from devices.npu import stream_budget
 from devices.npu.host_length_launches import HostLengthCapture
 from devices.npu.npu_graph import NpuGraph
 from hal import GraphHalError, GraphStateError
@@ -52,30 +53,35 @@ class NpuCaptureEndError(GraphHalError, RuntimeError):
     """torch_npu could not end a capture (the driver refused the captured graph)."""
 
 
-def collective_capture_advice() -> str:
-    """What to change when a capture that may hold HCCL collectives fails; empty without an HCCL group.
+def stream_capture_advice(index: int) -> str:
+    """What to check when ending a capture fails: the device's streams, which every graph holds one of.
 
-    Each captured graph holding collectives takes device streams, of which an Ascend device has 2048:
-    vllm-ascend caps its graphs at about 1,900 for this reason (MAX_CAPTURE_SIZE in vllm_ascend/utils.py; its
-    issues 3869, 9564, 9596 are "resource alloc fail" at capture). Its deployments that capture HCCL set
+    Every ACL graph keeps one of the device's about 2,048 streams, with or without collectives (vllm-ascend
+    keeps under about 1,800 graphs; its 207008 "resource alloc fail"); ``stream_budget`` counts them and the
+    runners fit their buckets to what is left, so a failure here with many graphs alive means other streams
+    (another runner, HCCL's own) took the rest. Under an HCCL group, vllm-ascend's graph deployments also set
     HCCL_OP_EXPANSION_MODE=AIV (collectives as AI Vector kernels on the capture stream, not AI CPU tasks).
     """
     import os
 
+    alive = stream_budget.graph_limit() - stream_budget.graphs_left(index)
+    advice = (
+        f" npu:{index} holds {alive} NPU graphs now; each holds one of the device's about 2,048 streams (graphhal "
+        f"lets a process make {stream_budget.graph_limit()}, {stream_budget.LIMIT_VARIABLE}), so if the runtime "
+        "reports a resource allocation failure, capture fewer buckets or use mode full (one graph per bucket, "
+        "where piecewise and breakable take one per piece)"
+    )
     try:
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized() and "hccl" in str(dist.get_backend())):
-            return ""
-    except Exception:  # no default group (only subgroups), or no distributed build: nothing to advise
-        return ""
-    advice = (
-        " If this graph holds HCCL collectives: every captured graph with collectives takes device streams, "
-        "and an Ascend device has 2048 (vllm-ascend keeps its graphs under about 1,900), so capture fewer "
-        "buckets (or layers' worth of piecewise graphs) per device"
-    )
-    if os.environ.get("HCCL_OP_EXPANSION_MODE", "") != "AIV":
-        advice += "; and set HCCL_OP_EXPANSION_MODE=AIV, as vllm-ascend's graph deployments do (it is not set here)"
+        hccl = dist.is_available() and dist.is_initialized() and "hccl" in str(dist.get_backend())
+    except Exception:  # no default group (only subgroups), or no distributed build
+        hccl = False
+    if hccl and os.environ.get("HCCL_OP_EXPANSION_MODE", "") != "AIV":
+        advice += (
+            "; under an HCCL group, also set HCCL_OP_EXPANSION_MODE=AIV, as vllm-ascend's graph deployments do "
+            "(it is not set here)"
+        )
     return advice + "."
 
 
@@ -110,7 +116,7 @@ class NpuCaptureSession:
             graph.discard()
             raise
         # Pushed after capture_begin succeeded, so a failing begin leaves no mode behind.
-        self._launch_capture = HostLengthCapture(graph.runtime, graph.launches)
+        self._launch_capture = HostLengthCapture(graph.runtime, graph.launches, graph.workspaces)
         self._launch_capture.__enter__()
         return graph
 
@@ -140,7 +146,7 @@ class NpuCaptureSession:
             self._end_pool_routing()
             raise NpuCaptureEndError(
                 f"ending the capture on npu:{self._graph.index} failed: {type(exc).__name__}: {exc}."
-                + collective_capture_advice()
+                + stream_capture_advice(self._graph.index)
             ) from exc
         except BaseException:
             self._end_pool_routing()

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from devices.npu.host_length_ops import HostLengthOp, host_length_op
+from devices.npu.host_length_ops import HostLengthOp, SharedWorkspaces, host_length_op
 from devices.npu.launch_lengths import LaunchLengths, launch_lengths
 from devices.npu.op_arguments import with_argument
 from devices.npu.runtime import TorchNpu
@@ -71,10 +71,11 @@ class ExplicitLaunch:
 class HostLengthCapture(TorchDispatchMode):
     """Active inside an NPU graph capture, on this thread: brackets every host-length op into ``launches``."""
 
-    def __init__(self, runtime: TorchNpu, launches: list[ExplicitLaunch]) -> None:
+    def __init__(self, runtime: TorchNpu, launches: list[ExplicitLaunch], workspaces: SharedWorkspaces) -> None:
         super().__init__()
         self._runtime = runtime
         self._launches = launches
+        self._workspaces = workspaces
 
     @classmethod
     def is_infra_mode(cls) -> bool:
@@ -88,8 +89,8 @@ class HostLengthCapture(TorchDispatchMode):
         op = host_length_op(func)
         if op is None:
             return func(*args, **kwargs)
-        lengths = launch_lengths(op, func, args, kwargs)
-        prepared = op.prepare(self._runtime, func, tuple(args), dict(kwargs))
+        lengths = launch_lengths(op, func, args, kwargs, self._runtime)
+        prepared = op.prepare(self._runtime, func, tuple(args), dict(kwargs), self._workspaces)
         npu = self._runtime.npu
         stream = npu.current_stream()
         event = npu.ExternalEvent()

@@ -14,8 +14,8 @@ and full_graph_pa, main 182b75ea):
   ``.default`` call becomes ``.out`` with outputs allocated here (``_npu_fused_infer_attention_score_infer_output``
   where the build has it, 7.3 on; else ``empty_like(query)`` and a one-element lse, as torch_npu 7.1/7.2 do,
   graphs.py L147-148 at v7.1.0) and ``workspace=_npu_fused_infer_attention_score_get_max_workspace(...)``,
-  sized by the lengths at capture (the model passes the largest its block tables allow). A ``.out`` call gets
-  the workspace when it has none. ``.out``'s registered schema has no alias annotation (torch_npu's codegen
+  CANN's MAX workspace for the call (``aclnnFusedInferAttentionScoreV3GetMaxWorkspaceSize``), asked with the
+  capture's lengths as vllm-ascend does. A ``.out`` call gets the workspace when it has none. ``.out``'s registered schema has no alias annotation (torch_npu's codegen
   turns the two out arguments into ``Tensor[] out -> (Tensor, Tensor)``, codegen/custom_functions.py
   L213-221), so mutability is not read from the schema.
 - ``npu_fused_infer_attention_score_v2`` (op-plugin 7.2 on): the same with ``actual_seq_kvlen`` (and
@@ -24,6 +24,11 @@ and full_graph_pa, main 182b75ea):
   ``out`` (positional 8). Its ``workspace`` keyword and ``_npu_paged_attention_get_workspace`` exist from
   op-plugin 7.2 on (PagedAttentionAtb.cpp L91-92 at 691bf15a; absent at 480bc431, torch_npu 7.1): a build
   without them cannot be updated safely, and a capture meeting the op there is refused, naming the build.
+  ATB sizes that workspace from the ``context_lens`` it is given, not as a maximum, so it is asked with the
+  longest lengths the block table allows, which bound every update.
+
+Every launch of an op in one graph shares one workspace (``SharedWorkspaces``), as vllm-ascend shares one per
+capture size, rather than one per layer.
 
 Whether a build has a helper is read from the build, not from its version (``runtime``).
 """
@@ -60,7 +65,8 @@ class HostLengthOp:
     name:           the op's name without namespace or overload (``func._schema.name`` after ``::``).
     argument:       the schema argument that carries the per-request KV lengths.
     host_tensor:    the schema takes them as a Tensor (a CPU int32 tensor), not as ``SymInt[]``.
-    prepare:        the recipe: the call as the model made it -> the updatable call (module docstring).
+    prepare:        the recipe: the call as the model made it, and the graph's shared workspaces -> the
+                    updatable call (module docstring).
     query_argument: the schema argument that carries the query tokens as cumulative ends in the packed "TND"
                     layout (a host ``SymInt[]``); None for an op without one.
     """
@@ -68,7 +74,7 @@ class HostLengthOp:
     name: str
     argument: str
     host_tensor: bool
-    prepare: Callable[[TorchNpu, torch._ops.OpOverload, tuple[Any, ...], dict[str, Any]], PreparedLaunch]
+    prepare: Callable[[TorchNpu, torch._ops.OpOverload, tuple[Any, ...], dict[str, Any], "SharedWorkspaces"], PreparedLaunch]
     query_argument: str | None = None
 
     def host_value(self, lengths: Sequence[int]) -> Any:
@@ -77,6 +83,32 @@ class HostLengthOp:
         if self.host_tensor:
             return torch.tensor(list(lengths), dtype=torch.int32, device="cpu")
         return [int(length) for length in lengths]
+
+
+class SharedWorkspaces:
+    """The workspaces of one graph's launches, one per op: every launch of an op in a graph shares the largest
+    workspace it was sized with, as vllm-ascend shares one per capture size (``graph_params.workspaces``,
+    attention_v1.py, main 182b75ea). The launches of one graph run one after another on its stream, and an
+    update re-issues a launch without running it, so no two of them use the workspace at once. A launch sized
+    larger than the shared one gets its own, which the later launches then share."""
+
+    def __init__(self) -> None:
+        self._by_op: dict[str, torch.Tensor] = {}
+
+    def share(self, op: str, sized: torch.Tensor) -> torch.Tensor:
+        """The workspace for a launch of ``op`` that ``sized`` (just allocated by the op's helper) would serve."""
+        held = self._by_op.get(op)
+        if held is not None and held.dtype == sized.dtype and held.device == sized.device and _bytes(held) >= _bytes(sized):
+            return held  # ``sized`` is dropped: its memory goes back to the graph's pool
+        self._by_op[op] = sized
+        return sized
+
+    def held(self) -> list[torch.Tensor]:
+        return list(self._by_op.values())
+
+
+def _bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def _needed(runtime: TorchNpu, name: str, op: str, why: str) -> Any:
@@ -104,7 +136,9 @@ def _fused_attention(version: str) -> Callable[..., PreparedLaunch]:
               "query_rope")
     )
 
-    def prepare(runtime: TorchNpu, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> PreparedLaunch:
+    def prepare(
+        runtime: TorchNpu, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], workspaces: SharedWorkspaces
+    ) -> PreparedLaunch:
         kwargs = dict(kwargs)
         out_overload = getattr(runtime.op(op), "out", None)
         if out_overload is None:
@@ -115,7 +149,9 @@ def _fused_attention(version: str) -> Callable[..., PreparedLaunch]:
             get_workspace = _needed(
                 runtime, f"_{op}_get_max_workspace", str(func), "sizes the workspace every update must reuse"
             )
-            kwargs["workspace"] = get_workspace(*args, **call_kwargs)
+            # The call's own lengths: the helper asks CANN for the MAX workspace, which covers every later update
+            # (vllm-ascend sizes it the same way, with its capture's dummy lengths).
+            kwargs["workspace"] = workspaces.share(op, get_workspace(*args, **call_kwargs))
         if is_out:
             return PreparedLaunch(func, tuple(args), kwargs, result=lambda issued: issued)
         kwargs["out"] = _fused_attention_outputs(runtime, op, args, call_kwargs, lse_flag, infer_output_keys)
@@ -143,7 +179,9 @@ def _fused_attention_outputs(
     return [torch.empty_like(query), torch.empty(1, dtype=query.dtype, device=query.device)]
 
 
-def _paged_attention(runtime: TorchNpu, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> PreparedLaunch:
+def _paged_attention(
+    runtime: TorchNpu, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], workspaces: SharedWorkspaces
+) -> PreparedLaunch:
     kwargs = dict(kwargs)
     if not any(argument.name == "workspace" for argument in func._schema.arguments):
         raise HostLengthUpdateError(
@@ -166,7 +204,12 @@ def _paged_attention(runtime: TorchNpu, func: Any, args: tuple[Any, ...], kwargs
         get_workspace = _needed(
             runtime, "_npu_paged_attention_get_workspace", str(func), "sizes the workspace every update must reuse"
         )
-        kwargs["workspace"] = get_workspace(*args[:9])
+        # ATB sizes the workspace from the context_lens it is given (it is no "max" query): sized with the
+        # capture's lengths, it would be too small for the longer ones an update brings, silently. So it is sized
+        # for the longest every request's block table allows, which bounds every update.
+        block_table, block_size = args[6], args[1].shape[1]
+        longest = torch.full_like(context_lens, block_table.shape[1] * block_size)
+        kwargs["workspace"] = workspaces.share(func._schema.name, get_workspace(*args[:7], longest, args[8]))
     return PreparedLaunch(func, tuple(args), kwargs, result=lambda issued: issued)
 
 

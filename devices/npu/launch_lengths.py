@@ -6,6 +6,8 @@ What a launch takes depends on its layout:
 
 - Decode (FIA "BSH"/"BSND"/"BNSD", ``_npu_paged_attention``): the KV length of each request, the update's
   ``seq_lens`` as they are.
+- Decode in "TND" (vllm-ascend's decode route from 2.8 on): every request has one query token, so the query
+  ends are ``1..B`` for the graph's B rows and stay as captured; the update gives the KV lengths only.
 - Packed prefill (FIA ``input_layout="TND"``: query ``[T, N, D]``, every request's tokens back to back): the
   query tokens as CUMULATIVE ends (``actual_seq_lengths`` / v2 ``actual_seq_qlen``: request ``i`` ends at row
   ``sum(query_lens[:i + 1])``, so a request with no tokens repeats the previous end, which the op allows:
@@ -21,6 +23,10 @@ tokens vary, so a TND launch in an npu graph carries ONE REQUEST MORE than the g
 the token tail, owns the rows past the live tokens. Its block-table row is a tensor of the capture, and its KV
 length is a host value the update keeps as captured; the update ends it at T. (refmodel's npu prefill kernel
 appends it, reading the null block, with KV length 1, as vllm-ascend's dummy request does.)
+
+A TND launch over a paged cache is refused in a graph on a build whose op-plugin does not document it: page
+attention in TND, and TND in graph mode, are documented from torch_npu 7.3 (op-plugin 7213914d; 480bc431 and
+691bf15a list both as unsupported). The build's line is told by its API (the ``_infer_output`` helpers, 7.3 on).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch
 
 from devices.npu.host_length_ops import HostLengthOp, HostLengthUpdateError
 from devices.npu.op_arguments import argument_value, passed_value
+from devices.npu.runtime import TorchNpu
 
 PACKED_LAYOUT = "TND"
 
@@ -74,12 +81,16 @@ class LaunchLengths:
 
 
 def launch_lengths(
-    op: HostLengthOp, func: torch._ops.OpOverload, args: Sequence[Any], kwargs: dict[str, Any]
+    op: HostLengthOp, func: torch._ops.OpOverload, args: Sequence[Any], kwargs: dict[str, Any], runtime: TorchNpu
 ) -> LaunchLengths:
     """The ``LaunchLengths`` of a call of ``op`` seen while a graph captures (module docstring)."""
     kv_lengths = argument_value(func, args, kwargs, op.argument)
     query_ends = passed_value(func, args, kwargs, op.query_argument) if op.query_argument else None
     layout = passed_value(func, args, kwargs, "input_layout") if op.query_argument else None
+    if layout == PACKED_LAYOUT and passed_value(func, args, kwargs, "block_table") is not None:
+        _check_packed_paged_in_graph(func, runtime)
+    if layout == PACKED_LAYOUT and query_ends is not None and _one_token_each(query_ends, args, kv_lengths):
+        return LaunchLengths(op, requests=len(kv_lengths))  # decode in TND: the query ends stay as captured
     if layout != PACKED_LAYOUT:
         if query_ends is not None:
             raise HostLengthUpdateError(
@@ -99,3 +110,20 @@ def launch_lengths(
             f"and {len(kv_lengths)} KV lengths"
         )
     return LaunchLengths(op, requests=len(kv_lengths) - 1, packed_tokens=tokens, tail_kv_length=int(kv_lengths[-1]))
+
+
+def _one_token_each(query_ends: Sequence[Any], args: Sequence[Any], kv_lengths: Sequence[Any]) -> bool:
+    """A TND call of one query token per request and no token tail: query ends ``1..T``, one per KV length."""
+    tokens = int(args[0].shape[0])
+    return len(kv_lengths) == tokens and [int(end) for end in query_ends] == list(range(1, tokens + 1))
+
+
+def _check_packed_paged_in_graph(func: torch._ops.OpOverload, runtime: TorchNpu) -> None:
+    if runtime.op("_npu_fused_infer_attention_score_infer_output") is not None:  # 7.3 on
+        return
+    raise HostLengthUpdateError(
+        f"{func} in layout {PACKED_LAYOUT!r} over a paged cache (block_table) was met in an NPU graph capture on "
+        f"{runtime.build}, whose op-plugin documents neither page attention in TND nor TND in graph mode (torch_npu "
+        "7.1 and 7.2; documented from 7.3, op-plugin 7213914d). Install torch_npu 7.3 or later (pip torch-npu "
+        "2.6.0.post5 on), or run this attention outside the graph (mode 'piecewise' or 'breakable')"
+    )

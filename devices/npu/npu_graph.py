@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from devices.npu.host_length_launches import ExplicitLaunch
+from devices.npu.host_length_ops import SharedWorkspaces
 from devices.npu.runtime import TorchNpu
 from hal import GraphHalError, GraphStateError
 
@@ -41,6 +42,7 @@ class NpuGraph:
         with runtime.npu.device(index):
             self.npu_graph = runtime.npu.NPUGraph()
         self.launches: list[ExplicitLaunch] = []  # host-length launches, in capture order
+        self.workspaces = SharedWorkspaces()  # one per op, shared by the graph's launches (host_length_ops)
         self.captured = False
         self.replays = 0
         self.update_pending = False  # an update arrived since the last replay
@@ -78,6 +80,7 @@ class NpuGraph:
         """Drop what a failed capture recorded; the object is not captured afterwards."""
         self.npu_graph.reset()
         self.launches.clear()
+        self.workspaces = SharedWorkspaces()
         self.captured = False
 
     def __repr__(self) -> str:

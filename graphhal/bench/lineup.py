@@ -86,9 +86,11 @@ def _runnable(contenders: list[Contender], phase: str, device: hal.Device, skipp
 
 
 def _fits(shape: PrefillShape, plan: BenchPlan, skipped: list[Skipped]) -> bool:
-    longest, max_seq_len = max(shape.query_lens()), plan.config.max_seq_len
+    # A request holds its cached context and its new tokens: both must fit the model's sequence length.
+    longest = max(context + query for context, query in zip(shape.context_lens(), shape.query_lens()))
+    max_seq_len = plan.config.max_seq_len
     if longest > max_seq_len:
-        reason = f"{longest} tokens per request exceed the model's max_seq_len {max_seq_len}"
+        reason = f"{longest} tokens per request (context and new tokens) exceed the model's max_seq_len {max_seq_len}"
         skipped.append(Skipped(PREFILL, shape.label, reason))
         return False
     return True

@@ -18,7 +18,7 @@ from graphhal.bench.timing import TimerSettings
 from graphhal.refmodel import ModelConfig
 from runners import PrefillConfig
 
-MODELS = {"tiny": ModelConfig.tiny, "default": ModelConfig, "large": ModelConfig.large}
+MODELS = {"tiny": ModelConfig.tiny, "small": ModelConfig.small, "default": ModelConfig, "large": ModelConfig.large}
 # Batch sizes of the dynamic=False reduce-overhead setup by default: both ends and two between, a compile each.
 DEFAULT_STATIC_SIZES = (1, 8, 64, 256)
 

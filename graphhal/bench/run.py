@@ -26,6 +26,7 @@ from graphhal.bench.results import BenchResult, Failed, Header, SetupCost, fill_
 from graphhal.bench.setup import capture_cost, compiled_setup, prefill_setup, restart
 from graphhal.bench.timing import StepTimer
 from graphhal.bench.workload import PrefillCase, Workload, build_reference_workload
+from graphhal.paged_attention import npu_fused_attention_limits
 
 CPU_NOTE = (
     "the cpu device is graphhal's reference device: its graphs re-issue recorded ops for faithful semantics, "
@@ -35,6 +36,7 @@ CPU_NOTE = (
 
 def run_bench(plan: BenchPlan) -> BenchResult:
     started = time.perf_counter()
+    fallbacks_before = npu_fused_attention_limits.fallbacks_taken()
     with _torch_threads(plan):
         lineup = choose_lineup(plan)
         workload = _build_workload(plan, lineup)
@@ -58,6 +60,8 @@ def run_bench(plan: BenchPlan) -> BenchResult:
                 )
                 result.setup_cost = _setup_cost(plan, lineup, workload, measurements)
     fill_ratios(result.rows)
+    # Where the device's fused attention kernels did not take the model's shapes, what ran instead and why.
+    result.notes += [note for note in npu_fused_attention_limits.fallbacks_taken() if note not in fallbacks_before]
     result.wall_s = time.perf_counter() - started
     return result
 

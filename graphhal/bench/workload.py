@@ -101,10 +101,16 @@ class PagedWorkload:
         raise NotImplementedError
 
     def prefill_slots(self) -> tuple[list[InputSlot], list[InputSlot]]:
-        return prefill_token_slots(), prefill_request_slots(self.kv_cache.config)
+        conventions = self.device.conventions
+        token_slots, request_slots = prefill_token_slots(), prefill_request_slots(self.kv_cache.config)
+        return [s.for_device(conventions) for s in token_slots], [s.for_device(conventions) for s in request_slots]
 
     def prefill_case(self, shape: PrefillShape, seed: int) -> PrefillCase:
-        requests = PrefillWorkload(self.kv_cache, shape.query_lens(), context_lens=shape.context_lens(), seed=seed)
+        # In the device's conventions (npu: int32 cache locations), as its runners take them.
+        requests = PrefillWorkload(
+            self.kv_cache, shape.query_lens(), context_lens=shape.context_lens(), seed=seed,
+            conventions=self.device.conventions,
+        )
         return PrefillCase(shape, self.prefill_forward(), requests.batch(), requests.release)
 
 
@@ -158,7 +164,8 @@ def cache_with_decode_requests(
     num_blocks = 1 + max_batch_size * blocks_per_request + prefill_blocks  # block 0: the null block
     kv_cache = PagedKVCache(cache_config, num_blocks, device.torch_device, dtype)
     decode = DecodeWorkload(
-        kv_cache, max_batch_size, max_context_len=context_len, max_blocks_per_seq=blocks_per_request, seed=seed
+        kv_cache, max_batch_size, max_context_len=context_len, max_blocks_per_seq=blocks_per_request, seed=seed,
+        conventions=device.conventions,  # the role inputs in the dtypes the device's kernels take (npu: int32)
     )
     return kv_cache, decode
 

@@ -8,14 +8,16 @@ graph time per decode step, and the largest difference between the graph's and e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 
 from graphhal.bench.device_description import describe_device
+from graphhal.bench.plan import MODELS
 from graphhal.bench.timing import StepTimer, TimerSettings
 from graphhal.cli.shared_options import DTYPES, chosen_device
 from graphhal.paged_attention import PagedKVCache
-from graphhal.refmodel import DecodeWorkload, LlamaDecoder, ModelConfig
+from graphhal.refmodel import DecodeWorkload, LlamaDecoder
 from runners import DecodeConfig, DecodeRunner
 
 
@@ -25,24 +27,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", default="1,64", help="live batch sizes to time, comma-separated")
     parser.add_argument("--max-bs", type=int, help="largest captured batch; default: the largest batch size timed")
     parser.add_argument("--context-len", type=int, default=512, help="longest cached context per request")
-    parser.add_argument("--layers", type=int, help="decoder layers (default: the reference model's 8)")
+    parser.add_argument(
+        "--model", choices=sorted(MODELS), default="default",
+        help="reference model size (small: heads of 128 dims, what Ascend's fused attention takes); default: default",
+    )
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the model's own)")
     parser.add_argument("--steps", type=int, help="steps per timing repeat (default: 50 on accelerators, 5 on cpu)")
     parser.add_argument("--repeats", type=int, default=5, help="timing repeats; the median is reported")
 
 
 def run(args: argparse.Namespace) -> int:
     device = chosen_device(args.device)
-    on_cpu = device.torch_device.type == "cpu"
+    on_cpu = device.type == "cpu"  # the device, not where its tensors live (a simulator keeps npu ones on the CPU)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if on_cpu else torch.bfloat16)
     batch_sizes = sorted({int(size) for size in args.batch_sizes.split(",")})
     max_bs = args.max_bs or batch_sizes[-1]
     steps = args.steps or (5 if on_cpu else 50)
 
-    config = ModelConfig() if args.layers is None else ModelConfig(num_layers=args.layers)
+    config = MODELS[args.model]()
+    if args.layers is not None:
+        config = dataclasses.replace(config, num_layers=args.layers)
     blocks_per_request = -(-(args.context_len + 1) // config.block_size)
     kv_cache = PagedKVCache(config, 1 + max(batch_sizes) * blocks_per_request, device.torch_device, dtype)
     model = LlamaDecoder(config, device.torch_device, dtype, seed=0)
-    workload = DecodeWorkload(kv_cache, max(batch_sizes), max_context_len=args.context_len, max_blocks_per_seq=blocks_per_request)
+    workload = DecodeWorkload(
+        kv_cache, max(batch_sizes), max_context_len=args.context_len, max_blocks_per_seq=blocks_per_request,
+        conventions=device.conventions,  # the role inputs in the dtypes the device's kernels take (npu: int32)
+    )
     step = model.decode_forward(kv_cache)
 
     print(

@@ -35,6 +35,7 @@ class DeviceInfo:
     graph_modes: list[str] | None = None  # the modes runners could ask for, from what its plugin declares, present or not
     graph_modes_error: str | None = None  # why the plugin could not say (often: why the device is absent)
     error: str | None = None  # what the plugin raised while asked whether the device is available
+    stack_checks: list[str] = field(default_factory=list)  # the plugin's checks of the stack under it
 
 
 @dataclass
@@ -76,6 +77,10 @@ def _device_info(registry: hal.DeviceRegistry, device_type: str, plugin: str) ->
         info.graph_modes = list(offered_modes(tuple(registry.graph_modes_of(device_type))))
     except Exception as exc:
         info.graph_modes_error = _error(exc)
+    try:
+        info.stack_checks = registry.stack_checks_of(device_type)
+    except Exception as exc:
+        info.stack_checks = [f"the plugin's stack checks failed: {_error(exc)}"]
     return info
 
 
@@ -133,6 +138,8 @@ def render(machine: MachineInfo) -> str:
         lines.append(f"  {device.type:<8} {state}{modes}  [{device.plugin}, {device.origin}]")
         if device.error:
             lines.append(f"           error: {device.error}")
+        for check in device.stack_checks:
+            lines.append(f"           {check}")
     if not machine.devices:
         lines.append("  none")
     lines.append("plugins that failed to load:" if machine.broken_plugins else "plugins that failed to load: none")

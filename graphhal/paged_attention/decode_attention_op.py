@@ -68,7 +68,7 @@ def _decode_attention_cpu(q, key_cache, value_cache, block_tables, seq_lens, sca
     offsets_in_block = torch.arange(block_size)
     # Query token i of a row sits at cached position seq_len - query_tokens + i: it sees the tokens up to it.
     ahead = torch.arange(query_tokens - 1, -1, -1)[:, None]  # [query_tokens, 1]: tokens after query token i
-    for row, seq_len in enumerate(seq_lens.tolist()):
+    for row, seq_len in enumerate(hal.host_list(seq_lens)):  # once per step inside hal.step_host_values
         if seq_len <= 0:
             out[row].zero_()
             continue

@@ -1,23 +1,29 @@
 """The npu kernel of ``graphhal::decode_attention``: torch_npu's fused infer-attention op over the paged cache.
 
 ``npu_fused_infer_attention_score`` takes the per-request lengths as a host list (``actual_seq_lengths_kv``),
-which a captured NPU graph bakes in; graphhal's npu device updates them before every replay. Several query
-tokens per request (a speculative verify step, q [batch, query_tokens, heads, head_dim]) go in as the BSH
-sequence dimension with sparse_mode 3 (causal from the cached context on). Two rules follow:
+which a captured NPU graph bakes in; graphhal's npu device updates them before every replay. The route is what
+the installed torch_npu line documents for the model's shapes (``npu_fused_attention_limits``): layout ``TND``
+(query ``[B, N, D]`` as B requests of one token each, cumulative query ends ``1..B``; vllm-ascend's decode route
+from 2.8 on) from torch_npu 7.3 with a head dim of 128 or 192; else layout ``BSH`` (the incremental branch,
+documented on every line for blocks of 16n tokens); else the graph-safe reference kernel. Several query tokens
+per request (a speculative verify step, q ``[batch, query_tokens, heads, head_dim]``) go in as the BSH sequence
+dimension with sparse_mode 3 (causal from the cached context on) wherever the line has a route, TND included:
+the simulator checks that form, not TND's packed multi-token decode. Rules that follow:
 
 - While an NPU graph is being captured, the device lengths cannot be read back (``.tolist()`` would sync with
-  a stream that is only recording): the capture gets placeholder lengths, the largest the block tables allow,
-  so the workspace the npu device sizes at capture covers every later update, and the update replaces them
-  before any replay.
+  a stream that is only recording): the capture gets placeholder lengths of 1 (valid for the op's check that
+  the cache holds the blocks the lengths need), which the update replaces before any replay. The workspace
+  the npu device allocates covers any length the block tables allow (the op's "max workspace").
+- Outside a capture the lengths are read on the host once per step (``hal.host_list``), not once per layer.
 - The fused op must be called where the npu device's capture sees it (a dispatch mode). A call made inside a
   custom op's kernel is hidden from every dispatch mode, so its lengths could never be updated.
   ``calls_npu_directly`` therefore routes npu tensors to this kernel before the custom op is entered (outside
   torch.compile, where the custom op must stay opaque so graphs can be split at it); the custom op's npu
-  kernel (``register_npu_kernel``) serves compiled and eager calls, which is why the npu device refuses ``full`` graphs
-  of an Inductor-compiled forward.
+  kernel (``register_npu_kernel``) serves compiled and eager calls, which is why the npu device refuses
+  ``full`` graphs of an Inductor-compiled forward.
 
-Follows op-plugin's signature, the same on every torch_npu line from 7.1 (op_plugin_functions.yaml: BSH
-layout, paged KV with ``block_table`` and ``block_size``); the op takes float16 or bfloat16 only.
+Follows op-plugin's signature, the same on every torch_npu line from 7.1 (op_plugin_functions.yaml); the op
+takes float16 or bfloat16 only.
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
+
+import hal
+from graphhal.paged_attention.decode_attention_reference import decode_attention_reference
+from graphhal.paged_attention.npu_fused_attention_limits import decode_route
 
 # The torch device type npu tensors have. A simulator of torch_npu that keeps them on another device (the
 # tests' CPU simulator) says so with ``npu_tensors_on``.
@@ -69,17 +79,24 @@ def decode_attention_npu(
     # [batch, num_heads, head_dim] (one token per request), or [batch, query_tokens, ...] (speculative verify)
     batch, query_tokens, num_heads, head_dim = q.shape if q.dim() == 4 else (q.shape[0], 1, *q.shape[1:])
     num_blocks, block_size, num_kv_heads, _ = key_cache.shape
+    route = decode_route(torch_npu, head_dim, block_size, q.dtype)
+    if route.layout is None:
+        out.copy_(decode_attention_reference(q, key_cache, value_cache, block_tables, seq_lens, scale))
+        return
     if torch.npu.is_current_stream_capturing():
-        lengths = [block_tables.shape[1] * block_size] * batch  # replaced by the update before any replay
+        lengths = [1] * batch  # placeholders, replaced by the update before any replay
     else:
-        lengths = seq_lens.tolist()
+        lengths = hal.host_list(seq_lens)
     # Several query tokens per request: BSH with S = query_tokens, causal among them from the cached context on
     # (sparse_mode 3, rightDownCausal, with the fixed triangular mask it takes): token i sees the first
     # seq_len - (query_tokens - 1 - i) KV tokens. The KV lengths stay per request, so the device's update of
     # a graph's lengths is the same as for one token.
     causal = {"atten_mask": causal_mask(q.device), "sparse_mode": RIGHT_DOWN_CAUSAL} if query_tokens > 1 else {}
+    packed = route.layout == "TND" and query_tokens == 1
+    # TND: one token per request, as cumulative query ends (the npu device's updates keep them).
+    query_ends = {"actual_seq_lengths": list(range(1, batch + 1))} if packed else {}
     attention, _ = torch_npu.npu_fused_infer_attention_score(
-        q.reshape(batch, query_tokens, num_heads * head_dim),
+        q.contiguous() if packed else q.reshape(batch, query_tokens, num_heads * head_dim),
         key_cache.view(num_blocks, block_size, num_kv_heads * head_dim),
         value_cache.view(num_blocks, block_size, num_kv_heads * head_dim),
         block_table=block_tables,
@@ -87,9 +104,10 @@ def decode_attention_npu(
         num_heads=num_heads,
         num_key_value_heads=num_kv_heads,
         scale=scale,
-        input_layout="BSH",
+        input_layout="TND" if packed else "BSH",
         block_size=block_size,
         **causal,
+        **query_ends,
     )
     out.copy_(attention.view(out.shape))
 

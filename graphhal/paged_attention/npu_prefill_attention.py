@@ -6,12 +6,17 @@ num_kv_heads * head_dim]`` with ``block_table`` and ``block_size``, ``actual_seq
 ends of the requests (TND's convention), ``actual_seq_lengths_kv`` each request's cached context plus new
 tokens, and ``sparse_mode=3`` (rightDownCausal: each request causal from its cached context on) with the
 2048 x 2048 mask torch_npu requires for it (1 above the diagonal; vllm-ascend's ``get_splitfuse_attn_mask``).
+op-plugin documents TND over a paged cache from torch_npu 7.3 only, with a head dim of 128 or 192 and blocks
+of 16n tokens up to 1024 (``npu_fused_attention_limits``); elsewhere this kernel runs the graph-safe torch
+kernel (``prefill_attention_masked``) and says why, once.
 
-Lengths are host values the launch bakes in, as in decode (``graphhal.paged_attention.npu_decode_attention``): read with
-``.tolist()`` outside a capture; while an NPU graph is capturing, placeholders that the npu device replaces
-before every replay (``Device.update`` with ``seq_lens`` and ``query_lens``). The placeholders are the largest
-KV lengths the block tables allow, so the workspace sized at capture covers every update, and the T tokens
-split as evenly as possible over the R requests, a valid split that a later update redistributes.
+Lengths are host values the launch bakes in, as in decode (``graphhal.paged_attention.npu_decode_attention``):
+read on the host once per step outside a capture (``hal.host_list``); while an NPU graph is capturing,
+placeholders that the npu device replaces before every replay (``Device.update`` with ``seq_lens`` and
+``query_lens``): the T tokens split as evenly as possible over the R requests (a valid split that a later
+update redistributes), each request's KV length its query length (no cached context: valid for the causal
+mode, and within the blocks the cache holds). The workspace the npu device allocates covers any length the
+block tables allow (the op's "max workspace").
 
 Padding, which the runner adds and the op has no notion of:
 - A padding request (``query_len`` 0) stays in the batch with no query tokens: its cumulative end repeats the
@@ -36,8 +41,11 @@ from typing import Any, Callable
 
 import torch
 
+import hal
 from graphhal.paged_attention.block_allocator import NULL_BLOCK
 from graphhal.paged_attention.npu_decode_attention import fused_attention_module, is_npu_tensor
+from graphhal.paged_attention.npu_fused_attention_limits import prefill_route
+from graphhal.paged_attention.prefill_attention_masked import prefill_attention_masked
 from graphhal.paged_attention.prefill_attention_reference import prefill_layout
 
 CAUSAL_MASK_SIZE = 2048  # sparse_mode 3 takes this fixed "optimized" mask, whatever the lengths
@@ -63,13 +71,16 @@ def prefill_attention_npu(
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = key_cache.shape
     requests, max_blocks = block_tables.shape
+    if prefill_route(torch_npu, head_dim, block_size, q.dtype).layout is None:
+        out.copy_(prefill_attention_masked(q, key_cache, value_cache, block_tables, query_lens, seq_lens, scale))
+        return
     if torch.npu.is_current_stream_capturing():  # replaced by the update before any replay
         query_ends = _even_split_ends(num_tokens, requests)
-        kv_lengths = [max_blocks * block_size] * requests
+        kv_lengths = [end - start for start, end in zip([0, *query_ends], query_ends)]
     else:
         prefill_layout(num_tokens, block_size, block_tables, query_lens, seq_lens)  # a clear error for a misfit
-        query_ends = list(accumulate(query_lens.tolist()))
-        kv_lengths = seq_lens.tolist()
+        query_ends = list(accumulate(hal.host_list(query_lens)))
+        kv_lengths = hal.host_list(seq_lens)
     tail_table = block_tables.new_full((1, max_blocks), NULL_BLOCK, dtype=torch.int32)
     tables_with_tail = torch.cat([block_tables.to(torch.int32), tail_table])  # the op takes int32 block tables
     attention, _ = torch_npu.npu_fused_infer_attention_score(

@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+import hal
+
 
 class PrefillRequest(NamedTuple):
     """Where one live request of a packed batch sits."""
@@ -32,8 +34,8 @@ def prefill_layout(
 ) -> list[PrefillRequest]:
     """The live requests of a packed batch of ``num_tokens`` rows, read on the host; ValueError if inconsistent.
 
-    Reads ``query_lens`` and ``seq_lens`` with ``.tolist()`` (a device sync): only for code that is never
-    captured into a graph.
+    Reads ``query_lens`` and ``seq_lens`` on the host (a device sync, once per step: ``hal.host_list``): only for
+    code that is never captured into a graph.
     """
     if block_tables.dim() != 2 or query_lens.dim() != 1 or seq_lens.dim() != 1:
         raise ValueError(
@@ -48,7 +50,7 @@ def prefill_layout(
     max_tokens_per_request = block_tables.shape[1] * block_size
     requests = []
     first_token = 0
-    for index, (query_len, seq_len) in enumerate(zip(query_lens.tolist(), seq_lens.tolist())):
+    for index, (query_len, seq_len) in enumerate(zip(hal.host_list(query_lens), hal.host_list(seq_lens))):
         if query_len < 0 or seq_len < 0:
             raise ValueError(f"request {index}: negative length (query_len {query_len}, seq_len {seq_len})")
         if query_len == 0:

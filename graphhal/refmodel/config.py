@@ -42,6 +42,23 @@ class ModelConfig:
         )
 
     @classmethod
+    def small(cls) -> "ModelConfig":
+        """The smallest model whose attention every accelerator's fused kernels take: heads of 128 dims and
+        blocks of 16 tokens, what Ascend's fused infer-attention op takes in its packed layout (torch_npu 7.3 on),
+        with a tiny model's widths otherwise. For quick runs of the bench and the demo off the cpu."""
+        return cls(
+            vocab_size=256,
+            hidden_size=256,
+            num_layers=2,
+            num_heads=2,
+            num_kv_heads=1,
+            head_dim=128,
+            intermediate_size=256,
+            block_size=16,
+            max_seq_len=256,
+        )
+
+    @classmethod
     def large(cls) -> "ModelConfig":
         """Big enough for tensor parallelism to matter (hidden 4096, 8 layers of a 7B-shaped Llama, about
         1.7B parameters): each rank's matmuls are large enough that halving them beats the all-reduces."""

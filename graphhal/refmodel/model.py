@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+import hal
 from graphhal.paged_attention.decode_attention_op import decode_attention_break
 from graphhal.refmodel.config import ModelConfig
 from graphhal.paged_attention.kv_cache import PagedKVCache, write_kv_cache_step
@@ -229,6 +230,20 @@ class LlamaDecoder(torch.nn.Module):
         return PrefillStep(self, kv_cache)
 
     def _logits(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_cache: PagedKVCache,
+        attention: Attention,
+    ) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._layers(input_ids, positions, slot_mapping, kv_cache, attention)
+        # One step: attention kernels that take lengths as host values (npu) read them once, not once per layer.
+        with hal.step_host_values():
+            return self._layers(input_ids, positions, slot_mapping, kv_cache, attention)
+
+    def _layers(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,

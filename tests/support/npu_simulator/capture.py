@@ -2,10 +2,13 @@
 
 Semantics followed (aclmdlRI stream capture as torch_npu's NPUGraph drives it, the same on every profile):
 
-- ``DeviceQueue`` stands for the device's streams. It is a dispatch mode pushed when the simulator is
-  installed, so it sits below every Python-level mode (torch_npu's capture mode, a plugin's), as the stream
-  sits below them on hardware, whatever order they are entered in. It is an infra mode: hardware is
-  invisible to Dynamo.
+- ``DeviceQueue`` stands for the device's streams while a stream of this thread captures or updates: a
+  dispatch mode slid under every other mode on the thread's stack when a capture or an update begins (so
+  it sits below torch_npu's capture mode and a plugin's, as the stream sits below them on hardware, whatever
+  order they were entered in) and taken out when it ends. Outside captures and updates no mode of the
+  simulator is active, as no mode of real torch_npu is: torch.compile sees the same dispatch state as on
+  hardware (an always-on mode made torch 2.9 compile a piecewise forward again). It is an infra mode:
+  hardware is invisible to Dynamo.
 - While a stream captures a graph (``capture_begin`` on this thread), every op issued on it is recorded with
   its arguments. Host values are baked in: a Python int stays its capture value, and the host arguments of
   the simulated kernels (attention lengths) are copied at capture. Reading a tensor on the host inside the
@@ -66,6 +69,19 @@ _UNINITIALISED_FACTORIES = frozenset(
     }
 )
 _HOST_SYNC_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
+# Tagged dynamic_output_shape for their boolean-mask form only: with integer indices the output shape is the
+# indices', and the kernel reads nothing on the host (a gather).
+_DYNAMIC_WITH_MASKS_ONLY = frozenset({torch.ops.aten.index.Tensor})
+
+
+def _reads_on_host(func: Any, args: tuple[Any, ...]) -> bool:
+    """The op must read tensor values on the host to run (its output shape or result depends on them)."""
+    if not any(tag in func.tags for tag in _HOST_SYNC_TAGS):
+        return False
+    if func in _DYNAMIC_WITH_MASKS_ONLY:
+        indices = args[1] if len(args) > 1 else ()
+        return any(index is not None and index.dtype in (torch.bool, torch.uint8) for index in indices)
+    return True
 
 
 @dataclass
@@ -159,12 +175,15 @@ class SimGraph:
         self.capture_stream, self.pool = stream, pool
         stream.capturing = self
         sim.capturing_graph = self
+        device_queue_on(sim)
 
     def stop(self) -> None:
         """The stream stops capturing (AclmdlRICaptureEnd returned, successfully or not)."""
         sim = state.current()
         if self.capture_stream is not None:
             self.capture_stream.capturing = None
+        if sim.capturing_graph is self:
+            device_queue_off(sim)
         sim.capturing_graph = None
 
     def end(self) -> None:
@@ -204,7 +223,7 @@ class SimGraph:
 
     def record(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], stream: Stream) -> Any:
         """Record (and run) one op issued on this thread while this graph captures."""
-        if any(tag in func.tags for tag in _HOST_SYNC_TAGS):
+        if _reads_on_host(func, args):
             raise HostReadDuringCaptureError(
                 f"{func} reads a tensor's values on the host while an NPU graph is being captured"
             )
@@ -327,6 +346,38 @@ class DeviceQueue(TorchDispatchMode):
         return graph.record(func, args, kwargs, stream)
 
 
+def device_queue_on(sim: state.SimulatorState) -> None:
+    """Slide the device queue under every mode on this thread's stack (a capture or an update begins)."""
+    depth = sim.queue_depth
+    sim.queue_depth = depth + 1
+    if depth:
+        return
+    above = [torch.utils._python_dispatch._pop_mode() for _ in range(torch._C._len_torch_dispatch_stack())]
+    queue = DeviceQueue()
+    queue.__enter__()  # the flags it saves are those of the modes above, which stay entered
+    sim.device_queue = queue
+    for mode in reversed(above):
+        torch.utils._python_dispatch._push_mode(mode)
+
+
+def device_queue_off(sim: state.SimulatorState, *, all_of_it: bool = False) -> None:
+    """Take the device queue out from under the modes above it (the capture or update ended; ``all_of_it``:
+    the simulator is uninstalled, whatever is still open)."""
+    if not sim.queue_depth:
+        return
+    sim.queue_depth = 0 if all_of_it else sim.queue_depth - 1
+    if sim.queue_depth:
+        return
+    queue, sim.device_queue = sim.device_queue, None
+    stack = torch.utils._python_dispatch._get_current_dispatch_mode_stack()
+    if queue not in stack:
+        return  # someone popped it already
+    above = [torch.utils._python_dispatch._pop_mode() for _ in range(len(stack) - 1 - stack.index(queue))]
+    queue.__exit__(None, None, None)  # restores the flags as the modes above had them
+    for mode in reversed(above):
+        torch.utils._python_dispatch._push_mode(mode)
+
+
 # --- task groups (torch.npu.graph_task_*) -----------------------------------------------------------------
 
 
@@ -411,6 +462,7 @@ def graph_task_update_begin(stream: Stream, handle: TaskGroup) -> None:
             "whose re-issue failed was never ended with graph_task_update_end)"
         )
     stream.updating = _Update(stream, handle)
+    device_queue_on(state.current())
 
 
 def graph_task_update_end(stream: Stream) -> None:
@@ -418,6 +470,7 @@ def graph_task_update_end(stream: Stream) -> None:
     if update is None:
         raise SimulatorError(f"graph_task_update_end({stream!r}) without graph_task_update_begin")
     stream.updating = None
+    device_queue_off(state.current())
     group = update.group
     if len(update.values) != len(group.ops):
         raise SimulatorError(

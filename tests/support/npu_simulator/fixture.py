@@ -8,7 +8,8 @@ once per simulated torch_npu release line.
 
 Besides installing the simulator, they point the two seams that say where npu tensors live at the CPU:
 the npu plugin's ``devices.npu.placement`` and the reference model's ``graphhal.paged_attention.npu_decode_attention`` (whose
-``is_npu_tensor`` the npu prefill kernel shares). On the way out everything is restored, and the process-wide
+``is_npu_tensor`` the npu prefill kernel shares), and the plugin's preflight at the Ascend stack the simulator's
+state describes (``devices.npu.ascend_stack``: driver version, CANN runtime and operator library symbols). On the way out everything is restored, and the process-wide
 registry is reloaded so that no Device facade built against the simulator outlives it.
 """
 
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 import hal
-from devices.npu import placement, runtime
+from devices.npu import ascend_stack, placement, runtime, stream_budget
 from graphhal.paged_attention import npu_decode_attention
 from support.npu_simulator.namespace import installed
 from support.npu_simulator.profiles import NEWEST, PROFILES, TorchNpuProfile
@@ -37,11 +38,26 @@ def npu_simulated_on_cpu(profile: TorchNpuProfile = NEWEST, device_count: int = 
     try:
         with installed(profile, device_count) as simulator, placement.tensors_on(
             lambda index: torch.device("cpu")
-        ), npu_decode_attention.npu_tensors_on("cpu"):
+        ), npu_decode_attention.npu_tensors_on("cpu"), ascend_stack.probed_by(_simulated_stack(simulator)):
             yield simulator
     finally:
         runtime._runtime = None  # the plugin's cached torch_npu belongs to this installation
+        stream_budget._alive.clear()  # as do its graphs, which hold no stream of the next one
         hal.reload_plugins()
+
+
+def _simulated_stack(simulator: SimulatorState) -> ascend_stack.AscendStack:
+    """The driver and CANN runtime the simulator stands for, as its state says (a test may change them)."""
+
+    def runtime_has(symbol: str) -> bool | None:
+        symbols = simulator.runtime_symbols
+        return None if symbols is None else symbol in symbols
+
+    def op_library_has(symbol: str) -> bool | None:
+        symbols = simulator.op_api_symbols
+        return None if symbols is None else symbol in symbols
+
+    return ascend_stack.AscendStack(lambda: simulator.driver_version, runtime_has, op_library_has)
 
 
 @pytest.fixture(params=PROFILE_PARAMS)

@@ -21,10 +21,15 @@ from its cached context on (rightDownCausal, as in TND).
 hardware. A row whose length is 0 attends to nothing and gets zeros (what hardware gives there is not
 documented). FIA v1 and v2 also run the packed prefill branch, ``input_layout="TND"`` with cumulative query
 lengths (``actual_seq_lengths`` / ``actual_seq_qlen``) and ``sparse_mode`` 0 or 3 (``packed_prefill``); both
-length arguments are host arguments, copied at capture and replaced by updates. The workspace helpers size
-the workspace by the KV lengths they are given, and a launch whose lengths need more than its workspace fails,
-so a capture must size it by the largest lengths an update may bring (whether torch_npu's "max workspace"
-covers every length, or how the real one depends on the query split, is not documented).
+length arguments are host arguments, copied at capture and replaced by updates. Each line's documented limits
+apply (``TorchNpuProfile.fia_*``): the incremental branch's block_size (16-aligned; at most 512 from 7.2),
+a head dim of at most 512, and a cache holding the blocks the lengths need together; TND's in ``packed_prefill``.
+
+Workspaces, as each helper sizes them: FIA's ``_get_max_workspace`` asks CANN for the call's MAX workspace,
+simulated as covering every length the block table allows; ATB's ``_npu_paged_attention_get_workspace`` sizes
+it from the ``context_lens`` it is given, so a workspace sized with a capture's short lengths is too small for
+longer ones. A launch whose lengths need more than its workspace fails (on hardware: silently undersized).
+How the real sizes depend on the query split is not documented.
 
 A launch made inside another op's kernel while a graph is captured is an error (``HiddenLaunchError``): no
 dispatch mode, torch_npu's included, saw it.
@@ -232,7 +237,11 @@ def _fused_attention(op: str, query, key, value, block_table, lengths, num_heads
         raise NotSimulatedError(f"{op}: masks (atten_mask, sparse_mode) are simulated in the TND layout and for S > 1 only")
     batch = query.shape[0]
     head_dim = (query.shape[2] // num_heads) if input_layout == "BSH" else query.shape[3]
+    _check_incremental_paged(op, block_size, head_dim, key, block_table, batch)
     lengths = _checked_lengths(op, lengths, batch, block_table.shape[1] * block_size)
+    blocks_needed = sum(-(-length // block_size) for length in lengths)
+    if blocks_needed > key.shape[0]:
+        raise ValueError(f"{op}: the KV lengths need {blocks_needed} blocks together but the cache has {key.shape[0]}")
     state.current().log_launch(op, lengths)
     key_cache = key.reshape(key.shape[0], block_size, num_kv_heads, head_dim)
     value_cache = value.reshape(value.shape[0], block_size, num_kv_heads, head_dim)
@@ -244,6 +253,24 @@ def _fused_attention(op: str, query, key, value, block_table, lengths, num_heads
         return out.reshape(query.shape), lengths
     queries = query.reshape(batch, num_heads, head_dim)
     return _paged_decode(queries, key_cache, value_cache, block_table, lengths, scale).reshape(query.shape), lengths
+
+
+def _check_incremental_paged(op: str, block_size: int, head_dim: int, key, block_table, batch: int) -> None:  # type: ignore[no-untyped-def]
+    """The incremental branch (Q_S = 1) with page attention, as op-plugin documents it at the profile's commit:
+    block_size non-zero and 16-aligned for float16/bfloat16, at most 512 from 691bf15a; D at most 512; the
+    cache as (blocknum, blocksize, H) in BSH/BSND; block_table 2-D with B rows."""
+    profile = state.current().profile
+    line = f"torch_npu {profile.name} (op-plugin {profile.op_plugin})"
+    most = profile.fia_paged_max_block_size
+    if block_size <= 0 or block_size % 16 or (most is not None and block_size > most):
+        limit = f"16-aligned, at most {most}" if most is not None else "16-aligned"
+        raise ValueError(f"{op}: {line} takes a page attention block_size {limit} (float16/bfloat16), got {block_size}")
+    if head_dim > 512:
+        raise ValueError(f"{op}: {line} takes a head dim of at most 512 with one query token, got {head_dim}")
+    if key.dim() != 3:
+        raise ValueError(f"{op}: in BSH/BSND the paged cache is (blocknum, blocksize, H), got {tuple(key.shape)}")
+    if block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise ValueError(f"{op}: block_table must be 2-D with one row per request ({batch}), got {tuple(block_table.shape)}")
 
 
 def _fia_v1(query, key, value, *, atten_mask=None, actual_seq_lengths=None, actual_seq_lengths_kv=None, block_table=None, num_heads=1, scale=1.0, input_layout="BSH", num_key_value_heads=0, sparse_mode=0, block_size=0, softmax_lse_flag=False):  # type: ignore[no-untyped-def]  # noqa: E501
@@ -298,19 +325,31 @@ def paged_attention(query, key_cache, value_cache, num_kv_heads, num_heads, scal
 # --- helpers torch_npu has besides the ops (allocations, no launches) --------------------------------------
 
 
-def _lengths_of(kwargs: dict[str, Any], name: str) -> list[int]:
+def _longest_lengths(kwargs: dict[str, Any], name: str) -> list[int]:
+    """The longest KV length of every request the call's block table allows: what a "max" workspace covers."""
     lengths = kwargs.get(name)
-    return [int(length) for length in lengths] if lengths is not None else [1]
+    requests = len(lengths) if lengths is not None else 1
+    block_table, block_size = kwargs.get("block_table"), kwargs.get("block_size", 0)
+    if block_table is None:
+        return [int(length) for length in lengths] if lengths is not None else [1]
+    return [block_table.shape[1] * block_size] * requests
+
+
+# FIA's workspace helper asks CANN for the MAX workspace of the call (EXEC_GET_MAX_WORKSPACE_CMD ->
+# aclnnFusedInferAttentionScoreV3GetMaxWorkspaceSize, FusedInferAttentionScoreKernelNpuOpApi.cpp at 7213914d):
+# simulated as covering every length the block table allows, whatever lengths the call passes (vllm-ascend
+# sizes it with its capture's dummy lengths and reuses it for every update). ATB's paged attention sizes its
+# workspace from the context_lens it is given (paged_attention_workspace, below): not a maximum.
 
 
 def fia_max_workspace(query, key, value, **kwargs):  # type: ignore[no-untyped-def]
-    """``_npu_fused_infer_attention_score_get_max_workspace``: scratch for the lengths given."""
-    size = workspace_bytes(_lengths_of(kwargs, "actual_seq_lengths_kv"), kwargs.get("block_size", 0))
+    """``_npu_fused_infer_attention_score_get_max_workspace``: scratch for any length the block table allows."""
+    size = workspace_bytes(_longest_lengths(kwargs, "actual_seq_lengths_kv"), kwargs.get("block_size", 0))
     return torch.empty(size, dtype=torch.uint8, device=query.device)
 
 
 def fia_v2_max_workspace(query, key, value, **kwargs):  # type: ignore[no-untyped-def]
-    size = workspace_bytes(_lengths_of(kwargs, "actual_seq_kvlen"), kwargs.get("block_size", 0))
+    size = workspace_bytes(_longest_lengths(kwargs, "actual_seq_kvlen"), kwargs.get("block_size", 0))
     return torch.empty(size, dtype=torch.uint8, device=query.device)
 
 
@@ -320,7 +359,7 @@ def fia_infer_output(query, value, **kwargs):  # type: ignore[no-untyped-def]
 
 
 def paged_attention_workspace(query, key_cache, value_cache, num_kv_heads, num_heads, scale_value, block_table, context_lens, out):  # type: ignore[no-untyped-def]  # noqa: E501
-    """``_npu_paged_attention_get_workspace`` (op-plugin 7.2 on)."""
+    """``_npu_paged_attention_get_workspace`` (op-plugin 7.2 on): sized from ``context_lens`` as given (ATB)."""
     size = workspace_bytes(_ORIGINAL_TOLIST(context_lens), key_cache.shape[1])
     return torch.empty(size, dtype=torch.uint8, device=query.device)
 

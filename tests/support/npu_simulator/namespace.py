@@ -1,8 +1,8 @@
 """Installing the SIMULATED ``torch_npu`` module and ``torch.npu`` namespace of one profile, and removing them.
 
 While installed: ``sys.modules["torch_npu"]`` (and the submodules graphhal looks into) are the simulator's,
-``torch.npu`` is its namespace, ``DeviceQueue`` (the device's streams) is the bottom dispatch mode of the
-installing thread, and ``Tensor.tolist``/``Tensor.numpy`` refuse to run inside a capture (they read values on
+``torch.npu`` is its namespace (the device's streams, ``capture.DeviceQueue``, are a dispatch mode only while
+a capture or an update is open), and ``Tensor.tolist``/``Tensor.numpy`` refuse to run inside a capture (they read values on
 the host without going through the dispatcher, so the device queue cannot see them). What the module offers
 follows the profile (``profiles``): FIA v2 and the paged-attention workspace helper from 7.2, the
 ``_infer_output`` helpers from 7.3, the handler registry module from 26.0. Uninstalling restores everything
@@ -126,7 +126,7 @@ def installed(profile: TorchNpuProfile = NEWEST, device_count: int = 1) -> Itera
     if state._active is not None:
         raise SimulatorError("the npu simulator is already installed")
     if torch._C._len_torch_dispatch_stack():
-        raise SimulatorError("install the simulator with no dispatch mode active: its device queue must be the bottom mode")
+        raise SimulatorError("install the simulator with no dispatch mode active: every mode left at uninstall is reported as a leak")
     sim = state.SimulatorState(profile=profile, device_count=device_count)
     npu = _npu_namespace(sim)
     sim.namespace = npu
@@ -141,8 +141,6 @@ def installed(profile: TorchNpuProfile = NEWEST, device_count: int = 1) -> Itera
     torch.npu = npu
     for name in _HOST_READS:
         setattr(torch.Tensor, name, _refused_in_capture(name, getattr(torch._C.TensorBase, name)))
-    sim.device_queue = capture.DeviceQueue()
-    sim.device_queue.__enter__()
     try:
         yield sim
     finally:
@@ -150,7 +148,7 @@ def installed(profile: TorchNpuProfile = NEWEST, device_count: int = 1) -> Itera
         left = sim.modes_above_device()  # someone else's (a plugin's): popped, and reported below
         for mode in reversed(left):
             mode.__exit__(None, None, None)
-        sim.device_queue.__exit__(None, None, None)
+        capture.device_queue_off(sim, all_of_it=True)
         for name, saved in saved_reads.items():
             if saved is None:
                 delattr(torch.Tensor, name)

@@ -27,6 +27,8 @@ on hardware. The simulator rejects values a call written for ``torch.cuda.graph`
 
 from __future__ import annotations
 
+import os
+
 from typing import Any
 
 from support.npu_simulator import state
@@ -54,6 +56,8 @@ class NPUGraph:
         _check_error_mode(capture_error_mode)
         sim = state.current()
         sim.take_fault("capture_begin_check")
+        if os.environ.get("TASK_QUEUE_ENABLE", "").strip() == "2":  # NPUGraph.cpp L163-167 at v26.0.0, every line
+            raise RuntimeError("Do not support TASK_QUEUE_ENABLE = 2 during NPU graph capture")
         if self._graph.captured:
             raise RuntimeError(
                 "This NPUGraph instance already owns a captured graph. To capture a new graph, create a new instance."

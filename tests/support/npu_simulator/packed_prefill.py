@@ -1,12 +1,16 @@
-"""The SIMULATED fused infer-attention op in the packed "TND" layout over a paged KV cache (prefill), on the CPU.
+"""The SIMULATED fused infer-attention op in the packed "TND" layout over a paged KV cache, on the CPU.
 
-What it checks is what torch_npu documents for ``npu_fused_infer_attention_score`` (and ``_v2``) with
-``input_layout="TND"`` (op-plugin docs/zh/custom_APIs/torch_npu/torch_npu-npu_fused_infer_attention_score.md at
-7213914d, torch_npu 7.3; the same at dedc3167 and on master), and what vllm-ascend found on hardware:
+What it checks is what op-plugin documents for ``npu_fused_infer_attention_score`` (and ``_v2``) in layout TND
+(docs/context/torch_npu-npu_fused_infer_attention_score.md) at the commit the installed profile's line pins,
+each line its own rules (``TorchNpuProfile.fia_tnd_*``), and what vllm-ascend found on hardware:
 
-- query ``[T, N, D]``, contiguous, float16/bfloat16; without rope D is 128 (or 192; this model's K and V share
-  the query's D). key/value a paged cache ``[num_blocks, block_size, KV_N * D]`` (BnBsH) with ``block_table``
-  int32 ``[B, max_blocks]``; ``block_size`` a multiple of 16, at most 1024 (TND with page attention).
+- Page attention (a ``block_table``) in TND: only from 7213914d (torch_npu 7.3). 480bc431 (7.1) and 691bf15a
+  (7.2) list "不支持...page attention" for TND without rope (and no graph mode): on those lines the call is
+  refused. TND without a block table is not simulated.
+- query ``[T, N, D]``, contiguous; without rope D is 192 (7.1) or 128/192 (7.2 on; this model's K and V share
+  the query's D); bfloat16 only before 7.3, float16 too from 7.3. key/value a paged cache
+  ``[num_blocks, block_size, KV_N * D]`` (BnBsH) with ``block_table`` int32 ``[B, max_blocks]``; ``block_size`` a
+  multiple of 16, at most 1024 ("page attention场景下仅支持blocksize为16对齐且小于等于1024", 7213914d).
 - ``actual_seq_lengths`` (v2 ``actual_seq_qlen``): required; its element count is the batch B (at most 4096);
   each element is the cumulative query length up to and including that request, so "a later value >= an
   earlier one" and none negative: a request with no query tokens repeats the previous end. T is the sum of
@@ -23,11 +27,9 @@ What it checks is what torch_npu documents for ``npu_fused_infer_attention_score
   ``torch.triu(torch.ones(2048, 2048), diagonal=1).to(torch.int8)``). Other modes are not simulated.
 
 Not documented, so chosen here and said so: a query row that sees no KV token (its request's KV length is
-0, or in mode 3 a row above the diagonal when ``kv < q``) gets zeros. The docs of older op-plugin commits
-(480bc431 for 7.1, 691bf15a for 7.2) list TND without page attention, bfloat16 only and, in mode 3, a query
-length below the KV length per request; vllm-ascend nonetheless ran TND paged chunked prefill with
-sparse_mode 3 on torch-npu 2.7.1 (v0.11.0-dev attention_v1.py), so those limits are not modelled: every
-profile simulates the 7.3 documentation.
+0, or in mode 3 a row above the diagonal when ``kv < q``) gets zeros. vllm-ascend ran TND paged chunked
+prefill with sparse_mode 3 on torch-npu 2.7.1 (v0.11.0-dev attention_v1.py), outside what 691bf15a documents;
+the simulator follows the document, not that experience.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ from torch.utils.weak import WeakIdKeyDictionary
 from support.npu_simulator import state
 from support.npu_simulator.errors import NotSimulatedError
 
-HEAD_DIMS = (128, 192)
 MAX_BATCH = 4096
 MASK_SIZE = 2048
 MASK_DTYPES = (torch.bool, torch.int8, torch.uint8)
@@ -49,11 +50,21 @@ _checked_masks = WeakIdKeyDictionary()  # mask -> its version when it was found 
 
 def attention(op, query, key, value, block_table, query_ends, kv_lengths, num_heads, num_kv_heads, scale, block_size, atten_mask, sparse_mode):  # type: ignore[no-untyped-def]  # noqa: E501
     """Checks the call (module docstring) and returns ``(output [T, N, D], kv_lengths)``."""
+    profile = state.current().profile
+    line = f"torch_npu {profile.name} (op-plugin {profile.op_plugin})"
+    if not profile.fia_tnd_page_attention:
+        raise ValueError(
+            f"{op}: {line} documents no page attention (block_table) in layout TND without rope (from op-plugin "
+            "7213914d, torch_npu 7.3, it does)"
+        )
     if query.dim() != 3 or query.shape[1] != num_heads:
         raise ValueError(f"{op}: TND takes the query as [T, num_heads={num_heads}, D], got {tuple(query.shape)}")
     tokens, _, head_dim = query.shape
-    if head_dim not in HEAD_DIMS:
-        raise ValueError(f"{op}: TND without rope takes a head dim of 128 or 192, got {head_dim}")
+    if head_dim not in profile.fia_tnd_head_dims:
+        dims = " or ".join(map(str, profile.fia_tnd_head_dims))
+        raise ValueError(f"{op}: {line} takes a head dim of {dims} in TND without rope, got {head_dim}")
+    if str(query.dtype).removeprefix("torch.") not in profile.fia_tnd_dtypes:
+        raise TypeError(f"{op}: {line} takes {', '.join(profile.fia_tnd_dtypes)} in TND, got {query.dtype}")
     if not (query.is_contiguous() and key.is_contiguous() and value.is_contiguous()):
         raise ValueError(f"{op}: query, key and value must be contiguous")
     if num_heads % num_kv_heads:

@@ -44,6 +44,13 @@ class TorchNpuProfile:
     paged_attention_workspace: ``_npu_paged_attention`` takes ``*, Tensor? workspace`` and
                         ``_npu_paged_attention_get_workspace`` exists (PagedAttentionAtb.cpp L91-92 at 691bf15a).
     infer_output:       ``_npu_fused_infer_attention_score{,_v2}_infer_output`` exist (7.3 on).
+    fia_tnd_page_attention: op-plugin's FIA document allows page attention (a block_table) in layout TND
+                        (7213914d on; 480bc431 and 691bf15a list "不支持...page attention" for TND without
+                        rope, and no graph mode either).
+    fia_tnd_head_dims:  the head dims FIA takes in TND without rope: 192 (480bc431), 128 or 192 (691bf15a on).
+    fia_tnd_dtypes:     the dtypes FIA takes in TND without rope: bfloat16 only before 7213914d.
+    fia_paged_max_block_size: the largest block_size FIA's incremental branch (Q_S = 1) takes with page
+                        attention: 512 from 691bf15a ("最大不超过512"); 480bc431 names none (16-aligned on all).
     """
 
     name: str
@@ -58,6 +65,10 @@ class TorchNpuProfile:
     fia_v2: bool
     paged_attention_workspace: bool
     infer_output: bool
+    fia_tnd_page_attention: bool
+    fia_tnd_head_dims: tuple[int, ...]
+    fia_tnd_dtypes: tuple[str, ...]
+    fia_paged_max_block_size: int | None
 
     @property
     def has_handler_registry(self) -> bool:
@@ -77,15 +88,20 @@ _LINE_7_1 = TorchNpuProfile(
     name="7.1", tag="v7.1.0-pytorch2.6.0", version="2.6.0", op_plugin="480bc431", dispatch="7.1",  # pip 2.6.0, .post1, .post2
     infra_mode=False, shared_update_stream=False, weak_npu_tensors_only=False, checks_record_count=False,
     fia_v2=False, paged_attention_workspace=False, infer_output=False,
+    fia_tnd_page_attention=False, fia_tnd_head_dims=(192,), fia_tnd_dtypes=("bfloat16",), fia_paged_max_block_size=None,
 )
 # The 2.7.1 cut, also the 2.8.0 one: pip 2.7.1, 2.7.1.post1, 2.8.0, 2.8.0.post1.
-_LINE_7_2 = _after(_LINE_7_1, "7.2", "v7.2.0-pytorch2.7.1", "2.7.1", "691bf15a", fia_v2=True, paged_attention_workspace=True)
+_LINE_7_2 = _after(
+    _LINE_7_1, "7.2", "v7.2.0-pytorch2.7.1", "2.7.1", "691bf15a",
+    fia_v2=True, paged_attention_workspace=True, fia_tnd_head_dims=(128, 192), fia_paged_max_block_size=512,
+)
 # The PyTorch 2.6 cut of 7.2 (pip 2.6.0.post3, .post4) brackets _npu_paged_attention itself.
 _LINE_7_2_PT26 = _after(_LINE_7_2, "7.2-pt2.6", "v7.2.0-pytorch2.6.0", "2.6.0.post3", "691bf15a")
 # Every 7.3.0/7.3.1 cut: 2.6.0.post5 ... 2.9.0.post1.
 _LINE_7_3 = _after(
     _LINE_7_2, "7.3", "v7.3.0-pytorch2.9.0", "2.9.0", "7213914d",
     infra_mode=True, shared_update_stream=True, weak_npu_tensors_only=True, infer_output=True,
+    fia_tnd_page_attention=True, fia_tnd_dtypes=("float16", "bfloat16"),
 )
 # The 26.0.x cuts; 26.1 and master keep the same skeleton for these ops.
 _LINE_26_0 = _after(_LINE_7_3, "26.0", "v26.0.0-pytorch2.9.0", "2.9.0.post2", "dedc3167", dispatch="registry", checks_record_count=True)

@@ -55,7 +55,12 @@ class SimulatorState:
     faults: set[str] = field(default_factory=set)
     # Class attributes of torch_npu objects, kept per installation (they hold simulated streams).
     class_attributes: dict[str, Any] = field(default_factory=dict)
-    device_queue: Any = None  # the mode standing for the device's streams (capture.DeviceQueue)
+    device_queue: Any = None  # the mode standing for the device's streams while one captures or updates
+    # The Ascend stack under torch_npu (the npu plugin's preflight reads it, devices/npu/ascend_stack.py): the
+    # driver's version.info (None: no file) and what libascendcl.so and libopapi.so export (None: no library).
+    driver_version: str | None = "25.0.rc1"
+    runtime_symbols: frozenset[str] | None = frozenset({"aclmdlRICaptureTaskGrpBegin", "aclmdlRICaptureTaskUpdateBegin"})
+    op_api_symbols: frozenset[str] | None = frozenset({"aclnnFusedInferAttentionScoreV3GetMaxWorkspaceSize"})
     _next_stream_id: int = 0
     _next_pool_id: int = 0
     _default_streams: dict[int, "Stream"] = field(default_factory=dict)
@@ -149,6 +154,15 @@ class SimulatorState:
         if not hasattr(self._thread, "ops_running"):
             self._thread.ops_running = []
         return self._thread.ops_running
+
+    @property
+    def queue_depth(self) -> int:
+        """Captures and updates open on this thread, each of which needs the device queue under its modes."""
+        return getattr(self._thread, "queue_depth", 0)
+
+    @queue_depth.setter
+    def queue_depth(self, depth: int) -> None:
+        self._thread.queue_depth = depth
 
     @property
     def replaying(self) -> int:

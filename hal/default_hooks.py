@@ -60,6 +60,10 @@ def hal_memory_stats(device: DeviceId, pool: Any) -> MemoryStats:
     return MemoryStats()
 
 
+def hal_release_cached_memory(device: DeviceId) -> None:
+    return None
+
+
 OPTIONAL_HOOK_DEFAULTS = {
     "hal_torch_device": hal_torch_device,
     "hal_needs_graph_update": hal_needs_graph_update,
@@ -72,4 +76,5 @@ OPTIONAL_HOOK_DEFAULTS = {
     "hal_compiled_capture_problem": hal_compiled_capture_problem,
     "hal_distributed_backend": hal_distributed_backend,
     "hal_event": hal_event,
+    "hal_release_cached_memory": hal_release_cached_memory,
 }

@@ -133,6 +133,7 @@ class CaptureLoop:
         self.report = CaptureReport(
             self.phase, self.config.mode, str(self.device), tuple(started.order), time.perf_counter() - started.started,
             started.pool_bytes if started.order else 0, tuple(started.added), started.estimate,
+            device_bytes=tuple(started.device_added), bucket_seconds=tuple(started.seconds),
         )
         logger.info(self.report.summary())
         return self.report
@@ -229,6 +230,7 @@ class CaptureLoop:
     def _capture_bucket(self, bucket: int, started: CaptureMemory) -> None:
         """One bucket; across ranks, agree that every rank captured it (or raise on all of them)."""
         error = None
+        used_before, began = self._device_used(), time.perf_counter()
         try:
             self.graphs[bucket] = self._capture_one(bucket)
         except RankCaptureError:
@@ -236,7 +238,10 @@ class CaptureLoop:
         except Exception as exc:
             error = exc
         self.ranks.agree(f"the capture of bucket {bucket}", error, bucket=bucket, mode=self.config.mode)
+        started.seconds.append(time.perf_counter() - began)
         started.added.append(self._pool_bytes() - started.pool_bytes)
+        used_after = self._device_used()
+        started.device_added.append(None if used_before is None or used_after is None else used_after - used_before)
 
     def _capture_one(self, bucket: int) -> CapturedStep:
         assert self.strategy is not None
@@ -275,6 +280,11 @@ class CaptureLoop:
                 f"bucket, before bucket {bucket}); the graphs captured earlier read the old memory. Allocate "
                 "these tensors before capture and keep them in place."
             )
+
+    def _device_used(self) -> int | None:
+        """Device-wide memory in use (``hal.MemoryStats.device_used_bytes``), after the device's queued work."""
+        self.device.synchronize()
+        return self.device.memory_stats().device_used_bytes
 
     def _pool_bytes(self) -> int:
         return self.device.memory_stats(self.pool).pool_bytes or 0 if self.pool is not None else 0

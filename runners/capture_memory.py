@@ -21,6 +21,10 @@ class CaptureMemory:
     before:         pool bytes before this runner captured (a shared pool holds another runner's graphs).
     inference_mode: the inference mode the capture began in: every bucket is captured in it.
     added:          pool bytes each captured bucket added, in capture order.
+    device_added:   device-wide bytes each bucket took (free memory before its warm-up and capture, less after:
+                    graph objects, executable graphs and communicators' buffers included), in capture order;
+                    None entries where the device does not report free memory.
+    seconds:        how long each bucket's warm-up and capture took, in capture order.
     """
 
     started: float
@@ -28,6 +32,8 @@ class CaptureMemory:
     before: int
     inference_mode: bool = False
     added: list[int] = field(default_factory=list)
+    device_added: list[int | None] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
 
     @property
     def pool_bytes(self) -> int:
@@ -38,6 +44,13 @@ class CaptureMemory:
     def estimate(self) -> int:
         """What the largest bucket took: what all of them will take (every smaller bucket reuses its memory)."""
         return self.added[0] if self.added else 0
+
+    @property
+    def device_bytes(self) -> int | None:
+        """Device-wide bytes every bucket captured so far took (None where the device cannot tell)."""
+        if not self.device_added or any(b is None for b in self.device_added):
+            return None
+        return sum(b for b in self.device_added if b is not None)
 
     def over_budget(self, config: PhaseConfig, phase: str, buckets: int) -> PoolBudgetError | None:
         """The error to raise when the estimate is over ``config.pool_budget_mib`` (None when within it)."""

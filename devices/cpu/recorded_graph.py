@@ -27,6 +27,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from devices.cpu import device_memory
 from hal import GraphHalError, GraphStateError
 
 # Ops whose result is uninitialised memory: nothing to recompute at replay.
@@ -84,6 +85,7 @@ class RecordingPool:
     """
 
     def __init__(self) -> None:
+        device_memory.track_pool(self)  # its segments count in the cpu device's model of device memory
         self._segments: list[torch.Tensor] = []  # owned memory, never returned to the system
         self._free: list[_Block] = []  # free blocks of every segment
         self._live: dict[int, tuple[_Block, StorageWeakRef]] = {}  # block address -> (block, its storage's weakref)
@@ -350,6 +352,11 @@ class RecordedGraph:
     def captured(self) -> bool:
         return self._captured
 
+    @property
+    def num_ops(self) -> int:
+        """Ops recorded: the nodes of the executable graph the cpu device's memory model charges for."""
+        return len(self._ops)
+
     def record(self, pool: RecordingPool | None = None) -> "_RecordingSession":
         """A capture session into ``pool`` (None: a private pool for this graph)."""
         if self._capturing or self._captured:
@@ -396,4 +403,5 @@ class _RecordingSession:
             return None
         self._graph._capturing = False
         self._graph._captured = True
+        device_memory.track_graph(self._graph)
         return None

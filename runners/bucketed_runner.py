@@ -15,6 +15,7 @@ pool) overwrites them, so consume or copy them before the next step.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -31,11 +32,12 @@ from runners.graph_dispatch import Dispatch, GraphDispatcher
 from runners.graph_outputs import GraphOutputs
 from runners.input_slots import InputSlot
 from runners.rank_group import rank_group
+from runners.step_counters import RunnerStats, StepCounters
 from runners.step_handle import StepHandle
 from runners.step_inputs import BatchRows, StepInputs
 
 
-class BucketedRunner:
+class BucketedRunner(RunnerStats):
     """See ``DecodeRunner`` and ``PrefillRunner`` for the arguments; this class holds the shared run path."""
 
     phase = ""
@@ -57,6 +59,7 @@ class BucketedRunner:
         consensus_group: Any = None,
     ) -> None:
         self.forward = forward
+        self.counters = StepCounters(self.phase)  # runners.step_counters: stats(), log_stats(), counting
         self.device = hal.get_device(device)
         config.check_device(self.device)
         assert config.buckets is not None  # resolved by the config
@@ -247,7 +250,8 @@ class BucketedRunner:
         except Exception as exc:
             error = exc
         largest, misfits = self.consensus.agree_on_batch(shape.rows, misfit is None, error)
-        dispatch = self._dispatcher.decide(largest, misfits, misfit)
+        dispatch = self._dispatcher.decide(largest, misfits, misfit, self.counters)
+        self.counters.dispatched(dispatch, shape.rows)
         if dispatch.key is None:
             return self._run_eagerly(batch, shape, dispatch), False
         return self._replay(batch, shape, dispatch.key), True
@@ -255,8 +259,10 @@ class BucketedRunner:
     def _replay(self, batch: Mapping[str, torch.Tensor], shape: BatchRows, bucket: int) -> Any:
         step = self._capture.graphs[bucket]
         if not self.consensus.is_group and (self._check_every_replay or not step.addresses_checked):
+            began = time.perf_counter()
             self._address_watch.check(f"the {self.phase} graph for bucket {bucket}")
             step.addresses_checked = True
+            self.counters.checked_addresses(time.perf_counter() - began)
         if torch.is_inference_mode_enabled() == self._capture.inference_mode:
             outputs = self._load_and_replay(step, batch, shape, bucket)
         else:

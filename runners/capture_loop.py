@@ -225,7 +225,9 @@ class CaptureLoop:
         assert choice is not None
         self.mode_reason = choice.reason
         self.config = choice.config
-        logger.info("graphhal %s on %s: %s", self.phase, self.device, choice.reason)
+        # A mode below full chosen by auto is never silent (vLLM PR 47460): a warning, with why.
+        downgraded = self.requested_mode == hal.GraphMode.AUTO and self.config.mode != hal.GraphMode.FULL
+        logger.log(logging.WARNING if downgraded else logging.INFO, "graphhal %s on %s: %s", self.phase, self.device, choice.reason)
 
     def _capture_bucket(self, bucket: int, started: CaptureMemory) -> None:
         """One bucket; across ranks, agree that every rank captured it (or raise on all of them)."""

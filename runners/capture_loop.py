@@ -24,7 +24,7 @@ from hal.graph_per_key import WarmUpError
 from runners.address_watch import AddressWatch
 from runners.bucket_capture import BucketCapture, CapturedStep, breakable_debug, bucket_capture
 from runners.buckets import BucketPolicy
-from runners.capture_memory import CaptureMemory
+from runners.capture_memory import CaptureMemory, device_used
 from runners.capture_report import CaptureReport
 from runners.compile_cache import CompileCache
 from runners.config import PhaseConfig
@@ -232,7 +232,7 @@ class CaptureLoop:
     def _capture_bucket(self, bucket: int, started: CaptureMemory) -> None:
         """One bucket; across ranks, agree that every rank captured it (or raise on all of them)."""
         error = None
-        used_before, began = self._device_used(), time.perf_counter()
+        used_before, began = device_used(self.device), time.perf_counter()
         try:
             self.graphs[bucket] = self._capture_one(bucket)
         except RankCaptureError:
@@ -240,10 +240,7 @@ class CaptureLoop:
         except Exception as exc:
             error = exc
         self.ranks.agree(f"the capture of bucket {bucket}", error, bucket=bucket, mode=self.config.mode)
-        started.seconds.append(time.perf_counter() - began)
-        started.added.append(self._pool_bytes() - started.pool_bytes)
-        used_after = self._device_used()
-        started.device_added.append(None if used_before is None or used_after is None else used_after - used_before)
+        started.record(self._pool_bytes(), used_before, device_used(self.device), began)
 
     def _capture_one(self, bucket: int) -> CapturedStep:
         assert self.strategy is not None
@@ -282,11 +279,6 @@ class CaptureLoop:
                 f"bucket, before bucket {bucket}); the graphs captured earlier read the old memory. Allocate "
                 "these tensors before capture and keep them in place."
             )
-
-    def _device_used(self) -> int | None:
-        """Device-wide memory in use (``hal.MemoryStats.device_used_bytes``), after the device's queued work."""
-        self.device.synchronize()
-        return self.device.memory_stats().device_used_bytes
 
     def _pool_bytes(self) -> int:
         return self.device.memory_stats(self.pool).pool_bytes or 0 if self.pool is not None else 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import hal
@@ -45,6 +46,12 @@ class CaptureMemory:
         """What the largest bucket took: what all of them will take (every smaller bucket reuses its memory)."""
         return self.added[0] if self.added else 0
 
+    def record(self, pool_bytes: int, used_before: int | None, used_after: int | None, began: float) -> None:
+        """One bucket captured: the pool as read now, device-wide use before and after it, when it began."""
+        self.seconds.append(time.perf_counter() - began)
+        self.added.append(pool_bytes - self.pool_bytes)
+        self.device_added.append(None if used_before is None or used_after is None else used_after - used_before)
+
     @property
     def device_bytes(self) -> int | None:
         """Device-wide bytes every bucket captured so far took (None where the device cannot tell)."""
@@ -65,3 +72,9 @@ class CaptureMemory:
             "largest bucket), or raise the budget; fewer buckets save little, since they share the largest's "
             "memory. Nothing else was captured."
         )
+
+
+def device_used(device: "hal.Device") -> int | None:
+    """Device-wide memory in use (``hal.MemoryStats.device_used_bytes``) once the device's queued work is done."""
+    device.synchronize()
+    return device.memory_stats().device_used_bytes

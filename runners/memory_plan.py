@@ -97,10 +97,14 @@ class MemoryPlan:
         )
 
 
-def plan_graph_memory(standins: Sequence[Any]) -> MemoryPlan:
-    """Capture each stand-in runner (in order: the one with the larger graphs first when they share a pool),
-    measure what each bucket took device-wide, close them all, give cached memory back to the device, and
-    return the plan. The stand-ins are closed whatever happens (a budget refused, a capture failed)."""
+def plan_graph_memory(standins: Sequence[Any], *, share_pool: bool = False) -> MemoryPlan:
+    """Capture each stand-in runner in order, measure what each bucket took device-wide, close them all, give
+    cached memory back to the device, and return the plan. The stand-ins are closed whatever happens (a
+    budget refused, a capture failed).
+
+    share_pool: every stand-in after the first captures into the first one's pool, as the real runners will
+                when a server passes ``pool=prefill.pool`` (put the runner with the larger graphs first).
+    """
     if not standins:
         raise ValueError("plan_graph_memory needs at least one stand-in runner")
     device = standins[0].device
@@ -109,8 +113,12 @@ def plan_graph_memory(standins: Sequence[Any]) -> MemoryPlan:
             f"device {device} does not report its free memory (hal_memory_stats without device_free_bytes); "
             "a plan measures what the device as a whole gives the graphs, so it needs that"
         )
+    reports: list[CaptureReport] = []
     try:
-        reports = tuple(runner.capture() for runner in standins)
+        for runner in standins:
+            if share_pool and reports:
+                runner._capture.pool = standins[0].pool  # as pool=standins[0].pool at construction would
+            reports.append(runner.capture())
     finally:
         for runner in standins:
             runner.close()
@@ -118,7 +126,7 @@ def plan_graph_memory(standins: Sequence[Any]) -> MemoryPlan:
         device.release_cached_memory()
     free = device.memory_stats().device_free_bytes
     assert free is not None
-    return MemoryPlan(reports, free)
+    return MemoryPlan(tuple(reports), free)
 
 
 def _by_phase(reports: Sequence[CaptureReport]) -> dict[str, int]:

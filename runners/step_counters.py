@@ -12,7 +12,8 @@ against the same steps uncounted: ``graphhal.bench.counters_cost``); ``counting 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import time
+from typing import Any, Callable
 
 from runners.capture_report import CaptureReport
 from runners.graph_dispatch import Dispatch, EagerReason
@@ -62,9 +63,12 @@ class StepCounters:
         if self.enabled:
             self.eager[REFUSED] = self.eager.get(REFUSED, 0) + 1
 
-    def checked_addresses(self, seconds: float) -> None:
+    def timed_check(self, check: Callable[[str], None], what: str) -> None:
+        """Run an address check (``AddressWatch.check``) and count it with its time."""
+        began = time.perf_counter()
+        check(what)
         self.address_checks += 1
-        self.address_check_seconds += seconds
+        self.address_check_seconds += time.perf_counter() - began
 
     def _tell(self, reason: str, detail: str) -> None:
         self._told.add(reason)

@@ -33,9 +33,9 @@ STRUCTURAL = frozenset(
      "largest", "stable", "descending", "implicit", "upper", "unbiased", "is_causal", "enable_gqa"}
 )
 # Frames of these files are graphhal's or torch's own machinery, not where a value came from.
-_MACHINERY = (
-    os.sep + os.path.join("torch", ""), os.path.join("devices", "cpu", ""), os.path.join("hal", ""),
-    os.path.join("runners", ""), os.sep + "contextlib.py", os.sep + "functools.py",
+_MACHINERY = tuple(
+    os.sep + os.path.join(*parts) for parts in
+    (("torch", ""), ("devices", "cpu", ""), ("hal", ""), ("runners", ""), ("contextlib.py",), ("functools.py",))
 )
 
 

@@ -139,6 +139,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead: the generation loop's throughput, synchronous against overlapped, greedy against sampled, "
         "beside the runner's step and transformers' generate (graphhal.bench.generation; a 1B-shaped Llama)",
     )
+    parser.add_argument(
+        "--observe", action="store_true",
+        help="instead: what a server sees of its graphs (graphhal.bench.observe): counters' cost on against off, "
+        "runner.stats(), device-wide memory per bucket, the memory plan against the capture, the prefill pool "
+        "with last-token logits",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--plot", type=Path, metavar="PATH", help="also plot step time and speedup vs batch size to a PNG (needs matplotlib)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -212,6 +218,11 @@ def run(args: argparse.Namespace) -> int:
         plot.require_matplotlib()
     if args.tp > 1:
         return _run_tensor_parallel(args)
+    if args.observe:
+        from graphhal.bench import observe
+
+        print(observe.render(observe.run(str(chosen_device(args.device)), args.batch_sizes)))
+        return 0
     if args.generation:
         from graphhal.bench import generation
 

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import hal
 from runners.capture_report import CaptureReport
+from runners.thread_owner import ThreadOwner
 
 
 class MemoryPlanError(hal.GraphHalError, ValueError):
@@ -120,8 +121,11 @@ def plan_graph_memory(standins: Sequence[Any], *, share_pool: bool = False) -> M
                 runner._capture.pool = standins[0].pool  # as pool=standins[0].pool at construction would
             reports.append(runner.capture())
     finally:
-        for runner in standins:
+        for index, runner in enumerate(standins):
             runner.close()
+            if share_pool and index:  # joined here, not its own: let the first's pool go (and its owner, keyed by it)
+                runner._capture.pool = None
+                runner._capture.thread_owner = ThreadOwner().adopting(runner._capture.thread_owner)
         gc.collect()  # once, here, not per capture: the closed graphs' cycles go before the device is read
         device.release_cached_memory()
     free = device.memory_stats().device_free_bytes

@@ -214,3 +214,13 @@ def test_npu_reports_its_free_memory_through_mem_get_info(simulated_npu, npu_sim
 
 
 from support.npu_simulator.fixture import npu_profile, npu_simulator, simulated_npu  # noqa: E402, F401 (fixtures)
+
+
+@pytest.mark.cpu
+def test_the_plan_reads_free_memory_with_the_stand_ins_gone_even_while_the_caller_holds_them():
+    before = device_memory.used_bytes()
+    standins = refmodel_runners("cpu", 4, "both", big=False)
+    with torch.inference_mode():
+        plan = plan_graph_memory(standins, share_pool=True)
+    assert plan.free_bytes == device_memory.capacity_bytes() - before
+    assert plan.device_bytes > plan.pool_bytes > 0

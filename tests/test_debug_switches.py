@@ -154,3 +154,31 @@ def test_the_report_names_the_baked_value_its_op_and_the_line_it_came_from(monke
     assert "test_debug_switches.py" in baked[0].source and "(__call__)" in baked[0].source
     messages = [r.getMessage() for r in caplog.records]
     assert any("aten.div.Tensor(other=0.5) from" in m and "test_debug_switches.py" in m for m in messages)
+
+
+# --- on every rank -----------------------------------------------------------------------------------------
+
+
+def _verify_on_two_ranks(rank: int, world_size: int) -> str:
+    """Rank 1 runs the planted bug, rank 0 a correct step: the capture fails on both, naming rank 1's bucket."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ[VERIFY_CAPTURE_ENV] = "1"
+    step = host_planned_step if rank == 1 else double
+    runner = DecodeRunner(step, SLOTS, "cpu", DecodeConfig(max_bs=2, show_progress=False), group=dist.group.WORLD)
+    try:
+        runner.capture()
+    except Exception as error:  # noqa: BLE001 (each rank reports what it raised)
+        return f"{type(error).__name__}: {error}"
+    return "captured"
+
+
+def test_verification_fails_the_capture_on_every_rank():
+    from support.spawn_ranks import run_on_ranks
+
+    rank0, rank1 = run_on_ranks(_verify_on_two_ranks, timeout_s=120)
+    for message in (rank0, rank1):
+        assert message.startswith("RankCaptureError") and "verification of bucket 2" in message, message
+        assert "rank 1 failed" in message and "largest difference" in message, message

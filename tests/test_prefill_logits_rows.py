@@ -75,7 +75,7 @@ def test_last_token_logits_shrink_the_prefill_pool_more_than_tenfold():
     assert every >= 10 * last, (every, last)
 
 
-@pytest.mark.parametrize("mode", ["full", "piecewise"])
+@pytest.mark.parametrize("mode", ["disabled", "full", "breakable", "piecewise"])
 def test_the_transformers_prefill_runner_returns_rows_and_the_loop_samples_from_them(mode, restored_dispatch_mode_flags):
     pytest.importorskip("transformers")
     from graphhal.transformers import paged_kv_cache, prefill_runner

@@ -56,21 +56,27 @@ def run(device_name: str, batch_sizes: Sequence[int] | None = None, *, logits_to
     sizes = list(batch_sizes or [1])
     max_bs = max(max(sizes), 8)
 
-    def runners(num_blocks: int) -> tuple[PrefillRunner, DecodeRunner, PagedKVCache]:
-        kv_cache = PagedKVCache(config, num_blocks=num_blocks, device=device.torch_device, dtype=dtype)
-        prefill = PrefillRunner(
+    def prefill_over(kv_cache: PagedKVCache) -> PrefillRunner:
+        return PrefillRunner(
             model.prefill_forward(kv_cache), prefill_token_slots(), prefill_request_slots(config), device,
             PrefillConfig(max_tokens=64 if on_cpu else 1024, max_requests=4, show_progress=False),
         )
-        decode = DecodeRunner(model.decode_forward(kv_cache), decode_input_slots(config), device, DecodeConfig(max_bs=max_bs, show_progress=False))
-        return prefill, decode, kv_cache
+
+    def decode_over(kv_cache: PagedKVCache, pool: Any = None) -> DecodeRunner:
+        config_ = DecodeConfig(max_bs=max_bs, show_progress=False)
+        return DecodeRunner(model.decode_forward(kv_cache), decode_input_slots(config), device, config_, pool=pool)
+
+    def cache(num_blocks: int) -> PagedKVCache:
+        return PagedKVCache(config, num_blocks=num_blocks, device=device.torch_device, dtype=dtype)
 
     with torch.inference_mode():
-        standin_prefill, standin_decode, _ = runners(8)
-        plan = plan_graph_memory([standin_prefill, standin_decode], share_pool=True)
-        prefill, decode, kv_cache = runners(max(plan.cache_bytes() // _block_bytes(config, dtype) // 64, 4 * max_bs + 8) if not on_cpu else 4 * max_bs + 8)
+        standin = cache(8)  # load, plan on a stand-in cache, size the real one (a quarter of what is left), capture
+        plan = plan_graph_memory([prefill_over(standin), decode_over(standin)], share_pool=True)
+        blocks = 4 * max_bs + 8 if on_cpu else max(plan.cache_bytes() // 4 // _block_bytes(config, dtype), 4 * max_bs + 8)
+        kv_cache = cache(blocks)
+        prefill = prefill_over(kv_cache)
         prefill_report = prefill.capture()
-        decode._capture.pool = prefill.pool  # as DecodeRunner(..., pool=prefill.pool) once prefill captured
+        decode = decode_over(kv_cache, pool=prefill.pool)
         decode_report = decode.capture()
         result.plan = plan.compare([prefill_report, decode_report])
         for report in (prefill_report, decode_report):

@@ -64,6 +64,7 @@ class DebugSwitches:
 
     def after_capture(self, runner: Any) -> None:
         """With ``verify_capture``: verify every bucket; on a mismatch (on any rank) close the runner and raise."""
+        self._handed_out = []  # views of graphs closed before this capture: their memory is no longer theirs
         if not self.verify_capture or not runner.captures_graphs:
             return
         try:

@@ -68,6 +68,10 @@ def hal_stack_checks(device: DeviceId) -> list[str]:
     return []
 
 
+def hal_release_cached_memory(device: DeviceId) -> None:
+    return None
+
+
 OPTIONAL_HOOK_DEFAULTS = {
     "hal_torch_device": hal_torch_device,
     "hal_needs_graph_update": hal_needs_graph_update,
@@ -82,4 +86,5 @@ OPTIONAL_HOOK_DEFAULTS = {
     "hal_event": hal_event,
     "hal_stack_checks": hal_stack_checks,
     "hal_graph_budget": hal_graph_budget,
+    "hal_release_cached_memory": hal_release_cached_memory,
 }

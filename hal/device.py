@@ -197,6 +197,10 @@ class Device:
                 f"group's backend is {backend!r}; make the group with backend={self.distributed_backend!r}"
             )
 
+    def release_cached_memory(self) -> None:
+        """Give the allocator's cached, unused memory back to the device (``hal_release_cached_memory``)."""
+        self._hooks["hal_release_cached_memory"](self.id)
+
     def memory_stats(self, pool: Any = None) -> MemoryStats:
         stats = self._hooks["hal_memory_stats"](self.id, pool)
         if stats is not None and not isinstance(stats, MemoryStats):

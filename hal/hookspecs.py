@@ -350,11 +350,30 @@ def hal_stack_checks(device: "DeviceId") -> Sequence[str] | None:
 @hookspec(firstresult=True)
 def hal_memory_stats(device: "DeviceId", pool: Any) -> "MemoryStats | None":
     """Return the memory in use on ``device``; with ``pool`` given, also the bytes held by that graph pool.
+    Where the device can tell, also its free and total memory device-wide (``device_free_bytes``,
+    ``device_total_bytes``: CUDA's ``mem_get_info``, torch_npu's): what a capture takes outside the pool
+    (graph objects, the driver's executable graphs, communicators' buffers) shows only there.
 
-    Called after captures, for the capture report.
+    Called before and after each bucket's capture, for the capture report and a runner's memory plan
+    (``runners.memory_plan``).
 
     Default: ``hal.default_hooks.hal_memory_stats``.
 
     :param device: the device asked about.
     :param pool: a handle from ``hal_graph_pool``, or None.
+    """
+
+
+@hookspec(firstresult=True)
+def hal_release_cached_memory(device: "DeviceId") -> None:
+    """Give memory the device's allocator keeps cached but unused back to the device (CUDA's
+    ``torch.cuda.empty_cache``), so that its free memory (``hal_memory_stats``) counts it.
+
+    Called once after a memory plan's stand-in runners are closed (``runners.memory_plan``), before the server
+    reads what is free to size its KV cache; never per capture (DESIGN.md: emptying the cache per bucket
+    breaks the pool's reuse).
+
+    Default: ``hal.default_hooks.hal_release_cached_memory`` (nothing: an allocator that caches nothing).
+
+    :param device: the device whose cache to release.
     """

@@ -8,9 +8,11 @@ from runners.capture_memory import PoolBudgetError
 from runners.buckets import BucketPolicy, default_decode_buckets, default_prefill_buckets
 from runners.capture_report import CaptureReport
 from runners.config import DecodeConfig, PhaseConfig, PrefillConfig
+from runners.debug_switches import GraphVerifyError
 from runners.decode_runner import DecodeRunner
 from runners.graph_config import GraphConfig
 from runners.input_slots import InputSlot
+from runners.memory_plan import MemoryPlan, MemoryPlanError, plan_graph_memory
 from runners.prefill_runner import PrefillRunner
 from runners.rank_group import RankCaptureError, RankRunError
 from runners.static_inputs import StaticInputs
@@ -22,7 +24,10 @@ __all__ = [
     "DecodeConfig",
     "DecodeRunner",
     "GraphConfig",
+    "GraphVerifyError",
     "InputSlot",
+    "MemoryPlan",
+    "MemoryPlanError",
     "PhaseConfig",
     "PrefillConfig",
     "PrefillRunner",
@@ -34,4 +39,5 @@ __all__ = [
     "StaticInputs",
     "default_decode_buckets",
     "default_prefill_buckets",
+    "plan_graph_memory",
 ]

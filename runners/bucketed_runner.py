@@ -26,16 +26,18 @@ from runners.buckets import BucketPolicy
 from runners.bucket_capture import CapturedStep
 from runners.capture_loop import CaptureLoop, RunnerStateError
 from runners.capture_report import CaptureReport
+from runners.debug_switches import DebugSwitches
 from runners.config import PhaseConfig
 from runners.graph_dispatch import Dispatch, GraphDispatcher
 from runners.graph_outputs import GraphOutputs
 from runners.input_slots import InputSlot
 from runners.rank_group import rank_group
+from runners.step_counters import RunnerStats, StepCounters
 from runners.step_handle import StepHandle
 from runners.step_inputs import BatchRows, StepInputs
 
 
-class BucketedRunner:
+class BucketedRunner(RunnerStats):
     """See ``DecodeRunner`` and ``PrefillRunner`` for the arguments; this class holds the shared run path."""
 
     phase = ""
@@ -57,6 +59,8 @@ class BucketedRunner:
         consensus_group: Any = None,
     ) -> None:
         self.forward = forward
+        self.counters = StepCounters(self.phase)  # runners.step_counters: stats(), log_stats(), counting
+        self.debug = DebugSwitches()  # runners.debug_switches: verify on capture, poison stale outputs
         self.device = hal.get_device(device)
         config.check_device(self.device)
         assert config.buckets is not None  # resolved by the config
@@ -154,6 +158,7 @@ class BucketedRunner:
         """
         report = self._capture.capture()
         self._dispatcher = self._make_dispatcher()  # the settled mode decides between graphs and eager
+        self.debug.after_capture(self)
         return report
 
     def estimate_pool_bytes(self) -> int:
@@ -247,7 +252,8 @@ class BucketedRunner:
         except Exception as exc:
             error = exc
         largest, misfits = self.consensus.agree_on_batch(shape.rows, misfit is None, error)
-        dispatch = self._dispatcher.decide(largest, misfits, misfit)
+        dispatch = self._dispatcher.decide(largest, misfits, misfit, self.counters)
+        self.counters.dispatched(dispatch, shape.rows)
         if dispatch.key is None:
             return self._run_eagerly(batch, shape, dispatch), False
         return self._replay(batch, shape, dispatch.key), True
@@ -255,7 +261,7 @@ class BucketedRunner:
     def _replay(self, batch: Mapping[str, torch.Tensor], shape: BatchRows, bucket: int) -> Any:
         step = self._capture.graphs[bucket]
         if not self.consensus.is_group and (self._check_every_replay or not step.addresses_checked):
-            self._address_watch.check(f"the {self.phase} graph for bucket {bucket}")
+            self.counters.timed_check(self._address_watch.check, f"the {self.phase} graph for bucket {bucket}")
             step.addresses_checked = True
         if torch.is_inference_mode_enabled() == self._capture.inference_mode:
             outputs = self._load_and_replay(step, batch, shape, bucket)
@@ -263,14 +269,15 @@ class BucketedRunner:
             with torch.inference_mode(self._capture.inference_mode):
                 outputs = self._load_and_replay(step, batch, shape, bucket)
         if step.outputs_static:  # a graph: it wrote into the outputs captured
-            return step.outputs.live_rows(shape.rows, shape.requests)
+            return self.debug.handed_out(step.outputs.live_rows(shape.rows, shape.requests))
         replayed = GraphOutputs(outputs, bucket, self.request_outputs, self.inputs.max_requests)
         step.outputs_static = replayed.same_tensors(step.outputs)
-        return replayed.live_rows(shape.rows, shape.requests)
+        return self.debug.handed_out(replayed.live_rows(shape.rows, shape.requests))
 
     def _load_and_replay(self, step: CapturedStep, batch: Mapping[str, torch.Tensor], shape: BatchRows, bucket: int) -> Any:
         # No torch.no_grad() needed around the copies: an input that requires grad was refused by the check.
         self.inputs.load(batch, shape, bucket)
+        self.debug.before_replay()  # after the copy in: a batch may hold the last step's outputs
         if not self.device.needs_graph_update:
             return step.captured.run()
         if step.graph is not None:

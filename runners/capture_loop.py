@@ -24,7 +24,7 @@ from hal.graph_per_key import WarmUpError
 from runners.address_watch import AddressWatch
 from runners.bucket_capture import BucketCapture, CapturedStep, breakable_debug, bucket_capture
 from runners.buckets import BucketPolicy
-from runners.capture_memory import CaptureMemory
+from runners.capture_memory import CaptureMemory, device_used
 from runners.capture_report import CaptureReport
 from runners.compile_cache import CompileCache
 from runners.config import PhaseConfig
@@ -134,6 +134,7 @@ class CaptureLoop:
         self.report = CaptureReport(
             self.phase, self.config.mode, str(self.device), tuple(started.order), time.perf_counter() - started.started,
             started.pool_bytes if started.order else 0, tuple(started.added), started.estimate,
+            device_bytes=tuple(started.device_added), bucket_seconds=tuple(started.seconds),
         )
         logger.info(self.report.summary())
         return self.report
@@ -228,11 +229,14 @@ class CaptureLoop:
         assert choice is not None
         self.mode_reason = choice.reason
         self.config = choice.config
-        logger.info("graphhal %s on %s: %s", self.phase, self.device, choice.reason)
+        # A mode below full chosen by auto is never silent (vLLM PR 47460): a warning, with why.
+        downgraded = self.requested_mode == hal.GraphMode.AUTO and self.config.mode != hal.GraphMode.FULL
+        logger.log(logging.WARNING if downgraded else logging.INFO, "graphhal %s on %s: %s", self.phase, self.device, choice.reason)
 
     def _capture_bucket(self, bucket: int, started: CaptureMemory) -> None:
         """One bucket; across ranks, agree that every rank captured it (or raise on all of them)."""
         error = None
+        used_before, began = device_used(self.device), time.perf_counter()
         try:
             self.graphs[bucket] = self._capture_one(bucket)
         except RankCaptureError:
@@ -240,7 +244,7 @@ class CaptureLoop:
         except Exception as exc:
             error = exc
         self.ranks.agree(f"the capture of bucket {bucket}", error, bucket=bucket, mode=self.config.mode)
-        started.added.append(self._pool_bytes() - started.pool_bytes)
+        started.record(self._pool_bytes(), used_before, device_used(self.device), began)
 
     def _capture_one(self, bucket: int) -> CapturedStep:
         assert self.strategy is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import hal
@@ -21,6 +22,10 @@ class CaptureMemory:
     before:         pool bytes before this runner captured (a shared pool holds another runner's graphs).
     inference_mode: the inference mode the capture began in: every bucket is captured in it.
     added:          pool bytes each captured bucket added, in capture order.
+    device_added:   device-wide bytes each bucket took (free memory before its warm-up and capture, less after:
+                    graph objects, executable graphs and communicators' buffers included), in capture order;
+                    None entries where the device does not report free memory.
+    seconds:        how long each bucket's warm-up and capture took, in capture order.
     """
 
     started: float
@@ -28,6 +33,8 @@ class CaptureMemory:
     before: int
     inference_mode: bool = False
     added: list[int] = field(default_factory=list)
+    device_added: list[int | None] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
 
     @property
     def pool_bytes(self) -> int:
@@ -38,6 +45,19 @@ class CaptureMemory:
     def estimate(self) -> int:
         """What the largest bucket took: what all of them will take (every smaller bucket reuses its memory)."""
         return self.added[0] if self.added else 0
+
+    def record(self, pool_bytes: int, used_before: int | None, used_after: int | None, began: float) -> None:
+        """One bucket captured: the pool as read now, device-wide use before and after it, when it began."""
+        self.seconds.append(time.perf_counter() - began)
+        self.added.append(pool_bytes - self.pool_bytes)
+        self.device_added.append(None if used_before is None or used_after is None else used_after - used_before)
+
+    @property
+    def device_bytes(self) -> int | None:
+        """Device-wide bytes every bucket captured so far took (None where the device cannot tell)."""
+        if not self.device_added or any(b is None for b in self.device_added):
+            return None
+        return sum(b for b in self.device_added if b is not None)
 
     def over_budget(self, config: PhaseConfig, phase: str, buckets: int) -> PoolBudgetError | None:
         """The error to raise when the estimate is over ``config.pool_budget_mib`` (None when within it)."""
@@ -52,3 +72,9 @@ class CaptureMemory:
             "largest bucket), or raise the budget; fewer buckets save little, since they share the largest's "
             "memory. Nothing else was captured."
         )
+
+
+def device_used(device: "hal.Device") -> int | None:
+    """Device-wide memory in use (``hal.MemoryStats.device_used_bytes``) once the device's queued work is done."""
+    device.synchronize()
+    return device.memory_stats().device_used_bytes

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from runners.buckets import BucketPolicy
 
@@ -55,12 +56,16 @@ class GraphDispatcher:
         self.eager_fallback = eager_fallback
         self.across_ranks = across_ranks
 
-    def decide(self, largest: int, misfits: list[int], misfit_here: str | None) -> Dispatch:
+    def decide(self, largest: int, misfits: list[int], misfit_here: str | None, counters: Any = None) -> Dispatch:
         """The step's dispatch from the largest batch across ranks (this rank's own without a group), the ranks
-        whose batch does not fit, and what does not fit here (None when this rank's batch fits)."""
+        whose batch does not fit, and what does not fit here (None when this rank's batch fits). A refusal is
+        counted in ``counters`` (``runners.step_counters``) before it is raised."""
         if misfits:
             if not self.eager_fallback:
-                raise ValueError(self._refusal(misfits, misfit_here))
+                refusal = self._refusal(misfits, misfit_here)
+                if counters is not None:
+                    counters.refused(refusal)
+                raise ValueError(refusal)
             return Dispatch(None, largest, EagerReason.TOO_LARGE if misfit_here else EagerReason.ANOTHER_RANK)
         if not self.captures_graphs:
             return Dispatch(None, largest, EagerReason.DISABLED)

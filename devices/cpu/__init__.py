@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from devices.cpu import device_memory
 from devices.cpu.recorded_graph import RecordedGraph, RecordingPool
 from hal import Compiler, DeviceId, GraphMode, MemoryStats, hookimpl
 
@@ -88,4 +89,5 @@ def hal_distributed_backend(device: DeviceId) -> str:
 @hookimpl
 def hal_memory_stats(device: DeviceId, pool: Any) -> MemoryStats:
     pool_bytes = pool.bytes if isinstance(pool, RecordingPool) else None
-    return MemoryStats(pool_bytes=pool_bytes)
+    free, total = device_memory.mem_get_info()  # the model of a card's memory (devices.cpu.device_memory)
+    return MemoryStats(pool_bytes=pool_bytes, device_free_bytes=free, device_total_bytes=total)

@@ -27,6 +27,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from devices.cpu import baked_values, device_memory
 from hal import GraphHalError, GraphStateError
 
 # Ops whose result is uninitialised memory: nothing to recompute at replay.
@@ -84,6 +85,7 @@ class RecordingPool:
     """
 
     def __init__(self) -> None:
+        device_memory.track_pool(self)  # its segments count in the cpu device's model of device memory
         self._segments: list[torch.Tensor] = []  # owned memory, never returned to the system
         self._free: list[_Block] = []  # free blocks of every segment
         self._live: dict[int, tuple[_Block, StorageWeakRef]] = {}  # block address -> (block, its storage's weakref)
@@ -237,10 +239,11 @@ class _OpRecorder(_ThreadLocalMode):
     """Runs each op as usual, places what it creates in the pool, and keeps what replay needs to issue it
     again: the op, and non-owning aliases of every pool tensor it reads or writes."""
 
-    def __init__(self, ops: list[_RecordedOp], pool: RecordingPool) -> None:
+    def __init__(self, ops: list[_RecordedOp], pool: RecordingPool, baked: list | None = None) -> None:
         super().__init__()
         self._ops = ops
         self._pool = pool
+        self._baked = baked  # with GRAPHHAL_REPORT_BAKED_VALUES: where the Python numbers it records go
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
@@ -257,6 +260,8 @@ class _OpRecorder(_ThreadLocalMode):
         result = tree_map_only(torch.Tensor, lambda t: self._into_pool(t, inputs, copy=func not in _UNINITIALISED_FACTORIES), result)
         if func in _UNINITIALISED_FACTORIES:
             return result  # uninitialised memory: nothing to recompute at replay
+        if self._baked is not None:
+            self._baked.extend(v for v in baked_values.baked_in(func, args, kwargs) if v not in self._baked)
         recorded_args, recorded_kwargs = tree_map_only(torch.Tensor, self._held, (args, kwargs))
         if func._schema.is_mutable:
             self._ops.append(_RecordedOp(func, recorded_args, recorded_kwargs))
@@ -343,12 +348,18 @@ class RecordedGraph:
         self.device = device  # named in its errors
         self._ops: list[_RecordedOp] = []
         self._pool: RecordingPool | None = None  # the memory the recorded aliases point into: kept alive
+        self.baked_values: list[baked_values.BakedValue] = []  # with GRAPHHAL_REPORT_BAKED_VALUES: what it baked in
         self._capturing = False
         self._captured = False
 
     @property
     def captured(self) -> bool:
         return self._captured
+
+    @property
+    def num_ops(self) -> int:
+        """Ops recorded: the nodes of the executable graph the cpu device's memory model charges for."""
+        return len(self._ops)
 
     def record(self, pool: RecordingPool | None = None) -> "_RecordingSession":
         """A capture session into ``pool`` (None: a private pool for this graph)."""
@@ -382,7 +393,8 @@ class _RecordingSession:
 
     def __init__(self, graph: RecordedGraph, pool: RecordingPool) -> None:
         self._graph = graph
-        self._recorder = _OpRecorder(graph._ops, pool)
+        graph.baked_values = []
+        self._recorder = _OpRecorder(graph._ops, pool, graph.baked_values if baked_values.enabled() else None)
 
     def __enter__(self) -> RecordedGraph:
         self._graph._capturing = True
@@ -396,4 +408,6 @@ class _RecordingSession:
             return None
         self._graph._capturing = False
         self._graph._captured = True
+        device_memory.track_graph(self._graph)
+        baked_values.report(self._graph.device, self._graph.baked_values)
         return None

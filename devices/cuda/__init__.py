@@ -117,6 +117,12 @@ def hal_event(device: DeviceId) -> _StepEvent:
 
 
 @hookimpl
+def hal_release_cached_memory(device: DeviceId) -> None:
+    with torch.cuda.device(_index(device)):
+        torch.cuda.empty_cache()
+
+
+@hookimpl
 def hal_memory_stats(device: DeviceId, pool: Any) -> MemoryStats:
     index = _index(device)
     pool_bytes = None
@@ -128,8 +134,11 @@ def hal_memory_stats(device: DeviceId, pool: Any) -> MemoryStats:
             for segment in torch.cuda.memory_snapshot()
             if segment["device"] == index and tuple(segment.get("segment_pool_id", ())) == pool_id
         )
+    free, total = torch.cuda.mem_get_info(index)  # the driver's view: graph objects and NCCL buffers included
     return MemoryStats(
         allocated_bytes=torch.cuda.memory_allocated(index),
         reserved_bytes=torch.cuda.memory_reserved(index),
         pool_bytes=pool_bytes,
+        device_free_bytes=int(free),
+        device_total_bytes=int(total),
     )

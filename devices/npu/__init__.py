@@ -208,6 +208,18 @@ class _StepEvent:
 
 
 @hookimpl
+def hal_release_cached_memory(device: DeviceId) -> None:
+    torch_npu_runtime().npu.empty_cache()
+
+
+@hookimpl
 def hal_memory_stats(device: DeviceId, pool: Any) -> MemoryStats:
     npu, index = torch_npu_runtime().npu, _index(device)
-    return MemoryStats(allocated_bytes=int(npu.memory_allocated(index)), reserved_bytes=int(npu.memory_reserved(index)))
+    # torch_npu's mem_get_info (aclrtGetMemInfo): the device as a whole, the graphs' task memory included.
+    free, total = npu.mem_get_info(index) if hasattr(npu, "mem_get_info") else (None, None)
+    return MemoryStats(
+        allocated_bytes=int(npu.memory_allocated(index)),
+        reserved_bytes=int(npu.memory_reserved(index)),
+        device_free_bytes=None if free is None else int(free),
+        device_total_bytes=None if total is None else int(total),
+    )

@@ -145,6 +145,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "step at q = 1 + k against the plain decode step, a draft model's step, the loop's tokens per second at a "
         "set acceptance (replay drafter) against the ideal from the step costs, prompt lookup against transformers'",
     )
+    parser.add_argument(
+        "--observe", action="store_true",
+        help="instead: what a server sees of its graphs (graphhal.bench.observe): counters' cost on against off, "
+        "runner.stats(), device-wide memory per bucket, the memory plan against the capture, the prefill pool "
+        "with last-token logits",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--plot", type=Path, metavar="PATH", help="also plot step time and speedup vs batch size to a PNG (needs matplotlib)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -224,6 +230,11 @@ def run(args: argparse.Namespace) -> int:
         from graphhal.bench import speculative
 
         print(speculative.render(speculative.run(str(chosen_device(args.device)), args.batch_sizes)))
+        return 0
+    if args.observe:
+        from graphhal.bench import observe
+
+        print(observe.render(observe.run(str(chosen_device(args.device)), args.batch_sizes)))
         return 0
     if args.generation:
         from graphhal.bench import generation

@@ -19,11 +19,17 @@ from graphhal.paged_attention.decode_inputs import decode_input_slots
 from graphhal.paged_attention.kv_cache import NULL_SLOT, PagedKVCache, write_kv_cache
 from graphhal.paged_attention.prefill_attention_op import prefill_attention
 from graphhal.paged_attention.prefill_attention_reference import prefill_attention_reference
-from graphhal.paged_attention.prefill_inputs import prefill_request_slots, prefill_token_slots
+from graphhal.paged_attention.prefill_inputs import (
+    PREFILL_ROW_OUTPUTS,
+    logits_rows_slot,
+    prefill_request_slots,
+    prefill_token_slots,
+)
 
 __all__ = [
     "NULL_BLOCK",
     "NULL_SLOT",
+    "PREFILL_ROW_OUTPUTS",
     "BlockAllocator",
     "CacheLayout",
     "OutOfBlocksError",
@@ -31,6 +37,7 @@ __all__ = [
     "decode_attention",
     "decode_attention_reference",
     "decode_input_slots",
+    "logits_rows_slot",
     "prefill_attention",
     "prefill_attention_reference",
     "prefill_request_slots",

@@ -28,7 +28,20 @@ def prefill_token_slots() -> list[InputSlot]:
     ]
 
 
-def prefill_request_slots(config: CacheLayout, max_blocks_per_seq: int | None = None) -> list[InputSlot]:
+# What a prefill step returns with one row per request when it computes logits only at ``logits_rows``: the
+# runner's ``request_outputs``.
+PREFILL_ROW_OUTPUTS = ("logits",)
+
+
+def logits_rows_slot() -> InputSlot:
+    """The request slot naming, per request, the packed token row whose logits the step computes (its last
+    token for sampling). A padded request reads row 0: its logits are computed and never used."""
+    return InputSlot("logits_rows", torch.int64, fill=0)
+
+
+def prefill_request_slots(
+    config: CacheLayout, max_blocks_per_seq: int | None = None, *, logits_rows: bool = False
+) -> list[InputSlot]:
     """The per-request slots of ``PrefillStep``: ``query_lens``, ``seq_lens``, ``block_tables``.
 
     A padded request has no new tokens (``query_len`` 0), which is what makes attention skip it; its
@@ -38,6 +51,8 @@ def prefill_request_slots(config: CacheLayout, max_blocks_per_seq: int | None = 
     ``seq_lens`` declares the SEQ_LENS role (a device may choose its dtype and fill). ``query_lens`` declares
     QUERY_LENS: it is passed on the host, and a runner refuses counts that add up to more tokens than the
     batch holds, as eager attention does (a graph padded to its bucket would not notice).
+
+    ``logits_rows``: add ``logits_rows_slot()`` for a step that computes logits only at those rows.
     """
     if max_blocks_per_seq is None:
         max_blocks_per_seq = config.max_blocks_per_seq
@@ -47,4 +62,5 @@ def prefill_request_slots(config: CacheLayout, max_blocks_per_seq: int | None = 
         InputSlot("query_lens", torch.int32, fill=0, role=SlotRole.QUERY_LENS),
         InputSlot("seq_lens", torch.int32, fill=0, role=SlotRole.SEQ_LENS),
         InputSlot("block_tables", torch.int32, row_shape=(max_blocks_per_seq,), fill=NULL_BLOCK),
+        *([logits_rows_slot()] if logits_rows else []),
     ]

@@ -9,7 +9,7 @@ and KV cache are ``graphhal.paged_attention``'s. Importing this package needs ne
 
 from graphhal.refmodel.config import ModelConfig
 from graphhal.refmodel.decode_workload import DecodeWorkload
-from graphhal.refmodel.model import DecodeStep, LlamaDecoder, PrefillStep
+from graphhal.refmodel.model import DecodeStep, LlamaDecoder, PrefillRowsStep, PrefillStep
 from graphhal.refmodel.prefill_workload import PrefillWorkload
 
-__all__ = ["DecodeStep", "DecodeWorkload", "LlamaDecoder", "ModelConfig", "PrefillStep", "PrefillWorkload"]
+__all__ = ["DecodeStep", "DecodeWorkload", "LlamaDecoder", "ModelConfig", "PrefillRowsStep", "PrefillStep", "PrefillWorkload"]

@@ -204,8 +204,11 @@ class LlamaDecoder(torch.nn.Module):
         seq_lens: torch.Tensor,
         block_tables: torch.Tensor,
         kv_cache: PagedKVCache,
+        logits_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One prefill step over ``T`` packed tokens of up to ``R`` requests; returns logits [T, vocab_size].
+        """One prefill step over ``T`` packed tokens of up to ``R`` requests; returns logits [T, vocab_size], or
+        with ``logits_rows`` ([R] int64: a row among the packed tokens per request) only those rows' logits
+        [R, vocab_size]: the step's largest tensor shrinks from every token's to one per request.
 
         Token inputs, [T] int64 each: input_ids, positions (a token's place in its request: context_len + j
         for its j-th new token), slot_mapping (cache slot its K/V go to; ``NULL_SLOT`` for padded tokens).
@@ -219,15 +222,17 @@ class LlamaDecoder(torch.nn.Module):
         def attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor) -> None:
             prefill_attention_break(q, key_cache, value_cache, block_tables, query_lens, seq_lens, scale, out)
 
-        return self._logits(input_ids, positions, slot_mapping, kv_cache, attention)
+        return self._logits(input_ids, positions, slot_mapping, kv_cache, attention, logits_rows)
 
     def decode_forward(self, kv_cache: PagedKVCache) -> "DecodeStep":
         """The decode step with ``kv_cache`` bound: call it as ``step(**batch)``."""
         return DecodeStep(self, kv_cache)
 
-    def prefill_forward(self, kv_cache: PagedKVCache) -> "PrefillStep":
-        """The prefill step with ``kv_cache`` bound: call it as ``step(**batch)``."""
-        return PrefillStep(self, kv_cache)
+    def prefill_forward(self, kv_cache: PagedKVCache, *, logits_rows: bool = False) -> "PrefillStep":
+        """The prefill step with ``kv_cache`` bound: call it as ``step(**batch)``. With ``logits_rows`` it takes
+        the request slot ``logits_rows`` (``prefill_request_slots(..., logits_rows=True)``) and returns
+        ``{"logits": [R, vocab]}``, one row per request (a runner's ``request_outputs=PREFILL_ROW_OUTPUTS``)."""
+        return (PrefillRowsStep if logits_rows else PrefillStep)(self, kv_cache)
 
     def _logits(
         self,
@@ -236,6 +241,7 @@ class LlamaDecoder(torch.nn.Module):
         slot_mapping: torch.Tensor,
         kv_cache: PagedKVCache,
         attention: Attention,
+        logits_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self._layers(input_ids, positions, slot_mapping, kv_cache, attention)
@@ -255,6 +261,8 @@ class LlamaDecoder(torch.nn.Module):
         angles = self.rotary.angles(positions)  # every layer rotates at the same positions: gathered once
         for layer, key_cache, value_cache in zip(self.layers, kv_cache.key_caches, kv_cache.value_caches):
             hidden = layer(hidden, angles, slot_mapping, key_cache, value_cache, attention)
+        if logits_rows is not None:  # before the norm and the head: both are per row
+            hidden = hidden.index_select(0, logits_rows)
         return F.linear(self.final_norm(hidden), self.lm_head)
 
 
@@ -327,3 +335,32 @@ class PrefillStep(_BoundStep):
             block_tables=block_tables,
             kv_cache=self.kv_cache,
         )
+
+
+class PrefillRowsStep(_BoundStep):
+    """``PrefillStep`` that computes logits only at ``logits_rows`` (a request slot: each request's last
+    token, say) and returns ``{"logits": [R, vocab]}``: at 2048 tokens and a 128k vocabulary the logits are
+    about 0.5 GB of graph pool in bfloat16, and one row per request is what a sampler reads."""
+
+    def forward(
+        self,
+        *,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        query_lens: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        logits_rows: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        logits = self.model.prefill(
+            input_ids=input_ids,
+            positions=positions,
+            slot_mapping=slot_mapping,
+            query_lens=query_lens,
+            seq_lens=seq_lens,
+            block_tables=block_tables,
+            kv_cache=self.kv_cache,
+            logits_rows=logits_rows,
+        )
+        return {"logits": logits}

@@ -83,9 +83,9 @@ class PrefillWorkload:
     def token_slots(self) -> list[InputSlot]:
         return self._for_device(prefill_token_slots())
 
-    def request_slots(self) -> list[InputSlot]:
-        """The request slots matching this workload's block-table width."""
-        return self._for_device(prefill_request_slots(self.config, self.max_blocks_per_seq))
+    def request_slots(self, *, logits_rows: bool = False) -> list[InputSlot]:
+        """The request slots matching this workload's block-table width (and ``logits_rows`` when asked)."""
+        return self._for_device(prefill_request_slots(self.config, self.max_blocks_per_seq, logits_rows=logits_rows))
 
     def decode_slots(self) -> list[InputSlot]:
         """The decode-step slots matching ``decode_batch``."""
@@ -118,8 +118,9 @@ class PrefillWorkload:
         }
         return self._typed(batch, self.token_slots())
 
-    def request_batch(self, requests: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-        """``query_lens``, ``seq_lens``, ``block_tables`` of the chosen requests, one row each, in order.
+    def request_batch(self, requests: Sequence[int] | None = None, *, logits_rows: bool = False) -> dict[str, torch.Tensor]:
+        """``query_lens``, ``seq_lens``, ``block_tables`` of the chosen requests, one row each, in order; with
+        ``logits_rows``, also each request's last token's row among the packed tokens (what a sampler reads).
 
         ``query_lens`` stays on the host, as a server's scheduler has it: a runner checks it against the
         batch's token count there (``hal.SlotRole.QUERY_LENS``) and copies it to the device itself.
@@ -133,11 +134,14 @@ class PrefillWorkload:
             ),
             "block_tables": self._block_tables(requests),
         }
-        return self._typed(batch, self.request_slots())
+        if logits_rows:
+            ends = torch.tensor([self.query_lens[i] for i in requests], dtype=torch.int64).cumsum(0) - 1
+            batch["logits_rows"] = ends.to(device)
+        return self._typed(batch, self.request_slots(logits_rows=logits_rows))
 
-    def batch(self, requests: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    def batch(self, requests: Sequence[int] | None = None, *, logits_rows: bool = False) -> dict[str, torch.Tensor]:
         """The whole prefill-step input: ``token_batch`` then ``request_batch``, call it as ``step(**batch)``."""
-        return {**self.token_batch(requests), **self.request_batch(requests)}
+        return {**self.token_batch(requests), **self.request_batch(requests, logits_rows=logits_rows)}
 
     def decode_batch(self, token_ids: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
         """Decode-step inputs (``decode_input_slots``) feeding ``token_ids[i]`` to request ``i`` as its next token.

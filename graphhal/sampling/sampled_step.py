@@ -92,6 +92,15 @@ class SampledPrefillStep(SampledStep):
 
     OUTPUTS = ("tokens", "logprobs")
 
+    def __init__(
+        self, forward: Callable[..., Any], *, max_top_k: int = DEFAULT_MAX_TOP_K, logits_key: str = "logits", logits_rows: bool = False
+    ) -> None:
+        """logits_rows: ``forward`` takes ``sample_rows`` as its ``logits_rows`` and computes logits only there
+        (``PrefillRowsStep``): one row per request instead of every token's, the step's largest tensor. False:
+        it returns every token's logits and the rows are picked from them."""
+        super().__init__(forward, max_top_k=max_top_k, logits_key=logits_key)
+        self.logits_rows = logits_rows
+
     def request_slots(self, model_request_slots: Sequence[InputSlot]) -> list[InputSlot]:
         """The runner's request slots: the model's, ``sample_rows``, then the sampling slots."""
         return [*self.input_slots([*model_request_slots, InputSlot("sample_rows", torch.int64, fill=0)])]
@@ -104,6 +113,9 @@ class SampledPrefillStep(SampledStep):
         if missing:
             raise TypeError(f"SampledPrefillStep: missing sampling inputs {missing}; build the runner with step.request_slots(...)")
         parameters = [inputs.pop(name) for name in SAMPLING_SLOT_NAMES]
-        logits = self._logits(self.forward(**inputs))  # [tokens, vocab]
-        tokens, logprobs = sample(logits.index_select(0, rows), *parameters, max_top_k=self.max_top_k)
+        if self.logits_rows:
+            logits = self._logits(self.forward(**inputs, logits_rows=rows))  # [requests, vocab]
+        else:
+            logits = self._logits(self.forward(**inputs)).index_select(0, rows)  # of [tokens, vocab]
+        tokens, logprobs = sample(logits, *parameters, max_top_k=self.max_top_k)
         return {"tokens": tokens, "logprobs": logprobs}

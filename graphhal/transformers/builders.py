@@ -28,10 +28,10 @@ import torch
 import hal
 from graphhal.transformers.attention import use_graphhal_attention
 from graphhal.transformers.experts import check_experts_capturable
-from graphhal.transformers.steps import DecodeStep, PrefillStep
+from graphhal.transformers.steps import DecodeStep, PrefillRowsStep, PrefillStep
 from graphhal.paged_attention.decode_inputs import decode_input_slots
 from graphhal.paged_attention.kv_cache import PagedKVCache
-from graphhal.paged_attention.prefill_inputs import prefill_request_slots, prefill_token_slots
+from graphhal.paged_attention.prefill_inputs import PREFILL_ROW_OUTPUTS, logits_rows_slot, prefill_request_slots, prefill_token_slots
 from graphhal.sampling import DEFAULT_MAX_TOP_K, SampledPrefillStep, SampledStep
 from graphhal.speculative.verify import GreedyVerifyStep
 from runners import DecodeConfig, DecodeRunner, PrefillConfig, PrefillRunner
@@ -86,6 +86,7 @@ def prefill_runner(
     *,
     sampling: bool = True,
     max_top_k: int = DEFAULT_MAX_TOP_K,
+    logits: str | None = None,
     **runner_options: Any,
 ) -> PrefillRunner:
     """Prefill steps of ``model`` (packed prompt chunks after each request's cached context) over ``kv_cache``;
@@ -93,18 +94,30 @@ def prefill_runner(
 
     sampling:  each request samples at its chunk's last token (the request slot ``sample_rows`` names the row)
                inside the graphs, and the step returns ``{"tokens", "logprobs"}`` with one row per request
-               (``graphhal.sampling.SampledPrefillStep``); False: it returns every token's logits.
+               (``graphhal.sampling.SampledPrefillStep``); False: it returns logits (see ``logits``).
     max_top_k: as for ``decode_runner``.
+    logits:    "rows": the model's head runs only at the rows that need it: the sampled rows (the default with
+               sampling), or without sampling the request slot ``logits_rows`` (each request's last token, say),
+               and the step returns ``{"logits": [requests, vocab]}``. "all" (the default without sampling):
+               every token's logits, [tokens, vocab] (prompt log-probabilities need them), at every token's
+               cost in graph memory: 0.5 GB of pool at 2048 tokens and a 128k vocabulary in bfloat16.
     """
+    logits = logits or ("rows" if sampling else "all")
+    if logits not in ("rows", "all"):
+        raise ValueError(f"prefill_runner: logits must be 'rows' or 'all', got {logits!r}")
     config = config or PrefillConfig()
     device = _device_of(model, kv_cache, device, config)
     token_slots = [slot.for_device(device.conventions) for slot in prefill_token_slots()]
     request_slots = [slot.for_device(device.conventions) for slot in prefill_request_slots(kv_cache.config)]
-    step: Any = PrefillStep(model, kv_cache)
+    rows = logits == "rows"
+    step: Any = PrefillRowsStep(model, kv_cache) if rows else PrefillStep(model, kv_cache)
     if sampling:
-        step = SampledPrefillStep(step, max_top_k=max_top_k)
+        step = SampledPrefillStep(step, max_top_k=max_top_k, logits_rows=rows)
         request_slots = step.request_slots(request_slots)
         runner_options.setdefault("request_outputs", SampledPrefillStep.OUTPUTS)
+    elif rows:
+        request_slots = [*request_slots, logits_rows_slot()]
+        runner_options.setdefault("request_outputs", PREFILL_ROW_OUTPUTS)
     return PrefillRunner(
         step, token_slots, request_slots, device, config, watched_tensors=_watched(model, kv_cache), **runner_options,
     )

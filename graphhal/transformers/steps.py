@@ -40,7 +40,7 @@ class _Step(torch.nn.Module):
         self.kv_cache = kv_cache
         self.num_layers = layers.num_layers(model)
 
-    def _logits(self, input_ids: torch.Tensor, positions: torch.Tensor, **cache_inputs: torch.Tensor) -> torch.Tensor:
+    def _logits(self, input_ids: torch.Tensor, positions: torch.Tensor, **cache_inputs: torch.Tensor | None) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self._call_model(input_ids, positions, **cache_inputs)
         check_attention_is_graphhal(self.model)
@@ -50,12 +50,17 @@ class _Step(torch.nn.Module):
             self._refuse_layers_without_attention(called)
         return logits
 
-    def _call_model(self, input_ids: torch.Tensor, positions: torch.Tensor, **cache_inputs: torch.Tensor) -> torch.Tensor:
+    def _call_model(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, logits_rows: torch.Tensor | None = None, **cache_inputs: torch.Tensor
+    ) -> torch.Tensor:
+        # logits_rows: transformers' logits_to_keep (a tensor of positions), so the head runs on those rows only.
+        rows = {} if logits_rows is None else {"logits_to_keep": logits_rows}
         output = self.model(
             input_ids=input_ids.unsqueeze(0),
             position_ids=positions.unsqueeze(0),
             use_cache=False,
             graphhal_kv_cache=self.kv_cache,
+            **rows,
             **{f"graphhal_{name}": tensor for name, tensor in cache_inputs.items()},
         )
         return output.logits[0]
@@ -110,3 +115,26 @@ class PrefillStep(_Step):
         return self._logits(
             input_ids, positions, slot_mapping=slot_mapping, query_lens=query_lens, seq_lens=seq_lens, block_tables=block_tables
         )
+
+
+class PrefillRowsStep(_Step):
+    """``PrefillStep`` computing logits only at the request slot ``logits_rows`` (one packed token row per
+    request: its last token, for sampling), through transformers' ``logits_to_keep``; returns
+    ``{"logits": [R, vocab]}``, one row per request (the runner's ``request_outputs``)."""
+
+    def forward(
+        self,
+        *,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        query_lens: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        logits_rows: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        logits = self._logits(
+            input_ids, positions, logits_rows=logits_rows, slot_mapping=slot_mapping, query_lens=query_lens,
+            seq_lens=seq_lens, block_tables=block_tables,
+        )
+        return {"logits": logits}

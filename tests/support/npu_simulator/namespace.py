@@ -82,6 +82,8 @@ def _npu_namespace(sim: state.SimulatorState) -> ModuleType:
         host_empty_cache=flush_cache,
         memory_allocated=lambda device=None: 0,
         memory_reserved=lambda device=None: 0,
+        # torch_npu.npu.mem_get_info: (free, total) bytes of the device as a whole (aclrtGetMemInfo).
+        mem_get_info=lambda device=None: (sim.device_total_bytes - sim.device_used_bytes, sim.device_total_bytes),
     )
 
 

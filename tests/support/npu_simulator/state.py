@@ -48,6 +48,9 @@ class SimulatorState:
     host_clock: Clock = field(default_factory=dict)
     launches: list[Launch] = field(default_factory=list)
     cache_flushes: int = 0  # empty_cache / host_empty_cache calls
+    # What mem_get_info reports: a 64 GiB card (Atlas 800I A2), with what a test says is in use on it.
+    device_total_bytes: int = 64 << 30
+    device_used_bytes: int = 0
     gc_collects: int = 0  # gc.collect() calls torch.npu.graph would make (counted, not made)
     streams: list["Stream"] = field(default_factory=list)
     # The caching allocator's captures underway, per device: pool id routed into (beginAllocateToPool).

@@ -16,7 +16,7 @@ is caught as well as a tensor whose storage changed under it.
 from __future__ import annotations
 
 import operator
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -56,6 +56,31 @@ class AddressWatch:
         self._link_containers: list[Any] = []
         self._link_keys: list[Any] = []
         self._link_objects: list[Any] = []
+
+    @classmethod
+    def of_runner(cls, inputs: Any, watched_tensors: Mapping[str, Any]) -> "AddressWatch":
+        """A runner's watch: its input buffers (``runners.step_inputs.StepInputs``) and what it was told to watch."""
+        watch = cls()
+        watch.add_entries("input slot", inputs.rows.buffers, list(inputs.rows.buffers))
+        watch.add_entries("input slot", inputs.requests.buffers, list(inputs.requests.buffers))
+        for name, source in watched_tensors.items():
+            watch.add_source(name, source)
+        return watch
+
+    def settle(self, bucket: int, largest: int, phase: str) -> None:
+        """After a runner's largest bucket: record where its graphs read (what a first forward allocated lazily
+        included). After every later one: refuse a tensor that moved during the capture loop, since the graphs
+        captured before it read the old one."""
+        if bucket == largest:
+            self.snapshot()
+            return
+        moved = self.moved()
+        if moved:
+            raise StaticAddressError(
+                f"{', '.join(moved)} moved while the {phase} graphs were being captured (after the largest "
+                f"bucket, before bucket {bucket}); the graphs captured earlier read the old memory. Allocate "
+                "these tensors before capture and keep them in place."
+            )
 
     def add_entries(self, label: str, container: Any, keys: Any) -> None:
         """Watch ``container[key]`` for each key (the runner's own static buffers)."""

@@ -33,7 +33,7 @@ from runners.graph_outputs import GraphOutputs
 from runners.input_slots import InputSlot
 from runners.rank_group import rank_group
 from runners.step_counters import RunnerStats, StepCounters
-from runners.step_handle import StepHandle
+from runners.step_handle import KeptOutputs, StepHandle
 from runners.step_inputs import BatchRows, StepInputs
 
 
@@ -67,7 +67,8 @@ class BucketedRunner(RunnerStats):
         self.inputs = StepInputs(slots, request_slots, config.max_size, max_requests, self.device)
         self.request_outputs = frozenset(request_outputs)  # dict outputs with one row per request
         self.watched_tensors = dict(watched_tensors or {})
-        self._address_watch = self._watch(self.watched_tensors)
+        self._address_watch = AddressWatch.of_runner(self.inputs, self.watched_tensors)
+        self._kept = KeptOutputs()  # submit(keep=...): refused before a step once the output names are known
         self._check_every_replay = config.check_addresses == "every_replay"
         # Across ranks: ``group`` captures in lockstep (its collectives are in the graphs), ``consensus_group``
         # also agrees on every run's bucket and on graph vs eager (data parallel). Without a group, each is a
@@ -81,14 +82,6 @@ class BucketedRunner(RunnerStats):
             pool=pool, agrees_per_run=self.consensus.is_group, request_outputs=self.request_outputs,
         )
         self._dispatcher = self._make_dispatcher()
-
-    def _watch(self, watched_tensors: Mapping[str, Any]) -> AddressWatch:
-        watch = AddressWatch()
-        watch.add_entries("input slot", self.inputs.rows.buffers, list(self.inputs.rows.buffers))
-        watch.add_entries("input slot", self.inputs.requests.buffers, list(self.inputs.requests.buffers))
-        for name, source in watched_tensors.items():
-            watch.add_source(name, source)
-        return watch
 
     def _make_dispatcher(self) -> GraphDispatcher:
         return GraphDispatcher(
@@ -134,17 +127,11 @@ class BucketedRunner(RunnerStats):
         return self._capture.report
 
     @property
-    def graphs(self) -> Mapping[int, CapturedStep]:
-        """The captured steps by bucket (read-only view: for inspection and tests)."""
+    def graphs(self) -> Mapping[int, CapturedStep]:  # the captured steps by bucket, for inspection and tests
         return self._capture.graphs
 
-    @property
-    def captures_graphs(self) -> bool:
-        return self._capture.captures_graphs
-
-    @property
-    def captured(self) -> bool:
-        return self._capture.report is not None
+    captures_graphs = property(lambda self: self._capture.captures_graphs)
+    captured = property(lambda self: self._capture.report is not None)
 
     # --- capture -----------------------------------------------------------------------------------------
 
@@ -162,11 +149,9 @@ class BucketedRunner(RunnerStats):
         return report
 
     def estimate_pool_bytes(self) -> int:
-        """How much graph pool memory capturing every bucket will take, known before the other buckets are
-        captured: the largest bucket is captured (as ``capture()`` begins) and its pool measured; every smaller
-        bucket reuses that memory (graphs keep only aliases of what they leave in the pool), so the others add
-        little (the capture report lists what each added). ``capture()`` then goes on from there. Bytes this
-        runner adds to its pool (a shared pool's earlier contents not counted); 0 in mode disabled."""
+        """The graph pool bytes capturing every bucket will add (0 in mode disabled), known before the smaller
+        buckets are captured: the largest is captured and measured, and the others reuse its memory
+        (docs/memory-and-startup.md); ``capture()`` goes on from there."""
         return self._capture.estimate_pool_bytes()
 
     def close(self) -> None:
@@ -226,12 +211,9 @@ class BucketedRunner(RunnerStats):
         keep: for a forward returning a dict, the outputs to hand back (sampled tokens, say, without the
               vocabulary-wide logits): only those are copied. Default: every output.
         """
+        self._kept.check(keep)
         outputs, in_pool = self._step(batch)
-        if keep is not None:
-            if not isinstance(outputs, Mapping) or not set(keep) <= outputs.keys():
-                have = sorted(outputs) if isinstance(outputs, Mapping) else f"a {type(outputs).__name__}"
-                raise ValueError(f"submit(keep={list(keep)}) names outputs the forward does not return; it returns {have}")
-            outputs = {name: outputs[name] for name in keep}
+        outputs = self._kept.select(outputs, keep)
         if in_pool:
             outputs = pytree.tree_map_only(torch.Tensor, torch.clone, outputs)
         return StepHandle(outputs, self.device)
@@ -299,6 +281,6 @@ class BucketedRunner(RunnerStats):
     def _forward(self, batch: Mapping[str, torch.Tensor]) -> Any:
         device = self.device.torch_device
         # The forward sees every slot on the device, as it does in a graph, whatever the server passed.
-        inputs = {name: value if value.device == device else value.to(device) for name, value in batch.items()}
+        inputs = {name: value if value.device == device else value.to(device, non_blocking=True) for name, value in batch.items()}
         with torch.no_grad():
             return self.forward(**inputs)

@@ -252,7 +252,7 @@ class CaptureLoop:
         try:
             captured = self.strategy.capture(bucket, self.inputs.views(bucket))
             outputs = GraphOutputs(captured.outputs, bucket, self.request_outputs, self.inputs.max_requests)
-            self._settle_addresses(bucket)
+            self.watch.settle(bucket, self.buckets.max_size, self.phase)
         except RankCaptureError:
             raise  # already says which rank failed where
         except WarmUpError as exc:
@@ -268,21 +268,6 @@ class CaptureLoop:
             )
             raise hal.CaptureError(what, bucket=bucket, mode=self.config.mode, device=str(self.device)) from exc
         return CapturedStep(captured, outputs, outputs_static=captured.graph is not None)
-
-    def _settle_addresses(self, bucket: int) -> None:
-        """After the largest bucket: record where the graphs read (what a first forward allocated lazily
-        included). After every later one: refuse a tensor that moved during the capture loop, since the graphs
-        captured before it read the old one."""
-        if bucket == self.buckets.max_size:
-            self.watch.snapshot()
-            return
-        moved = self.watch.moved()
-        if moved:
-            raise hal.StaticAddressError(
-                f"{', '.join(moved)} moved while the {self.phase} graphs were being captured (after the largest "
-                f"bucket, before bucket {bucket}); the graphs captured earlier read the old memory. Allocate "
-                "these tensors before capture and keep them in place."
-            )
 
     def _pool_bytes(self) -> int:
         return self.device.memory_stats(self.pool).pool_bytes or 0 if self.pool is not None else 0

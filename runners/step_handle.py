@@ -18,7 +18,7 @@ a request), measured by the bench.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
@@ -82,3 +82,33 @@ def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor, non_blocking=True)
     return host
+
+
+class KeptOutputs:
+    """Which outputs ``submit(keep=...)`` hands back, refused before the step runs where that can be known.
+
+    The names a forward returns are learned from its first step; from then on a ``keep`` naming an output the
+    forward does not return is refused before the step writes the KV cache or the pool, not after.
+    """
+
+    def __init__(self) -> None:
+        self._names: frozenset[str] | None = None
+
+    def check(self, keep: Sequence[str] | None) -> None:
+        if keep is None:
+            return
+        if isinstance(keep, str) or not all(isinstance(name, str) for name in keep):
+            raise TypeError(f"submit(keep=...) takes a list of output names, got {keep!r}")
+        if self._names is not None and not set(keep) <= self._names:
+            raise ValueError(f"submit(keep={list(keep)}) names outputs the forward does not return; it returns {sorted(self._names)}")
+
+    def select(self, outputs: Any, keep: Sequence[str] | None) -> Any:
+        """The outputs to copy: all of them, or the ``keep`` ones of a dict."""
+        if isinstance(outputs, Mapping):
+            self._names = frozenset(outputs)
+        if keep is None:
+            return outputs
+        if not isinstance(outputs, Mapping) or not set(keep) <= outputs.keys():
+            have = sorted(outputs) if isinstance(outputs, Mapping) else f"a {type(outputs).__name__}"
+            raise ValueError(f"submit(keep={list(keep)}) names outputs the forward does not return; it returns {have}")
+        return {name: outputs[name] for name in keep}

@@ -69,6 +69,27 @@ def test_submit_keeps_only_the_outputs_asked_for(graph_device):
     with pytest.raises(ValueError, match=r"submit\(keep=\['probs'\]\) names outputs the forward does not return; it returns \['logits', 'tokens'\]"):
         runner.submit({"x": x}, keep=["probs"])
     torch.testing.assert_close(runner.run({"x": x})["logits"], x * 2)  # the runner goes on
+    with pytest.raises(TypeError, match="takes a list of output names"):
+        runner.submit({"x": x}, keep="tokens")
+
+
+def test_a_keep_naming_no_output_is_refused_before_the_step_runs(graph_device):
+    # Once the runner knows what its forward returns, a wrong keep must not first run the step (writing a KV
+    # cache, overwriting the pool) and only then fail.
+    device = hal.get_device(graph_device)
+    calls = []
+
+    def forward(x):
+        calls.append(1)
+        return {"tokens": x.argmax(-1), "logits": x * 2}
+
+    runner = DecodeRunner(forward, [InputSlot("x", torch.float32, (8,))], device, DecodeConfig(mode="disabled", max_bs=4, show_progress=False))
+    x = torch.randn(3, 8, device=device.torch_device)
+    runner.submit({"x": x}, keep=["tokens"]).wait()
+    ran = len(calls)
+    with pytest.raises(ValueError, match="names outputs the forward does not return"):
+        runner.submit({"x": x}, keep=["probs"])
+    assert len(calls) == ran
 
 
 def test_a_handles_outputs_reach_the_host_through_a_queued_copy(graph_device):

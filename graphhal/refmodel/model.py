@@ -244,10 +244,10 @@ class LlamaDecoder(torch.nn.Module):
         logits_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return self._layers(input_ids, positions, slot_mapping, kv_cache, attention)
+            return self._layers(input_ids, positions, slot_mapping, kv_cache, attention, logits_rows)
         # One step: attention kernels that take lengths as host values (npu) read them once, not once per layer.
         with hal.step_host_values():
-            return self._layers(input_ids, positions, slot_mapping, kv_cache, attention)
+            return self._layers(input_ids, positions, slot_mapping, kv_cache, attention, logits_rows)
 
     def _layers(
         self,
@@ -256,6 +256,7 @@ class LlamaDecoder(torch.nn.Module):
         slot_mapping: torch.Tensor,
         kv_cache: PagedKVCache,
         attention: Attention,
+        logits_rows: torch.Tensor | None,
     ) -> torch.Tensor:
         hidden = F.embedding(input_ids, self.embed_tokens)
         angles = self.rotary.angles(positions)  # every layer rotates at the same positions: gathered once

@@ -28,6 +28,18 @@ from graphhal.paged_attention.kv_cache import PagedKVCache
 _POSITION_TABLE_SPARE_ROWS = 2
 
 
+def check_runners_sample(decode: Any, prefill: Any) -> None:
+    """TypeError unless both runners sample inside their steps (their slots include the sampling slots)."""
+    from graphhal.sampling import SAMPLING_SLOT_NAMES
+
+    for name, runner in (("decode", decode), ("prefill", prefill)):
+        if not set(SAMPLING_SLOT_NAMES) <= {slot.name for slot in runner.slots}:
+            raise TypeError(
+                f"the {name} runner does not sample (its slots lack {', '.join(SAMPLING_SLOT_NAMES)}): build it "
+                f"with graphhal.transformers.{name}_runner, or wrap its step in graphhal.sampling's sampled steps"
+            )
+
+
 def check_request_id(request_id: Any) -> Hashable:
     try:
         hash(request_id)
@@ -167,48 +179,6 @@ def models_of(forwards: Iterable[Any]) -> list[torch.nn.Module]:
         if forward is not None:
             models.append(forward.model)
     return models
-
-
-def generation_config(forwards: Iterable[Any]) -> Any:
-    """The ``generation_config`` of the model the forwards hold (transformers keeps one per model), or None."""
-    return next((model.generation_config for model in models_of(forwards) if hasattr(model, "generation_config")), None)
-
-
-# What ``generate`` uses for a sampling field a generation_config leaves unset (transformers 5 leaves unset
-# fields None and fills them from ``GenerationConfig._get_default_generation_params``: top_k 50, not off).
-_GENERATE_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.0}
-# Fields of a generation_config that change what ``generate`` samples and that the loop's sampler does not
-# apply, with the value that leaves them off.
-_NOT_APPLIED = {
-    "repetition_penalty": 1.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
-    "no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0, "num_beams": 1,
-}
-
-
-def default_sampling(config: Any) -> dict[str, Any]:
-    """``SamplingParams`` fields from a transformers ``GenerationConfig`` (or anything with its attributes):
-    greedy unless ``do_sample``; then its temperature, top_k, top_p and min_p, each unset one as ``generate``
-    fills it in (top_k 50)."""
-    if config is None or not getattr(config, "do_sample", False):
-        return {"temperature": 0.0}
-    fields = dict(_GENERATE_DEFAULTS)
-    for name in fields:
-        value = getattr(config, name, None)
-        if value is not None:
-            fields[name] = value
-    return fields
-
-
-def defaults_not_applied(config: Any) -> list[str]:
-    """The fields of a generation_config, set away from their neutral value, that change ``generate``'s tokens
-    and that the loop does not apply (``name=value`` each): a loop built with them says so."""
-    if config is None:
-        return []
-    return [
-        f"{name}={value!r}"
-        for name, neutral in _NOT_APPLIED.items()
-        if (value := getattr(config, name, None)) is not None and value != neutral
-    ]
 
 
 def max_top_k(forward: Any) -> int:

@@ -48,7 +48,7 @@ noise is always finite (between -2.81 and 16.6). A token whose scaled logit trai
 
 torch has no 32-bit unsigned arithmetic that wraps, so here the words live in int64 tensors, in [0, 2**32),
 and every product stays below 2**63 (``_multiply_low32``); the Triton twin
-(``graphhal.sampling.triton_sample``) uses uint32 arithmetic, which wraps. Both produce the same bits.
+(``graphhal.sampling.triton_random``) uses uint32 arithmetic, which wraps. Both produce the same bits.
 """
 
 from __future__ import annotations

@@ -22,9 +22,12 @@ planned): a registered generator gives reproducibility per *graph*, not per *req
   would each need their own equivalent, and eager runs yet another.
 
 The counter-based numbers have none of these: a row's numbers are those of its own (seed, counter), whatever
-else is in the batch, wherever the row sits, in any mode, on any device, however often the step is replayed;
-a request resumed after preemption, or moved to another server, draws the same tokens. The price is a hash per
-vocabulary entry: about twenty integer operations, fused into the pass that already reads the logits.
+else is in the batch, wherever the row sits, in any mode, however often the step is replayed; the uniforms
+themselves are bit-identical on every device. A request resumed after preemption, or moved to another server
+of the same device kind, draws the same tokens. Across devices the tokens can differ: the Gumbel noise takes
+two logs (Triton's ``tl.log`` on CUDA, ``torch.log`` elsewhere) and the model's logits round differently, so
+a draw near a tie may go the other way. The price is a hash per vocabulary entry: about twenty integer
+operations, fused into the pass that already reads the logits.
 
 The hash. Every step is ``lowbias32`` (Chris Wellons' hash-prospector: xor-shift, multiply, xor-shift,
 multiply, xor-shift; a bijection of 32-bit words with low avalanche bias), with the inputs xored in between

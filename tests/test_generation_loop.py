@@ -192,6 +192,20 @@ def test_an_aborted_request_gives_its_blocks_back_and_the_others_go_on(model):
 
 
 @pytest.mark.cpu
+def test_a_queued_request_is_aborted_alone_whatever_its_id(model):
+    with torch.inference_mode():
+        loop = loop_of(model, "disabled", max_running=1)
+        for request_id in ("a", None, "c"):
+            loop.add(request_id, prompts(1)[0], 2)
+        loop.step()  # 'a' admitted, the others queued behind it
+        assert loop.num_waiting == 2 and loop.abort(None) and loop.num_waiting == 1
+        outputs = {}
+        while not loop.idle:
+            outputs.update(loop.step())
+    assert set(outputs) == {"a", "c"}
+
+
+@pytest.mark.cpu
 def test_a_stop_sequence_ends_a_request_right_after_it(model):
     with torch.inference_mode():
         loop = loop_of(model)

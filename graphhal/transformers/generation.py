@@ -53,7 +53,7 @@ from graphhal.sampling import SamplingParams
 from graphhal.transformers import loop_defaults, request_checks
 from graphhal.transformers.loop_admission import Admission
 from graphhal.transformers.loop_batches import BatchBuilder
-from graphhal.transformers.loop_requests import Request
+from graphhal.transformers.loop_requests import Request, tokens_cached
 from graphhal.transformers.loop_results import Handout, Reads, RequestFailedError, StepResult
 from graphhal.transformers.speculative_step import SpeculativeDecode
 from runners import DecodeRunner, PrefillRunner
@@ -181,7 +181,7 @@ class GenerationLoop:
         elif not isinstance(sampling, SamplingParams):
             raise TypeError(f"request {request_id!r}: sampling must be a graphhal.sampling.SamplingParams, got {type(sampling).__name__}")
         sampling.check(max_top_k=self.max_top_k, where=f"request {request_id!r}: sampling")
-        self.limits.check(request_id, prompt, len(prompt) + max_new_tokens - 1, max_new_tokens)
+        self.limits.check(request_id, prompt, tokens_cached(len(prompt), max_new_tokens), max_new_tokens)
         self.requests.check_fits(request_id, len(prompt), max_new_tokens)
         if sampling.seed is None:  # one of its own: identical requests draw different tokens, the same run after run
             sampling = dataclasses.replace(sampling, seed=self._seeds.getrandbits(63))
@@ -234,7 +234,7 @@ class GenerationLoop:
             for index, prompt in enumerate(prompts):
                 self.add(index, prompt, max_new_tokens, sampling=sampling)
         except (TypeError, ValueError):
-            self.requests.drop_waiting()  # none has run: the loop is left as it was found
+            self.requests.clear_waiting()  # none has run: the loop is left as it was found
             raise
         outputs: dict[Hashable, list[int]] = {}
         failed: dict[Hashable, RequestFailedError] = {}

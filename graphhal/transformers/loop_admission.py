@@ -83,13 +83,19 @@ class Admission:
             max_tokens -= take
         return chunks
 
-    def drop_waiting(self, request_id: Hashable | None = None) -> bool:
-        """Take the waiting request ``request_id`` out of the queue (every waiting one when None); whether one was."""
-        dropped = [request for request in self.waiting if request_id is None or request.request_id == request_id]
-        for request in dropped:
-            self.waiting.remove(request)
-            self.ids.discard(request.request_id)
-        return bool(dropped)
+    def drop_waiting(self, request_id: Hashable) -> bool:
+        """Take the waiting request ``request_id`` out of the queue; whether it was there."""
+        for request in self.waiting:
+            if request.request_id == request_id:
+                self.waiting.remove(request)
+                self.ids.discard(request_id)
+                return True
+        return False
+
+    def clear_waiting(self) -> None:
+        """Take every waiting request out of the queue (none of them has run)."""
+        self.ids.difference_update(request.request_id for request in self.waiting)
+        self.waiting.clear()
 
     def running_request(self, request_id: Hashable) -> Request | None:
         return next((request for request in self.running if request.request_id == request_id), None)

@@ -118,8 +118,7 @@ class GenerationLoop:
         self.batches = BatchBuilder(decode, prefill, kv_cache)
         self.speculation = None if drafter is None and verify is None else SpeculativeDecode(
             verify, drafter, num_draft_tokens, self.batches, self.limits.max_positions)  # type: ignore[arg-type]
-        release = self.speculation.drafter.release if self.speculation is not None else None
-        self.requests = Admission(kv_cache, self.batches, self.max_running, release)
+        self.requests = Admission(kv_cache, self.batches, self.max_running, self.speculation and self.speculation.drafter.release)
         self.handout = Handout(loop_defaults.eos_ids(eos_token_ids, config), self.requests.finish)
         self._seeds = random.Random(seed)
         self._unread: list[Reads] = []  # the last step's tokens, on their way to the host
@@ -128,6 +127,10 @@ class GenerationLoop:
     @property
     def eos_token_ids(self) -> frozenset[int]:
         return self.handout.eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids: frozenset[int]) -> None:  # tokens that end a request, from the next read on
+        self.handout.eos_token_ids = frozenset(ids)
 
     @property
     def idle(self) -> bool:
@@ -214,8 +217,7 @@ class GenerationLoop:
         prefill_tokens = self._prefill(result)
         self._decode(prefill_tokens, result)
         current, self._unread = self._unread, []
-        # The previous step's tokens first, whatever ``overlap`` is now (it may have been switched since they
-        # were queued), then this step's when not overlapping: every token handed out once, in order.
+        # The previous step's tokens first, whatever ``overlap`` is now (switched since?), then this step's if not.
         for reads in previous if self.overlap else previous + current:
             self.handout.read(reads, result)
         if self.overlap:  # left to read back: this step's tokens of requests still running (others discarded)
@@ -223,8 +225,8 @@ class GenerationLoop:
         return result
 
     def generate(self, prompts: Sequence[Any], max_new_tokens: int, *, sampling: SamplingParams | None = None) -> list[list[int]]:
-        """Every prompt's generated tokens, in order: all added at once to an idle loop, stepped until done.
-        A ``sampling`` without a seed gives each prompt a seed of its own.
+        """Every prompt's generated tokens, in order: all added at once to an idle loop, stepped until done (a
+        ``sampling`` without a seed gives each prompt a seed of its own).
 
         A request that failed raises its ``RequestFailedError`` (the first one's, in prompt order) once the
         others are done: the loop is idle again."""
@@ -252,8 +254,7 @@ class GenerationLoop:
         chunks = self.requests.prompt_chunks(self.max_chunk_tokens, self.max_requests)
         if not chunks:
             return None
-        # The rows whose whole prompt is cached after this batch: their last token's logits give the first token.
-        completing = [(request, row) for row, (request, take) in enumerate(chunks) if request.cached + take == len(request.prompt)]
+        completing = [(r, row) for row, (r, take) in enumerate(chunks) if r.cached + take == len(r.prompt)]  # prompt done: 1st token
         keep = _KEEP if completing else []  # every chunk mid-prompt: its tokens are no one's, copy nothing out
         handle = self._submit("prefill", self.prefill, self.batches.prefill(chunks), [r for r, _ in chunks], result, keep)
         if handle is None:

@@ -8,6 +8,8 @@ eagerly, synchronously, and again: one seed, the same tokens.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -35,14 +37,38 @@ def prompts(count: int = len(PROMPT_LENGTHS)) -> list[list[int]]:
     return [torch.randint(3, 256, (PROMPT_LENGTHS[i],), generator=generator).tolist() for i in range(count)]
 
 
-def loop_of(model, mode: str = "full", device: str = "cpu", **options) -> GenerationLoop:
+def runners_of(model, mode: str = "full", device: str = "cpu", **sampler) -> tuple:
     torch._dynamo.reset()
     kv_cache = paged_kv_cache(model, num_blocks=64, block_size=16, max_seq_len=128)
-    prefill = prefill_runner(model, kv_cache, device, PrefillConfig(mode=mode, max_tokens=32, max_requests=4, show_progress=False))
+    config = PrefillConfig(mode=mode, max_tokens=32, max_requests=4, show_progress=False)
+    prefill = prefill_runner(model, kv_cache, device, config, **sampler)
     prefill.capture()
-    decode = decode_runner(model, kv_cache, device, DecodeConfig(mode=mode, max_bs=4, show_progress=False), pool=prefill.pool)
+    decode = decode_runner(model, kv_cache, device, DecodeConfig(mode=mode, max_bs=4, show_progress=False), pool=prefill.pool, **sampler)
     decode.capture()
-    return GenerationLoop(decode, prefill, kv_cache, **options)
+    return decode, prefill, kv_cache
+
+
+def loop_of(model, mode: str = "full", device: str = "cpu", **options) -> GenerationLoop:
+    return GenerationLoop(*runners_of(model, mode, device), **options)
+
+
+def run_requests(loop: GenerationLoop, requests: dict, overlap_by_step: list[bool] | None = None) -> dict:
+    """Add ``{id: (prompt, sampling)}`` and step until idle (``loop.overlap`` set before each step from
+    ``overlap_by_step``, cycled); every request's output, checked against what was streamed."""
+    for request_id, (prompt, sampling) in requests.items():
+        loop.add(request_id, prompt, NEW_TOKENS, sampling=sampling)
+    outputs, streamed = {}, {}
+    for step in range(100):  # ends long before: a loop that lost a token would never go idle
+        if loop.idle:
+            break
+        if overlap_by_step:
+            loop.overlap = overlap_by_step[step % len(overlap_by_step)]
+        result = loop.step()
+        outputs.update(result)
+        for request_id, tokens in result.tokens.items():
+            streamed.setdefault(request_id, []).extend(tokens)
+    assert loop.idle and streamed == outputs and set(outputs) == set(requests)
+    return outputs
 
 
 def transformers_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
@@ -88,13 +114,43 @@ def test_sampled_tokens_are_the_same_with_graphs_eagerly_overlapped_or_not_and_r
     assert reference != [transformers_greedy(model, p, NEW_TOKENS) for p in prompts()]  # it did sample
 
 
+def seeded_requests() -> dict:
+    """Every prompt with a sampling of its own seed."""
+    return {i: (prompt, SamplingParams(temperature=0.9, top_k=40, top_p=0.95, min_p=0.01, seed=100 + i)) for i, prompt in enumerate(prompts())}
+
+
 @pytest.mark.cpu
-def test_a_requests_tokens_do_not_depend_on_what_else_is_in_its_batch(model):
+def test_a_requests_tokens_do_not_depend_on_what_else_is_in_its_batch_nor_on_its_row(model):
+    requests = seeded_requests()
+    last = len(requests) - 1
     with torch.inference_mode():
         loop = loop_of(model)
-        alone = loop.generate(prompts(1), NEW_TOKENS, sampling=SAMPLED)[0]
-        together = loop.generate(prompts(), NEW_TOKENS, sampling=SAMPLED)[0]
-    assert alone == together
+        alone = run_requests(loop, {last: requests[last]})[last]  # row 0 of every batch
+        together = run_requests(loop, requests)  # prefilled in a later step, then row 3 of the decode batches
+    assert together[last] == alone
+    assert len({tuple(tokens) for tokens in together.values()}) == len(requests)  # their own seeds, their own draws
+
+
+@pytest.mark.cpu
+def test_explicit_sampling_without_a_seed_gives_each_request_a_seed_of_its_own_from_the_loops_seed(model):
+    same = [prompts(1)[0]] * 3
+    with torch.inference_mode():
+        loop = loop_of(model, "disabled", seed=5)
+        first = loop.generate(same, NEW_TOKENS, sampling=SamplingParams(temperature=1.0))
+        seeded = loop.generate(same, NEW_TOKENS, sampling=SamplingParams(temperature=1.0, seed=9))
+        again = loop_of(model, "disabled", seed=5).generate(same, NEW_TOKENS, sampling=SamplingParams(temperature=1.0))
+    assert len({tuple(tokens) for tokens in first}) == 3  # identical requests, three seeds, three draws
+    assert again == first  # the same loop seed: the same seeds, the same tokens
+    assert seeded[0] == seeded[1] == seeded[2]  # one explicit seed: one draw
+
+
+@pytest.mark.cpu
+def test_overlap_switched_between_steps_both_ways_hands_out_every_token_in_order(model):
+    with torch.inference_mode():
+        loop = loop_of(model)
+        expected = run_requests(loop, seeded_requests())
+        switched = run_requests(loop, seeded_requests(), overlap_by_step=[True, True, False, False, True, False])
+    assert switched == expected
 
 
 @pytest.mark.cpu
@@ -136,6 +192,20 @@ def test_an_aborted_request_gives_its_blocks_back_and_the_others_go_on(model):
 
 
 @pytest.mark.cpu
+def test_a_queued_request_is_aborted_alone_whatever_its_id(model):
+    with torch.inference_mode():
+        loop = loop_of(model, "disabled", max_running=1)
+        for request_id in ("a", None, "c"):
+            loop.add(request_id, prompts(1)[0], 2)
+        loop.step()  # 'a' admitted, the others queued behind it
+        assert loop.num_waiting == 2 and loop.abort(None) and loop.num_waiting == 1
+        outputs = {}
+        while not loop.idle:
+            outputs.update(loop.step())
+    assert set(outputs) == {"a", "c"}
+
+
+@pytest.mark.cpu
 def test_a_stop_sequence_ends_a_request_right_after_it(model):
     with torch.inference_mode():
         loop = loop_of(model)
@@ -167,6 +237,26 @@ def test_eos_and_sampling_defaults_come_from_the_models_generation_config(model)
         finally:
             config.do_sample, config.temperature, config.top_k = saved
     assert sampled != greedy and sampled == again  # sampled as configured, reproducibly with the loop's seed
+
+
+@pytest.mark.cpu
+def test_sampling_defaults_fill_an_unset_top_k_as_generate_does_and_name_the_fields_the_loop_does_not_apply(model, caplog):
+    config = transformers.GenerationConfig(do_sample=True, repetition_penalty=1.2)  # top_k unset
+    with caplog.at_level(logging.WARNING, logger="graphhal.transformers.loop_defaults"):
+        loop = loop_of(model, "disabled", generation_config=config)
+    assert loop.default_sampling == {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.0}
+    warnings = [record.getMessage() for record in caplog.records if "does not apply" in record.getMessage()]
+    assert len(warnings) == 1 and "repetition_penalty=1.2" in warnings[0]
+
+
+@pytest.mark.cpu
+def test_a_default_top_k_over_the_runners_max_top_k_is_refused_when_the_loop_is_built(model):
+    runners = runners_of(model, "disabled", max_top_k=16)
+    message = r"generation_config\.top_k \(unset, so generate's default: 50\) is more than the runners' max_top_k \(16\).*max_top_k >= 50"
+    with pytest.raises(ValueError, match=message):
+        GenerationLoop(*runners, generation_config=transformers.GenerationConfig(do_sample=True))
+    loop = GenerationLoop(*runners, generation_config=transformers.GenerationConfig(do_sample=True, top_k=8))
+    assert loop.default_sampling["top_k"] == 8
 
 
 @pytest.mark.cpu

@@ -339,6 +339,14 @@ def test_sampling_inputs_build_the_slots_of_a_batch():
         sampling_inputs([SamplingParams()], [-1], "cpu")
 
 
+def test_a_seed_left_unset_is_accepted_where_a_request_arrives_and_refused_where_a_sampled_row_becomes_tensors():
+    unseeded = SamplingParams(temperature=0.8)
+    assert unseeded.seed is None and unseeded.check(max_top_k=8)  # the loop gives it a seed when it is added
+    with pytest.raises(ValueError, match=r"sampling_inputs row 1: seed is None and the row samples .*seed=\.\.\."):
+        sampling_inputs([SamplingParams(temperature=0.8, seed=3), unseeded], [0, 0], "cpu")
+    assert sampling_inputs([SamplingParams.greedy()], [0], "cpu")["seed"].tolist() == [0]  # a greedy row draws nothing
+
+
 def test_sample_refuses_bad_shapes_dtypes_and_max_top_k():
     logits = torch.zeros(2, 10)
     with pytest.raises(ValueError, match=r"max_top_k must be a positive int"):

@@ -55,6 +55,11 @@ class SampledDecoder:
         rows = len(params)
         return {**self.workload.batch(rows), **sampling_inputs(params, counters, self.device.torch_device)}
 
+    def last_alone(self, params: SamplingParams, counter: int) -> dict[str, torch.Tensor]:
+        """The last request of the workload as a batch of its own."""
+        rows = {name: tensor[-1:] for name, tensor in self.workload.batch().items()}
+        return {**rows, **sampling_inputs([params], [counter], self.device.torch_device)}
+
     def eager(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             return self.step(**batch)
@@ -75,9 +80,10 @@ def test_sampled_tokens_equal_eager_sampling_step_after_step_whatever_else_is_in
         torch.testing.assert_close(graph["logprobs"], eager["logprobs"], rtol=1e-4, atol=1e-4)
         assert graph["tokens"][0] == decoder.model_step(**decoder.workload.batch()).argmax(-1)[0]  # greedy row
 
-        # The first three requests alone (bucket 4, other padding, other neighbours) draw the same tokens.
-        alone = decoder.graph(decoder.batch(PARAMS[:3], counters[:3]))
-        assert torch.equal(alone["tokens"], graph["tokens"][:3])
+        # The last request alone (row 0 of bucket 1 instead of row 4 of bucket 8, no neighbours, its own seed)
+        # draws the same token.
+        alone = decoder.graph(decoder.last_alone(PARAMS[-1], counters[-1]))
+        assert torch.equal(alone["tokens"], graph["tokens"][-1:])
 
         decoder.workload.advance(graph["tokens"])
         counters = [c + 1 for c in counters]

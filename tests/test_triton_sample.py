@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import graphhal.sampling.triton_sample as triton_sample
+from graphhal.sampling.triton_random import uniforms_triton
 from graphhal.sampling import sample, sample_reference, uniforms
 
 needs_interpreter = pytest.mark.skipif(
@@ -106,7 +107,7 @@ def test_interpreted_kernels_read_half_precision_logits(dtype):
 def test_interpreted_kernels_hash_the_same_uniforms_as_torch():
     seed = torch.tensor([0, -1, 2**62 + 5, -(2**63)])
     counter = torch.tensor([0, 2**33 + 1, 7, 2**63 - 1])
-    assert torch.equal(triton_sample.uniforms_triton(seed, counter, 2100), uniforms(seed, counter, torch.arange(2100)))
+    assert torch.equal(uniforms_triton(seed, counter, 2100), uniforms(seed, counter, torch.arange(2100)))
 
 
 @pytest.mark.cpu
@@ -142,7 +143,7 @@ def test_compiled_kernels_apply_every_filter_where_it_decides_the_token():
 def test_compiled_kernels_hash_the_same_uniforms_as_torch_on_cpu():
     seed = torch.tensor([0, -1, 2**62 + 5, -(2**63)])
     counter = torch.tensor([0, 2**33 + 1, 7, 2**63 - 1])
-    on_gpu = triton_sample.uniforms_triton(seed.cuda(), counter.cuda(), 130_000).cpu()
+    on_gpu = uniforms_triton(seed.cuda(), counter.cuda(), 130_000).cpu()
     assert torch.equal(on_gpu, uniforms(seed, counter, torch.arange(130_000)))
     assert torch.equal(uniforms(seed.cuda(), counter.cuda(), torch.arange(130_000, device="cuda")).cpu(), on_gpu)
 

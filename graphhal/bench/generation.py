@@ -9,8 +9,9 @@ Per batch size (1, 16, 64 on a GPU), every request a 32-token prompt and 128 new
 - ``step``: the decode runner's replay at that batch, timed alone (``torch.cuda.Event`` medians): logits only
   (``sampling=False``), greedy and sampled (temperature 0.8, top-k 50, top-p 0.95) through the sampler inside
   the graph; ``sampling +%`` is what the sampler adds to the logits-only step;
-- ``loop``: the whole loop's time per decode step (prefill excluded: the loop's wall time over its decode
-  steps, after its prefill step) and its output tokens per second, synchronous and overlapped, greedy and
+- ``loop``: the whole loop's time per decode step (prefill excluded: the loop's wall time after its prefill
+  step, over the decode steps it queued; an overlapped loop's last step only reads back and is not one of
+  them, so synchronous and overlapped divide by the same count) and its output tokens per second, synchronous and overlapped, greedy and
   sampled, and the overlapped loop's time per step over the runner's (the host's work, hidden when ~1.00x);
 - ``generate``: transformers' ``generate`` with a static cache and ``torch.compile`` on the same weights,
   greedy, its output tokens per second (compiled once per batch size, not counted; at the first batch size
@@ -21,8 +22,10 @@ Random weights: what is measured is the machinery, not what the model says.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -155,13 +158,31 @@ def _loop_rate(loop: GenerationLoop, batch: int, new_tokens: int, *, overlap: bo
         loop.add(index, prompt, new_tokens, sampling=sampling)
     loop.step()  # the prefill step (and the first decode): not what is measured
     device.synchronize()
-    started, steps = time.perf_counter(), 0
-    while not loop.idle:
-        loop.step()
-        steps += 1
-    device.synchronize()
-    elapsed = time.perf_counter() - started
-    return elapsed / max(steps, 1) * 1e3, batch * (new_tokens - 1) / elapsed
+    with _counting_submits(loop.decode) as decode_steps:
+        started = time.perf_counter()
+        while not loop.idle:
+            loop.step()
+        device.synchronize()
+        elapsed = time.perf_counter() - started
+    return elapsed / max(decode_steps[0], 1) * 1e3, batch * (new_tokens - 1) / elapsed
+
+
+@contextlib.contextmanager
+def _counting_submits(runner) -> Iterator[list[int]]:
+    """Counts the steps ``runner`` queues inside the block (``[count]``): the steps the loop actually ran,
+    where counting ``loop.step()`` calls would count an overlapped loop's final read-back step too."""
+    count = [0]
+    submit = runner.submit
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return submit(*args, **kwargs)
+
+    runner.submit = counted
+    try:
+        yield count
+    finally:
+        del runner.submit  # the class's method again
 
 
 def _transformers_generate_rates(model, device: hal.Device, batches: list[int], new_tokens: int) -> dict[int, float]:

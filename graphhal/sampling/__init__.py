@@ -13,7 +13,8 @@ numbers, token ids out.
 - Greedy (temperature 0) is ``argmax`` of the raw logits, first index on ties: ``generate(do_sample=False)``.
 - Sampling is a Gumbel-max draw over the tokens top-k, top-p and min-p allow (``sample_reference``), with
   random numbers hashed from (seed, counter, token) (``random_numbers``): the same request draws the same
-  tokens in every graph mode and eagerly, on every device, whatever else is in its batch.
+  tokens in every graph mode and eagerly, on one device, whatever else is in its batch (the uniforms
+  themselves are the same on every device; the logits and the noise's logs are not bit for bit).
 - ``graphhal::sample`` is a custom op: Triton kernels on CUDA (``triton_sample``), torch elsewhere.
 
 Importing this package needs neither triton nor CUDA.

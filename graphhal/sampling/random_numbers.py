@@ -22,9 +22,12 @@ planned): a registered generator gives reproducibility per *graph*, not per *req
   would each need their own equivalent, and eager runs yet another.
 
 The counter-based numbers have none of these: a row's numbers are those of its own (seed, counter), whatever
-else is in the batch, wherever the row sits, in any mode, on any device, however often the step is replayed;
-a request resumed after preemption, or moved to another server, draws the same tokens. The price is a hash per
-vocabulary entry: about twenty integer operations, fused into the pass that already reads the logits.
+else is in the batch, wherever the row sits, in any mode, however often the step is replayed; the uniforms
+themselves are bit-identical on every device. A request resumed after preemption, or moved to another server
+of the same device kind, draws the same tokens. Across devices the tokens can differ: the Gumbel noise takes
+two logs (Triton's ``tl.log`` on CUDA, ``torch.log`` elsewhere) and the model's logits round differently, so
+a draw near a tie may go the other way. The price is a hash per vocabulary entry: about twenty integer
+operations, fused into the pass that already reads the logits.
 
 The hash. Every step is ``lowbias32`` (Chris Wellons' hash-prospector: xor-shift, multiply, xor-shift,
 multiply, xor-shift; a bijection of 32-bit words with low avalanche bias), with the inputs xored in between
@@ -48,7 +51,7 @@ noise is always finite (between -2.81 and 16.6). A token whose scaled logit trai
 
 torch has no 32-bit unsigned arithmetic that wraps, so here the words live in int64 tensors, in [0, 2**32),
 and every product stays below 2**63 (``_multiply_low32``); the Triton twin
-(``graphhal.sampling.triton_sample``) uses uint32 arithmetic, which wraps. Both produce the same bits.
+(``graphhal.sampling.triton_random``) uses uint32 arithmetic, which wraps. Both produce the same bits.
 """
 
 from __future__ import annotations

@@ -32,14 +32,17 @@ class SamplingParams:
     top_p:       keep the fewest most likely tokens whose probability, after temperature and top-k, reaches
                  top_p (in (0, 1]); 1.0 turns it off. Cut at the sampler's ``max_top_k`` tokens.
     min_p:       keep tokens at least min_p times as likely as the most likely (in [0, 1]); 0 turns it off.
-    seed:        the request's seed (any int64): with the same seed and prompt, the same tokens, always.
+    seed:        the request's seed (any int64): with the same seed and prompt, the same tokens, always. None
+                 (the default): the generation loop gives the request a seed of its own (from the loop's seed),
+                 so identical requests draw different tokens; ``sampling_inputs`` needs a seed for a row that
+                 samples.
     """
 
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
-    seed: int = 0
+    seed: int | None = None
 
     @classmethod
     def greedy(cls) -> "SamplingParams":
@@ -55,11 +58,12 @@ class SamplingParams:
 
 
 def check_sampling_params(
-    *, temperature: float, top_k: int, top_p: float, min_p: float, seed: int, max_top_k: int, where: str = "sampling parameters"
+    *, temperature: float, top_k: int, top_p: float, min_p: float, seed: int | None, max_top_k: int, where: str = "sampling parameters"
 ) -> None:
     """ValueError (TypeError for a wrong type) saying which parameter is wrong, where, and what is allowed.
 
     ``max_top_k`` is the sampler's (``SampledStep.max_top_k``): a larger top_k cannot be served by its graphs.
+    A ``seed`` of None is accepted: whoever admits the request gives it one (``GenerationLoop.add`` does).
     """
     _check_number(where, "temperature", temperature)
     if not math.isfinite(temperature) or temperature < 0 or 0 < temperature < MIN_TEMPERATURE:
@@ -78,6 +82,8 @@ def check_sampling_params(
     _check_number(where, "min_p", min_p)
     if not 0 <= min_p <= 1:
         raise ValueError(f"{where}: min_p must be in [0, 1] (0 turns it off), got {min_p!r}")
+    if seed is None:
+        return
     _check_integer(where, "seed", seed)
     if not _INT64.min <= seed <= _INT64.max:
         raise ValueError(f"{where}: seed must fit int64 ({_INT64.min}..{_INT64.max}), got {seed}")
@@ -89,7 +95,8 @@ def sampling_inputs(
     """The sampling slots' tensors for a batch: one row per request, ``counters[i]`` being how many tokens
     request ``i`` has generated so far. Built on the host and copied to ``device`` once per tensor.
 
-    A loop that keeps the tensors on the device between steps only needs ``counter += 1`` per step.
+    A loop that keeps the tensors on the device between steps only needs ``counter += 1`` per step. A row that
+    samples needs a seed (``SamplingParams(seed=...)``); a greedy row's seed draws nothing and may be None.
     """
     if len(params) != len(counters):
         raise ValueError(f"sampling_inputs: {len(params)} parameter sets but {len(counters)} counters")
@@ -97,12 +104,18 @@ def sampling_inputs(
         _check_integer(f"sampling_inputs row {row}", "counter", counter)
         if not 0 <= counter <= _INT64.max:
             raise ValueError(f"sampling_inputs row {row}: counter must be a non-negative int64, got {counter}")
+    for row, p in enumerate(params):
+        if p.seed is None and p.temperature != 0:
+            raise ValueError(
+                f"sampling_inputs row {row}: seed is None and the row samples (temperature {p.temperature}): give it "
+                "a seed, SamplingParams(..., seed=...) (GenerationLoop.add gives one to a request added without)"
+            )
     columns = {
         "temperature": [p.temperature for p in params],
         "top_k": [p.top_k for p in params],
         "top_p": [p.top_p for p in params],
         "min_p": [p.min_p for p in params],
-        "seed": [p.seed for p in params],
+        "seed": [0 if p.seed is None else p.seed for p in params],  # None: a greedy row, whose seed draws nothing
         "counter": list(counters),
     }
     dtypes = {slot.name: slot.dtype for slot in sampling_slots()}

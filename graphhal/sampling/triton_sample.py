@@ -22,7 +22,7 @@ Graph safety: every parameter is loaded from device memory inside the kernels; t
 strides and constexprs that a runner's bucket fixes (rows, vocabulary, K, chunk size, the logits' dtype).
 Nothing reads back to the host and no shape depends on a value.
 
-This module imports triton at import time; only the op's CUDA kernel and the tests import it. Under
+The hash's Triton twin lives in ``triton_random``. This module imports triton at import time; only the op's CUDA kernel and the tests import it. Under
 ``TRITON_INTERPRET=1`` (set before this module is first imported) the kernels run on CPU tensors.
 """
 
@@ -34,64 +34,13 @@ import torch
 import triton
 import triton.language as tl
 
-from graphhal.sampling import random_numbers as rn
+from graphhal.sampling.triton_random import gumbel, row_keys
 
 # Elements of one row a program of the vocabulary pass reads, in one tile: 4,096 bf16 logits are 8 KiB, 16
 # per thread with 8 warps. At 128,256 tokens that is 32 chunks a row (the last one partial).
 DEFAULT_CHUNK_SIZE = 4096
 _VOCABULARY_PASS_WARPS = 8
 _NO_INDEX = tl.constexpr(2**31 - 1)  # larger than any token id: "no index" in a min-reduction
-
-# The hash's constants, from its torch twin: one definition for both.
-_SEED_LOW_KEY = tl.constexpr(rn.SEED_LOW_KEY)
-_SEED_HIGH_KEY = tl.constexpr(rn.SEED_HIGH_KEY)
-_COUNTER_LOW_KEY = tl.constexpr(rn.COUNTER_LOW_KEY)
-_COUNTER_HIGH_KEY = tl.constexpr(rn.COUNTER_HIGH_KEY)
-_SECOND_KEY = tl.constexpr(rn.SECOND_KEY)
-_MIX_MULTIPLIER_1 = tl.constexpr(rn.MIX_MULTIPLIER_1)
-_MIX_MULTIPLIER_2 = tl.constexpr(rn.MIX_MULTIPLIER_2)
-_UNIFORM_SHIFT = tl.constexpr(rn.UNIFORM_SHIFT)
-_UNIFORM_SCALE = tl.constexpr(rn.UNIFORM_SCALE)
-
-
-@triton.jit
-def _mix32(words):
-    """lowbias32 on uint32 words (wrapping multiplies): ``random_numbers.mix32``."""
-    words ^= words >> 16
-    words *= _MIX_MULTIPLIER_1
-    words ^= words >> 15
-    words *= _MIX_MULTIPLIER_2
-    words ^= words >> 16
-    return words
-
-
-@triton.jit
-def _row_keys(seed_ptr, counter_ptr, row):
-    """The row's two keys from its int64 seed and counter: ``random_numbers.row_keys``."""
-    seed = tl.load(seed_ptr + row)
-    counter = tl.load(counter_ptr + row)
-    seed_low = (seed & 0xFFFFFFFF).to(tl.uint32)
-    seed_high = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    counter_low = (counter & 0xFFFFFFFF).to(tl.uint32)
-    counter_high = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    key = _mix32(seed_low ^ _SEED_LOW_KEY)
-    key = _mix32(key ^ seed_high ^ _SEED_HIGH_KEY)
-    key = _mix32(key ^ counter_low ^ _COUNTER_LOW_KEY)
-    first = _mix32(key ^ counter_high ^ _COUNTER_HIGH_KEY)
-    return first, _mix32(first ^ _SECOND_KEY)
-
-
-@triton.jit
-def _uniforms(first_key, second_key, token_ids):
-    """Uniforms in (0, 1) for int32/int64 token ids: ``random_numbers.uniforms``."""
-    words = _mix32(_mix32(token_ids.to(tl.uint32) ^ first_key) ^ second_key)
-    return ((words >> _UNIFORM_SHIFT) * 2 + 1).to(tl.float32) * _UNIFORM_SCALE
-
-
-@triton.jit
-def _gumbel(first_key, second_key, token_ids):
-    return -tl.log(-tl.log(_uniforms(first_key, second_key, token_ids)))
-
 
 @triton.jit
 def _row_parameters(temperature_ptr, min_p_ptr, row, row_max):
@@ -117,7 +66,7 @@ def _vocabulary_pass_kernel(
     chunk = tl.program_id(1)
     row_max = tl.load(candidates_ptr + row.to(tl.int64) * stride_candidates_row).to(tl.float32)
     sampled, inverse_temperature, min_p_threshold = _row_parameters(temperature_ptr, min_p_ptr, row, row_max)
-    first_key, second_key = _row_keys(seed_ptr, counter_ptr, row)
+    first_key, second_key = row_keys(seed_ptr, counter_ptr, row)
 
     ids = chunk * CHUNK + tl.arange(0, CHUNK)
     in_vocab = ids < vocab
@@ -129,7 +78,7 @@ def _vocabulary_pass_kernel(
     scaled_sum = tl.sum(tl.exp(shifted * inverse_temperature), axis=0)
     greedy = tl.min(tl.where(in_vocab & (x == row_max), ids, _NO_INDEX), axis=0)
 
-    scores = x * inverse_temperature + _gumbel(first_key, second_key, ids)
+    scores = x * inverse_temperature + gumbel(first_key, second_key, ids)
     scores = tl.where(in_vocab & (x >= min_p_threshold), scores, -float("inf"))
     best = tl.max(scores, axis=0)
     best_id = tl.min(tl.where(scores == best, ids, _NO_INDEX), axis=0)
@@ -191,8 +140,8 @@ def _finish_kernel(
     top_p_threshold = tl.where(top_p_on, tl.min(tl.where(in_nucleus, candidates, float("inf")), axis=0), -float("inf"))
     threshold = tl.maximum(tl.maximum(top_k_threshold, top_p_threshold), min_p_threshold)
 
-    first_key, second_key = _row_keys(seed_ptr, counter_ptr, row)
-    scores = candidates * inverse_temperature + _gumbel(first_key, second_key, candidate_ids)
+    first_key, second_key = row_keys(seed_ptr, counter_ptr, row)
+    scores = candidates * inverse_temperature + gumbel(first_key, second_key, candidate_ids)
     scores = tl.where(valid & (candidates >= threshold), scores, -float("inf"))
     best = tl.max(scores, axis=0)
     candidate_token = tl.min(tl.where(valid & (scores == best), candidate_ids, _NO_INDEX), axis=0)
@@ -286,23 +235,3 @@ def _launch_sizes(vocab: int, num_candidates: int, chunk_size: int) -> dict[str,
         # One warp per 128 candidates: the finish kernel's cumsum and reductions are over one row's candidates.
         finish_warps=max(1, min(8, candidates_padded // 128)),
     )
-
-
-
-@triton.jit
-def _uniforms_kernel(seed_ptr, counter_ptr, out_ptr, count, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    first_key, second_key = _row_keys(seed_ptr, counter_ptr, row)
-    ids = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + row.to(tl.int64) * count + ids, _uniforms(first_key, second_key, ids), mask=ids < count)
-
-
-def uniforms_triton(seed: torch.Tensor, counter: torch.Tensor, count: int) -> torch.Tensor:
-    """The uniforms the kernels draw for tokens ``0..count-1`` of each row's (seed, counter): [rows, count]
-    float32. What ``random_numbers.uniforms`` computes in torch, bit for bit (the tests check it)."""
-    seed, counter = _row_vector(seed), _row_vector(counter)
-    out = torch.empty(seed.shape[0], count, dtype=torch.float32, device=seed.device)
-    block = 1024
-    if seed.shape[0] and count:
-        _uniforms_kernel[(seed.shape[0], triton.cdiv(count, block))](seed, counter, out, count, BLOCK=block)
-    return out

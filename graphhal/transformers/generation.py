@@ -42,27 +42,23 @@ request in that run fails, its blocks go back, and the step reports it in ``Step
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 import random
-from collections import deque
 from typing import Any, Hashable, Sequence
 
 import torch
 
-import hal
-from graphhal.paged_attention.block_allocator import OutOfBlocksError
 from graphhal.paged_attention.kv_cache import PagedKVCache
-from graphhal.sampling import SAMPLING_SLOT_NAMES, SamplingParams
-from graphhal.transformers import request_checks
+from graphhal.sampling import SamplingParams
+from graphhal.transformers import loop_defaults, request_checks
+from graphhal.transformers.loop_admission import Admission
 from graphhal.transformers.loop_batches import BatchBuilder
 from graphhal.transformers.loop_requests import Request, tokens_cached
-from graphhal.transformers.loop_results import Reads, RequestFailedError, StepResult
+from graphhal.transformers.loop_results import Handout, Reads, RequestFailedError, StepResult
 from graphhal.transformers.speculative_step import SpeculativeDecode
 from runners import DecodeRunner, PrefillRunner
 
-logger = logging.getLogger(__name__)
-
-_FROM_MODEL: Any = object()  # eos_token_ids: read from the model's generation_config
+_KEEP = ["tokens", "logprobs"]  # the outputs a step hands back: never the vocabulary-wide logits
 
 
 class GenerationLoop:
@@ -72,14 +68,16 @@ class GenerationLoop:
     eos_token_ids:     tokens that end a request (an int, a list, or None for none); default: the model's
                        ``generation_config.eos_token_id``.
     generation_config: the sampling defaults of requests added without ``sampling`` (``do_sample``,
-                       ``temperature``, ``top_k``, ``top_p``, ``min_p``); default: the model's.
+                       ``temperature``, ``top_k``, ``top_p``, ``min_p``); default: the model's. Its fields the
+                       loop does not apply (``repetition_penalty``...) are named in a warning.
     max_running:       the most requests decoding at once; default the decode runner's largest bucket.
     vocab_size, max_positions: what prompts are checked against (``request_checks.token_limits``); default:
                        read from the model the runners' steps hold.
     overlap:           prepare step n+1 while the device runs step n, reading tokens back one step late
-                       (default); False reads every step's tokens before ``step`` returns.
-    seed:              the seed of the seeds given to requests added without one: a loop with the same seed,
-                       requests and order samples the same tokens.
+                       (default); False reads every step's tokens before ``step`` returns. May be switched
+                       between any two steps.
+    seed:              the seed of the seeds given to requests whose sampling has none (``seed=None``): a loop
+                       with the same seed, requests and order samples the same tokens.
     drafter, verify, num_draft_tokens: speculative decoding (``graphhal.transformers.speculative_step``): a
                        ``graphhal.speculative`` drafter proposes ``num_draft_tokens`` tokens a request, the
                        ``verify`` runner (``query_tokens = 1 + num_draft_tokens``) checks them; implies
@@ -92,7 +90,7 @@ class GenerationLoop:
         prefill: PrefillRunner,
         kv_cache: PagedKVCache,
         *,
-        eos_token_ids: int | Sequence[int] | None = _FROM_MODEL,
+        eos_token_ids: int | Sequence[int] | None = loop_defaults.FROM_MODEL,
         generation_config: Any = None,
         max_running: int | None = None,
         vocab_size: int | None = None,
@@ -103,12 +101,7 @@ class GenerationLoop:
         verify: DecodeRunner | None = None,
         num_draft_tokens: int | None = None,
     ) -> None:
-        for name, runner in (("decode", decode), ("prefill", prefill)):
-            if not set(SAMPLING_SLOT_NAMES) <= {slot.name for slot in runner.slots}:
-                raise TypeError(
-                    f"the {name} runner does not sample (its slots lack {', '.join(SAMPLING_SLOT_NAMES)}): build it "
-                    f"with graphhal.transformers.{name}_runner, or wrap its step in graphhal.sampling's sampled steps"
-                )
+        request_checks.check_runners_sample(decode, prefill)
         self.decode, self.prefill, self.kv_cache = decode, prefill, kv_cache
         if drafter is not None and overlap:
             raise ValueError("GenerationLoop: a loop with a drafter reads every step back (its drafts follow the accepted tokens): overlap must be False")
@@ -116,40 +109,43 @@ class GenerationLoop:
         # Read from the model the runners already hold: a second description of it could disagree with it.
         forwards = (decode.forward, prefill.forward)
         self.limits = request_checks.token_limits(forwards, kv_cache, vocab_size=vocab_size, max_positions=max_positions)
-        config = generation_config if generation_config is not None else request_checks.generation_config(forwards)
-        if eos_token_ids is _FROM_MODEL:
-            eos_token_ids = getattr(config, "eos_token_id", None)
-        self.eos_token_ids = frozenset([eos_token_ids] if isinstance(eos_token_ids, int) else eos_token_ids or ())
-        self.default_sampling = request_checks.default_sampling(config)
+        config = generation_config if generation_config is not None else loop_defaults.generation_config(forwards)
         self.max_top_k = min(request_checks.max_top_k(runner.forward) for runner in (decode, prefill))
+        self.default_sampling = loop_defaults.sampling_defaults(config, self.max_top_k)
         self.max_running = max_running or decode.config.max_size
         self.max_chunk_tokens = prefill.config.max_size  # the largest prefill bucket: every chunk replays a graph
         self.max_requests = prefill.config.max_requests
         self.batches = BatchBuilder(decode, prefill, kv_cache)
-        self.speculation: SpeculativeDecode | None = None
-        if drafter is not None or verify is not None:
-            self.speculation = SpeculativeDecode(verify, drafter, num_draft_tokens, self.batches, self.limits.max_positions)  # type: ignore[arg-type]
+        self.speculation = None if drafter is None and verify is None else SpeculativeDecode(
+            verify, drafter, num_draft_tokens, self.batches, self.limits.max_positions)  # type: ignore[arg-type]
+        self.requests = Admission(kv_cache, self.batches, self.max_running, self.speculation and self.speculation.drafter.release)
+        self.handout = Handout(loop_defaults.eos_ids(eos_token_ids, config), self.requests.finish)
         self._seeds = random.Random(seed)
-        self._waiting: deque[Request] = deque()
-        self._running: list[Request] = []
-        self._ids: set[Hashable] = set()
         self._unread: list[Reads] = []  # the last step's tokens, on their way to the host
-        self._last_decode: tuple[torch.Tensor, dict[int, int]] | None = None  # its tokens; request id() -> row
+        self._last_decode: torch.Tensor | None = None  # the last decode step's sampled tokens, on the device
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.handout.eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids: frozenset[int]) -> None:  # tokens that end a request, from the next read on
+        self.handout.eos_token_ids = frozenset(ids)
 
     @property
     def idle(self) -> bool:
         """Nothing waiting, nothing running, nothing still to read back."""
-        return not self._waiting and not self._running and not self._unread
+        return not self.requests.waiting and not self.requests.running and not self._unread
 
     @property
     def num_waiting(self) -> int:
         """Requests queued for admission (waiting for KV-cache blocks or a place in the batch)."""
-        return len(self._waiting)
+        return len(self.requests.waiting)
 
     @property
     def num_running(self) -> int:
         """Requests admitted: prefilling or decoding, their blocks allocated."""
-        return len(self._running)
+        return len(self.requests.running)
 
     # --- requests ----------------------------------------------------------------------------------------
 
@@ -167,7 +163,8 @@ class GenerationLoop:
         """Queue a request: its prompt token ids and how many tokens to generate at most.
 
         prompt:    a list or tuple of ints, a 1-D integer tensor or numpy array.
-        sampling:  how it samples; default the loop's (the model's generation_config), with a seed of its own.
+        sampling:  how it samples; default the loop's (the model's generation_config). Without a seed
+                   (``seed=None``) the request gets one of its own from the loop's ``seed``.
         stop:      token sequences that end the request where its output ends with one (kept in the output).
         logprobs:  hand out each token's log-probability under the model (``StepResult.logprobs``).
         speculative: take drafts when the loop has a drafter (False: one token a step; see ``speculative_step``).
@@ -178,67 +175,58 @@ class GenerationLoop:
         request and the argument; nothing else is affected.
         """
         request_checks.check_request_id(request_id)
-        if request_id in self._ids:
-            raise ValueError(f"request {request_id!r} is already queued or running")
+        self.requests.check_new(request_id)
         prompt = request_checks.token_ids(request_id, prompt)
         max_new_tokens = request_checks.new_token_count(request_id, max_new_tokens)
         stop = request_checks.stop_sequences(request_id, stop)
         if sampling is None:
-            sampling = SamplingParams(**{**self.default_sampling, "seed": self._seeds.getrandbits(63)})
+            sampling = SamplingParams(**self.default_sampling)
         elif not isinstance(sampling, SamplingParams):
             raise TypeError(f"request {request_id!r}: sampling must be a graphhal.sampling.SamplingParams, got {type(sampling).__name__}")
         sampling.check(max_top_k=self.max_top_k, where=f"request {request_id!r}: sampling")
-        cached = tokens_cached(len(prompt), max_new_tokens)
-        self.limits.check(request_id, prompt, cached, max_new_tokens)
-        longest = self.batches.max_blocks_per_seq * self.batches.block_size
-        if cached > longest:
-            raise ValueError(
-                f"request {request_id!r} caches up to {cached} tokens (prompt {len(prompt)} + {max_new_tokens} new, "
-                f"the last never fed back); the KV cache serves at most {longest} per request"
-            )
-        if self.batches.blocks_for(cached) > self.kv_cache.num_blocks - 1:
-            raise ValueError(f"request {request_id!r} needs more KV-cache blocks than the whole cache has")
-        self._ids.add(request_id)
-        self._waiting.append(Request(request_id, prompt, max_new_tokens, sampling, stop, logprobs, speculative=bool(speculative)))
+        self.limits.check(request_id, prompt, tokens_cached(len(prompt), max_new_tokens), max_new_tokens)
+        self.requests.check_fits(request_id, len(prompt), max_new_tokens)
+        if sampling.seed is None:  # one of its own: identical requests draw different tokens, the same run after run
+            sampling = dataclasses.replace(sampling, seed=self._seeds.getrandbits(63))
+        self.requests.queue(Request(request_id, prompt, max_new_tokens, sampling, stop, logprobs, speculative=bool(speculative)))
 
     def abort(self, request_id: Hashable) -> bool:
         """Drop a queued or running request between two steps; its blocks go back at once. Whether it was
         there. Tokens of it still on their way are discarded."""
-        for request in self._waiting:
-            if request.request_id == request_id:
-                self._waiting.remove(request)
-                self._ids.discard(request_id)
-                return True
-        for request in self._running:
-            if request.request_id == request_id:
-                self._finish(request)
-                self._unread = [reads for reads in self._unread if any(r.running for r, _ in reads.rows)]
-                return True
-        return False
+        if self.requests.drop_waiting(request_id):
+            return True
+        request = self.requests.running_request(request_id)
+        if request is None:
+            return False
+        self.requests.finish(request)
+        self._unread = [reads for reads in self._unread if any(r.running for r, _ in reads.rows)]
+        return True
 
     # --- a step ------------------------------------------------------------------------------------------
 
     def step(self) -> StepResult:
         """Admit, queue one prefill batch and one decode batch, then hand out what the previous step sampled
-        (this step's, with ``overlap=False``). See the module docstring.
+        and, with ``overlap=False``, what this one sampled. See the module docstring.
 
         ``OutOfBlocksError`` when nothing is running and the first waiting request needs more blocks than are
         free (blocks held outside this loop): waiting would never end.
         """
         result = StepResult()
-        self._admit()
+        self.requests.admit(in_flight=bool(self._unread))
         previous, self._unread = self._unread, []
         prefill_tokens = self._prefill(result)
         self._decode(prefill_tokens, result)
-        for reads in (self._unread if not self.overlap else previous):
-            self._read(reads, result)
-        # What is left to read back: this step's tokens, of requests still running (a failed or finished
-        # request's are discarded unread).
-        self._unread = [reads for reads in self._unread if self.overlap and any(r.running for r, _ in reads.rows)]
+        current, self._unread = self._unread, []
+        # The previous step's tokens first, whatever ``overlap`` is now (switched since?), then this step's if not.
+        for reads in previous if self.overlap else previous + current:
+            self.handout.read(reads, result)
+        if self.overlap:  # left to read back: this step's tokens of requests still running (others discarded)
+            self._unread = [reads for reads in current if any(r.running for r, _ in reads.rows)]
         return result
 
     def generate(self, prompts: Sequence[Any], max_new_tokens: int, *, sampling: SamplingParams | None = None) -> list[list[int]]:
-        """Every prompt's generated tokens, in order: all added at once to an idle loop, stepped until done.
+        """Every prompt's generated tokens, in order: all added at once to an idle loop, stepped until done (a
+        ``sampling`` without a seed gives each prompt a seed of its own).
 
         A request that failed raises its ``RequestFailedError`` (the first one's, in prompt order) once the
         others are done: the loop is idle again."""
@@ -248,9 +236,7 @@ class GenerationLoop:
             for index, prompt in enumerate(prompts):
                 self.add(index, prompt, max_new_tokens, sampling=sampling)
         except (TypeError, ValueError):
-            for request in self._waiting:  # none has run: the loop is left as it was found
-                self._ids.discard(request.request_id)
-            self._waiting.clear()
+            self.requests.clear_waiting()  # none has run: the loop is left as it was found
             raise
         outputs: dict[Hashable, list[int]] = {}
         failed: dict[Hashable, RequestFailedError] = {}
@@ -262,122 +248,53 @@ class GenerationLoop:
             raise failed[min(failed)]
         return [outputs[index] for index in range(len(prompts))]
 
-    def _admit(self) -> None:
-        allocator = self.kv_cache.allocator
-        while self._waiting and len(self._running) < self.max_running:
-            request = self._waiting[0]
-            needed = self.batches.blocks_for(tokens_cached(len(request.prompt), request.max_new_tokens))
-            if needed > allocator.num_free:
-                if not self._running and not self._unread:  # nothing will free a block: it would wait for ever
-                    raise OutOfBlocksError(
-                        f"request {request.request_id!r} needs {needed} KV-cache blocks and only {allocator.num_free} are "
-                        "free with no request of this loop running: blocks are held outside the loop"
-                    )
-                return  # first come, first served: later requests wait behind it
-            request.blocks = allocator.allocate(needed)
-            request.running = True
-            self._running.append(self._waiting.popleft())
-
     def _prefill(self, result: StepResult) -> torch.Tensor | None:
         """Queue one batch of prompt chunks; the device tensor of its sampled tokens (one per request row), or
-        None when nothing was prefilled."""
-        chunks: list[tuple[Request, int]] = []  # (request, tokens of its prompt in this batch)
-        budget = self.max_chunk_tokens
-        for request in self._running:
-            if not request.prefilling or budget == 0 or len(chunks) == self.max_requests:
-                continue
-            take = min(len(request.prompt) - request.cached, budget)
-            chunks.append((request, take))
-            budget -= take
+        None when no request completes its prompt in it (nothing to feed or read back)."""
+        chunks = self.requests.prompt_chunks(self.max_chunk_tokens, self.max_requests)
         if not chunks:
             return None
-        batch = self.batches.prefill(chunks)
-        handle = self._submit("prefill", self.prefill, batch, [request for request, _ in chunks], result)
+        completing = [(r, row) for row, (r, take) in enumerate(chunks) if r.cached + take == len(r.prompt)]  # prompt done: 1st token
+        keep = _KEEP if completing else []  # every chunk mid-prompt: its tokens are no one's, copy nothing out
+        handle = self._submit("prefill", self.prefill, self.batches.prefill(chunks), [r for r, _ in chunks], result, keep)
         if handle is None:
             return None
-        completing = []
-        for row, (request, take) in enumerate(chunks):
+        for request, take in chunks:
             request.cached += take
-            if not request.prefilling:  # its whole prompt is cached: its last token's logits gave the first token
-                request.scheduled, request.source = 1, ("prefill", row)
-                completing.append((request, row))
-        self._unread.append(Reads("prefill", completing, handle.to_host()))
-        return handle.outputs["tokens"]
+        for request, row in completing:
+            request.scheduled, request.source = 1, ("prefill", row)
+        if completing:  # nothing to read back (nor a host copy to queue) when no prompt ends here
+            self._unread.append(Reads("prefill", completing, handle.to_host()))
+        return handle.outputs["tokens"] if completing else None
 
     def _decode(self, prefill_tokens: torch.Tensor | None, result: StepResult) -> None:
-        rows = [request for request in self._running if request.decodable]
+        rows = [request for request in self.requests.running if request.decodable]
         speculative = [request for request in rows if self.speculation and self.speculation.rides(request)]
         rows = [request for request in rows if request not in speculative]
         self._plain_decode(rows, prefill_tokens, result)
         if speculative:  # drafts, one verify step, its tokens read back and handed out
             self.speculation.step(  # type: ignore[union-attr]
-                speculative, lambda *failed: self._fail(*failed, result), lambda r, token: self._hand_out(r, token, None, result)
+                speculative, lambda *failed: self.handout.fail(*failed, result), lambda r, token: self.handout.token(r, token, None, result)
             )
 
     def _plain_decode(self, rows: list[Request], prefill_tokens: torch.Tensor | None, result: StepResult) -> None:
-        if not rows:
-            self._last_decode = None
-            return
-        input_ids = self.batches.fed_tokens(rows, self._last_decode, prefill_tokens)
-        batch = self.batches.decode(rows, input_ids)
-        handle = self._submit("decode", self.decode, batch, rows, result)
+        handle = None
+        if rows:
+            input_ids = self.batches.fed_tokens(rows, self._last_decode, prefill_tokens)
+            handle = self._submit("decode", self.decode, self.batches.decode(rows, input_ids), rows, result, _KEEP)
+        self._last_decode = handle.outputs["tokens"] if handle is not None else None
         if handle is None:
-            self._last_decode = None
             return
         for row, request in enumerate(rows):
             request.cached += 1
             request.scheduled += 1
             request.source = ("decode", row)
-        self._last_decode = (handle.outputs["tokens"], {id(request): row for row, request in enumerate(rows)})
         self._unread.append(Reads("decode", list(zip(rows, range(len(rows)))), handle.to_host()))
 
-    def _submit(self, phase: str, runner: Any, batch: dict[str, torch.Tensor], requests: list[Request], result: StepResult) -> Any:
-        """``runner.submit(batch)``, or None after failing every request in it: a run's exception cannot be
-        pinned on one of its requests (what one request can get wrong, ``add`` refused)."""
+    def _submit(self, phase: str, runner: Any, batch: dict[str, torch.Tensor], requests: list[Request], result: StepResult, keep: list[str]) -> Any:
+        """``runner.submit(batch)``, or None after failing every request in it (``Handout.fail``)."""
         try:
-            return runner.submit(batch, keep=["tokens", "logprobs"])
+            return runner.submit(batch, keep=keep)
         except Exception as error:
-            self._fail(phase, requests, error, result)
+            self.handout.fail(phase, requests, error, result)
             return None
-
-    def _read(self, reads: Reads, result: StepResult) -> None:
-        """Hand out one run's tokens, now on the host; end the requests they end. On CUDA an error inside the
-        run surfaces here, when its copy is waited on: it fails the run's requests."""
-        try:
-            host = reads.copy.wait()
-            tokens, logprobs = host["tokens"].tolist(), host["logprobs"].tolist()
-        except Exception as error:
-            self._fail(reads.phase, [request for request, _ in reads.rows if request.running], error, result)
-            return
-        for request, row in reads.rows:
-            if request.running:  # else ended (or aborted) while this run was queued: its token is discarded
-                self._hand_out(request, tokens[row], logprobs[row], result)
-
-    def _hand_out(self, request: Request, token: int, logprob: float | None, result: StepResult) -> None:
-        request.generated.append(token)
-        result.tokens.setdefault(request.request_id, []).append(token)
-        if request.wants_logprobs:
-            result.logprobs.setdefault(request.request_id, []).append(logprob)
-        if request.ended_by(token, self.eos_token_ids):
-            self._finish(request)
-            result[request.request_id] = request.generated
-
-    def _fail(self, phase: str, requests: list[Request], error: BaseException, result: StepResult) -> None:
-        batch = [request.request_id for request in requests]
-        for request in requests:
-            failure = RequestFailedError(request.request_id, phase, batch, error)
-            failure.__cause__ = error
-            logger.error("graphhal: %s", failure)
-            self._finish(request)
-            result.failed[request.request_id] = failure
-
-    def _finish(self, request: Request) -> None:
-        """Take ``request`` out of the loop and give its blocks back (queued work that writes them runs first:
-        the device runs its queue in order)."""
-        if request.running:
-            request.running = False
-            self._running.remove(request)
-            self._ids.discard(request.request_id)
-            self.kv_cache.allocator.free(request.blocks)
-            if self.speculation is not None:
-                self.speculation.drafter.release(request.request_id)

@@ -70,12 +70,12 @@ class BatchBuilder:
     def fed_tokens(
         self,
         rows: list[Request],
-        last_decode: tuple[torch.Tensor, dict[int, int]] | None,
+        last_decode: torch.Tensor | None,
         prefill_tokens: torch.Tensor | None,
     ) -> torch.Tensor:
         """Each row's last sampled token, gathered on the device from the last decode step's tokens and this
-        step's prefill tokens (``Request.source`` says which, and which row): queued work, no host read. A
-        source ``("host", token)`` is a token already read back (a speculative step's last)."""
+        step's prefill tokens (``Request.source`` says which, and which row of them): queued work, no host read.
+        A source ``("host", token)`` is a token already read back (a speculative step's last)."""
         sources, offset = [], {}
         known = [request.source[1] for request in rows if request.source[0] == "host"]  # type: ignore[index]
         if known:
@@ -83,7 +83,7 @@ class BatchBuilder:
             sources.append(self.host("input_ids", known).to(self.device, non_blocking=True))
         if last_decode is not None:
             offset["decode"] = sum(len(source) for source in sources)
-            sources.append(last_decode[0])
+            sources.append(last_decode)
         if prefill_tokens is not None:
             offset["prefill"] = sum(len(source) for source in sources)
             sources.append(prefill_tokens)

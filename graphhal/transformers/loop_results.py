@@ -1,12 +1,16 @@
 """What a generation loop step hands out (``StepResult``), how a request that a failed run dropped is reported
-(``RequestFailedError``), and one run's tokens on their way to the host (``Reads``)."""
+(``RequestFailedError``), one run's tokens on their way to the host (``Reads``), and who hands them to their
+requests (``Handout``)."""
 
 from __future__ import annotations
 
-from typing import Any, Hashable
+import logging
+from typing import Any, Callable, Hashable
 
 import hal
 from graphhal.transformers.loop_requests import Request
+
+logger = logging.getLogger(__name__)
 
 
 class RequestFailedError(hal.GraphHalError, RuntimeError):
@@ -42,3 +46,44 @@ class Reads:
 
     def __init__(self, phase: str, rows: list[tuple[Request, int]], copy: Any) -> None:
         self.phase, self.rows, self.copy = phase, rows, copy
+
+
+class Handout:
+    """Hands tokens read back to their requests and to the step's ``StepResult``, ending the requests they end
+    (``finish`` takes one out of the loop); fails every request of a run that failed."""
+
+    def __init__(self, eos_token_ids: frozenset[int], finish: Callable[[Request], None]) -> None:
+        self.eos_token_ids, self.finish = eos_token_ids, finish
+
+    def read(self, reads: Reads, result: StepResult) -> None:
+        """Hand out one run's tokens, now on the host. On CUDA an error inside the run surfaces here, when its
+        copy is waited on: it fails the run's requests."""
+        try:
+            host = reads.copy.wait()
+            tokens, logprobs = host["tokens"].tolist(), host["logprobs"].tolist()
+        except Exception as error:
+            self.fail(reads.phase, [request for request, _ in reads.rows if request.running], error, result)
+            return
+        for request, row in reads.rows:
+            if request.running:  # else ended (or aborted) while this run was queued: its token is discarded
+                self.token(request, tokens[row], logprobs[row], result)
+
+    def token(self, request: Request, token: int, logprob: float | None, result: StepResult) -> None:
+        request.generated.append(token)
+        result.tokens.setdefault(request.request_id, []).append(token)
+        if request.wants_logprobs:
+            result.logprobs.setdefault(request.request_id, []).append(logprob)
+        if request.ended_by(token, self.eos_token_ids):
+            self.finish(request)
+            result[request.request_id] = request.generated
+
+    def fail(self, phase: str, requests: list[Request], error: BaseException, result: StepResult) -> None:
+        """A run's exception cannot be pinned on one of its requests (what one request can get wrong, ``add``
+        refused): every request in it fails."""
+        batch = [request.request_id for request in requests]
+        for request in requests:
+            failure = RequestFailedError(request.request_id, phase, batch, error)
+            failure.__cause__ = error
+            logger.error("graphhal: %s", failure)
+            self.finish(request)
+            result.failed[request.request_id] = failure

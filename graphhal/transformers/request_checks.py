@@ -28,6 +28,18 @@ from graphhal.paged_attention.kv_cache import PagedKVCache
 _POSITION_TABLE_SPARE_ROWS = 2
 
 
+def check_runners_sample(decode: Any, prefill: Any) -> None:
+    """TypeError unless both runners sample inside their steps (their slots include the sampling slots)."""
+    from graphhal.sampling import SAMPLING_SLOT_NAMES
+
+    for name, runner in (("decode", decode), ("prefill", prefill)):
+        if not set(SAMPLING_SLOT_NAMES) <= {slot.name for slot in runner.slots}:
+            raise TypeError(
+                f"the {name} runner does not sample (its slots lack {', '.join(SAMPLING_SLOT_NAMES)}): build it "
+                f"with graphhal.transformers.{name}_runner, or wrap its step in graphhal.sampling's sampled steps"
+            )
+
+
 def check_request_id(request_id: Any) -> Hashable:
     try:
         hash(request_id)
@@ -167,24 +179,6 @@ def models_of(forwards: Iterable[Any]) -> list[torch.nn.Module]:
         if forward is not None:
             models.append(forward.model)
     return models
-
-
-def generation_config(forwards: Iterable[Any]) -> Any:
-    """The ``generation_config`` of the model the forwards hold (transformers keeps one per model), or None."""
-    return next((model.generation_config for model in models_of(forwards) if hasattr(model, "generation_config")), None)
-
-
-def default_sampling(config: Any) -> dict[str, Any]:
-    """``SamplingParams`` fields from a transformers ``GenerationConfig`` (or anything with its attributes):
-    greedy unless ``do_sample``; then its temperature, top_k, top_p and min_p, where set."""
-    if config is None or not getattr(config, "do_sample", False):
-        return {"temperature": 0.0}
-    fields = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
-    for name in fields:
-        value = getattr(config, name, None)
-        if value is not None:
-            fields[name] = value
-    return fields
 
 
 def max_top_k(forward: Any) -> int:

@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")  # before the integration, wh
 from graphhal.sampling import SamplingParams  # noqa: E402
 from graphhal.transformers import GenerationLoop, decode_runner, paged_kv_cache, prefill_runner  # noqa: E402
 from runners import DecodeConfig, PrefillConfig  # noqa: E402
+from support.transformers_models import skip_where_torch_cannot_compile_the_model  # noqa: E402
 
 NEW_TOKENS = 12
 PROMPT_LENGTHS = [5, 40, 1, 17]  # one longer than the 32-token prefill bucket: prefilled in two chunks
@@ -38,6 +39,7 @@ def prompts(count: int = len(PROMPT_LENGTHS)) -> list[list[int]]:
 
 
 def runners_of(model, mode: str = "full", device: str = "cpu", **sampler) -> tuple:
+    skip_where_torch_cannot_compile_the_model(mode, None)  # piecewise compiles the model: not on torch 2.6
     torch._dynamo.reset()
     kv_cache = paged_kv_cache(model, num_blocks=64, block_size=16, max_seq_len=128)
     config = PrefillConfig(mode=mode, max_tokens=32, max_requests=4, show_progress=False)

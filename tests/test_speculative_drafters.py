@@ -139,7 +139,7 @@ def test_a_draft_model_drafts_its_own_greedy_tokens_in_step_with_what_was_accept
 def test_a_draft_model_drafter_refuses_what_its_cache_cannot_hold():
     with torch.inference_mode():
         drafter = build_drafter(build_model("llama"), "disabled")
-        with pytest.raises(ValueError, match="holds up to 200 tokens; the draft model's KV cache serves at most 128"):
+        with pytest.raises(ValueError, match="caches up to 199 tokens .*; the draft model's KV cache serves at most 128"):
             drafter.propose([DraftRequest("long", [5] * 10, 200)], 2)
         with pytest.raises(ValueError, match="num_draft_tokens must be a positive int, got 0"):
             drafter.propose([DraftRequest("a", [5], 20)], 0)

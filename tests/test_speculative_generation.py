@@ -294,6 +294,35 @@ def test_what_a_speculative_loop_refuses():
     assert server.blocks_all_back()
 
 
+def test_every_request_the_target_admits_has_room_in_the_draft_cache():
+    """The draft cache, sized like the target's (``like=``), takes what the target takes per request
+    (``prompt + max_new_tokens - 1`` tokens: the last is never fed): a request of exactly the longest the cache
+    serves, and two that take every block between them, run to generate's tokens beside the others."""
+    cases = [(32, {"short": (10, 8), "long": (10, 55)}), (5, {"a": (10, 23), "b": (10, 23)})]  # 10 + 55 - 1 = 64
+    with torch.inference_mode():
+        for num_blocks, requests in cases:
+            model = build_model("llama")
+            kv_cache = paged_kv_cache(model, num_blocks=num_blocks, block_size=16, max_seq_len=64)
+            prefill = prefill_runner(model, kv_cache, "cpu", PrefillConfig(mode="disabled", max_tokens=32, max_requests=4, show_progress=False))
+            decode = decode_runner(model, kv_cache, "cpu", DecodeConfig(mode="disabled", max_bs=4, show_progress=False))
+            config = DecodeConfig(mode="disabled", max_bs=4, query_tokens=3, show_progress=False)
+            verify = decode_runner(model, kv_cache, "cpu", config, sampling=False, greedy_verify=True)
+            drafter = draft_model_drafter(build_model("llama"), "cpu", like=kv_cache, mode="disabled", max_bs=4, max_tokens=32, max_requests=4, show_progress=False)
+            loop = GenerationLoop(decode, prefill, kv_cache, drafter=drafter, verify=verify, num_draft_tokens=2)
+            texts = {name: prompts((length,))[0] for name, (length, _) in requests.items()}
+            for name, (_, budget) in requests.items():
+                loop.add(name, texts[name], budget)
+            finished, failed = {}, {}
+            while not loop.idle:
+                result = loop.step()
+                finished.update(result)
+                failed.update(result.failed)
+            assert not failed
+            assert finished == {name: expected(texts[name], budget, eos_token_id=None) for name, (_, budget) in requests.items()}
+            assert loop.speculation.acceptance_rate == 1.0
+            assert drafter.kv_cache.allocator.num_free == num_blocks - 1
+
+
 # --- cuda, bfloat16: equal to graphhal's own greedy output without drafts -----------------------------------
 
 

@@ -12,6 +12,7 @@ verify runners for k = 1..4 in one pool, beside the plain decode's).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -281,17 +282,80 @@ def test_what_a_speculative_loop_refuses():
         with pytest.raises(TypeError, match="drafter must have propose"):
             GenerationLoop(server.decode, server.prefill, server.kv_cache, drafter=object(), verify=server.verify[2], num_draft_tokens=2)
 
-        class Short(PromptLookupDrafter):
-            def propose(self, requests, k):
-                return super().propose(requests, k)[:, :1]
-
-        loop = server.loop(2, Short())
-        loop.add("a", [5, 6, 7], 6)
-        failed = {}
-        while not loop.idle:
-            failed.update(loop.step().failed)
-        assert "returned (1, 1); expected an int64 tensor of (1, 2)" in str(failed["a"]) and failed["a"].phase == "draft"
+        logits_runner = decode_runner(
+            server.verify[2].forward.forward_step.model, server.kv_cache, "cpu", DecodeConfig(mode="disabled", max_bs=8, query_tokens=3, show_progress=False),
+            sampling=False,
+        )
+        with pytest.raises(TypeError, match=r"greedy-verify step .*got a step of DecodeStep.*DecodeConfig\(query_tokens=3\), sampling=False, greedy_verify=True"):
+            GenerationLoop(server.decode, server.prefill, server.kv_cache, drafter=PromptLookupDrafter(), verify=logits_runner, num_draft_tokens=2)
+        other_cache = paged_kv_cache(server.verify[2].forward.forward_step.model, num_blocks=8, block_size=32, max_seq_len=256)
+        elsewhere = decode_runner(
+            server.verify[2].forward.forward_step.model, other_cache, "cpu", DecodeConfig(mode="disabled", max_bs=8, query_tokens=3, show_progress=False),
+            sampling=False, greedy_verify=True,
+        )
+        with pytest.raises(ValueError, match="verify runner's KV cache has blocks of 32 tokens .* the loop's 16"):
+            GenerationLoop(server.decode, server.prefill, server.kv_cache, drafter=PromptLookupDrafter(), verify=elsewhere, num_draft_tokens=2)
     assert server.blocks_all_back()
+
+
+class Failing(PromptLookupDrafter):
+    """Prompt lookup that raises at some proposes (``fails(call)``), or hands back drafts of the wrong shape."""
+
+    def __init__(self, fails, short: bool = False) -> None:
+        super().__init__()
+        self.fails, self.short, self.calls, self.released = fails, short, 0, []
+
+    def propose(self, requests, k):
+        self.calls += 1
+        if self.fails(self.calls):
+            raise RuntimeError(f"drafter broke at call {self.calls}")
+        drafts = super().propose(requests, k)
+        return drafts[:, :1] if self.short else drafts
+
+    def release(self, request_id):
+        self.released.append(request_id)
+
+
+def test_a_drafter_that_raises_costs_drafts_not_requests(caplog):
+    """Drafting is an optimisation: a drafter raising (every other step, or always; or drafts of the wrong
+    shape) leaves every request of its steps with generate's tokens, verified without drafts; such steps are
+    counted and the first logged with the exception, and the drafter is told to forget the requests."""
+    texts = prompts(LENGTHS)[:4]
+    with torch.inference_mode():
+        server = build_server("cpu", "disabled", ks=(2,))
+        for drafter in (Failing(lambda call: call % 2 == 0), Failing(lambda call: True), Failing(lambda call: False, short=True)):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="graphhal.transformers.speculative_step"):
+                loop = server.loop(2, drafter)
+                assert loop.generate(texts, NEW_TOKENS) == [expected(t) for t in texts]
+            assert loop.speculation.drafter_failures > 0 and loop.speculation.verify_steps > 0
+            logged = [r for r in caplog.records if "verified without drafts" in r.getMessage()]
+            assert len(logged) == 1 and logged[0].exc_info is not None
+            assert re.search(r"returned \((\d), 1\); expected an int64 tensor of \(\1, 2\)" if drafter.short else "drafter broke at call", logged[0].getMessage())
+            assert set(drafter.released) == set(range(len(texts)))
+    assert server.blocks_all_back()
+
+
+def test_a_request_with_one_token_left_gets_no_drafts():
+    """No draft of a request's last token could be kept: that step is the plain one-token decode."""
+    asked = []
+
+    class Recording(PromptLookupDrafter):
+        def propose(self, requests, k):
+            asked.extend((r.max_len - len(r.tokens)) for r in requests)
+            return super().propose(requests, k)
+
+    texts = prompts(LENGTHS)[:3]
+    with torch.inference_mode():
+        server = build_server("cpu", "disabled", ks=(2,))
+        loop = server.loop(2, Recording())
+        for index, budget in enumerate((2, 3, 7)):
+            loop.add(index, texts[index], budget)
+        finished = {}
+        while not loop.idle:
+            finished.update(loop.step())
+    assert finished == {i: expected(texts[i], budget) for i, budget in enumerate((2, 3, 7))}
+    assert asked and min(asked) >= 2  # every request asked for drafts had at least two tokens to generate
 
 
 def test_every_request_the_target_admits_has_room_in_the_draft_cache():

@@ -2,8 +2,9 @@
 for token, for every mode, every k in 1..4, both drafters, 1 and 8 prompts of random lengths, in float32 on
 cpu; a draft model identical to the target accepts every draft; acceptance and tokens identical with graphs and
 eagerly; drafts never read after a replay rewrote them; requests joining, leaving, opting out and sampling
-beside drafted ones; an end-of-sequence token or max_new_tokens inside an accepted run. On cuda, in bfloat16,
-the output equals graphhal's own non-speculative greedy output.
+beside drafted ones; an end-of-sequence token or max_new_tokens inside an accepted run. On cuda, in float32 and
+bfloat16, the output equals graphhal's own non-speculative greedy output, up to a near tie of the plain path's
+two best logits where the outputs part (``NEAR_TIE``).
 
 Cost: the tiny random Llama of ``support.transformers_models``; every mode at one k, every k in one mode (its
 verify runners for k = 1..4 in one pool, beside the plain decode's).
@@ -387,23 +388,45 @@ def test_every_request_the_target_admits_has_room_in_the_draft_cache():
             assert drafter.kv_cache.allocator.num_free == num_blocks - 1
 
 
-# --- cuda, bfloat16: equal to graphhal's own greedy output without drafts -----------------------------------
+# --- cuda: equal to graphhal's own greedy output without drafts, up to near ties ------------------------------
+
+# A step of 1 + k tokens and k + 1 steps of one token reduce in other orders: where the plain path's two best
+# logits are this close (relative to the best), the speculative path may take the other one.
+NEAR_TIE = {torch.float32: 1e-4, torch.bfloat16: 1 / 16}
+
+
+def equal_up_to_a_near_tie(model, prompt: list[int], got: list[int], want: list[int], dtype: torch.dtype) -> bool:
+    """``got == want``, or they part where the target's two best logits after ``prompt + want[:i]`` are within
+    ``NEAR_TIE`` and ``got`` took the other of the two (what follows the parting is not compared)."""
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            ids = torch.tensor([prompt + want[:i]], device=model.device)
+            top = model(ids, attention_mask=torch.ones_like(ids)).logits[0, -1].float().topk(2)
+            best, second = top.values.tolist()
+            return best - second <= NEAR_TIE[dtype] * max(1.0, abs(best)) and a in top.indices.tolist()
+    return got == want
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("mode", ["full", "auto"])
-def test_speculative_bf16_on_cuda_equals_graphhals_plain_greedy(mode):
+def test_speculative_on_cuda_equals_graphhals_plain_greedy(mode, dtype):
     texts = prompts(LENGTHS)
     with torch.inference_mode():
-        server = build_server("cuda", mode, ks=(1, 2, 3, 4), draft=build_model("llama"), dtype=torch.bfloat16)
+        server = build_server("cuda", mode, ks=(1, 2, 3, 4), draft=build_model("llama"), dtype=dtype)
+        target = build_model("llama", "cuda", dtype)  # the same weights with transformers' attention: the margins
         plain = GenerationLoop(server.decode, server.prefill, server.kv_cache, eos_token_ids=server.eos)
         want = plain.generate(texts, NEW_TOKENS)
+
+        def matches(outputs, some=texts):
+            return all(equal_up_to_a_near_tie(target, t, g, w, dtype) for t, g, w in zip(some, outputs, want))
+
         for k in (1, 2, 3, 4):
             loop = server.loop(k)
-            assert loop.generate(texts, NEW_TOKENS) == want, k
-            # In bfloat16 the draft's one-token steps and the verify step's 1 + k round differently: a near tie
-            # may reject a draft of the identical model now and then.
+            assert matches(loop.generate(texts, NEW_TOKENS)), k
+            # The draft's one-token steps and the verify step's 1 + k round differently: a near tie may reject
+            # a draft of the identical model now and then.
             assert loop.speculation.acceptance_rate > 0.9 and server.drafter.eager_steps == 0
-            assert server.loop(k, PromptLookupDrafter()).generate(texts, NEW_TOKENS) == want, k
-            assert server.loop(k, PromptLookupDrafter()).generate(texts[:1], NEW_TOKENS) == want[:1], k
+            assert matches(server.loop(k, PromptLookupDrafter()).generate(texts, NEW_TOKENS)), k
+            assert matches(server.loop(k, PromptLookupDrafter()).generate(texts[:1], NEW_TOKENS), texts[:1]), k
     assert server.blocks_all_back()

@@ -134,6 +134,7 @@ class CaptureLoop:
         self.report = CaptureReport(
             self.phase, self.config.mode, str(self.device), tuple(started.order), time.perf_counter() - started.started,
             started.pool_bytes if started.order else 0, tuple(started.added), started.estimate,
+            getattr(self.config, "query_tokens", 1),
         )
         logger.info(self.report.summary())
         return self.report

@@ -17,6 +17,7 @@ class CaptureReport:
     pool_bytes: int  # the pool after the capture (a shared pool: what every runner in it holds)
     added_bytes: tuple[int, ...] = ()  # pool bytes each bucket added, in capture order (the first: the largest)
     estimate_bytes: int = 0  # what the pool was estimated at before the other buckets (the largest alone)
+    query_tokens: int = 1  # tokens per request of a decode graph (1 + k for a speculative verify step)
 
     def summary(self) -> str:
         if not self.buckets:
@@ -24,10 +25,13 @@ class CaptureReport:
         sizes = f"{self.buckets[0]}" if len(self.buckets) == 1 else f"{self.buckets[0]}..{self.buckets[-1]}"
         others = sum(self.added_bytes[1:])
         return (
-            f"graphhal: captured {len(self.buckets)} {self.phase} graphs ({self.mode}, {self.device}) "
+            f"graphhal: captured {len(self.buckets)} {self.phase} graphs{self._per_request()} ({self.mode}, {self.device}) "
             f"for sizes {sizes} in {self.seconds:.2f} s, pool {self.pool_bytes / MIB:.1f} MiB "
             f"(bucket {self.buckets[0]} {self.estimate_bytes / MIB:.1f} MiB, the other buckets {others / MIB:.1f} MiB more)"
         )
+
+    def _per_request(self) -> str:
+        return f" at 1+{self.query_tokens - 1} tokens per request" if self.query_tokens > 1 else ""
 
     def bucket_bytes(self) -> dict[int, int]:
         """What each bucket added to the pool, by bucket."""

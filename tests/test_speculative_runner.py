@@ -274,3 +274,10 @@ def test_query_tokens_comes_from_a_graph_config_and_is_type_checked():
     assert GraphConfig.from_dict({"decode": {"query_tokens": 3}}).decode.query_tokens == 3
     with pytest.raises(ValueError, match="decode: query_tokens must be an integer, got '3'"):
         GraphConfig.from_dict({"decode": {"query_tokens": "3"}})
+
+
+def test_the_capture_summary_of_a_verify_runner_says_its_tokens_per_request():
+    verifier = Verifier("cpu", 3, "full")
+    with torch.inference_mode():
+        summary = verifier.runner.capture().summary()
+    assert summary.startswith("graphhal: captured 3 decode graphs at 1+2 tokens per request (full, cpu) for sizes 4..1 in ")

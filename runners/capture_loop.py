@@ -135,6 +135,7 @@ class CaptureLoop:
             self.phase, self.config.mode, str(self.device), tuple(started.order), time.perf_counter() - started.started,
             started.pool_bytes if started.order else 0, tuple(started.added), started.estimate,
             device_bytes=tuple(started.device_added), bucket_seconds=tuple(started.seconds),
+            query_tokens=getattr(self.config, "query_tokens", 1),
         )
         logger.info(self.report.summary())
         return self.report

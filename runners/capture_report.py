@@ -21,6 +21,7 @@ class CaptureReport:
     # graphs, communicators' buffers); None entries where the device does not report free memory.
     device_bytes: tuple[int | None, ...] = ()
     bucket_seconds: tuple[float, ...] = ()  # each bucket's warm-up and capture, in capture order
+    query_tokens: int = 1  # tokens per request of a decode graph (1 + k for a speculative verify step)
 
     def summary(self) -> str:
         if not self.buckets:
@@ -30,7 +31,7 @@ class CaptureReport:
         device = self.device_total_bytes
         device_wide = "" if device is None else f"; device-wide {device / MIB:.1f} MiB"
         return (
-            f"graphhal: captured {len(self.buckets)} {self.phase} graphs ({self.mode}, {self.device}) "
+            f"graphhal: captured {len(self.buckets)} {self.phase} graphs{self._per_request()} ({self.mode}, {self.device}) "
             f"for sizes {sizes} in {self.seconds:.2f} s, pool {self.pool_bytes / MIB:.1f} MiB "
             f"(bucket {self.buckets[0]} {self.estimate_bytes / MIB:.1f} MiB, the other buckets {others / MIB:.1f} MiB more)"
             f"{device_wide}"
@@ -46,6 +47,9 @@ class CaptureReport:
     def bucket_device_bytes(self) -> dict[int, int | None]:
         """Device-wide bytes each bucket took, by bucket: its pool share plus what sits outside the pool."""
         return dict(zip(self.buckets, self.device_bytes))
+
+    def _per_request(self) -> str:
+        return f" at 1+{self.query_tokens - 1} tokens per request" if self.query_tokens > 1 else ""
 
     def bucket_bytes(self) -> dict[int, int]:
         """What each bucket added to the pool, by bucket."""

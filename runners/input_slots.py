@@ -63,7 +63,9 @@ class InputSlot:
         if self.role == SlotRole.CACHE_LOCATIONS:
             return replace(self, dtype=conventions.cache_location_dtype)
         if self.role == SlotRole.SEQ_LENS:
-            return replace(self, dtype=conventions.seq_len_dtype, fill=conventions.seq_len_fill)
+            # A slot asking for a longer padding length keeps it (rows of q > 1 query tokens pad with q: causal
+            # attention from the cached context on takes no KV length below the query's tokens).
+            return replace(self, dtype=conventions.seq_len_dtype, fill=max(self.fill, conventions.seq_len_fill))
         return self
 
 

@@ -162,8 +162,9 @@ def test_cuda_kernel_in_a_cuda_graph_follows_new_lengths():
 @pytest.mark.cpu
 @pytest.mark.parametrize("query_tokens", [2, 4])
 def test_npu_fused_attention_on_the_simulator_equals_reference(query_tokens):
-    """The npu kernel: torch_npu's fused infer-attention op, BSH with S = q and sparse_mode 3 (SIMULATED)."""
-    batch = paged_batch([20, 0, 37], query_tokens, num_heads=4, num_kv_heads=2, head_dim=16, block_size=16, dtype=torch.bfloat16)
+    """The npu kernel: torch_npu's fused infer-attention op, BSH with S = q and sparse_mode 3 (SIMULATED); a
+    padded row has the length q (its own tokens), which the simulator takes (it refuses a length below S)."""
+    batch = paged_batch([20, query_tokens, 37], query_tokens, num_heads=4, num_kv_heads=2, head_dim=16, block_size=16, dtype=torch.bfloat16)
     expected = decode_attention_reference(**batch)
     with npu_simulated_on_cpu():
         out = torch.zeros_like(batch["q"])

@@ -136,10 +136,33 @@ def test_a_draft_model_drafts_its_own_greedy_tokens_in_step_with_what_was_accept
     assert isinstance(graphs, Drafter)
 
 
+def test_a_draft_model_catches_up_after_a_rejected_draft_and_steps_without_drafts():
+    """The target disagrees: after each step the request keeps some drafts, then a correction token unlike the
+    next draft, then one or two tokens of steps that ran without drafts (the plain decode, a drafter failure).
+    The draft cache then holds a rejected draft at a position before the request's last token: it must be
+    written again. Every propose equals what a drafter re-prefilling the request from scratch proposes, and the
+    draft model's greedy continuation."""
+    reference = build_model("llama")
+    k = 3
+    with torch.inference_mode():
+        drafter = build_drafter(build_model("llama"), "disabled")
+        scratch = build_drafter(build_model("llama"), "disabled")
+        context = list(prompts((9,))[0])
+        max_len = len(context) + 60
+        for step in range(6):
+            drafts = drafter.propose([DraftRequest("r", context, max_len)], k)[0].tolist()
+            scratch.release("r")
+            assert drafts == scratch.propose([DraftRequest("r", context, max_len)], k)[0].tolist(), step
+            assert drafts == generated_by_transformers(reference, context, k), step
+            keep = step % (k - 1)  # the correction replaces a draft that the drafter wrote to its cache
+            context += drafts[:keep] + [(drafts[keep] + 1) % 512]
+            context += generated_by_transformers(reference, context, 1 + step % 2)
+
+
 def test_a_draft_model_drafter_refuses_what_its_cache_cannot_hold():
     with torch.inference_mode():
         drafter = build_drafter(build_model("llama"), "disabled")
-        with pytest.raises(ValueError, match="holds up to 200 tokens; the draft model's KV cache serves at most 128"):
+        with pytest.raises(ValueError, match="caches up to 199 tokens .*; the draft model's KV cache serves at most 128"):
             drafter.propose([DraftRequest("long", [5] * 10, 200)], 2)
         with pytest.raises(ValueError, match="num_draft_tokens must be a positive int, got 0"):
             drafter.propose([DraftRequest("a", [5], 20)], 0)

@@ -2,8 +2,9 @@
 for token, for every mode, every k in 1..4, both drafters, 1 and 8 prompts of random lengths, in float32 on
 cpu; a draft model identical to the target accepts every draft; acceptance and tokens identical with graphs and
 eagerly; drafts never read after a replay rewrote them; requests joining, leaving, opting out and sampling
-beside drafted ones; an end-of-sequence token or max_new_tokens inside an accepted run. On cuda, in bfloat16,
-the output equals graphhal's own non-speculative greedy output.
+beside drafted ones; an end-of-sequence token or max_new_tokens inside an accepted run. On cuda, in float32 and
+bfloat16, the output equals graphhal's own non-speculative greedy output, up to a near tie of the plain path's
+two best logits where the outputs part (``NEAR_TIE``).
 
 Cost: the tiny random Llama of ``support.transformers_models``; every mode at one k, every k in one mode (its
 verify runners for k = 1..4 in one pool, beside the plain decode's).
@@ -12,6 +13,7 @@ verify runners for k = 1..4 in one pool, beside the plain decode's).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -281,36 +283,151 @@ def test_what_a_speculative_loop_refuses():
         with pytest.raises(TypeError, match="drafter must have propose"):
             GenerationLoop(server.decode, server.prefill, server.kv_cache, drafter=object(), verify=server.verify[2], num_draft_tokens=2)
 
-        class Short(PromptLookupDrafter):
-            def propose(self, requests, k):
-                return super().propose(requests, k)[:, :1]
-
-        loop = server.loop(2, Short())
-        loop.add("a", [5, 6, 7], 6)
-        failed = {}
-        while not loop.idle:
-            failed.update(loop.step().failed)
-        assert "returned (1, 1); expected an int64 tensor of (1, 2)" in str(failed["a"]) and failed["a"].phase == "draft"
+        logits_runner = decode_runner(
+            server.verify[2].forward.forward_step.model, server.kv_cache, "cpu", DecodeConfig(mode="disabled", max_bs=8, query_tokens=3, show_progress=False),
+            sampling=False,
+        )
+        with pytest.raises(TypeError, match=r"greedy-verify step .*got a step of DecodeStep.*DecodeConfig\(query_tokens=3\), sampling=False, greedy_verify=True"):
+            GenerationLoop(server.decode, server.prefill, server.kv_cache, drafter=PromptLookupDrafter(), verify=logits_runner, num_draft_tokens=2)
+        other_cache = paged_kv_cache(server.verify[2].forward.forward_step.model, num_blocks=8, block_size=32, max_seq_len=256)
+        elsewhere = decode_runner(
+            server.verify[2].forward.forward_step.model, other_cache, "cpu", DecodeConfig(mode="disabled", max_bs=8, query_tokens=3, show_progress=False),
+            sampling=False, greedy_verify=True,
+        )
+        with pytest.raises(ValueError, match="verify runner's KV cache has blocks of 32 tokens .* the loop's 16"):
+            GenerationLoop(server.decode, server.prefill, server.kv_cache, drafter=PromptLookupDrafter(), verify=elsewhere, num_draft_tokens=2)
     assert server.blocks_all_back()
 
 
-# --- cuda, bfloat16: equal to graphhal's own greedy output without drafts -----------------------------------
+class Failing(PromptLookupDrafter):
+    """Prompt lookup that raises at some proposes (``fails(call)``), or hands back drafts of the wrong shape."""
+
+    def __init__(self, fails, short: bool = False) -> None:
+        super().__init__()
+        self.fails, self.short, self.calls, self.released = fails, short, 0, []
+
+    def propose(self, requests, k):
+        self.calls += 1
+        if self.fails(self.calls):
+            raise RuntimeError(f"drafter broke at call {self.calls}")
+        drafts = super().propose(requests, k)
+        return drafts[:, :1] if self.short else drafts
+
+    def release(self, request_id):
+        self.released.append(request_id)
+
+
+def test_a_drafter_that_raises_costs_drafts_not_requests(caplog):
+    """Drafting is an optimisation: a drafter raising (every other step, or always; or drafts of the wrong
+    shape) leaves every request of its steps with generate's tokens, verified without drafts; such steps are
+    counted and the first logged with the exception, and the drafter is told to forget the requests."""
+    texts = prompts(LENGTHS)[:4]
+    with torch.inference_mode():
+        server = build_server("cpu", "disabled", ks=(2,))
+        for drafter in (Failing(lambda call: call % 2 == 0), Failing(lambda call: True), Failing(lambda call: False, short=True)):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="graphhal.transformers.speculative_step"):
+                loop = server.loop(2, drafter)
+                assert loop.generate(texts, NEW_TOKENS) == [expected(t) for t in texts]
+            assert loop.speculation.drafter_failures > 0 and loop.speculation.verify_steps > 0
+            logged = [r for r in caplog.records if "verified without drafts" in r.getMessage()]
+            assert len(logged) == 1 and logged[0].exc_info is not None
+            assert re.search(r"returned \((\d), 1\); expected an int64 tensor of \(\1, 2\)" if drafter.short else "drafter broke at call", logged[0].getMessage())
+            assert set(drafter.released) == set(range(len(texts)))
+    assert server.blocks_all_back()
+
+
+def test_a_request_with_one_token_left_gets_no_drafts():
+    """No draft of a request's last token could be kept: that step is the plain one-token decode."""
+    asked = []
+
+    class Recording(PromptLookupDrafter):
+        def propose(self, requests, k):
+            asked.extend((r.max_len - len(r.tokens)) for r in requests)
+            return super().propose(requests, k)
+
+    texts = prompts(LENGTHS)[:3]
+    with torch.inference_mode():
+        server = build_server("cpu", "disabled", ks=(2,))
+        loop = server.loop(2, Recording())
+        for index, budget in enumerate((2, 3, 7)):
+            loop.add(index, texts[index], budget)
+        finished = {}
+        while not loop.idle:
+            finished.update(loop.step())
+    assert finished == {i: expected(texts[i], budget) for i, budget in enumerate((2, 3, 7))}
+    assert asked and min(asked) >= 2  # every request asked for drafts had at least two tokens to generate
+
+
+def test_every_request_the_target_admits_has_room_in_the_draft_cache():
+    """The draft cache, sized like the target's (``like=``), takes what the target takes per request
+    (``prompt + max_new_tokens - 1`` tokens: the last is never fed): a request of exactly the longest the cache
+    serves, and two that take every block between them, run to generate's tokens beside the others."""
+    cases = [(32, {"short": (10, 8), "long": (10, 55)}), (5, {"a": (10, 23), "b": (10, 23)})]  # 10 + 55 - 1 = 64
+    with torch.inference_mode():
+        for num_blocks, requests in cases:
+            model = build_model("llama")
+            kv_cache = paged_kv_cache(model, num_blocks=num_blocks, block_size=16, max_seq_len=64)
+            prefill = prefill_runner(model, kv_cache, "cpu", PrefillConfig(mode="disabled", max_tokens=32, max_requests=4, show_progress=False))
+            decode = decode_runner(model, kv_cache, "cpu", DecodeConfig(mode="disabled", max_bs=4, show_progress=False))
+            config = DecodeConfig(mode="disabled", max_bs=4, query_tokens=3, show_progress=False)
+            verify = decode_runner(model, kv_cache, "cpu", config, sampling=False, greedy_verify=True)
+            drafter = draft_model_drafter(build_model("llama"), "cpu", like=kv_cache, mode="disabled", max_bs=4, max_tokens=32, max_requests=4, show_progress=False)
+            loop = GenerationLoop(decode, prefill, kv_cache, drafter=drafter, verify=verify, num_draft_tokens=2)
+            texts = {name: prompts((length,))[0] for name, (length, _) in requests.items()}
+            for name, (_, budget) in requests.items():
+                loop.add(name, texts[name], budget)
+            finished, failed = {}, {}
+            while not loop.idle:
+                result = loop.step()
+                finished.update(result)
+                failed.update(result.failed)
+            assert not failed
+            assert finished == {name: expected(texts[name], budget, eos_token_id=None) for name, (_, budget) in requests.items()}
+            assert loop.speculation.acceptance_rate == 1.0
+            assert drafter.kv_cache.allocator.num_free == num_blocks - 1
+
+
+# --- cuda: equal to graphhal's own greedy output without drafts, up to near ties ------------------------------
+
+# A step of 1 + k tokens and k + 1 steps of one token reduce in other orders: where the plain path's two best
+# logits are this close (relative to the best; bfloat16: 8 of its roundings, 2 ** -8 each), the speculative
+# path may take the other one.
+NEAR_TIE = {torch.float32: 1e-4, torch.bfloat16: 8 * 2**-8}
+
+
+def equal_up_to_a_near_tie(model, prompt: list[int], got: list[int], want: list[int], dtype: torch.dtype) -> bool:
+    """``got == want``, or they part where the target's two best logits after ``prompt + want[:i]`` are within
+    ``NEAR_TIE`` and ``got`` took the other of the two (what follows the parting is not compared)."""
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            ids = torch.tensor([prompt + want[:i]], device=model.device)
+            top = model(ids, attention_mask=torch.ones_like(ids)).logits[0, -1].float().topk(2)
+            best, second = top.values.tolist()
+            return best - second <= NEAR_TIE[dtype] * max(1.0, abs(best)) and a in top.indices.tolist()
+    return got == want
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("mode", ["full", "auto"])
-def test_speculative_bf16_on_cuda_equals_graphhals_plain_greedy(mode):
+def test_speculative_on_cuda_equals_graphhals_plain_greedy(mode, dtype):
     texts = prompts(LENGTHS)
     with torch.inference_mode():
-        server = build_server("cuda", mode, ks=(1, 2, 3, 4), draft=build_model("llama"), dtype=torch.bfloat16)
+        server = build_server("cuda", mode, ks=(1, 2, 3, 4), draft=build_model("llama"), dtype=dtype)
+        target = build_model("llama", "cuda", dtype)  # the same weights with transformers' attention: the margins
         plain = GenerationLoop(server.decode, server.prefill, server.kv_cache, eos_token_ids=server.eos)
         want = plain.generate(texts, NEW_TOKENS)
+
+        def matches(outputs, some=texts):
+            return all(equal_up_to_a_near_tie(target, t, g, w, dtype) for t, g, w in zip(some, outputs, want))
+
         for k in (1, 2, 3, 4):
             loop = server.loop(k)
-            assert loop.generate(texts, NEW_TOKENS) == want, k
-            # In bfloat16 the draft's one-token steps and the verify step's 1 + k round differently: a near tie
-            # may reject a draft of the identical model now and then.
+            assert matches(loop.generate(texts, NEW_TOKENS)), k
+            # The draft's one-token steps and the verify step's 1 + k round differently: a near tie may reject
+            # a draft of the identical model now and then.
             assert loop.speculation.acceptance_rate > 0.9 and server.drafter.eager_steps == 0
-            assert server.loop(k, PromptLookupDrafter()).generate(texts, NEW_TOKENS) == want, k
-            assert server.loop(k, PromptLookupDrafter()).generate(texts[:1], NEW_TOKENS) == want[:1], k
+            assert matches(server.loop(k, PromptLookupDrafter()).generate(texts, NEW_TOKENS)), k
+            assert matches(server.loop(k, PromptLookupDrafter()).generate(texts[:1], NEW_TOKENS), texts[:1]), k
     assert server.blocks_all_back()

@@ -4,7 +4,7 @@ on the CPU SIMULATOR of torch_npu (every simulated torch_npu line; never hardwar
 The npu's decode attention takes each request's KV length as a host value the device updates before every
 replay; with several query tokens those stay per request (the query tokens go in as FIA's BSH sequence, causal
 with sparse_mode 3). So a verify graph is updated exactly as a one-token one: the lengths of the live requests,
-padded with zeros for padded requests, and its output equals eager in modes full and breakable.
+padded with q for padded requests (the simulator refuses a KV length below the query's S in sparse_mode 3), and its output equals eager in modes full and breakable.
 """
 
 from __future__ import annotations
@@ -46,7 +46,31 @@ def test_verify_step_on_the_simulated_npu_equals_eager(profile, mode):
             graph = runner.run(batch)
             assert graph.shape == (rows, 3, CONFIG.vocab_size)
             torch.testing.assert_close(graph, eager, rtol=2e-2, atol=2e-2)
-            if mode == "full":  # the attention replayed with these requests' lengths, padded requests' zeros
+            if mode == "full":  # the attention replayed with these requests' lengths, padded requests' q
                 padding = next(bucket for bucket in BUCKETS if bucket >= rows) - rows
                 replayed = [launch for launch in simulator.launches if launch.phase == "replay"][-1].lengths
-                assert replayed == (*batch["seq_lens"].tolist(), *(0,) * padding)
+                assert replayed == (*batch["seq_lens"].tolist(), *(3,) * padding)
+
+
+@pytest.mark.cpu
+def test_the_simulator_refuses_a_kv_length_below_the_query_tokens_in_sparse_mode_3():
+    """No document covers page attention with S > 1 in BSH: the simulator takes only KV lengths that count the S
+    query tokens (what padded rows now get too), and refuses one below S rather than guess what hardware does."""
+    from graphhal.paged_attention.npu_decode_attention import causal_mask
+
+    with npu_simulated_on_cpu(PROFILE_PARAMS[-1].values[0]):
+        import torch_npu
+
+        device = hal.DeviceRegistry(load_entry_points=False).get_device("npu").torch_device
+        heads, head_dim, block_size = 2, 16, 16
+        query = torch.randn(2, 3, heads * head_dim, dtype=DTYPE, device=device)
+        cache = torch.randn(4, block_size, heads * head_dim, dtype=DTYPE, device=device)
+        table = torch.tensor([[1], [2]], dtype=torch.int32, device=device)
+        options = dict(
+            block_table=table, num_heads=heads, num_key_value_heads=heads, scale=0.25, input_layout="BSH",
+            block_size=block_size, atten_mask=causal_mask(device), sparse_mode=3,
+        )
+        out, _ = torch_npu.npu_fused_infer_attention_score(query, cache, cache, actual_seq_lengths_kv=[3, 7], **options)
+        assert out.shape == query.shape and torch.isfinite(out.float()).all()
+        with pytest.raises(ValueError, match=r"query S of 3 needs every KV length to count the S query tokens .*got \[3, 2\]"):
+            torch_npu.npu_fused_infer_attention_score(query, cache, cache, actual_seq_lengths_kv=[3, 2], **options)

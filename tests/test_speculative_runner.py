@@ -94,14 +94,18 @@ def test_graph_output_equals_eager_compiled_by_inductor_on_cuda(mode):
 
 @pytest.mark.parametrize("mode", ["full", "breakable", "piecewise"])
 def test_a_padded_request_writes_only_the_null_block(mode):
-    """Three live requests in bucket 4: the fourth, padded, attends to nothing and writes the null slot; every
-    slot that changed is a live request's new token or in the null block."""
+    """Three live requests in bucket 4: the fourth, padded, writes the null slot; every slot that changed is a
+    live request's new token or in the null block. Request 3's slots are zeroed after the full batch left its
+    inputs in row 3 of the buffers: a padded row that kept them (no refill) would write them again."""
     verifier = Verifier("cpu", 3, mode)
+    request_3 = verifier.workload.batch(4)["slot_mapping"][3]
     with torch.inference_mode():
         verifier.runner.capture()
         verifier.runner.run(verifier.workload.batch(4))  # leaves a live request's inputs in row 3 of the buffers
         batch = verifier.workload.batch(3)
         verifier.runner.run(batch)  # the same values again: only what padding writes can change
+        for cache in verifier.kv_cache.key_caches + verifier.kv_cache.value_caches:
+            cache.view(-1, *cache.shape[2:])[request_3] = 0.0
         before = cache_snapshot(verifier.kv_cache)
         scrambled = {**batch, "input_ids": (batch["input_ids"] + 1) % CONFIG.vocab_size}
         out = verifier.runner.run(scrambled)
@@ -109,7 +113,7 @@ def test_a_padded_request_writes_only_the_null_block(mode):
     null_block = set(range(CONFIG.block_size))
     changed = changed_slots(verifier.kv_cache, before)
     assert changed and changed <= live | null_block
-    assert not changed & set(verifier.workload.batch(4)["slot_mapping"][3].tolist())  # request 3 untouched
+    assert not changed & set(request_3.tolist())  # request 3 untouched
     assert out.shape[0] == 3
 
 
@@ -270,3 +274,10 @@ def test_query_tokens_comes_from_a_graph_config_and_is_type_checked():
     assert GraphConfig.from_dict({"decode": {"query_tokens": 3}}).decode.query_tokens == 3
     with pytest.raises(ValueError, match="decode: query_tokens must be an integer, got '3'"):
         GraphConfig.from_dict({"decode": {"query_tokens": "3"}})
+
+
+def test_the_capture_summary_of_a_verify_runner_says_its_tokens_per_request():
+    verifier = Verifier("cpu", 3, "full")
+    with torch.inference_mode():
+        summary = verifier.runner.capture().summary()
+    assert summary.startswith("graphhal: captured 3 decode graphs at 1+2 tokens per request (full, cpu) for sizes 4..1 in ")

@@ -58,6 +58,8 @@ def test_shapes_that_do_not_go_together_are_refused():
         greedy_verify(torch.zeros(2, 4, 5), torch.zeros(2, 3, dtype=torch.int64))
     with pytest.raises(TypeError, match="greedy_tokens"):
         greedy_verify(torch.zeros(2, 4), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="target_tokens and drafts must be on one device; target_tokens are on cpu, drafts on meta"):
+        greedy_verify(torch.zeros(2, 4, dtype=torch.int64), torch.zeros(2, 3, dtype=torch.int64, device="meta"))
 
 
 def test_lengths_roll_back_to_the_accepted_tokens():

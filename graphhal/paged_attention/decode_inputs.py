@@ -28,7 +28,10 @@ def decode_input_slots(
     before.
 
     Fills make a padded row a harmless no-op: it embeds token 0 at position 0, attends to nothing
-    (``seq_len`` 0 gives zeros, never NaN), and writes its K/V into the null block that no request owns.
+    (``seq_len`` 0 gives zeros, never NaN), and writes its K/V into the null block that no request owns. With
+    ``q > 1`` its ``seq_len`` is ``q`` instead: its tokens attend to themselves in the null block (finite, never
+    read back), since causal attention from the cached context on (npu's sparse_mode 3) takes no KV length
+    below the query's ``q`` tokens.
     ``max_blocks_per_seq`` defaults to the layout's ``max_blocks_per_seq``; it must match the
     width of the block tables the server (or ``DecodeWorkload``) builds.
 
@@ -46,7 +49,7 @@ def decode_input_slots(
     slots = [
         InputSlot("input_ids", torch.int64, row_shape=tokens, fill=0, per_token=True),
         InputSlot("positions", torch.int64, row_shape=tokens, fill=0, per_token=True),
-        InputSlot("seq_lens", torch.int32, fill=0, role=SlotRole.SEQ_LENS),
+        InputSlot("seq_lens", torch.int32, fill=query_tokens if query_tokens > 1 else 0, role=SlotRole.SEQ_LENS),
         InputSlot("block_tables", torch.int32, row_shape=(max_blocks_per_seq,), fill=NULL_BLOCK),
         InputSlot("slot_mapping", torch.int64, row_shape=tokens, fill=NULL_SLOT, role=SlotRole.CACHE_LOCATIONS, per_token=True),
     ]

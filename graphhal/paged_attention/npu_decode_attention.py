@@ -8,11 +8,16 @@ from 2.8 on) from torch_npu 7.3 with a head dim of 128 or 192; else layout ``BSH
 documented on every line for blocks of 16n tokens); else the graph-safe reference kernel. Several query tokens
 per request (a speculative verify step, q ``[batch, query_tokens, heads, head_dim]``) go in as the BSH sequence
 dimension with sparse_mode 3 (causal from the cached context on) wherever the line has a route, TND included:
-the simulator checks that form, not TND's packed multi-token decode. Rules that follow:
+the simulator checks that form, not TND's packed multi-token decode. No op-plugin document covers this
+combination (page attention, BSH with S > 1, sparse_mode 3: the FIA document sends S > 1 to the
+PromptFlashAttention branch and documents page attention for the incremental one); it is checked on the
+simulator only, which refuses a KV length below S there. Rules that follow:
 
 - While an NPU graph is being captured, the device lengths cannot be read back (``.tolist()`` would sync with
-  a stream that is only recording): the capture gets placeholder lengths of 1 (valid for the op's check that
-  the cache holds the blocks the lengths need), which the update replaces before any replay. The workspace
+  a stream that is only recording): the capture gets placeholder lengths of ``query_tokens`` (1 for a plain
+  decode; valid for the op's check that the cache holds the blocks the lengths need, and never below the
+  query's S in sparse_mode 3), which the update replaces before any replay. Padded rows of a multi-token step
+  get the same length (``decode_input_slots``'s fill): they attend to their own tokens in the null block. The workspace
   the npu device allocates covers any length the block tables allow (the op's "max workspace").
 - Outside a capture the lengths are read on the host once per step (``hal.host_list``), not once per layer.
 - The fused op must be called where the npu device's capture sees it (a dispatch mode). A call made inside a
@@ -50,6 +55,11 @@ CAUSAL_MASK_SIZE = 2048  # sparse_mode 3 takes this fixed "optimized" mask, what
 _causal_masks: dict[torch.device, torch.Tensor] = {}
 
 
+class MaskInCaptureError(hal.GraphHalError, RuntimeError):
+    """The first multi-token npu attention call of a device came inside a graph capture, where its mask cannot be
+    made."""
+
+
 def is_npu_tensor(tensor: torch.Tensor) -> bool:
     return tensor.device.type == _npu_tensor_type and "torch_npu" in sys.modules
 
@@ -84,7 +94,8 @@ def decode_attention_npu(
         out.copy_(decode_attention_reference(q, key_cache, value_cache, block_tables, seq_lens, scale))
         return
     if torch.npu.is_current_stream_capturing():
-        lengths = [1] * batch  # placeholders, replaced by the update before any replay
+        # placeholders, replaced by the update before any replay: a request's KV length counts its query tokens
+        lengths = [query_tokens] * batch
     else:
         lengths = hal.host_list(seq_lens)
     # Several query tokens per request: BSH with S = query_tokens, causal among them from the cached context on
@@ -117,7 +128,7 @@ def causal_mask(device: torch.device) -> torch.Tensor:
     mask = _causal_masks.get(device)
     if mask is None:
         if torch.npu.is_current_stream_capturing():
-            raise RuntimeError(
+            raise MaskInCaptureError(
                 "npu attention met its first multi-token call inside an NPU graph capture: its causal mask must be "
                 "made outside it (run the forward eagerly once before capturing, as runners do)"
             )

@@ -18,8 +18,7 @@ Both are written to be captured as device graphs, or split around their attentio
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,101 +26,13 @@ import torch.nn.functional as F
 import hal
 from graphhal.paged_attention.decode_attention_op import decode_attention_break
 from graphhal.refmodel.config import ModelConfig
-from graphhal.paged_attention.kv_cache import PagedKVCache, write_kv_cache_step
+from graphhal.refmodel.decoder_layer import Attention, DecoderLayer
+from graphhal.paged_attention.kv_cache import PagedKVCache
 from graphhal.paged_attention.prefill_attention_op import prefill_attention_break
 from graphhal.refmodel.rms_norm import RMSNorm
 from graphhal.refmodel.rotary import RotaryEmbedding
+from graphhal.refmodel.seeded_init import SeededInit
 from graphhal.refmodel.tensor_parallel import TensorParallel
-
-
-class _SeededInit:
-    """Draws every weight from one CPU generator in float32, then moves it to the device and dtype.
-
-    Drawing on the CPU makes the weights for a seed the same on every device, so a CUDA run and a CPU run
-    of one seed compute the same model.
-    """
-
-    def __init__(self, seed: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
-        self.device = device
-        self.dtype = dtype
-
-    def normal(self, *shape: int, std: float, shard: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.nn.Parameter:
-        """A weight of the full ``shape``, drawn whatever ``shard`` keeps of it (a tensor-parallel rank's
-        slice), so every rank's draws, and a single process's, follow one sequence."""
-        weight = torch.randn(shape, generator=self.generator) * std
-        if shard is not None:
-            weight = shard(weight)
-        return torch.nn.Parameter(weight.to(self.device, self.dtype), requires_grad=False)
-
-
-class DecoderLayer(torch.nn.Module):
-    """Pre-norm attention block then pre-norm SwiGLU MLP block, each added to the residual stream.
-
-    Under tensor parallelism (``tp``) the layer holds its rank's heads and MLP slice (``local``: the shapes
-    this rank computes) and sums the row-parallel projections' partial outputs with an all-reduce.
-    """
-
-    def __init__(self, config: ModelConfig, local: ModelConfig, init: _SeededInit, tp: TensorParallel) -> None:
-        super().__init__()
-        self.config = local
-        self.tp = tp
-        hidden, inter = config.hidden_size, config.intermediate_size
-        q_size = config.num_heads * config.head_dim
-        kv_size = config.num_kv_heads * config.head_dim
-        self.q_size, self.kv_size = local.num_heads * local.head_dim, local.num_kv_heads * local.head_dim
-        # Fan-in scaled weights keep each projection's output near unit variance; the two projections that
-        # feed the residual stream are further shrunk by sqrt(2 * layers), so the stream's variance grows
-        # only to about 2x over the whole stack and bf16 never overflows.
-        residual_shrink = 1.0 / math.sqrt(2 * config.num_layers)
-        self.input_norm = RMSNorm(hidden, config.rms_eps, init.device, init.dtype)
-        self.qkv_proj = init.normal(
-            q_size + 2 * kv_size, hidden, std=hidden**-0.5, shard=lambda w: tp.rows(w, q_size, kv_size, kv_size)
-        )
-        self.o_proj = init.normal(hidden, q_size, std=q_size**-0.5 * residual_shrink, shard=tp.columns)
-        self.post_attention_norm = RMSNorm(hidden, config.rms_eps, init.device, init.dtype)
-        self.gate_up_proj = init.normal(2 * inter, hidden, std=hidden**-0.5, shard=lambda w: tp.rows(w, inter, inter))
-        self.down_proj = init.normal(hidden, inter, std=inter**-0.5 * residual_shrink, shard=tp.columns)
-
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        angles: tuple[torch.Tensor, torch.Tensor],
-        slot_mapping: torch.Tensor,
-        key_cache: torch.Tensor,
-        value_cache: torch.Tensor,
-        attention: "Attention",
-    ) -> torch.Tensor:
-        """One layer over ``tokens`` rows: hidden [tokens, hidden_size], slot_mapping [tokens].
-
-        ``angles`` is ``RotaryEmbedding.angles`` at the rows' positions, gathered once per step for every
-        layer. ``attention`` is the step's attention (decode or prefill) with that step's lengths and block
-        tables bound; everything else is the same for both steps.
-        """
-        tokens = hidden.shape[0]
-        cfg = self.config
-
-        qkv = F.linear(self.input_norm(hidden), self.qkv_proj)
-        # Queries and keys sit side by side in each row of qkv: rotated as one [tokens, heads + kv_heads,
-        # head_dim] block, elementwise, so each comes out exactly as rotating it alone would give.
-        qk = qkv[:, : self.q_size + self.kv_size].reshape(tokens, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
-        q, k = RotaryEmbedding.rotate(qk, *angles).split_with_sizes([cfg.num_heads, cfg.num_kv_heads], dim=1)
-        v = qkv[:, self.q_size + self.kv_size :].reshape(tokens, cfg.num_kv_heads, cfg.head_dim)
-
-        # The new tokens' K/V go into the cache first: a token attends to itself (the lengths count it).
-        write_kv_cache_step(k, v, key_cache, value_cache, slot_mapping)
-        attn = q.new_empty(q.shape)  # contiguous (q is a view into the rotated block)
-        attention(q, key_cache, value_cache, attn)
-        hidden = hidden + self.tp.all_reduce(F.linear(attn.reshape(tokens, self.q_size), self.o_proj))
-
-        gate, up = F.linear(self.post_attention_norm(hidden), self.gate_up_proj).chunk(2, dim=-1)
-        return hidden + self.tp.all_reduce(F.linear(F.silu(gate) * up, self.down_proj))
-
-
-# What a layer calls to attend: (q, key_cache, value_cache, out) -> None, writing attention of q [tokens,
-# num_heads, head_dim] over one layer's cache into out. The step builds it with its lengths and block tables
-# bound, so the layer never sees which phase it is in.
-Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class LlamaDecoder(torch.nn.Module):
@@ -148,7 +59,7 @@ class LlamaDecoder(torch.nn.Module):
         self.local_config = config.tensor_parallel_shard(self.tp.size)
         self.device = torch.device(device)
         self.dtype = dtype
-        init = _SeededInit(seed, self.device, dtype)
+        init = SeededInit(seed, self.device, dtype)
         self.embed_tokens = init.normal(config.vocab_size, config.hidden_size, std=1.0)
         self.layers = torch.nn.ModuleList(
             DecoderLayer(config, self.local_config, init, self.tp) for _ in range(config.num_layers)

@@ -55,8 +55,9 @@ class _Cached:
 class DraftModelDrafter:
     """decode, prefill: the draft model's runners, sampling (``graphhal.transformers.decode_runner`` and
     ``prefill_runner`` over ``kv_cache``), captured in the target's pool.
-    kv_cache:       the draft model's own paged KV cache; a request takes blocks for ``max_len`` tokens at its
-                    first propose and gives them back at ``release``."""
+    kv_cache:       the draft model's own paged KV cache; a request takes blocks for ``max_len - 1`` tokens (as
+                    the target's cache: its last token is never fed) at its first propose and gives them back
+                    at ``release``."""
 
     def __init__(self, decode: DecodeRunner, prefill: PrefillRunner, kv_cache: PagedKVCache) -> None:
         for name, runner in (("decode", decode), ("prefill", prefill)):
@@ -105,16 +106,21 @@ class DraftModelDrafter:
         """The request's cache state, with ``written`` cut to what its tokens still agree with."""
         state = self._cached.get(request.request_id)
         if state is None:
-            needed = -(-request.max_len // self.block_size)
+            # Like the target's cache: the last token a request generates is never fed, so its keys and values
+            # need max_len - 1 positions; a draft past them writes the null slot (``_slot``) and is never kept.
+            cached = request.max_len - 1
+            needed = -(-cached // self.block_size)
             if needed > self.max_blocks_per_seq:
                 raise ValueError(
-                    f"DraftModelDrafter: request {request.request_id!r} holds up to {request.max_len} tokens; the draft "
-                    f"model's KV cache serves at most {self.max_blocks_per_seq * self.block_size} per request"
+                    f"DraftModelDrafter: request {request.request_id!r} caches up to {cached} tokens ({request.max_len} "
+                    f"held, the last never fed); the draft model's KV cache serves at most "
+                    f"{self.max_blocks_per_seq * self.block_size} per request: build it with draft_model_drafter(..., like=kv_cache)"
                 )
             if needed > self.kv_cache.allocator.num_free:
                 raise OutOfBlocksError(
                     f"DraftModelDrafter: request {request.request_id!r} needs {needed} blocks of the draft model's KV cache "
-                    f"and {self.kv_cache.allocator.num_free} are free: size the draft cache like the target's"
+                    f"and {self.kv_cache.allocator.num_free} are free: give the draft cache at least as many blocks as the "
+                    f"target's (draft_model_drafter(..., like=kv_cache) does)"
                 )
             state = self._cached[request.request_id] = _Cached(self.kv_cache.allocator.allocate(needed))
         if state.pending is not None:

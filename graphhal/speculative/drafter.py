@@ -24,8 +24,9 @@ class DraftRequest:
 
     tokens:  every token of the request so far, prompt then generated; the verify step feeds the last one
              first, then the drafts after it.
-    max_len: the most tokens the request will ever hold (prompt + max_new_tokens): a drafter that caches
-             keys and values sizes its cache for it (plus the drafts).
+    max_len: the most tokens the request will ever hold (prompt + max_new_tokens). Its last token is never
+             fed, so a drafter that caches keys and values needs ``max_len - 1`` positions per request, as the
+             target's cache; drafts past them are never kept (they would pass max_new_tokens) and need no room.
     """
 
     request_id: Hashable

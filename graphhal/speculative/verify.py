@@ -65,7 +65,10 @@ def greedy_verify(target_tokens: torch.Tensor, drafts: torch.Tensor) -> VerifyRe
             f"expected drafts of shape ({n}, {q - 1}), one fewer token per request than the target's"
         )
     if target_tokens.device != drafts.device:
-        raise ValueError(f"greedy_verify: target_tokens on {target_tokens.device}, drafts on {drafts.device}")
+        raise ValueError(
+            f"greedy_verify: target_tokens and drafts must be on one device; target_tokens are on "
+            f"{target_tokens.device}, drafts on {drafts.device}"
+        )
     if target_tokens.dtype.is_floating_point or drafts.dtype.is_floating_point:
         raise TypeError(
             f"greedy_verify takes token ids (integer tensors), got {target_tokens.dtype} and {drafts.dtype}; pass "

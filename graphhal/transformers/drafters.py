@@ -35,7 +35,8 @@ def draft_model_drafter(
     uncaptured (``capture()`` it after the target's runners).
 
     like:       the target's KV cache: the draft cache gets as many blocks of the same size and the same longest
-                request, so every request the target admits has room in it.
+                request, and a request takes as many blocks in it as in the target's (``max_len - 1`` tokens),
+                so every request the target admits has room in it.
     pool:       the target's graph pool (the draft graphs never replay while the target's run).
     mode, max_bs, max_tokens, max_requests, config_options: the runners' ``DecodeConfig`` and ``PrefillConfig``
                 (``max_bs``: requests per draft decode step; ``max_tokens``, ``max_requests``: a first-draft

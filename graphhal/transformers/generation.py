@@ -117,7 +117,7 @@ class GenerationLoop:
         self.max_requests = prefill.config.max_requests
         self.batches = BatchBuilder(decode, prefill, kv_cache)
         self.speculation = None if drafter is None and verify is None else SpeculativeDecode(
-            verify, drafter, num_draft_tokens, self.batches, self.limits.max_positions)  # type: ignore[arg-type]
+            verify, drafter, num_draft_tokens, self.batches, self.limits.max_positions, kv_cache)  # type: ignore[arg-type]
         self.requests = Admission(kv_cache, self.batches, self.max_running, self.speculation and self.speculation.drafter.release)
         self.handout = Handout(loop_defaults.eos_ids(eos_token_ids, config), self.requests.finish)
         self._seeds = random.Random(seed)

@@ -16,8 +16,9 @@ logger = logging.getLogger(__name__)
 class RequestFailedError(hal.GraphHalError, RuntimeError):
     """A request the loop dropped because the run of a step it was in failed; its blocks are back in the cache.
 
-    ``request_id`` names it, ``phase`` is ``"prefill"``, ``"decode"``, ``"draft"`` or ``"verify"``, ``batch`` lists every request of
-    that run (all failed with it), and ``__cause__`` is the run's exception."""
+    ``request_id`` names it, ``phase`` is ``"prefill"``, ``"decode"`` or ``"verify"`` (a drafter that fails costs
+    drafts, not requests), ``batch`` lists every request of that run (all failed with it), and ``__cause__`` is
+    the run's exception."""
 
     def __init__(self, request_id: Hashable, phase: str, batch: list[Hashable], cause: BaseException) -> None:
         others = [other for other in batch if other != request_id]

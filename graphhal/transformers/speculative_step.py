@@ -20,8 +20,11 @@ returning, ``overlap=False``). Drafting for step n+1 cannot start before step n'
 
 Greedy only: verification compares drafts with the argmax. A request that samples, asks for
 log-probabilities, opts out (``add(..., speculative=False)``), whose first token is still on its way from the
-prefill, or whose drafts would run past its KV cache rows or the model's positions, runs the plain decode
-step of one token in the same loop step instead: same tokens, no drafts.
+prefill, that has one token left to generate, or whose drafts would run past its KV cache rows or the model's
+positions, runs the plain decode step of one token in the same loop step instead: same tokens, no drafts.
+
+A drafter that raises costs the step its drafts, not its requests: they are verified with filler drafts
+(``without_drafts``), counted in ``drafter_failures`` and logged once with the exception.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from typing import Any, Callable
 
 import torch
 
-from graphhal.paged_attention.kv_cache import NULL_SLOT
+from graphhal.paged_attention.kv_cache import NULL_SLOT, PagedKVCache
 from graphhal.speculative.drafter import Drafter, DraftRequest, check_draft_count
+from graphhal.speculative.verify import GreedyVerifyStep
 from graphhal.transformers.loop_batches import BatchBuilder
 from graphhal.transformers.loop_requests import Request
 from runners import DecodeRunner
@@ -43,7 +47,10 @@ logger = logging.getLogger(__name__)
 class SpeculativeDecode:
     """A loop's verify runner and drafter; counts what was drafted and accepted (``acceptance_rate``)."""
 
-    def __init__(self, verify: DecodeRunner, drafter: Drafter, num_draft_tokens: int, batches: BatchBuilder, max_positions: int | None) -> None:
+    def __init__(
+        self, verify: DecodeRunner, drafter: Drafter, num_draft_tokens: int, batches: BatchBuilder, max_positions: int | None,
+        kv_cache: PagedKVCache | None = None,
+    ) -> None:
         k = check_draft_count(num_draft_tokens, "GenerationLoop")
         if not isinstance(verify, DecodeRunner) or getattr(verify, "query_tokens", 1) != 1 + k:
             raise ValueError(
@@ -52,6 +59,7 @@ class SpeculativeDecode:
                 f"greedy_verify=True) builds it), "
                 f"got {type(verify).__name__} with query_tokens={getattr(verify, 'query_tokens', None)}"
             )
+        check_verify_step(verify, k, batches, kv_cache)
         if not callable(getattr(drafter, "propose", None)) or not callable(getattr(drafter, "release", None)):
             raise TypeError(f"GenerationLoop: drafter must have propose() and release() (graphhal.speculative.Drafter), got {type(drafter).__name__}")
         self.verify, self.drafter, self.num_draft_tokens, self.batches = verify, drafter, k, batches
@@ -60,6 +68,7 @@ class SpeculativeDecode:
         self.verify_steps = 0  # verify replays (or eager runs)
         self.eager_verify_steps = 0  # of them, run eagerly (mode disabled, more requests than its graphs hold)
         self.verified_rows = 0  # requests verified, summed over the verify steps
+        self.drafter_failures = 0  # steps whose drafter raised: their requests were verified without drafts
         # Drafts a request could keep (not past its max_new_tokens: those are verified, never kept), and of them
         # the accepted: an identical draft model accepts all of them.
         self.drafted = 0
@@ -71,10 +80,12 @@ class SpeculativeDecode:
 
     def rides(self, request: Request) -> bool:
         """Whether ``request`` takes this step's drafts: greedy, no log-probabilities, not opted out, its last
-        token read back (the drafts follow it), and room for ``1 + k`` tokens in its cache rows and positions."""
+        token read back (the drafts follow it), more than one token left to generate (with one, no draft could
+        be kept), and room for ``1 + k`` tokens in its cache rows and positions."""
         last = request.cached + self.num_draft_tokens  # the position of the last draft fed
         return (
             request.speculative
+            and request.max_new_tokens - request.scheduled > 1
             and request.sampling.temperature == 0
             and not request.wants_logprobs
             and len(request.generated) == request.scheduled
@@ -85,14 +96,16 @@ class SpeculativeDecode:
     def step(self, rows: list[Request], fail: Callable[[str, list[Request], BaseException], None], hand_out: Callable[[Request, int], None]) -> None:
         """Draft for ``rows``, verify, wait, and hand each request its accepted tokens in order (``hand_out``
         ends a request at an end-of-sequence token or its last allowed token: the rest of its run is dropped).
-        A drafter or verify run that raises fails every request of ``rows`` (``fail``)."""
-        phase = "draft"
+        Drafting is an optimisation: a drafter that raises costs this step its drafts (``without_drafts``), not
+        its requests. A verify run that raises fails every request of ``rows`` (``fail``)."""
         try:
             drafts = self.draft(rows)
-            phase = "verify"
+        except Exception as error:
+            drafts = self.without_drafts(rows, error)
+        try:
             accepted = self.accepted_tokens(rows, self.submit(rows, drafts))
         except Exception as error:
-            fail(phase, rows, error)
+            fail("verify", rows, error)
             return
         for request, tokens in zip(rows, accepted):
             request.source = ("host", tokens[-1])
@@ -108,6 +121,24 @@ class SpeculativeDecode:
             shape = tuple(drafts.shape) if isinstance(drafts, torch.Tensor) else type(drafts).__name__
             raise ValueError(f"{type(self.drafter).__name__}.propose returned {shape}; expected an int64 tensor of ({len(rows)}, {self.num_draft_tokens})")
         return drafts
+
+    def without_drafts(self, rows: list[Request], error: Exception) -> torch.Tensor:
+        """Fillers for a step whose drafter raised: each row's last token repeated, verified like drafts (one is
+        kept only where it is the target's own greedy token, so the tokens stay generate's). The drafter
+        forgets the rows (``release``): whatever it kept for them may be half updated; it starts afresh."""
+        self.drafter_failures += 1
+        if self.drafter_failures == 1:
+            logger.warning(
+                "graphhal: the drafter %s raised %s: %s; its %d request(s) were verified without drafts this step "
+                "(GenerationLoop.speculation.drafter_failures counts every such step)",
+                type(self.drafter).__name__, type(error).__name__, error, len(rows), exc_info=error,
+            )
+        for request in rows:
+            try:
+                self.drafter.release(request.request_id)
+            except Exception:  # noqa: BLE001 - a drafter that cannot forget still leaves the request correct
+                logger.debug("graphhal: the drafter's release(%r) raised", request.request_id, exc_info=True)
+        return torch.tensor([[r.generated[-1]] * self.num_draft_tokens for r in rows], dtype=torch.int64)
 
     def submit(self, rows: list[Request], drafts: torch.Tensor) -> Any:
         """Queue the verify step of ``rows`` with their ``drafts``; the host copy of its tokens and counts."""
@@ -157,3 +188,30 @@ class SpeculativeDecode:
         if position // self.batches.block_size < len(request.blocks):
             return self.batches.slot(request, position)
         return NULL_SLOT
+
+
+def check_verify_step(verify: DecodeRunner, k: int, batches: BatchBuilder, kv_cache: PagedKVCache | None) -> None:
+    """TypeError unless ``verify`` runs a ``GreedyVerifyStep`` (a runner handing back logits, or sampling, cannot
+    verify); ValueError unless its step writes the loop's KV cache (``kv_cache``, where the loop passes it), or at
+    least one of the loop's block size and block-table width."""
+    step = verify.forward
+    if not isinstance(step, GreedyVerifyStep):
+        raise TypeError(
+            f"GenerationLoop: the verify runner must run a greedy-verify step (graphhal.speculative.GreedyVerifyStep), "
+            f"got a step of {type(step).__name__}: build it with graphhal.transformers.decode_runner(model, kv_cache, "
+            f"device, DecodeConfig(query_tokens={1 + k}), sampling=False, greedy_verify=True)"
+        )
+    cache = getattr(step.forward_step, "kv_cache", None)
+    if not isinstance(cache, PagedKVCache):
+        return  # a step that keeps its cache elsewhere: nothing to compare
+    if kv_cache is not None and cache is not kv_cache:
+        raise ValueError(
+            "GenerationLoop: the verify runner's step writes another KV cache than the loop's: build it over the "
+            "loop's kv_cache (decode_runner(model, kv_cache, ...)), so that verified tokens land where the loop reads"
+        )
+    if (cache.block_size, cache.config.max_blocks_per_seq) != (batches.block_size, batches.max_blocks_per_seq):
+        raise ValueError(
+            f"GenerationLoop: the verify runner's KV cache has blocks of {cache.block_size} tokens and "
+            f"{cache.config.max_blocks_per_seq} per request, the loop's {batches.block_size} and "
+            f"{batches.max_blocks_per_seq}: build the verify runner over the loop's kv_cache"
+        )

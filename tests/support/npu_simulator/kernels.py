@@ -15,7 +15,8 @@ The ops: the fused infer attention (v1: ``actual_seq_lengths_kv``; v2: ``actual_
 (decode) branch with a paged KV cache: query ``[B, 1, N*D]`` ("BSH") or ``[B, 1, N, D]`` ("BSND"), key/value
 ``[num_blocks, block_size, KV_N*D]``, ``block_table`` int32 ``[B, max_blocks]``, lengths a HOST list of B ints;
 a query S > 1 (speculative verification) with ``sparse_mode`` 3 and its mask, each request's S tokens causal
-from its cached context on (rightDownCausal, as in TND).
+from its cached context on (rightDownCausal, as in TND), every KV length at least S (refused below: no
+document covers this route, page attention with S > 1 in BSH, so nothing below S is guessed).
 ``_npu_paged_attention``: query ``[B, N, D]``, caches ``[blocks, block_size, KV_N, D]``, lengths as a host
 (CPU) int32 tensor ``context_lens`` (positional 7), output ``out`` (positional 8). float16/bfloat16 only, as on
 hardware. A row whose length is 0 attends to nothing and gets zeros (what hardware gives there is not
@@ -239,6 +240,13 @@ def _fused_attention(op: str, query, key, value, block_table, lengths, num_heads
     head_dim = (query.shape[2] // num_heads) if input_layout == "BSH" else query.shape[3]
     _check_incremental_paged(op, block_size, head_dim, key, block_table, batch)
     lengths = _checked_lengths(op, lengths, batch, block_table.shape[1] * block_size)
+    if query_tokens != 1 and min(lengths) < query_tokens:
+        # rightDownCausal aligns the S query rows with the last S KV tokens; with fewer KV tokens than S the
+        # first rows would see none, which no op-plugin document covers for this route: refused, not guessed.
+        raise ValueError(
+            f"{op}: sparse_mode 3 with a query S of {query_tokens} needs every KV length to count the S query tokens "
+            f"(>= {query_tokens}); got {lengths}: a KV length below S is not documented for BSH page attention"
+        )
     blocks_needed = sum(-(-length // block_size) for length in lengths)
     if blocks_needed > key.shape[0]:
         raise ValueError(f"{op}: the KV lengths need {blocks_needed} blocks together but the cache has {key.shape[0]}")

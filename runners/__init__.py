@@ -10,6 +10,7 @@ from runners.capture_report import CaptureReport
 from runners.config import DecodeConfig, PhaseConfig, PrefillConfig
 from runners.debug_switches import GraphVerifyError
 from runners.decode_runner import DecodeRunner
+from runners.graph_budget import GraphBudgetError
 from runners.graph_config import GraphConfig
 from runners.input_slots import InputSlot
 from runners.memory_plan import MemoryPlan, MemoryPlanError, plan_graph_memory
@@ -23,6 +24,7 @@ __all__ = [
     "CaptureReport",
     "DecodeConfig",
     "DecodeRunner",
+    "GraphBudgetError",
     "GraphConfig",
     "GraphVerifyError",
     "InputSlot",

@@ -282,5 +282,5 @@ class BucketedRunner(RunnerStats):
         device = self.device.torch_device
         # The forward sees every slot on the device, as it does in a graph, whatever the server passed.
         inputs = {name: value if value.device == device else value.to(device, non_blocking=True) for name, value in batch.items()}
-        with torch.no_grad():
+        with torch.no_grad(), hal.step_host_values():  # host lengths (npu attention) read once per step, not per layer
             return self.forward(**inputs)

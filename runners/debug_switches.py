@@ -72,7 +72,7 @@ class DebugSwitches:
                 error = None
                 try:
                     verify_bucket(runner, bucket)
-                except GraphVerifyError as exc:
+                except Exception as exc:  # any failure is agreed on, or the other ranks would wait at the agreement
                     error = exc
                 runner._capture.ranks.agree(f"the verification of bucket {bucket}", error, bucket=bucket, mode=runner.config.mode)
         except BaseException:
@@ -117,6 +117,8 @@ def random_batch(inputs: Any, rows: int, requests: int, generator: torch.Generat
         count = requests if slot in inputs.request_slots else rows
         if slot.role in (hal.SlotRole.QUERY_LENS, hal.SlotRole.SEQ_LENS) and query_lens is not None:
             value = query_lens.to(slot.dtype)
+        elif slot.role == hal.SlotRole.SEQ_LENS:  # at least the slot's fill: q new tokens for a verify step
+            value = (torch.randint(0, 2, (count, *slot.row_shape), generator=generator) + int(slot.fill)).to(slot.dtype)
         elif slot.dtype.is_floating_point:
             value = torch.randn((count, *slot.row_shape), generator=generator).to(slot.dtype)
         else:

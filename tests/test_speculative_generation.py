@@ -278,6 +278,8 @@ def test_what_a_speculative_loop_refuses():
         server = build_server("cpu", "disabled", ks=(2,))
         with pytest.raises(ValueError, match="overlap must be False"):
             server.loop(2, PromptLookupDrafter(), overlap=True)
+        with pytest.raises(ValueError, match="overlap must be False"):  # nor switched on later: drafts would fade out
+            server.loop(2, PromptLookupDrafter()).overlap = True
         with pytest.raises(ValueError, match=r"num_draft_tokens=3 verifies 1 \+ 3 tokens .*DecodeConfig\(query_tokens=4\).*query_tokens=3"):
             GenerationLoop(server.decode, server.prefill, server.kv_cache, drafter=PromptLookupDrafter(), verify=server.verify[2], num_draft_tokens=3)
         with pytest.raises(TypeError, match="drafter must have propose"):

@@ -103,9 +103,8 @@ class GenerationLoop:
     ) -> None:
         request_checks.check_runners_sample(decode, prefill)
         self.decode, self.prefill, self.kv_cache = decode, prefill, kv_cache
-        if drafter is not None and overlap:
-            raise ValueError("GenerationLoop: a loop with a drafter reads every step back (its drafts follow the accepted tokens): overlap must be False")
-        self.overlap = drafter is None if overlap is None else overlap
+        self._drafts = drafter is not None
+        self.overlap = not self._drafts if overlap is None else overlap
         # Read from the model the runners already hold: a second description of it could disagree with it.
         forwards = (decode.forward, prefill.forward)
         self.limits = request_checks.token_limits(forwards, kv_cache, vocab_size=vocab_size, max_positions=max_positions)
@@ -131,6 +130,17 @@ class GenerationLoop:
     @eos_token_ids.setter
     def eos_token_ids(self, ids: frozenset[int]) -> None:  # tokens that end a request, from the next read on
         self.handout.eos_token_ids = frozenset(ids)
+
+    @property
+    def overlap(self) -> bool:
+        """Whether step n+1 is queued before step n's tokens are read (switchable between any two steps)."""
+        return self._overlap
+
+    @overlap.setter
+    def overlap(self, value: bool) -> None:
+        if value and self._drafts:  # its requests would stop taking drafts, silently
+            raise ValueError("GenerationLoop: a loop with a drafter reads every step back (its drafts follow the accepted tokens): overlap must be False")
+        self._overlap = bool(value)
 
     @property
     def idle(self) -> bool:

@@ -31,7 +31,8 @@ class Request:
     blocks: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose keys and values the device was asked to write
     scheduled: int = 0  # tokens sampled on the device, read back or not
-    source: tuple[str, int] | None = None  # ("prefill" or "decode", row): the step output holding the last one
+    # ("prefill" or "decode", row): the step output holding the last one; ("host", token) once it was read back
+    source: tuple[str, int] | None = None
     running: bool = False  # admitted, and neither finished nor failed
     speculative: bool = True  # takes drafts when the loop has a drafter
 

@@ -156,7 +156,7 @@ def test_mode_auto_captures_full_graphs_of_both_steps_where_attention_allows(gra
         DecodeConfig(buckets=[1, 4], show_progress=False),
     )
     decode.capture()
-    assert decode.config.mode == "full" and "graphhal::decode_attention (uniform_decode)" in decode.mode_reason
+    assert decode.config.mode == "full" and "graphhal::decode_attention (uniform_batch)" in decode.mode_reason
 
 
 def test_piecewise_decode_equals_eager_with_one_compile(graph_device):

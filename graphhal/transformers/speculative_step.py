@@ -204,14 +204,14 @@ def check_verify_step(verify: DecodeRunner, k: int, batches: BatchBuilder, kv_ca
     cache = getattr(step.forward_step, "kv_cache", None)
     if not isinstance(cache, PagedKVCache):
         return  # a step that keeps its cache elsewhere: nothing to compare
-    if kv_cache is not None and cache is not kv_cache:
-        raise ValueError(
-            "GenerationLoop: the verify runner's step writes another KV cache than the loop's: build it over the "
-            "loop's kv_cache (decode_runner(model, kv_cache, ...)), so that verified tokens land where the loop reads"
-        )
     if (cache.block_size, cache.config.max_blocks_per_seq) != (batches.block_size, batches.max_blocks_per_seq):
         raise ValueError(
             f"GenerationLoop: the verify runner's KV cache has blocks of {cache.block_size} tokens and "
             f"{cache.config.max_blocks_per_seq} per request, the loop's {batches.block_size} and "
             f"{batches.max_blocks_per_seq}: build the verify runner over the loop's kv_cache"
+        )
+    if kv_cache is not None and cache is not kv_cache:
+        raise ValueError(
+            "GenerationLoop: the verify runner's step writes another KV cache than the loop's: build it over the "
+            "loop's kv_cache (decode_runner(model, kv_cache, ...)), so that verified tokens land where the loop reads"
         )

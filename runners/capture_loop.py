@@ -29,7 +29,7 @@ from runners.capture_report import CaptureReport
 from runners.compile_cache import CompileCache
 from runners.config import PhaseConfig
 from runners.gc_freeze import frozen_gc
-from runners.graph_budget import fit_to_budget
+from runners.graph_budget import GraphBudgetError, fit_to_budget
 from runners.graph_outputs import GraphOutputs
 from runners.mode_choice import choose_mode
 from runners.progress import progress
@@ -202,8 +202,14 @@ class CaptureLoop:
             budget, made = self.device.graph_budget(), self.device.plugin_graphs_made
             with torch.no_grad():  # under the caller's frozen_gc
                 self._capture_bucket(order[0], memory)
-            memory.order = fit_to_budget(order, self.device.plugin_graphs_made - made, budget, self.config, str(self.device))
+            error = None
+            try:
+                memory.order = fit_to_budget(order, self.device.plugin_graphs_made - made, budget, self.config, str(self.device))
+            except GraphBudgetError as exc:
+                error = exc
+            self.ranks.agree("the graph budget check", error, bucket=order[0], mode=self.config.mode)
             self.buckets.keep_only(sorted(memory.order))  # the dispatch pads to captured buckets only
+            self.ranks.agree_on_plan(self.plan(), mode=self.config.mode)  # every rank kept the same buckets
             error = memory.over_budget(self.config, self.phase, len(memory.order))
             self.ranks.agree("the pool budget check", error, bucket=order[0], mode=self.config.mode)
         except BaseException:

@@ -74,3 +74,29 @@ def test_the_simulator_refuses_a_kv_length_below_the_query_tokens_in_sparse_mode
         assert out.shape == query.shape and torch.isfinite(out.float()).all()
         with pytest.raises(ValueError, match=r"query S of 3 needs every KV length to count the S query tokens .*got \[3, 2\]"):
             torch_npu.npu_fused_infer_attention_score(query, cache, cache, actual_seq_lengths_kv=[3, 2], **options)
+
+
+@pytest.mark.cpu
+def test_a_verify_step_with_blocks_past_the_bsh_limit_runs_the_torch_kernel():
+    """torch_npu 7.3 documents TND's paged cache up to 1,024-token blocks, BSH's only up to 512: a verify step
+    (BSH with S = q) over larger blocks must fall back to the graph-safe torch kernel, saying why, rather than
+    call the fused op outside what its line documents."""
+    from graphhal.paged_attention.decode_attention_reference import decode_attention_reference
+    from graphhal.paged_attention.npu_decode_attention import decode_attention_npu
+    from graphhal.paged_attention.npu_fused_attention_limits import fallbacks_taken
+
+    newest = [param.values[0] for param in PROFILE_PARAMS][-1]
+    with npu_simulated_on_cpu(newest):
+        device = hal.DeviceRegistry(load_entry_points=False).get_device("npu").torch_device
+        heads, head_dim, block_size, queries = 4, 128, 1024, 3
+        keys = torch.randn(3, block_size, heads, head_dim, dtype=DTYPE).to(device)
+        values = torch.randn(3, block_size, heads, head_dim, dtype=DTYPE).to(device)
+        q = torch.randn(2, queries, heads, head_dim, dtype=DTYPE).to(device)
+        tables = torch.tensor([[1, 2], [2, 1]], dtype=torch.int32).to(device)
+        lengths = torch.tensor([1500, 40], dtype=torch.int32).to(device)
+        out = torch.empty_like(q)
+        decode_attention_npu(q, keys, values, tables, lengths, head_dim**-0.5, out)
+        expected = decode_attention_reference(q, keys, values, tables, lengths, head_dim**-0.5)
+        torch.testing.assert_close(out.cpu(), expected.cpu(), rtol=2e-2, atol=2e-2)
+        assert any("verify" in note and str(block_size) in note for note in fallbacks_taken())
+

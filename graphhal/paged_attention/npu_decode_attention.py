@@ -89,7 +89,7 @@ def decode_attention_npu(
     # [batch, num_heads, head_dim] (one token per request), or [batch, query_tokens, ...] (speculative verify)
     batch, query_tokens, num_heads, head_dim = q.shape if q.dim() == 4 else (q.shape[0], 1, *q.shape[1:])
     num_blocks, block_size, num_kv_heads, _ = key_cache.shape
-    route = decode_route(torch_npu, head_dim, block_size, q.dtype)
+    route = decode_route(torch_npu, head_dim, block_size, q.dtype, query_tokens)
     if route.layout is None:
         out.copy_(decode_attention_reference(q, key_cache, value_cache, block_tables, seq_lens, scale))
         return

@@ -113,9 +113,17 @@ def _incremental_problem(line: FusedAttentionLine, head_dim: int, block_size: in
     return ""
 
 
-def decode_route(torch_npu: Any, head_dim: int, block_size: int, dtype: torch.dtype) -> Route:
-    """TND (vllm-ascend's tested decode route) where documented, else BSH, else the torch kernel."""
+def decode_route(torch_npu: Any, head_dim: int, block_size: int, dtype: torch.dtype, query_tokens: int = 1) -> Route:
+    """TND (vllm-ascend's tested decode route) where documented, else BSH, else the torch kernel. Several query
+    tokens per request (a verify step) go in layout BSH only, within its paged-cache limits, else the torch kernel
+    (TND's larger blocks do not carry over to BSH)."""
     line = fused_attention_line(torch_npu)
+    if query_tokens > 1:
+        why_not_bsh = _incremental_problem(line, head_dim, block_size)
+        if not why_not_bsh:
+            return Route("BSH", "a verify step (several query tokens per request) in layout BSH")
+        most = line.paged_max_block_size or 1024
+        return _fallback("verify", why_not_bsh, f"blocks of 16n tokens up to {most} and a head dim of at most {INCREMENTAL_MAX_HEAD_DIM}")
     why_not_tnd = _tnd_problem(line, head_dim, block_size, dtype)
     if not why_not_tnd:
         return Route("TND")

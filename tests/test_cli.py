@@ -449,3 +449,19 @@ def test_bench_runs_a_transformers_family_beside_transformers_own_decode_step():
         assert float(full[-3]) < 1e-4, full
     assert "against transformers' own decode steps" in text and "transformers eager / full = " in text
     assert "decode transformers static+compile: n/a: reduce-overhead records CUDA graphs (CUDA only)" in text
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--spec", "--observe"], "--spec and --observe are benches of their own; run one at a time"),
+        (["--generation", "--tp", "2"], "--generation takes no --tp"),
+        (["--observe", "--json", "out.json"], "--observe takes no --json"),
+    ],
+)
+def test_bench_refuses_flags_its_own_benches_would_drop(argv, message, capsys):
+    # Before anything is measured: --spec, --observe and --generation each replace the main bench, which alone
+    # takes --tp, --json and --plot; a combination used to run one of them and drop the rest silently.
+    with pytest.raises(SystemExit) as raised:
+        main(["bench", *argv])
+    assert message in str(raised.value)

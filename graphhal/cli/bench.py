@@ -220,6 +220,7 @@ def _tensor_parallel_plan(args: argparse.Namespace, rank: int) -> BenchPlan:
 
 
 def run(args: argparse.Namespace) -> int:
+    _refuse_mixed_benches(args)
     if args.plot is not None:  # fail before minutes of measuring, not after
         plot.require_matplotlib()
     if args.tp > 1:
@@ -285,3 +286,17 @@ def _run_tensor_parallel(args: argparse.Namespace) -> int:
         plot.write_plot(result, args.plot)
         print(f"wrote {args.plot}")
     return 1 if result.failed or single.failed else 0
+
+
+def _refuse_mixed_benches(args: argparse.Namespace) -> None:
+    """--generation, --spec and --observe each run a bench of their own instead of the main one: one at a time,
+    and without the main bench's --tp, --json and --plot, which they would otherwise silently drop."""
+    chosen = [f"--{name}" for name in ("generation", "spec", "observe") if getattr(args, name)]
+    if not chosen:
+        return
+    if len(chosen) > 1:
+        raise SystemExit(f"graphhal bench: {' and '.join(chosen)} are benches of their own; run one at a time")
+    ignored = [flag for flag, given in (("--tp", args.tp > 1), ("--json", args.json is not None), ("--plot", args.plot is not None)) if given]
+    if ignored:
+        raise SystemExit(f"graphhal bench {chosen[0]} takes no {', '.join(ignored)} (those belong to the main bench)")
+

@@ -43,17 +43,13 @@ import torch
 
 import hal
 from graphhal.paged_attention.block_allocator import NULL_BLOCK
-from graphhal.paged_attention.npu_decode_attention import fused_attention_module, is_npu_tensor
+from graphhal.paged_attention.npu_decode_attention import causal_mask, fused_attention_module, is_npu_tensor
 from graphhal.paged_attention.npu_fused_attention_limits import prefill_route
 from graphhal.paged_attention.prefill_attention_masked import prefill_attention_masked
 from graphhal.paged_attention.prefill_attention_reference import prefill_layout
 
-CAUSAL_MASK_SIZE = 2048  # sparse_mode 3 takes this fixed "optimized" mask, whatever the lengths
 RIGHT_DOWN_CAUSAL = 3
 TAIL_KV_LENGTH = 1  # the token tail's KV length: any valid positive length (vllm-ascend pads with 1)
-# One mask per device, made outside any capture and kept for the process, as vllm-ascend keeps it (a mask
-# made inside a capture would live in the graph's pool, which later captures reuse).
-_causal_masks: dict[torch.device, torch.Tensor] = {}
 
 
 def prefill_attention_npu(
@@ -87,7 +83,7 @@ def prefill_attention_npu(
         q.contiguous(),
         key_cache.view(num_blocks, block_size, num_kv_heads * head_dim),
         value_cache.view(num_blocks, block_size, num_kv_heads * head_dim),
-        atten_mask=_causal_mask(q.device),
+        atten_mask=causal_mask(q.device),
         actual_seq_lengths=[*query_ends, num_tokens],  # the token tail ends at T
         actual_seq_lengths_kv=[*kv_lengths, TAIL_KV_LENGTH],
         block_table=tables_with_tail,
@@ -107,21 +103,6 @@ def _even_split_ends(tokens: int, requests: int) -> list[int]:
     the same way), ending at ``tokens``."""
     share, extra = divmod(tokens, requests)
     return list(accumulate(share + (1 if index < extra else 0) for index in range(requests)))
-
-
-def _causal_mask(device: torch.device) -> torch.Tensor:
-    mask = _causal_masks.get(device)
-    if mask is None:
-        if torch.npu.is_current_stream_capturing():
-            raise RuntimeError(
-                "npu prefill attention met its first call inside an NPU graph capture: its causal mask must be made "
-                "outside it (run the forward eagerly once before capturing, as runners do)"
-            )
-        # Built on the host and copied over, as vllm-ascend builds it (attention_mask.py get_splitfuse_attn_mask).
-        size = CAUSAL_MASK_SIZE
-        mask = torch.triu(torch.ones(size, size), diagonal=1).to(torch.int8).to(device)
-        _causal_masks[device] = mask
-    return mask
 
 
 def calls_npu_directly(op: Callable[..., Any]) -> Callable[..., Any]:

@@ -40,3 +40,16 @@ def test_the_spec_bench_measures_every_part_on_cpu():
     text = speculative.render(result)
     assert "verify k=3" in text and "prompt lookup at batch 1" in text
     assert len([line for line in text.splitlines() if line.strip().startswith("2  ")]) == 1 + 1 + 4  # steps, loops
+
+
+def test_a_speculative_run_whose_tokens_differ_in_half_precision_is_explained_below_the_table():
+    import torch
+
+    from graphhal.bench import speculative
+
+    rate = speculative.LoopRate(batch=64, k=2, acceptance=1.0, tokens_per_s=1.0, tokens_per_verify=1.1, ideal_tokens_per_s=3.0, same_tokens=False)
+    explained = speculative.render(speculative.SpecBench("cuda:0", torch.bfloat16, "llama", loops=[rate]))
+    assert "NO" in explained and "--dtype float32" in explained
+    # In float32 a difference is no rounding matter: the row says NO and nothing explains it away.
+    unexplained = speculative.render(speculative.SpecBench("cuda:0", torch.float32, "llama", loops=[rate]))
+    assert "NO" in unexplained and "--dtype float32" not in unexplained

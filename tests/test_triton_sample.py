@@ -41,7 +41,8 @@ def mixed_batch(rows: int, vocab: int, *, seed: int, dtype: torch.dtype = torch.
         seed=torch.randint(-(2**62), 2**62, (rows,), generator=generator),
         counter=torch.randint(0, 2**40, (rows,), generator=generator),
     )
-    parameters["temperature"][:2] = torch.tensor([0.0, 1.0])  # at least one greedy and one sampled row
+    # At least one greedy and one sampled row; a batch of one row samples (greedy alone would test little).
+    parameters["temperature"][:2] = torch.tensor([0.0, 1.0] if rows > 1 else [1.0])
     return dict(logits=logits.to(device=device, dtype=dtype), **{k: v.to(device) for k, v in parameters.items()})
 
 

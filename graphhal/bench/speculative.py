@@ -87,13 +87,14 @@ def run(
     acceptances: Sequence[float] = ACCEPTANCES,
     prompt_lookup: bool = True,
     timer: TimerSettings | None = None,
+    dtype: torch.dtype | None = None,
 ) -> SpecBench:
     import transformers
 
     device = hal.get_device(device_name) if device_name else hal.best_available_device()
     on_cpu = device.type == "cpu"
     batches = list(batches or ([1, 4] if on_cpu else [1, 16, 64]))
-    dtype = torch.float32 if on_cpu else torch.bfloat16
+    dtype = dtype or (torch.float32 if on_cpu else torch.bfloat16)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(family_config("llama", tiny=on_cpu)).to(device.torch_device, dtype).eval()
     torch.manual_seed(1)
@@ -267,6 +268,13 @@ def render(result: SpecBench) -> str:
         share = f"{rate.tokens_per_s / rate.ideal_tokens_per_s:.2f}x" if rate.ideal_tokens_per_s else "-"
         same = {True: "yes", False: "NO", None: "-"}[rate.same_tokens]
         lines.append(f"{rate.batch:>5}  {rate.k:>2}  {acceptance:>4}  {rate.tokens_per_s:>9.0f}  {per_verify:>10}  {ideal:>11}  {share:>8}  {same:>11}")
+    if any(rate.same_tokens is False for rate in result.loops) and result.dtype != torch.float32:
+        lines.append(
+            f"  same tokens NO: in {str(result.dtype).removeprefix('torch.')}, a verify step's matrix products (rows: batch x (1 + k)) "
+            "round differently from the plain step's (rows: batch), so a near-tie between two logits of these random "
+            "weights can go the other way; the request then continues on its own tokens, which the replay drafter "
+            "(the plain run's continuation) no longer predicts. --dtype float32 checks the machinery at exact agreement."
+        )
     if result.lookup:
         lookup = result.lookup
         lines += [

@@ -143,7 +143,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--spec", action="store_true",
         help="instead: speculative decoding's machinery on the llama family (graphhal.bench.speculative): the verify "
         "step at q = 1 + k against the plain decode step, a draft model's step, the loop's tokens per second at a "
-        "set acceptance (replay drafter) against the ideal from the step costs, prompt lookup against transformers'",
+        "set acceptance (replay drafter) against the ideal from the step costs, prompt lookup against transformers' "
+        "(--dtype and --batch-sizes apply)",
     )
     parser.add_argument(
         "--observe", action="store_true",
@@ -230,7 +231,8 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"graphhal bench --spec runs the llama family (--model llama), not {args.model!r}")
         from graphhal.bench import speculative
 
-        print(speculative.render(speculative.run(str(chosen_device(args.device)), args.batch_sizes)))
+        dtype = DTYPES[args.dtype] if args.dtype else None
+        print(speculative.render(speculative.run(str(chosen_device(args.device)), args.batch_sizes, dtype=dtype)))
         return 0
     if args.observe:
         from graphhal.bench import observe

@@ -9,6 +9,8 @@
 - ``generation``: a greedy generation loop with continuous batching, the example of a server using them;
   ``request_checks``: what it accepts as a request.
 - ``layers`` and ``experts``: what graphhal serves of a model, checked before a runner is built.
+- ``tensor_parallel``: a model split over a process group by its own plan (``base_model_tp_plan``), with
+  graphhal's all-reduce, so that its steps are captured like any other.
 
 Works for decoder models whose attention transformers dispatches by name (``_supports_attention_backend``) in
 every decoder layer: tested (generation equal to ``generate``) on Llama, Qwen2, Mistral, Qwen3, Gemma, Gemma 3
@@ -31,12 +33,14 @@ from graphhal.transformers.builders import decode_runner, prefill_runner
 from graphhal.transformers.generation import GenerationLoop, RequestFailedError, StepResult
 from graphhal.transformers.kv_cache import cache_shape, paged_kv_cache
 from graphhal.transformers.drafters import draft_model_drafter
+from graphhal.transformers.tensor_parallel import ModelShard, shard_model, shard_of
 
 __all__ = [
     "ATTENTION_NAME",
     "AttentionSwitchedError",
     "GenerationLoop",
     "MissingBatchError",
+    "ModelShard",
     "RequestFailedError",
     "StepResult",
     "UnsupportedModelError",
@@ -46,5 +50,7 @@ __all__ = [
     "paged_kv_cache",
     "prefill_runner",
     "register_graphhal_attention",
+    "shard_model",
+    "shard_of",
     "use_graphhal_attention",
 ]

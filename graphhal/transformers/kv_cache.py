@@ -7,12 +7,14 @@ the attention ops and the runners' padding conventions are the reference model's
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
 from graphhal.refmodel.config import ModelConfig
 from graphhal.paged_attention.kv_cache import PagedKVCache
+from graphhal.transformers.tensor_parallel import shard_of
 
 DEFAULT_MAX_SEQ_LEN = 4096
 
@@ -56,8 +58,11 @@ def paged_kv_cache(
     """A zeroed paged KV cache for every layer of ``model``, on its device and (by default) in its dtype.
 
     ``num_blocks`` counts the reserved padding block: ``num_blocks - 1`` blocks of ``block_size`` tokens
-    serve requests.
+    serve requests. A model split by ``shard_model`` gets a cache of its rank's heads.
     """
     parameter = next(model.parameters())
     shape = cache_shape(model.config, block_size=block_size, max_seq_len=max_seq_len)
+    shard = shard_of(model)
+    if shard is not None:  # a tensor-parallel rank caches the heads its attention keeps
+        shape = dataclasses.replace(shape, num_heads=shard.num_heads, num_kv_heads=shard.num_kv_heads)
     return PagedKVCache(shape, num_blocks, parameter.device, dtype or parameter.dtype)

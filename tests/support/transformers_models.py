@@ -119,10 +119,12 @@ def generate_through_graphhal(
     *,
     prefill_buckets: list[int] | None = None,
     decode_buckets: list[int] | None = None,
+    group: Any = None,
 ) -> list[list[int]]:
     """graphhal's greedy tokens for ``texts``, generated together by the generation loop over runners in
     ``mode``: prefill captured first (at most 32 tokens a batch), decode (at most 8 requests) into its pool, as
-    a server does. Every KV-cache block is back at the end."""
+    a server does. Every KV-cache block is back at the end. ``group``: the runners' rank group (tensor
+    parallel: every rank runs this with the same texts)."""
     from graphhal.transformers import GenerationLoop, decode_runner, paged_kv_cache, prefill_runner
     from runners import DecodeConfig, PrefillConfig
 
@@ -133,12 +135,13 @@ def generate_through_graphhal(
         prefill = prefill_runner(
             model, kv_cache, device,
             PrefillConfig(mode=mode, compiler=compiler, max_tokens=32, buckets=prefill_buckets, max_requests=8, show_progress=False),
+            group=group,
         )
         prefill.capture()
         decode = decode_runner(
             model, kv_cache, device,
             DecodeConfig(mode=mode, compiler=compiler, max_bs=8, buckets=decode_buckets, show_progress=False),
-            pool=prefill.pool,
+            pool=prefill.pool, group=group,
         )
         decode.capture()
         loop = GenerationLoop(decode, prefill, kv_cache, eos_token_ids=model.generation_config.eos_token_id)

@@ -15,6 +15,7 @@ import that machinery by its path. Device plugins implement the hooks in ``hal.h
 ``@hal.hookimpl`` and register under the entry-point group ``graphhal.devices``.
 """
 
+from hal.all_reducer import AllReducer
 from hal.compile.token_specialization import TokenSpecializationError
 from hal.conventions import DeviceConventions, SlotRole
 from hal.device import Device
@@ -67,6 +68,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "PROJECT_NAME",
     "REQUIRED_HOOKS",
+    "AllReducer",
     "DeviceConventions",
     "MIB",
     "MemoryStats",

@@ -72,6 +72,10 @@ def hal_release_cached_memory(device: DeviceId) -> None:
     return None
 
 
+def hal_all_reducer(device: DeviceId, group: Any) -> None:
+    return None
+
+
 OPTIONAL_HOOK_DEFAULTS = {
     "hal_torch_device": hal_torch_device,
     "hal_needs_graph_update": hal_needs_graph_update,
@@ -87,4 +91,5 @@ OPTIONAL_HOOK_DEFAULTS = {
     "hal_stack_checks": hal_stack_checks,
     "hal_graph_budget": hal_graph_budget,
     "hal_release_cached_memory": hal_release_cached_memory,
+    "hal_all_reducer": hal_all_reducer,
 }

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from hal.all_reducer import AllReducer
 from hal.conventions import DeviceConventions
 from hal.device_id import DeviceId
 from hal.errors import GraphHalError, PluginContractError, UnsupportedModeError
@@ -196,6 +197,13 @@ class Device:
                 f"device {self.id} captures collectives of backend {self.distributed_backend!r}, but the process "
                 f"group's backend is {backend!r}; make the group with backend={self.distributed_backend!r}"
             )
+
+    def all_reducer(self, group: Any) -> AllReducer | None:
+        """The device's own all-reduce for ``group`` (``hal_all_reducer``; a collective call), or None."""
+        reducer = self._hooks["hal_all_reducer"](self.id, group)
+        if reducer is not None and not isinstance(reducer, AllReducer):
+            raise PluginContractError(self.plugin_name, "hal_all_reducer", reducer, "a hal.AllReducer (reduce and describe) or None")
+        return reducer
 
     def release_cached_memory(self) -> None:
         """Give the allocator's cached, unused memory back to the device (``hal_release_cached_memory``)."""

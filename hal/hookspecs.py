@@ -28,6 +28,7 @@ from hal.markers import hookspec
 if TYPE_CHECKING:
     import torch
 
+    from hal.all_reducer import AllReducer
     from hal.conventions import DeviceConventions
     from hal.device_id import DeviceId
     from hal.memory_stats import MemoryStats
@@ -313,6 +314,24 @@ def hal_distributed_backend(device: "DeviceId") -> str | None:
     Default: ``hal.default_hooks.hal_distributed_backend`` (None: graphs of this device hold no collectives).
 
     :param device: the device asked about.
+    """
+
+
+@hookspec(firstresult=True)
+def hal_all_reducer(device: "DeviceId", group: Any) -> "AllReducer | None":
+    """Return this device's own all-reduce for the messages of ``group`` it serves faster than the group's
+    ``torch.distributed`` backend (``hal.AllReducer``), or None.
+
+    Called once per process group and device, when a tensor-parallel model is built on it, before anything is
+    captured: on every rank of ``group`` at the same point, so a plugin may allocate and exchange buffers over
+    the group, and must make every rank give the same kind of answer (agree over the group before it answers;
+    one rank with and one without would hang the next collective). The reducer's buffers must stay where they
+    are for as long as it lives: captured graphs hold their addresses.
+
+    Default: ``hal.default_hooks.hal_all_reducer`` (None: ``torch.distributed.all_reduce`` for every message).
+
+    :param device: the device of this rank.
+    :param group: a ``torch.distributed`` process group of ``hal_distributed_backend``'s backend.
     """
 
 

@@ -9,6 +9,7 @@ import torch
 
 from devices.cuda.capture_session import CudaCaptureSession
 from devices.cuda.cuda_graph import CudaGraph
+from devices.cuda.symmetric_all_reduce import SymmetricAllReducer, make_symmetric_all_reducer, stack_check_line
 from devices.cuda.triton_key_warmup import start_hashing_triton_key
 from hal import DeviceId, GraphMode, MemoryStats, hookimpl
 
@@ -83,6 +84,17 @@ def hal_synchronize(device: DeviceId) -> None:
 @hookimpl
 def hal_distributed_backend(device: DeviceId) -> str:
     return "nccl"
+
+
+@hookimpl
+def hal_all_reducer(device: DeviceId, group: Any) -> SymmetricAllReducer | None:
+    """torch's symmetric-memory kernels for small messages, where every rank can use them (else NCCL)."""
+    return make_symmetric_all_reducer(group, _index(device))
+
+
+@hookimpl
+def hal_stack_checks(device: DeviceId) -> list[str]:
+    return [stack_check_line()]
 
 
 class _StepEvent:

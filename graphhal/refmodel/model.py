@@ -32,7 +32,7 @@ from graphhal.paged_attention.prefill_attention_op import prefill_attention_brea
 from graphhal.refmodel.rms_norm import RMSNorm
 from graphhal.refmodel.rotary import RotaryEmbedding
 from graphhal.refmodel.seeded_init import SeededInit
-from graphhal.refmodel.tensor_parallel import TensorParallel
+from graphhal.refmodel.tensor_parallel import TensorParallel, use_device_all_reduce
 
 
 class LlamaDecoder(torch.nn.Module):
@@ -58,6 +58,7 @@ class LlamaDecoder(torch.nn.Module):
         # What this rank computes: its heads, its MLP slice. Its KV cache is built from it (its KV heads).
         self.local_config = config.tensor_parallel_shard(self.tp.size)
         self.device = torch.device(device)
+        use_device_all_reduce(tp_group, self.device)  # before any capture, on every rank
         self.dtype = dtype
         init = SeededInit(seed, self.device, dtype)
         self.embed_tokens = init.normal(config.vocab_size, config.hidden_size, std=1.0)

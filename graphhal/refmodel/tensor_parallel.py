@@ -8,7 +8,9 @@ at TP=2 computes what the same seed computes at TP=1.
 
 The all-reduce is the custom op ``refmodel::all_reduce``: torch.compile keeps it as one node (piecewise pieces
 and Inductor's kernels are built around it, and a captured graph holds the collective), and the cpu device's
-recorded graphs re-issue it at every replay, on every rank, in order.
+recorded graphs re-issue it at every replay, on every rank, in order. Each message goes to the device's own
+all-reduce where it has one for the message (``hal_all_reducer``, set up once per group by
+``use_device_all_reduce``: CUDA's symmetric-memory kernels for small messages), else to ``torch.distributed``.
 """
 
 from __future__ import annotations
@@ -16,11 +18,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import logging
+
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
+import hal
 from graphhal.paged_attention.direct_kernels import unobserved_eager_call
+
+logger = logging.getLogger(__name__)
+
+# Process group name -> the device's own all-reduce for it (None: torch.distributed for every message). Keyed
+# by name because the op is (a custom op takes strings, not process groups); filled before any capture.
+_DEVICE_REDUCERS: dict[str, hal.AllReducer | None] = {}
 
 
 @dataclass(frozen=True)
@@ -60,18 +71,45 @@ class TensorParallel:
         if self.size == 1:
             return partial
         if unobserved_eager_call(partial):
-            summed = partial.clone()  # as the op does: its callers may still read their partial sums
-            dist.all_reduce(summed, group=self.group)
-            return summed
+            return _summed(partial, self.group)
         return _all_reduce_op(partial, self.group.group_name)
+
+
+def use_device_all_reduce(group: Any, device: "hal.Device | torch.device | str") -> "hal.AllReducer | None":
+    """Route graphhal's all-reduces over ``group`` through ``device``'s own all-reduce where it has one
+    (``hal_all_reducer``), and return it (None: ``torch.distributed`` for every message).
+
+    A collective call: every rank of ``group`` calls it at the same point, before anything is captured (the
+    tensor-parallel models call it when they are built). Once per group: later calls return the first answer.
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        return None
+    name = group.group_name
+    if name not in _DEVICE_REDUCERS:
+        device = device if isinstance(device, hal.Device) else hal.get_device(str(torch.device(device)))
+        reducer = device.all_reducer(group)
+        _DEVICE_REDUCERS[name] = reducer
+        logger.info(
+            "graphhal all-reduce over group %s on %s: %s", name, device,
+            reducer.describe() if reducer is not None else f"torch.distributed ({dist.get_backend(group)}) for every message",
+        )
+    return _DEVICE_REDUCERS[name]
+
+
+def _summed(partial: torch.Tensor, group: Any) -> torch.Tensor:
+    """Sum ``partial`` over ``group`` into a new tensor (its callers may still read their partial sums)."""
+    reducer = _DEVICE_REDUCERS.get(group.group_name)
+    summed = reducer.reduce(partial) if reducer is not None else None
+    if summed is None:
+        summed = partial.clone()
+        dist.all_reduce(summed, group=group)
+    return summed
 
 
 @torch.library.custom_op("refmodel::all_reduce", mutates_args=())
 def all_reduce(partial: torch.Tensor, group_name: str) -> torch.Tensor:
     """Sum ``partial`` over the ranks of the process group named ``group_name``, into a new tensor."""
-    summed = partial.clone()
-    dist.all_reduce(summed, group=_resolve_process_group(group_name))
-    return summed
+    return _summed(partial, _resolve_process_group(group_name))
 
 
 @all_reduce.register_fake

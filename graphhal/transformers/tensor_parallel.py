@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from graphhal.refmodel.tensor_parallel import TensorParallel
+from graphhal.refmodel.tensor_parallel import TensorParallel, use_device_all_reduce
 from graphhal.transformers.attention import UnsupportedModelError
 
 SLICED_BY_ROWS = "colwise"
@@ -115,6 +115,8 @@ def shard_model(model: torch.nn.Module, group: Any) -> ModelShard:
             else:
                 continue
             sliced.append(name)
+    if tp.size > 1 and tp.group is not None:
+        use_device_all_reduce(tp.group, next(model.parameters()).device)  # before any capture, on every rank
     divide = tp.size if splits_heads else 1
     shard = ModelShard(tp, heads // divide, kv_heads // divide, tuple(sliced))
     setattr(model, _SHARD_ATTRIBUTE, shard)

@@ -24,7 +24,7 @@ from hal.graph_per_key import WarmUpError
 from runners.address_watch import AddressWatch
 from runners.bucket_capture import BucketCapture, CapturedStep, breakable_debug, bucket_capture
 from runners.buckets import BucketPolicy
-from runners.capture_memory import CaptureMemory, device_used
+from runners.capture_memory import CaptureMemory, device_use
 from runners.capture_report import CaptureReport
 from runners.compile_cache import CompileCache
 from runners.config import PhaseConfig
@@ -243,7 +243,7 @@ class CaptureLoop:
     def _capture_bucket(self, bucket: int, started: CaptureMemory) -> None:
         """One bucket; across ranks, agree that every rank captured it (or raise on all of them)."""
         error = None
-        used_before, began = device_used(self.device), time.perf_counter()
+        before, began = device_use(self.device), time.perf_counter()
         try:
             self.graphs[bucket] = self._capture_one(bucket)
         except RankCaptureError:
@@ -251,7 +251,7 @@ class CaptureLoop:
         except Exception as exc:
             error = exc
         self.ranks.agree(f"the capture of bucket {bucket}", error, bucket=bucket, mode=self.config.mode)
-        started.record(self._pool_bytes(), used_before, device_used(self.device), began)
+        started.record(self._pool_bytes(), before, device_use(self.device), began)
 
     def _capture_one(self, bucket: int) -> CapturedStep:
         assert self.strategy is not None

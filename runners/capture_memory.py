@@ -23,7 +23,8 @@ class CaptureMemory:
     inference_mode: the inference mode the capture began in: every bucket is captured in it.
     added:          pool bytes each captured bucket added, in capture order.
     device_added:   device-wide bytes each bucket took (free memory before its warm-up and capture, less after:
-                    graph objects, executable graphs and communicators' buffers included), in capture order;
+                    graph objects, executable graphs and communicators' buffers included), less what the
+                    allocator newly keeps cached outside the pool, unused (see ``DeviceUse``), in capture order;
                     None entries where the device does not report free memory.
     seconds:        how long each bucket's warm-up and capture took, in capture order.
     """
@@ -46,11 +47,12 @@ class CaptureMemory:
         """What the largest bucket took: what all of them will take (every smaller bucket reuses its memory)."""
         return self.added[0] if self.added else 0
 
-    def record(self, pool_bytes: int, used_before: int | None, used_after: int | None, began: float) -> None:
-        """One bucket captured: the pool as read now, device-wide use before and after it, when it began."""
+    def record(self, pool_bytes: int, before: "DeviceUse", after: "DeviceUse", began: float) -> None:
+        """One bucket captured: the pool as read now, the device's use before and after it, when it began."""
         self.seconds.append(time.perf_counter() - began)
-        self.added.append(pool_bytes - self.pool_bytes)
-        self.device_added.append(None if used_before is None or used_after is None else used_after - used_before)
+        added = pool_bytes - self.pool_bytes
+        self.added.append(added)
+        self.device_added.append(after.taken_since(before, added))
 
     @property
     def device_bytes(self) -> int | None:
@@ -74,7 +76,33 @@ class CaptureMemory:
         )
 
 
-def device_used(device: "hal.Device") -> int | None:
-    """Device-wide memory in use (``hal.MemoryStats.device_used_bytes``) once the device's queued work is done."""
+@dataclass(frozen=True)
+class DeviceUse:
+    """The device's memory once its queued work is done: in use device-wide (None where it cannot tell), and
+    what its allocator holds cached but unused (reserved less allocated; 0 for a device without a cache)."""
+
+    used: int | None
+    cached_unused: int
+
+    def taken_since(self, before: "DeviceUse", pool_added: int) -> int | None:
+        """Device-wide bytes taken since ``before`` that a capture keeps: all of it, less the growth of memory
+        the allocator keeps cached but unused outside the pool (``pool_added`` of that growth is the pool's).
+
+        The warm-up's activations are freed to the allocator's cache after it; whether they take new memory
+        from the device depends on what the cache held before, not on the graphs (on an H100, a real KV cache
+        of exact-size segments left none of the slack a small stand-in cache's segments had, and a prefill
+        capture's device-wide figure grew by 10 MiB against the plan's, all of it cached and unused), and the
+        cache serves the next eager step. Tensors a graph keeps alive outside its pool (across a break) are
+        allocated, so they stay counted.
+        """
+        if self.used is None or before.used is None:
+            return None
+        idle_cache_growth = max(0, self.cached_unused - before.cached_unused - pool_added)
+        return self.used - before.used - idle_cache_growth
+
+
+def device_use(device: "hal.Device") -> DeviceUse:
+    """The device's memory (``DeviceUse``) once its queued work is done."""
     device.synchronize()
-    return device.memory_stats().device_used_bytes
+    stats = device.memory_stats()
+    return DeviceUse(stats.device_used_bytes, max(0, stats.reserved_bytes - stats.allocated_bytes))

@@ -180,6 +180,25 @@ def test_bench_prints_a_table_of_every_mode_at_every_batch_size(tiny_bench):
 
 
 @pytest.mark.cpu
+def test_bench_prints_its_step_tables_before_it_measures_capture_and_setup(monkeypatch, capsys):
+    from graphhal.bench.setup import capture_cost
+
+    printed_before = []
+    measure = capture_cost.measure_capture_cost
+
+    def noting_what_was_printed(*args, **kwargs):
+        printed_before.append(capsys.readouterr().out)
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(capture_cost, "measure_capture_cost", noting_what_was_printed)
+    assert main(list(TINY_BENCH)) == 0
+    (before,) = printed_before
+    assert "\ndecode\n" in before and "\nprefill\n" in before and "capture:" not in before  # the tables, not yet the rest
+    after = capsys.readouterr().out
+    assert after.startswith("\ncapture: 3 decode buckets") and "bench took" in after
+
+
+@pytest.mark.cpu
 def test_bench_json_holds_every_row_with_ratios_against_eager_and_the_floor(tiny_bench):
     data = tiny_bench["json"]
     assert data["schema_version"] == 1

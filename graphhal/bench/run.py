@@ -3,7 +3,7 @@
 What runs is settled first (``lineup``), then the model is built once, then every decode contender is timed
 at every batch size and every prefill contender at every prefill shape, a size at a time, each apart
 (``measurements``); then, when asked, what a server pays at startup (``setup``). Rendering the result is the
-caller's (``render``).
+caller's (``render``); it may print the step-time tables as soon as they are measured (``on_step_tables``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from functools import partial
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -34,7 +34,10 @@ CPU_NOTE = (
 )
 
 
-def run_bench(plan: BenchPlan) -> BenchResult:
+def run_bench(plan: BenchPlan, on_step_tables: Callable[[BenchResult], None] | None = None) -> BenchResult:
+    """Run ``plan``. ``on_step_tables`` is called with the result so far once the decode and prefill step
+    times are measured, before the capture and setup measurements: a caller prints the main tables then,
+    rather than after every section."""
     started = time.perf_counter()
     fallbacks_before = npu_fused_attention_limits.fallbacks_taken()
     with _torch_threads(plan):
@@ -54,6 +57,10 @@ def run_bench(plan: BenchPlan) -> BenchResult:
                 measurements.size(DECODE, {"batch_size": batch_size}, contenders)
             for shape in lineup.prefill_shapes:
                 _measure_prefill(workload, shape, lineup.prefill, plan.seed, measurements)
+            if on_step_tables is not None:
+                fill_ratios(result.rows)
+                progress.clear()
+                on_step_tables(result)
             if plan.capture_max_bs is not None:
                 result.capture_cost = capture_cost.measure_capture_cost(
                     workload, plan.capture_max_bs, measurements, plan.show_progress

@@ -245,8 +245,9 @@ def run(args: argparse.Namespace) -> int:
         device = chosen_device(args.device)
         print(generation.render(generation.run(str(device), args.batch_sizes), device))
         return 0
-    result = run_bench(plan_from_arguments(args))
-    print(table.render(result))
+    # The step-time tables as soon as they are measured; capture and setup costs after them.
+    result = run_bench(plan_from_arguments(args), on_step_tables=lambda so_far: print(table.render_step_tables(so_far), flush=True))
+    print(table.render_after_step_tables(result))
     left_out = [name for name in SETUP_SECTIONS if name not in args.setup and "all" not in args.setup]
     if left_out and not args.no_capture_cost:
         print(f"\nnot measured: the {', '.join(left_out)} setup(s); add --setup {','.join(left_out)} (minutes on a GPU)")

@@ -198,6 +198,11 @@ def _setup_cost(cost: SetupCost) -> list[str]:
 
 
 def render(result: BenchResult) -> str:
+    return render_step_tables(result) + "\n" + render_after_step_tables(result)
+
+
+def render_step_tables(result: BenchResult) -> str:
+    """The header and the decode and prefill step-time tables: the main result, printable before the rest."""
     header = result.header
     timer = header.timer
     lines = [
@@ -214,6 +219,12 @@ def render(result: BenchResult) -> str:
     lines += _against_transformers(result.phase_rows(DECODE))
     if header.modes:
         lines += ["", *(f"  {mode}: {detail}" for mode, detail in header.modes.items())]
+    return "\n".join(lines)
+
+
+def render_after_step_tables(result: BenchResult) -> str:
+    """Capture and setup costs, what was skipped or failed, notes, and how long the run took."""
+    lines = []
     if result.capture_cost is not None:
         lines += ["", *_capture_cost(result.capture_cost)]
     if result.setup_cost is not None:

@@ -1,10 +1,10 @@
 """A device's own all-reduce for the small messages of tensor-parallel steps, captured in graphs.
 
 ``torch.distributed`` (NCCL, HCCL, gloo) serves every message. A decode step at batch 1 all-reduces a few KiB
-twice a layer, where NCCL's latency is most of the cost (16 to 25 us a call on H100s and H200s); devices have
-faster paths for those sizes (CUDA: torch's symmetric-memory one-shot and two-shot kernels, about 9 us at
-2 KiB against NCCL's 16, SGLang PR 10571). A plugin offers one through ``hal_all_reducer``; graphhal's
-all-reduce asks it for each message and uses ``torch.distributed`` for what it declines.
+twice a layer, where a collective library's latency is most of the cost, and devices may have faster paths
+for such sizes (the cuda plugin's is in ``devices/cuda/symmetric_all_reduce.py``). A plugin offers one through
+``hal_all_reducer``; graphhal's all-reduce asks it for each message and uses ``torch.distributed`` for what it
+declines.
 """
 
 from __future__ import annotations

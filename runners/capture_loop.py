@@ -243,7 +243,7 @@ class CaptureLoop:
     def _capture_bucket(self, bucket: int, started: CaptureMemory) -> None:
         """One bucket; across ranks, agree that every rank captured it (or raise on all of them)."""
         error = None
-        before, began = device_use(self.device), time.perf_counter()
+        before, began = device_use(self.device, self.pool), time.perf_counter()
         try:
             self.graphs[bucket] = self._capture_one(bucket)
         except RankCaptureError:
@@ -251,7 +251,8 @@ class CaptureLoop:
         except Exception as exc:
             error = exc
         self.ranks.agree(f"the capture of bucket {bucket}", error, bucket=bucket, mode=self.config.mode)
-        started.record(self._pool_bytes(), before, device_use(self.device), began)
+        after = device_use(self.device, self.pool)
+        started.record(after.pool or 0 if self.pool is not None else 0, before, after, began)
 
     def _capture_one(self, bucket: int) -> CapturedStep:
         assert self.strategy is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import hal
 from runners.config import PhaseConfig
@@ -50,9 +51,8 @@ class CaptureMemory:
     def record(self, pool_bytes: int, before: "DeviceUse", after: "DeviceUse", began: float) -> None:
         """One bucket captured: the pool as read now, the device's use before and after it, when it began."""
         self.seconds.append(time.perf_counter() - began)
-        added = pool_bytes - self.pool_bytes
-        self.added.append(added)
-        self.device_added.append(after.taken_since(before, added))
+        self.added.append(pool_bytes - self.pool_bytes)
+        self.device_added.append(after.taken_since(before))
 
     @property
     def device_bytes(self) -> int | None:
@@ -78,31 +78,37 @@ class CaptureMemory:
 
 @dataclass(frozen=True)
 class DeviceUse:
-    """The device's memory once its queued work is done: in use device-wide (None where it cannot tell), and
-    what its allocator holds cached but unused (reserved less allocated; 0 for a device without a cache)."""
+    """The device's memory once its queued work is done: in use device-wide (None where it cannot tell), what
+    its allocator holds cached but unused (reserved less allocated; 0 for a device without a cache), and the
+    graph pool's bytes (None where the device cannot tell a pool's share)."""
 
     used: int | None
     cached_unused: int
+    pool: int | None
 
-    def taken_since(self, before: "DeviceUse", pool_added: int) -> int | None:
+    def taken_since(self, before: "DeviceUse") -> int | None:
         """Device-wide bytes taken since ``before`` that a capture keeps: all of it, less the growth of memory
-        the allocator keeps cached but unused outside the pool (``pool_added`` of that growth is the pool's).
+        the allocator keeps cached but unused outside the pool.
 
         The warm-up's activations are freed to the allocator's cache after it; whether they take new memory
         from the device depends on what the cache held before, not on the graphs (on an H100, a real KV cache
         of exact-size segments left none of the slack a small stand-in cache's segments had, and a prefill
         capture's device-wide figure grew by 10 MiB against the plan's, all of it cached and unused), and the
-        cache serves the next eager step. Tensors a graph keeps alive outside its pool (across a break) are
-        allocated, so they stay counted.
+        cache serves the next eager step. The pool's growth is taken as kept whole, so what is left out is at
+        most the idle growth outside it (never the graphs' own memory); memory outside the allocator and
+        tensors a graph keeps alive outside its pool stay counted. A device that cannot tell the pool's share
+        gets no correction: without it, the pool's freed intermediates would look idle too.
         """
         if self.used is None or before.used is None:
             return None
-        idle_cache_growth = max(0, self.cached_unused - before.cached_unused - pool_added)
-        return self.used - before.used - idle_cache_growth
+        taken = self.used - before.used
+        if self.pool is None or before.pool is None:
+            return taken
+        return taken - max(0, self.cached_unused - before.cached_unused - (self.pool - before.pool))
 
 
-def device_use(device: "hal.Device") -> DeviceUse:
-    """The device's memory (``DeviceUse``) once its queued work is done."""
+def device_use(device: "hal.Device", pool: Any = None) -> DeviceUse:
+    """The device's memory (``DeviceUse``) once its queued work is done, with ``pool``'s share where told."""
     device.synchronize()
-    stats = device.memory_stats()
-    return DeviceUse(stats.device_used_bytes, max(0, stats.reserved_bytes - stats.allocated_bytes))
+    stats = device.memory_stats(pool)
+    return DeviceUse(stats.device_used_bytes, max(0, stats.reserved_bytes - stats.allocated_bytes), stats.pool_bytes)

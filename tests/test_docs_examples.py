@@ -195,6 +195,7 @@ NOT_OURS = {
     "npu_multi_head_latent_attention", "actual_seq_kvlen", "capture_end", "BSH", "TND", "BNSD", "NPUGraph",
     "full_graph_fia", "libascendcl", "libopapi", "set_env",  # vllm-ascend, CANN
     "npu_smoke",  # the log scripts/npu_smoke.sh writes
+    "base_model_tp_plan", "colwise_gather_output", "rowwise_split_input",  # transformers' tensor-parallel plans
 }
 
 

@@ -85,7 +85,7 @@ def tp_equals_single_process(rank: int, world_size: int, device_type: str) -> di
 
 def graphs_equal_eager_under_tp(
     rank: int, world_size: int, device_type: str, decode_modes: list[tuple[str, str | None]],
-    prefill_modes: list[tuple[str, str | None]] = [("piecewise", None), ("breakable", None)],  # noqa: B006 - read only
+    prefill_modes: tuple[tuple[str, str | None], ...] = (("piecewise", None), ("breakable", None)),
 ) -> dict[str, float]:
     models = TwoModels(_device(device_type, rank), rank)
     step = models.shard.decode_forward(models.cache)
@@ -293,6 +293,10 @@ def test_tp2_logits_equal_tp1_logits_of_the_same_weights(device_type):
         assert differences["decode"] < tolerance and differences["prefill"] < tolerance, differences
 
 
+def _named(phase: str, modes: list[tuple[str, str | None]]) -> set[str]:
+    return {f"{phase} {mode}{'+' + compiler if compiler else ''}" for mode, compiler in modes}
+
+
 @pytest.mark.parametrize("device_type", DEVICES)
 def test_every_mode_under_tp2_equals_eager(device_type):
     modes = [("full", None), ("breakable", None), ("piecewise", None)]
@@ -302,8 +306,7 @@ def test_every_mode_under_tp2_equals_eager(device_type):
         prefill_modes += [("piecewise", "inductor"), ("breakable", "inductor")]
     results = run_on_ranks(graphs_equal_eager_under_tp, device_type, modes, prefill_modes, backend=_backend(device_type), timeout_s=300)
     for differences in results:
-        named = lambda phase, pairs: {f"{phase} {m}{'+' + c if c else ''}" for m, c in pairs}  # noqa: E731
-        assert set(differences) == named("decode", modes) | named("prefill", prefill_modes)
+        assert set(differences) == _named("decode", modes) | _named("prefill", prefill_modes)
         # float32; Inductor's fused kernels reorder reductions, so compiled modes get a looser bound.
         assert all(value < (1e-3 if "inductor" in name else 1e-4) for name, value in differences.items()), differences
 

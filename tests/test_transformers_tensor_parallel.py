@@ -94,7 +94,7 @@ def _unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
 def test_heads_that_the_ranks_cannot_split_evenly_are_refused_naming_the_count():
     model = build_model("llama")  # 4 query heads over 2 KV heads
     before = _weights(model)
-    with pytest.raises(UnsupportedModelError, match="2 KV heads, which 4 ranks cannot split evenly|4 attention heads, which 3 ranks"):
+    with pytest.raises(UnsupportedModelError, match="4 attention heads, which 3 ranks cannot split evenly"):
         shard_model(model, TensorParallel(rank=0, size=3))
     assert _unchanged(model, before) and shard_of(model) is None
 
@@ -110,6 +110,39 @@ def test_a_plan_style_graphhal_does_not_serve_is_refused_naming_module_and_style
 
 
 @pytest.mark.cpu
+def test_a_plan_that_slices_a_parameter_fused_heads_or_nothing_is_refused_before_any_change():
+    cases = {
+        "layers.*.self_attn.sinks": ("colwise", "slices the parameter layers.0.self_attn.sinks"),  # per-head, gpt-oss-like
+        "layers.*.self_attn.qkv_proj": ("colwise", "splits attention heads only through q_proj"),  # fused heads
+    }
+    for key, (style, message) in cases.items():
+        model = build_model("llama")
+        attention = model.model.layers[0].self_attn
+        if key.endswith("sinks"):
+            attention.sinks = torch.nn.Parameter(torch.zeros(4))
+        else:
+            attention.qkv_proj = torch.nn.Linear(128, 256, bias=False)
+        model.config.base_model_tp_plan = {**model.config.base_model_tp_plan, key: style}
+        before = _weights(model)
+        with pytest.raises(UnsupportedModelError, match=message):
+            shard_model(model, TensorParallel(rank=0, size=2))
+        assert _unchanged(model, before)
+    elsewhere = build_model("llama")  # a text plan whose keys match nothing under this prefix
+    elsewhere.config.base_model_tp_plan = {f"language_model.{key}": style for key, style in elsewhere.config.base_model_tp_plan.items()}
+    with pytest.raises(UnsupportedModelError, match="splits no module of its base model"):
+        shard_model(elsewhere, TensorParallel(rank=0, size=2))
+
+
+@pytest.mark.cpu
+def test_a_layer_number_is_the_only_wildcard_of_a_plan_key():
+    from graphhal.transformers.tensor_parallel import plan_key
+
+    assert plan_key("layers.12.mlp.up_proj") == "layers.*.mlp.up_proj"
+    assert plan_key("layers.0.block.3.self_attn.q_proj") == "layers.*.block.*.self_attn.q_proj"
+    assert plan_key("layers.x.self_attn.q_proj") == "layers.x.self_attn.q_proj"  # a * in a plan is not a glob
+
+
+@pytest.mark.cpu
 def test_a_model_without_a_plan_is_refused_and_one_rank_leaves_it_whole():
     model = build_model("llama")
     before = _weights(model)
@@ -117,6 +150,9 @@ def test_a_model_without_a_plan_is_refused_and_one_rank_leaves_it_whole():
     assert shard.sliced == () and (shard.num_heads, shard.num_kv_heads) == (4, 2) and _unchanged(model, before)
     with pytest.raises(ValueError, match="sharded already"):
         shard_model(model, None)
+    unserved = build_model("llama")  # one rank: nothing to split, so nothing in the plan is refused
+    unserved.config.base_model_tp_plan = {"layers.*.mlp.down_proj": "sequence_parallel"}
+    assert shard_model(unserved, None).sliced == ()
     planless = build_model("llama")
     planless.config.base_model_tp_plan = None
     with pytest.raises(UnsupportedModelError, match="no tensor-parallel plan"):

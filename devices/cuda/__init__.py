@@ -89,7 +89,7 @@ def hal_distributed_backend(device: DeviceId) -> str:
 @hookimpl
 def hal_all_reducer(device: DeviceId, group: Any) -> SymmetricAllReducer | None:
     """torch's symmetric-memory kernels for small messages, where every rank can use them (else NCCL)."""
-    return make_symmetric_all_reducer(group, _index(device))
+    return None if group is None else make_symmetric_all_reducer(group, _index(device))
 
 
 @hookimpl

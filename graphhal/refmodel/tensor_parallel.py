@@ -15,10 +15,9 @@ all-reduce where it has one for the message (``hal_all_reducer``, set up once pe
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
-
-import logging
 
 import torch
 import torch.distributed as dist
@@ -29,9 +28,10 @@ from graphhal.paged_attention.direct_kernels import unobserved_eager_call
 
 logger = logging.getLogger(__name__)
 
-# Process group name -> the device's own all-reduce for it (None: torch.distributed for every message). Keyed
-# by name because the op is (a custom op takes strings, not process groups); filled before any capture.
-_DEVICE_REDUCERS: dict[str, hal.AllReducer | None] = {}
+# Process group name -> (the group, the device's own all-reduce for it or None: torch.distributed for every
+# message). Keyed by name because the op is (a custom op takes strings, not process groups); filled before any
+# capture. The group is kept to tell a new group of a recycled name (a re-initialised WORLD is "0" again).
+_DEVICE_REDUCERS: dict[str, tuple[Any, "hal.AllReducer | None"]] = {}
 
 
 @dataclass(frozen=True)
@@ -85,20 +85,22 @@ def use_device_all_reduce(group: Any, device: "hal.Device | torch.device | str")
     if group is None or dist.get_world_size(group) == 1:
         return None
     name = group.group_name
-    if name not in _DEVICE_REDUCERS:
+    known = _DEVICE_REDUCERS.get(name)
+    if known is None or known[0] is not group:
         device = device if isinstance(device, hal.Device) else hal.get_device(str(torch.device(device)))
         reducer = device.all_reducer(group)
-        _DEVICE_REDUCERS[name] = reducer
+        _DEVICE_REDUCERS[name] = (group, reducer)
         logger.info(
             "graphhal all-reduce over group %s on %s: %s", name, device,
             reducer.describe() if reducer is not None else f"torch.distributed ({dist.get_backend(group)}) for every message",
         )
-    return _DEVICE_REDUCERS[name]
+    return _DEVICE_REDUCERS[name][1]
 
 
 def _summed(partial: torch.Tensor, group: Any) -> torch.Tensor:
     """Sum ``partial`` over ``group`` into a new tensor (its callers may still read their partial sums)."""
-    reducer = _DEVICE_REDUCERS.get(group.group_name)
+    known = _DEVICE_REDUCERS.get(group.group_name)
+    reducer = known[1] if known is not None and known[0] is group else None
     summed = reducer.reduce(partial) if reducer is not None else None
     if summed is None:
         summed = partial.clone()

@@ -29,7 +29,7 @@ reshapes by ``head_dim`` (``view(..., -1, head_dim)``), so the modules need no o
 
 from __future__ import annotations
 
-import fnmatch
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,41 +81,45 @@ class RowParallelLinear(torch.nn.Module):
 def shard_model(model: torch.nn.Module, group: Any) -> ModelShard:
     """Keep this rank's slice of every linear layer ``model``'s tensor-parallel plan names, in place, and
     return what was done (also ``shard_of(model)``). A group of one rank (or None) leaves the model whole.
-    ``group`` is a ``torch.distributed`` process group (or a ``TensorParallel`` place in one).
+    ``group`` is a ``torch.distributed`` process group, or a ``TensorParallel`` place (one without a group
+    slices the weights, to inspect them; its all-reduce needs the group).
 
     Raises ``UnsupportedModelError`` naming the module before any weight changes when the plan asks for a
-    style graphhal does not serve, names a module that is not a Linear, or splits heads or a layer's width
-    unevenly over the group's ranks; ``ValueError`` when the model was sharded already.
+    style graphhal does not serve, slices what is not a Linear, splits heads other than through q/k/v_proj or
+    unevenly over the group's ranks, or splits nothing; ``ValueError`` when the model was sharded already.
     """
     if getattr(model, _SHARD_ATTRIBUTE, None) is not None:
         raise ValueError("shard_model: this model is sharded already (shard_of(model) says how)")
     tp = group if isinstance(group, TensorParallel) else TensorParallel.of(group)
     text = _text_config(model.config)
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if tp.size == 1:  # nothing to split, and nothing in the plan to refuse
+        shard = ModelShard(tp, heads, kv_heads, ())
+        setattr(model, _SHARD_ATTRIBUTE, shard)
+        return shard
+    model_name = type(model).__name__
     plan = dict(getattr(text, "base_model_tp_plan", None) or {})
-    if tp.size > 1 and not plan:
+    if not plan:
         raise UnsupportedModelError(
-            f"{type(model).__name__} has no tensor-parallel plan (config.base_model_tp_plan is empty): graphhal splits "
+            f"{model_name} has no tensor-parallel plan (config.base_model_tp_plan is empty): graphhal splits "
             "a transformers model only by its own plan; run it at TP=1"
         )
     base = getattr(model, model.base_model_prefix, model)
-    chosen = _match_plan(base, plan, type(model).__name__)
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    splits_heads = any(name.endswith(("k_proj", "v_proj")) and style == SLICED_BY_ROWS for name, (_, style) in chosen.items())
-    if tp.size > 1:
-        _check_even(chosen, tp.size, type(model).__name__, heads if splits_heads else None, kv_heads if splits_heads else None)
+    chosen = _match_plan(base, plan, model_name)
+    splits_heads = any(leaf(name) in ("k_proj", "v_proj") and style == SLICED_BY_ROWS for name, (_, style) in chosen.items())
+    _check_even(chosen, tp.size, model_name, heads if splits_heads else None, kv_heads if splits_heads else None)
     sliced = []
-    if tp.size > 1:
-        for name, (module, style) in chosen.items():
-            if style == SLICED_BY_ROWS:
-                _slice_rows(module, tp)
-            elif style in SLICED_BY_COLUMNS:
-                parent, _, child = name.rpartition(".")
-                base.get_submodule(parent).register_module(child, RowParallelLinear(module, tp, style == "rowwise_split_input"))
-            else:
-                continue
-            sliced.append(name)
-    if tp.size > 1 and tp.group is not None:
+    for name, (module, style) in chosen.items():
+        if style == SLICED_BY_ROWS:
+            _slice_rows(module, tp)
+        elif style in SLICED_BY_COLUMNS:
+            parent, _, child = name.rpartition(".")
+            base.get_submodule(parent).register_module(child, RowParallelLinear(module, tp, style == "rowwise_split_input"))
+        else:
+            continue
+        sliced.append(name)
+    if tp.group is not None:
         use_device_all_reduce(tp.group, next(model.parameters()).device)  # before any capture, on every rank
     divide = tp.size if splits_heads else 1
     shard = ModelShard(tp, heads // divide, kv_heads // divide, tuple(sliced))
@@ -132,26 +136,46 @@ def _text_config(config: Any) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def leaf(module_name: str) -> str:
+    return module_name.rpartition(".")[2]
+
+
+def plan_key(name: str) -> str:
+    """The plan's key for a module or parameter name, as transformers looks it up: layer numbers become ``*``
+    (``layers.3.mlp.up_proj`` -> ``layers.*.mlp.up_proj``), nothing else is a wildcard."""
+    return re.sub(r"\.\d+(?=\.|$)", ".*", name)
+
+
 def _match_plan(base: torch.nn.Module, plan: dict[str, str], model_name: str) -> dict[str, tuple[torch.nn.Module, str]]:
-    """Every module of ``base`` a pattern of ``plan`` names (``layers.*.mlp.up_proj``), with its style; refused
-    here, before anything changes, when a style is not served or a sliced module is not a Linear."""
+    """Every module of ``base`` the plan names (``layers.*.mlp.up_proj``), with its style; refused here, before
+    anything changes, when a style is not served, a sliced module is not a Linear, the plan names a parameter
+    rather than a module (per-head ``sinks``: graphhal slices modules), a head-splitting layer of attention is
+    not q/k/v_proj (fused or low-rank projections: the cache's head count would be wrong), or nothing matches
+    (a vision-language model's text plan under another prefix: nothing would be split)."""
     chosen: dict[str, tuple[torch.nn.Module, str]] = {}
     for name, module in base.named_modules():
-        for pattern, style in plan.items():
-            if not fnmatch.fnmatchcase(name, pattern):
-                continue
-            if style not in SERVED_STYLES:
-                raise UnsupportedModelError(
-                    f"{model_name}'s tensor-parallel plan asks {name} for style {style!r}, which graphhal does not serve; "
-                    f"served: {', '.join(SERVED_STYLES)}"
-                )
-            if style not in KEPT_WHOLE and not isinstance(module, torch.nn.Linear):
-                raise UnsupportedModelError(
-                    f"{model_name}'s tensor-parallel plan slices {name} ({style}), a {type(module).__name__}: graphhal "
-                    "slices torch.nn.Linear layers only"
-                )
-            chosen[name] = (module, style)
-            break
+        style = plan.get(plan_key(name))
+        if style is None:
+            continue
+        where = f"{model_name}'s tensor-parallel plan asks {name} for style {style!r}"
+        if style not in SERVED_STYLES:
+            raise UnsupportedModelError(f"{where}, which graphhal does not serve; served: {', '.join(SERVED_STYLES)}")
+        if style not in KEPT_WHOLE and not isinstance(module, torch.nn.Linear):
+            raise UnsupportedModelError(f"{where}: a {type(module).__name__}; graphhal slices torch.nn.Linear layers only")
+        if style == SLICED_BY_ROWS and ("attn" in name or "attention" in name) and leaf(name) not in ("q_proj", "k_proj", "v_proj"):
+            raise UnsupportedModelError(f"{where}: graphhal splits attention heads only through q_proj, k_proj and v_proj")
+        chosen[name] = (module, style)
+    for name, _ in base.named_parameters():
+        style = plan.get(plan_key(name))
+        if style is not None and style not in KEPT_WHOLE:
+            raise UnsupportedModelError(
+                f"{model_name}'s tensor-parallel plan slices the parameter {name} ({style}); graphhal slices modules only"
+            )
+    if not any(style not in KEPT_WHOLE for _, style in chosen.values()):
+        raise UnsupportedModelError(
+            f"{model_name}'s tensor-parallel plan ({', '.join(sorted(plan))}) splits no module of its base model "
+            f"{type(base).__name__}: nothing would be split"
+        )
     return chosen
 
 

@@ -29,7 +29,8 @@ from graphhal.bench.contenders.registry import TRANSFORMERS_BASELINES
 from graphhal.bench.names import FLOOR, REDUCE_OVERHEAD
 from graphhal.bench.transformers_families import TRANSFORMERS_FAMILIES, transformers_cache_shape
 from hal import GraphMode
-from graphhal.bench.render import json_file, plot, table
+from graphhal.bench import all_reduce_sizes
+from graphhal.bench.render import json_file, plot, table, tensor_parallel_summary
 from graphhal.bench.tensor_parallel import run_bench_on_ranks
 from graphhal.cli.shared_options import DTYPES, chosen_device
 
@@ -131,8 +132,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tp", type=_positive_int, default=1,
         help="tensor-parallel ranks: spawns one process per rank (one GPU each; gloo on cpu), the model sharded "
-        "over them, every rank measuring in lockstep, rank 0 reporting; then the same model at TP=1 for the "
-        "speed-up. Default model with --tp: large; decode only",
+        "over them, every rank measuring in lockstep, rank 0 reporting: with torch.distributed for every "
+        "all-reduce, and again with the device's own where it has one; one all-reduce per message size by path; "
+        "then the same model at TP=1 for the speed-up, and each step's all-reduce share. Default model with --tp: "
+        "large; decode only",
     )
     parser.add_argument(
         "--generation", action="store_true",
@@ -264,31 +267,32 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_tensor_parallel(args: argparse.Namespace) -> int:
-    result = run_bench_on_ranks(partial(_tensor_parallel_plan, args), args.tp)
+    run = run_bench_on_ranks(partial(_tensor_parallel_plan, args), args.tp)
+    result = run.by_path["torch.distributed"]
+    device = run.by_path.get("device")
     print(f"tensor parallel: {args.tp} ranks (rank 0 reports; every rank ran the same steps)")
-    print(table.render(result))
+    print(f"the device's own all-reduce: {run.device_all_reduce}")
+    for path, measured in run.by_path.items():
+        print(f"\nTP={args.tp}, every all-reduce through {'torch.distributed' if path == 'torch.distributed' else 'the device'}:")
+        print(table.render(measured))
     # The same model on one device, for the speed-up: eager, the floor and full.
     single = run_bench(
         dataclasses.replace(_tensor_parallel_plan(args, 0), decode_modes=[FLOOR, GraphMode.FULL.value], capture_max_bs=None)
     )
     print("\nthe same model on one device (TP=1):")
     print(table.render(single))
-    print(f"\nTP={args.tp} against TP=1, mode full (ms per step):")
-    tp1 = {row.batch_size: row.median_ms for row in single.rows if row.mode == GraphMode.FULL}
-    for row in result.rows:
-        if row.mode == GraphMode.FULL and row.batch_size in tp1:
-            print(
-                f"  batch {row.batch_size:>4}: TP=1 {tp1[row.batch_size]:.3f}  TP={args.tp} {row.median_ms:.3f}  "
-                f"speed-up {tp1[row.batch_size] / row.median_ms:.2f}x"
-            )
+    print("\n" + all_reduce_sizes.render(run.all_reduce, args.tp, single.header.dtype, single.header.device.split(":")[0]))
+    print(tensor_parallel_summary.render(args.tp, single, result, device, run.all_reduce))
     if args.json is not None:
         json_file.write_json(result, args.json)
         json_file.write_json(single, args.json.with_name(args.json.stem + "-tp1" + args.json.suffix))
+        if device is not None:
+            json_file.write_json(device, args.json.with_name(args.json.stem + "-device-all-reduce" + args.json.suffix))
         print(f"wrote {args.json}")
     if args.plot is not None:
         plot.write_plot(result, args.plot)
         print(f"wrote {args.plot}")
-    return 1 if result.failed or single.failed else 0
+    return 1 if result.failed or single.failed or (device is not None and device.failed) else 0
 
 
 def _refuse_mixed_benches(args: argparse.Namespace) -> None:

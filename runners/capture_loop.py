@@ -252,7 +252,7 @@ class CaptureLoop:
             error = exc
         self.ranks.agree(f"the capture of bucket {bucket}", error, bucket=bucket, mode=self.config.mode)
         after = device_use(self.device, self.pool)
-        started.record(after.pool or 0 if self.pool is not None else 0, before, after, began)
+        started.record(after.pool or 0, before, after, began)  # no pool: no pool bytes
 
     def _capture_one(self, bucket: int) -> CapturedStep:
         assert self.strategy is not None

@@ -14,6 +14,7 @@ import torch
 
 from graphhal.refmodel.config import ModelConfig
 from graphhal.paged_attention.kv_cache import PagedKVCache
+from graphhal.transformers.layers import text_config
 from graphhal.transformers.tensor_parallel import shard_of
 
 DEFAULT_MAX_SEQ_LEN = 4096
@@ -27,7 +28,7 @@ def cache_shape(config: Any, *, block_size: int = 16, max_seq_len: int | None = 
     ``DEFAULT_MAX_SEQ_LEN`` (Llama 3 allows 131072 tokens: block tables that wide would be copied with every
     batch). Set it to what the server admits.
     """
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     longest = max_seq_len if max_seq_len is not None else min(text.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from graphhal.refmodel.tensor_parallel import TensorParallel, use_device_all_reduce
 from graphhal.transformers.attention import UnsupportedModelError
+from graphhal.transformers.layers import text_config
 
 SLICED_BY_ROWS = "colwise"
 SLICED_BY_COLUMNS = ("rowwise", "rowwise_split_input")
@@ -91,7 +92,7 @@ def shard_model(model: torch.nn.Module, group: Any) -> ModelShard:
     if getattr(model, _SHARD_ATTRIBUTE, None) is not None:
         raise ValueError("shard_model: this model is sharded already (shard_of(model) says how)")
     tp = group if isinstance(group, TensorParallel) else TensorParallel.of(group)
-    text = _text_config(model.config)
+    text = text_config(model.config)
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     if tp.size == 1:  # nothing to split, and nothing in the plan to refuse
@@ -130,10 +131,6 @@ def shard_model(model: torch.nn.Module, group: Any) -> ModelShard:
 def shard_of(model: torch.nn.Module) -> ModelShard | None:
     """How ``shard_model`` split ``model`` (None: it did not)."""
     return getattr(model, _SHARD_ATTRIBUTE, None)
-
-
-def _text_config(config: Any) -> Any:
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def leaf(module_name: str) -> str:

@@ -32,13 +32,16 @@ def test_the_spec_bench_measures_every_part_on_cpu():
     assert plain.k == 0 and plain.same_tokens and plain.tokens_per_s > 0
     assert [(rate.k, rate.acceptance) for rate in speculative_rates] == [(1, 0.5), (1, 1.0), (3, 0.5), (3, 1.0)]
     assert all(rate.same_tokens for rate in speculative_rates)  # the drafts never change the output
+    assert plain.full_batch_tokens_per_s is None  # the plain loop has no verify steps to window
     for rate in speculative_rates:
         assert rate.ideal_tokens_per_s > 0 and 1 <= rate.tokens_per_verify <= rate.k + 1
+        # The first verify step has room for k + 1 tokens in every request (6 new tokens, 1 from the prefill).
+        assert rate.full_batch_tokens_per_s is not None and rate.full_batch_tokens_per_s > 0
         if rate.acceptance == 1.0:
             assert rate.tokens_per_verify == rate.k + 1
     assert set(result.lookup) == {"k", "graphhal", "transformers", "acceptance"} and result.lookup["k"] == 3
     text = speculative.render(result)
-    assert "verify k=3" in text and "prompt lookup at batch 1" in text
+    assert "verify k=3" in text and "prompt lookup at batch 1" in text and "full-batch tok/s" in text
     assert len([line for line in text.splitlines() if line.strip().startswith("2  ")]) == 1 + 1 + 4  # steps, loops
 
 

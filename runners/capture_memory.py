@@ -79,12 +79,13 @@ class CaptureMemory:
 @dataclass(frozen=True)
 class DeviceUse:
     """The device's memory once its queued work is done: in use device-wide (None where it cannot tell), what
-    its allocator holds cached but unused (reserved less allocated; 0 for a device without a cache), and the
-    graph pool's bytes (None where the device cannot tell a pool's share)."""
+    its allocator holds (reserved) and of that holds cached but unused (reserved less allocated; 0 for a device
+    without a cache), and the graph pool's bytes (None where the device cannot tell a pool's share)."""
 
     used: int | None
     cached_unused: int
     pool: int | None
+    reserved: int = 0
 
     def taken_since(self, before: "DeviceUse") -> int | None:
         """Device-wide bytes taken since ``before`` that a capture keeps: all of it, less the growth of memory
@@ -95,8 +96,10 @@ class DeviceUse:
         of exact-size segments left none of the slack a small stand-in cache's segments had, and a prefill
         capture's device-wide figure grew by 10 MiB against the plan's, all of it cached and unused), and the
         cache serves the next eager step. The pool's growth is taken as kept whole, so what is left out is at
-        most the idle growth outside it (never the graphs' own memory); memory outside the allocator and
-        tensors a graph keeps alive outside its pool stay counted. A device that cannot tell the pool's share
+        most the idle growth outside it (never the graphs' own memory), and never more than the allocator newly
+        took from the device outside the pool: memory that was already reserved and only became idle (a cuBLAS
+        workspace the capture dropped, on an H100 32 MiB) took nothing from the device and comes off nothing.
+        Memory outside the allocator and tensors a graph keeps alive outside its pool stay counted. A device that cannot tell the pool's share
         gets no correction: without it, the pool's freed intermediates would look idle too.
         """
         if self.used is None or before.used is None:
@@ -104,11 +107,16 @@ class DeviceUse:
         taken = self.used - before.used
         if self.pool is None or before.pool is None:
             return taken
-        return taken - max(0, self.cached_unused - before.cached_unused - (self.pool - before.pool))
+        pool_growth = self.pool - before.pool
+        idle_growth = self.cached_unused - before.cached_unused - pool_growth
+        reserved_growth = self.reserved - before.reserved - pool_growth
+        return taken - max(0, min(idle_growth, reserved_growth))
 
 
 def device_use(device: "hal.Device", pool: Any = None) -> DeviceUse:
     """The device's memory (``DeviceUse``) once its queued work is done, with ``pool``'s share where told."""
     device.synchronize()
     stats = device.memory_stats(pool)
-    return DeviceUse(stats.device_used_bytes, max(0, stats.reserved_bytes - stats.allocated_bytes), stats.pool_bytes)
+    return DeviceUse(
+        stats.device_used_bytes, max(0, stats.reserved_bytes - stats.allocated_bytes), stats.pool_bytes, stats.reserved_bytes,
+    )

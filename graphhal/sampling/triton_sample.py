@@ -14,9 +14,14 @@ would leave half of an H100's SMs idle, each streaming 256 KiB alone). The row m
 candidates (``candidates[:, 0]``), known before the pass starts, so a single read serves everything: the sums
 ``exp(x - M)`` (log-probabilities) and ``exp((x - M) / T)`` (top-p's normalisation), the greedy argmax (first
 index equal to M), and the Gumbel-max draw under the min-p threshold, with each element's random number
-hashed in registers. Per chunk it writes five numbers; the finish kernel combines them in chunk order (ties
-still go to the lowest index). The chunk size and warp counts are reasoned, not yet tuned on a GPU; nor is
-``torch.topk``'s share of the time (it reads the logits once more), which ``max_top_k`` bounds.
+hashed in registers: the pass's costliest arithmetic, so only rows whose token that draw decides (sampled,
+neither top-k nor top-p on) do it. Per chunk it writes five numbers; the finish kernel combines them in
+chunk order (ties still go to the lowest index).
+
+Measured on an H100 (torch 2.11, bf16, 128,256 tokens, batch 64, every row hashing): the sampler took 157 us,
+``torch.topk`` 111 us of it (K = 256; 103 us at K = 64: the radix selection over the row costs, not K) and
+the vocabulary pass 42 us (37 to 48 us over chunk sizes 2,048 to 8,192 and 4 to 16 warps: the default
+stays).
 
 Graph safety: every parameter is loaded from device memory inside the kernels; the host passes only shapes,
 strides and constexprs that a runner's bucket fixes (rows, vocabulary, K, chunk size, the logits' dtype).
@@ -57,7 +62,7 @@ def _row_parameters(temperature_ptr, min_p_ptr, row, row_max):
 
 @triton.jit
 def _vocabulary_pass_kernel(
-    logits_ptr, candidates_ptr, temperature_ptr, min_p_ptr, seed_ptr, counter_ptr,
+    logits_ptr, candidates_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, counter_ptr,
     raw_sum_ptr, scaled_sum_ptr, greedy_ptr, best_score_ptr, best_id_ptr,
     vocab, num_chunks, stride_logits_row, stride_candidates_row,
     CHUNK: tl.constexpr,
@@ -66,7 +71,12 @@ def _vocabulary_pass_kernel(
     chunk = tl.program_id(1)
     row_max = tl.load(candidates_ptr + row.to(tl.int64) * stride_candidates_row).to(tl.float32)
     sampled, inverse_temperature, min_p_threshold = _row_parameters(temperature_ptr, min_p_ptr, row, row_max)
-    first_key, second_key = row_keys(seed_ptr, counter_ptr, row)
+    # The draw over the whole vocabulary decides a row's token only where the row samples and neither top-k nor
+    # top-p restricts it to the candidates (the finish kernel's ``restricted``). Every other row skips it: a
+    # random number hashed per logit is most of this pass's work, and greedy rows and top-k/top-p rows are the
+    # common ones. One branch per program (a row's chunk), so no lane diverges.
+    restricted = (tl.load(top_k_ptr + row) > 0) | (tl.load(top_p_ptr + row) < 1)
+    draws_over_vocabulary = sampled & (restricted == 0)
 
     ids = chunk * CHUNK + tl.arange(0, CHUNK)
     in_vocab = ids < vocab
@@ -78,10 +88,15 @@ def _vocabulary_pass_kernel(
     scaled_sum = tl.sum(tl.exp(shifted * inverse_temperature), axis=0)
     greedy = tl.min(tl.where(in_vocab & (x == row_max), ids, _NO_INDEX), axis=0)
 
-    scores = x * inverse_temperature + gumbel(first_key, second_key, ids)
-    scores = tl.where(in_vocab & (x >= min_p_threshold), scores, -float("inf"))
-    best = tl.max(scores, axis=0)
-    best_id = tl.min(tl.where(scores == best, ids, _NO_INDEX), axis=0)
+    if draws_over_vocabulary:
+        first_key, second_key = row_keys(seed_ptr, counter_ptr, row)
+        scores = x * inverse_temperature + gumbel(first_key, second_key, ids)
+        scores = tl.where(in_vocab & (x >= min_p_threshold), scores, -float("inf"))
+        best = tl.max(scores, axis=0)
+        best_id = tl.min(tl.where(scores == best, ids, _NO_INDEX), axis=0)
+    else:  # never read: the finish kernel takes the candidates' draw or the greedy token for this row
+        best = tl.full((), -float("inf"), tl.float32)
+        best_id = tl.full((), _NO_INDEX, tl.int32)
 
     out = row * num_chunks + chunk
     tl.store(raw_sum_ptr + out, raw_sum)
@@ -198,7 +213,7 @@ def sample_triton(
     temperature, top_k, top_p, min_p, seed, counter = parameters
 
     _vocabulary_pass_kernel[(rows, num_chunks)](
-        logits, candidates, temperature, min_p, seed, counter,
+        logits, candidates, temperature, top_k, top_p, min_p, seed, counter,
         raw_sum, scaled_sum, greedy, best_score, best_id,
         vocab, num_chunks, logits.stride(0), candidates.stride(0),
         CHUNK=chunk_size, num_warps=_VOCABULARY_PASS_WARPS,

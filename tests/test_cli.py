@@ -198,6 +198,36 @@ def test_bench_prints_its_step_tables_before_it_measures_capture_and_setup(monke
     assert after.startswith("\ncapture: 3 decode buckets") and "bench took" in after
 
 
+def test_bench_prints_the_header_before_timing_and_the_decode_table_before_prefill_starts(monkeypatch, capsys):
+    """On a GPU the compiled contenders take minutes: each part is printed the moment it is known."""
+    from graphhal.bench import run as bench_run
+    from graphhal.bench.measurements import Measurements
+
+    printed_at = {}
+    size, measure_prefill = Measurements.size, bench_run._measure_prefill
+
+    def first_decode_size(self, phase, *args, **kwargs):
+        printed_at.setdefault(f"first {phase} size", capsys.readouterr().out)
+        return size(self, phase, *args, **kwargs)
+
+    def first_prefill_shape(*args, **kwargs):
+        printed_at.setdefault("first prefill shape", capsys.readouterr().out)
+        return measure_prefill(*args, **kwargs)
+
+    monkeypatch.setattr(Measurements, "size", first_decode_size)
+    monkeypatch.setattr(bench_run, "_measure_prefill", first_prefill_shape)
+    argv = list(TINY_BENCH)
+    del argv[argv.index("--setup"):argv.index("--setup") + 2]  # the step tables alone (the capture cost after them)
+    assert main(argv) == 0
+    before_decode = printed_at["first decode size"]
+    assert before_decode.startswith("graphhal bench on cpu") and "\ndecode\n" not in before_decode
+    decode_table = printed_at["first prefill shape"]
+    assert decode_table.startswith("\ndecode\n") and "\nprefill\n" not in decode_table
+    assert all(f"{batch:>5}  eager" in decode_table for batch in (1, 2))
+    rest = capsys.readouterr().out
+    assert rest.startswith("\nprefill\n") and "bench took" in rest
+
+
 @pytest.mark.cpu
 def test_bench_json_holds_every_row_with_ratios_against_eager_and_the_floor(tiny_bench):
     data = tiny_bench["json"]

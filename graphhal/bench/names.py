@@ -9,6 +9,10 @@ DECODE = "decode"
 PREFILL = "prefill"
 SETUP = "setup"  # what a server pays at startup, measured apart from the step timings
 
+# The parts of the step tables besides the phases', in the order a run announces them (``run_bench``).
+STEP_TABLE_HEADER = "header"  # the device, the model and the clock
+STEP_TABLE_LEGEND = "legend"  # against transformers, and what each mode ran
+
 EAGER = "eager"  # the baseline every row's speedup is against; always runs, first
 FLOOR = "floor"  # the hand-written graph every row's overhead is against
 FULL_INDUCTOR = "full+inductor"  # graphhal's full mode over an Inductor-compiled forward

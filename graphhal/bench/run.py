@@ -20,7 +20,7 @@ from graphhal.bench.contenders import Contender
 from graphhal.bench.device_description import describe_device
 from graphhal.bench.lineup import Lineup, choose_lineup
 from graphhal.bench.measurements import Measurements
-from graphhal.bench.names import DECODE, PREFILL, SETUP
+from graphhal.bench.names import DECODE, PREFILL, SETUP, STEP_TABLE_HEADER, STEP_TABLE_LEGEND
 from graphhal.bench.plan import BenchPlan, PrefillShape
 from graphhal.bench.results import BenchResult, Failed, Header, SetupCost, fill_ratios
 from graphhal.bench.setup import capture_cost, compiled_setup, prefill_setup, restart
@@ -34,10 +34,12 @@ CPU_NOTE = (
 )
 
 
-def run_bench(plan: BenchPlan, on_step_tables: Callable[[BenchResult], None] | None = None) -> BenchResult:
-    """Run ``plan``. ``on_step_tables`` is called with the result so far once the decode and prefill step
-    times are measured, before the capture and setup measurements: a caller prints the main tables then,
-    rather than after every section."""
+def run_bench(plan: BenchPlan, on_step_tables: Callable[[BenchResult, str], None] | None = None) -> BenchResult:
+    """Run ``plan``. ``on_step_tables(result, part)`` is called as the main tables fill, so that a caller
+    prints each part as soon as it is known rather than after every section (on a GPU the compiled
+    contenders and the setup sections take minutes): ``STEP_TABLE_HEADER`` once the workload is built, before
+    any step is timed; ``DECODE`` and then ``PREFILL`` once that phase's step times are in (a phase with no
+    rows is still announced); ``STEP_TABLE_LEGEND`` after both, before the capture and setup measurements."""
     started = time.perf_counter()
     fallbacks_before = npu_fused_attention_limits.fallbacks_taken()
     with _torch_threads(plan):
@@ -49,18 +51,25 @@ def run_bench(plan: BenchPlan, on_step_tables: Callable[[BenchResult], None] | N
         if plan.device.type == "cpu":
             result.notes.append(CPU_NOTE)
         progress = tqdm(total=lineup.timed_cases(plan.batch_sizes), unit="case", disable=not plan.show_progress, leave=False)
+
+        def tables_so_far(part: str) -> None:
+            if on_step_tables is not None:
+                fill_ratios(result.rows)
+                progress.clear()
+                on_step_tables(result, part)
+
         with torch.no_grad(), progress:
+            tables_so_far(STEP_TABLE_HEADER)
             measurements = Measurements(plan.device, timer, result, progress)
             for batch_size in plan.batch_sizes:
                 batch = workload.decode_batch(batch_size)
                 contenders = [(c.name, partial(c.prepare, workload, batch)) for c in lineup.decode]
                 measurements.size(DECODE, {"batch_size": batch_size}, contenders)
+            tables_so_far(DECODE)
             for shape in lineup.prefill_shapes:
                 _measure_prefill(workload, shape, lineup.prefill, plan.seed, measurements)
-            if on_step_tables is not None:
-                fill_ratios(result.rows)
-                progress.clear()
-                on_step_tables(result)
+            tables_so_far(PREFILL)
+            tables_so_far(STEP_TABLE_LEGEND)
             if plan.capture_max_bs is not None:
                 result.capture_cost = capture_cost.measure_capture_cost(
                     workload, plan.capture_max_bs, measurements, plan.show_progress

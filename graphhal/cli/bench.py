@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
         print(generation.render(generation.run(str(device), args.batch_sizes), device))
         return 0
     # The step-time tables as soon as they are measured; capture and setup costs after them.
-    result = run_bench(plan_from_arguments(args), on_step_tables=lambda so_far: print(table.render_step_tables(so_far), flush=True))
+    result = run_bench(plan_from_arguments(args), on_step_tables=_print_step_table_part)
     print(table.render_after_step_tables(result))
     left_out = [name for name in SETUP_SECTIONS if name not in args.setup and "all" not in args.setup]
     if left_out and not args.no_capture_cost:
@@ -264,6 +264,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"graphhal bench: {len(result.failed)} measurement(s) failed (listed above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_step_table_part(result: Any, part: str) -> None:
+    """Print a part of the step tables the moment the run has it (``run_bench``'s ``on_step_tables``)."""
+    text = table.render_step_table_part(result, part)
+    if text:
+        print(text, flush=True)
 
 
 def _run_tensor_parallel(args: argparse.Namespace) -> int:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Callable
 
 from hal import MIB, GraphMode
-from graphhal.bench.names import DECODE, FULL_INDUCTOR, PREFILL, REDUCE_OVERHEAD, TRANSFORMERS_EAGER, TRANSFORMERS_STATIC_COMPILE
+from graphhal.bench.names import (
+    DECODE, FULL_INDUCTOR, PREFILL, REDUCE_OVERHEAD, STEP_TABLE_HEADER, STEP_TABLE_LEGEND, TRANSFORMERS_EAGER, TRANSFORMERS_STATIC_COMPILE,
+)
 from graphhal.bench.results import BenchResult, CaptureCost, CompiledSetup, PoolShare, Row, SetupCost
 
 # (title, width, cell) per column; a cell is "-" where the value does not apply.
@@ -37,6 +39,7 @@ _PREFILL: list[_Column] = [
     ("reqs", 6, lambda r: f"1+{r.decodes}d" if r.decodes else str(r.requests)),
     *_SHARED,
 ]
+_STEP_COLUMNS = {DECODE: _DECODE, PREFILL: _PREFILL}
 
 
 def _table(rows: list[Row], columns: list[_Column]) -> list[str]:
@@ -203,23 +206,32 @@ def render(result: BenchResult) -> str:
 
 def render_step_tables(result: BenchResult) -> str:
     """The header and the decode and prefill step-time tables: the main result, printable before the rest."""
+    parts = (STEP_TABLE_HEADER, DECODE, PREFILL, STEP_TABLE_LEGEND)
+    return "\n".join(text for text in (render_step_table_part(result, part) for part in parts) if text)
+
+
+def render_step_table_part(result: BenchResult, part: str) -> str:
+    """One part of ``render_step_tables`` (``run_bench`` announces each as it is known): the header, a
+    phase's table (empty text for a phase with no rows), or the legend."""
     header = result.header
-    timer = header.timer
-    lines = [
-        f"graphhal bench on {header.device} ({header.device_name}), torch {header.torch_version}",
-        header.description,
-        f"timing: median per step by {header.clock}; repeats x steps per repeat shown per row, repeated until the "
-        f"median's standard error is under {timer['target_rel_error'] * 100:g}% (or {timer['max_repeats']} repeats, "
-        f"or {timer['budget_s']:g} s)",
-    ]
-    for phase, columns in ((DECODE, _DECODE), (PREFILL, _PREFILL)):
-        rows = result.phase_rows(phase)
-        if rows:
-            lines += ["", phase, *_table(rows, columns)]
-    lines += _against_transformers(result.phase_rows(DECODE))
-    if header.modes:
-        lines += ["", *(f"  {mode}: {detail}" for mode, detail in header.modes.items())]
-    return "\n".join(lines)
+    if part == STEP_TABLE_HEADER:
+        timer = header.timer
+        return "\n".join([
+            f"graphhal bench on {header.device} ({header.device_name}), torch {header.torch_version}",
+            header.description,
+            f"timing: median per step by {header.clock}; repeats x steps per repeat shown per row, repeated until the "
+            f"median's standard error is under {timer['target_rel_error'] * 100:g}% (or {timer['max_repeats']} repeats, "
+            f"or {timer['budget_s']:g} s)",
+        ])
+    if part in _STEP_COLUMNS:
+        rows = result.phase_rows(part)
+        return "\n".join(["", part, *_table(rows, _STEP_COLUMNS[part])]) if rows else ""
+    if part == STEP_TABLE_LEGEND:
+        lines = _against_transformers(result.phase_rows(DECODE))
+        if header.modes:
+            lines += ["", *(f"  {mode}: {detail}" for mode, detail in header.modes.items())]
+        return "\n".join(lines)
+    raise ValueError(f"render_step_table_part: no part {part!r}; the parts are {STEP_TABLE_HEADER!r}, {DECODE!r}, {PREFILL!r}, {STEP_TABLE_LEGEND!r}")
 
 
 def render_after_step_tables(result: BenchResult) -> str:

@@ -284,7 +284,7 @@ class GenerationLoop:
         self._plain_decode(rows, prefill_tokens, result)
         if speculative:  # drafts, one verify step, its tokens read back and handed out
             self.speculation.step(  # type: ignore[union-attr]
-                speculative, lambda *failed: self.handout.fail(*failed, result), lambda r, token: self.handout.token(r, token, None, result)
+                speculative, lambda *failed: self.handout.fail(*failed, result), lambda r, tokens: self.handout.tokens(r, tokens, result)
             )
 
     def _plain_decode(self, rows: list[Request], prefill_tokens: torch.Tensor | None, result: StepResult) -> None:

@@ -78,6 +78,21 @@ class Handout:
             self.finish(request)
             result[request.request_id] = request.generated
 
+    def tokens(self, request: Request, tokens: list[int], result: StepResult) -> None:
+        """A run of tokens read back together (a verify step's accepted drafts, then its own token), handed out
+        in order: the request ends at the first token that ends it, and the rest of the run is dropped. A run
+        that cannot end it (no end-of-sequence token, no stop sequence, room left) is handed out at once."""
+        if (
+            not request.stop and not request.wants_logprobs and len(request.generated) + len(tokens) < request.max_new_tokens
+            and self.eos_token_ids.isdisjoint(tokens)
+        ):
+            request.generated.extend(tokens)
+            result.tokens.setdefault(request.request_id, []).extend(tokens)
+            return
+        for token in tokens:
+            if request.running:
+                self.token(request, token, None, result)
+
     def fail(self, phase: str, requests: list[Request], error: BaseException, result: StepResult) -> None:
         """A run's exception cannot be pinned on one of its requests (what one request can get wrong, ``add``
         refused): every request in it fails."""

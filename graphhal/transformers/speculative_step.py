@@ -93,7 +93,9 @@ class SpeculativeDecode:
             and (self.max_positions is None or last < self.max_positions)
         )
 
-    def step(self, rows: list[Request], fail: Callable[[str, list[Request], BaseException], None], hand_out: Callable[[Request, int], None]) -> None:
+    def step(
+        self, rows: list[Request], fail: Callable[[str, list[Request], BaseException], None], hand_out: Callable[[Request, list[int]], None]
+    ) -> None:
         """Draft for ``rows``, verify, wait, and hand each request its accepted tokens in order (``hand_out``
         ends a request at an end-of-sequence token or its last allowed token: the rest of its run is dropped).
         Drafting is an optimisation: a drafter that raises costs this step its drafts (``without_drafts``), not
@@ -109,9 +111,8 @@ class SpeculativeDecode:
             return
         for request, tokens in zip(rows, accepted):
             request.source = ("host", tokens[-1])
-            for token in tokens:
-                if request.running:
-                    hand_out(request, token)
+            if request.running:
+                hand_out(request, tokens)
 
     def draft(self, rows: list[Request]) -> torch.Tensor:
         """``[len(rows), k]`` drafts, checked."""
@@ -154,7 +155,7 @@ class SpeculativeDecode:
             "block_tables": self.batches.block_tables(rows),
             "slot_mapping": self.batches.host("slot_mapping", [[self._slot(r, p) for p in row] for r, row in zip(rows, positions)]),
         }
-        if not self.verify.can_run(batch):
+        if not self.verify.can_run(len(rows)):  # the row count decides; the batch is checked once, by submit
             self.eager_verify_steps += 1
             if self.eager_verify_steps == 1:
                 logger.warning(

@@ -85,7 +85,7 @@ class DeviceUse:
     used: int | None
     cached_unused: int
     pool: int | None
-    reserved: int = 0
+    reserved: int
 
     def taken_since(self, before: "DeviceUse") -> int | None:
         """Device-wide bytes taken since ``before`` that a capture keeps: all of it, less the growth of memory
@@ -99,6 +99,9 @@ class DeviceUse:
         most the idle growth outside it (never the graphs' own memory), and never more than the allocator newly
         took from the device outside the pool: memory that was already reserved and only became idle (a cuBLAS
         workspace the capture dropped, on an H100 32 MiB) took nothing from the device and comes off nothing.
+        One case still errs low: a capture that both reserves new memory for tensors it keeps outside its pool
+        and drops such an idle block reads the new memory as idle (telling them apart needs the allocator's
+        segments before and after).
         Memory outside the allocator and tensors a graph keeps alive outside its pool stay counted. A device that cannot tell the pool's share
         gets no correction: without it, the pool's freed intermediates would look idle too.
         """

@@ -257,8 +257,8 @@ def test_a_bucket_takes_what_the_device_lost_less_what_the_allocator_newly_cache
     assert DeviceUse(used=2570 * mib, cached_unused=64 * mib, pool=102 * mib, reserved=1002 * mib).taken_since(before) == 2 * mib
     # A device that cannot tell its pool's share (npu): no correction, or the pool's freed intermediates,
     # which the graphs need, would be taken for idle cache.
-    unknown = DeviceUse(used=2568 * mib, cached_unused=32 * mib, pool=None)
-    assert DeviceUse(used=2578 * mib, cached_unused=42 * mib, pool=None).taken_since(unknown) == 10 * mib
+    unknown = DeviceUse(used=2568 * mib, cached_unused=32 * mib, pool=None, reserved=1000 * mib)
+    assert DeviceUse(used=2578 * mib, cached_unused=42 * mib, pool=None, reserved=1010 * mib).taken_since(unknown) == 10 * mib
     # A device without a cache (the cpu model): what it lost.
-    assert DeviceUse(used=10, cached_unused=0, pool=6).taken_since(DeviceUse(used=4, cached_unused=0, pool=0)) == 6
-    assert DeviceUse(used=None, cached_unused=0, pool=None).taken_since(before) is None
+    assert DeviceUse(used=10, cached_unused=0, pool=6, reserved=0).taken_since(DeviceUse(used=4, cached_unused=0, pool=0, reserved=0)) == 6
+    assert DeviceUse(used=None, cached_unused=0, pool=None, reserved=0).taken_since(before) is None

@@ -122,12 +122,13 @@ class BatchBuilder:
     def block_tables(self, requests: list[Request]) -> torch.Tensor:
         """One row per request: its blocks, then the null block. One tensor made from the rows at once: a
         tensor per request cost 7 us each (115 us a step at 16 requests on a 2-core CI machine)."""
-        table = torch.tensor([self._block_row(request) for request in requests], dtype=self.dtypes["block_tables"])
+        rows = [self._block_row(request) for request in requests] or torch.empty(0, self.max_blocks_per_seq)
+        table = torch.as_tensor(rows, dtype=self.dtypes["block_tables"])
         return table.pin_memory() if self.pinned else table
 
     def _block_row(self, request: Request) -> list[int]:
         made = request.block_row
-        if made is None or made[0] is not request.blocks:
+        if made is None or made[0] is not request.blocks or made[1] != len(request.blocks):
             row = [*request.blocks, *[NULL_BLOCK] * (self.max_blocks_per_seq - len(request.blocks))]
-            made = request.block_row = (request.blocks, row)
-        return made[1]
+            made = request.block_row = (request.blocks, len(request.blocks), row)
+        return made[2]

@@ -35,9 +35,9 @@ class Request:
     source: tuple[str, int] | None = None
     running: bool = False  # admitted, and neither finished nor failed
     speculative: bool = True  # takes drafts when the loop has a drafter
-    # Its row of a batch's block table (``BatchBuilder.block_tables``) and the ``blocks`` list it was made from:
-    # blocks are allocated once, at admission, so the row is made once, not once a step.
-    block_row: tuple[list[int], list[int]] | None = field(default=None, repr=False)
+    # Its row of a batch's block table (``BatchBuilder.block_tables``), with the ``blocks`` list and length it
+    # was made from: blocks are allocated once, at admission, so the row is made once, not once a step.
+    block_row: tuple[list[int], int, list[int]] | None = field(default=None, repr=False)
 
     @property
     def prefilling(self) -> bool:

@@ -101,9 +101,9 @@ class DeviceUse:
         workspace the capture dropped, on an H100 32 MiB) took nothing from the device and comes off nothing.
         One case still errs low: a capture that both reserves new memory for tensors it keeps outside its pool
         and drops such an idle block reads the new memory as idle (telling them apart needs the allocator's
-        segments before and after).
-        Memory outside the allocator and tensors a graph keeps alive outside its pool stay counted. A device that cannot tell the pool's share
-        gets no correction: without it, the pool's freed intermediates would look idle too.
+        segments before and after). Memory outside the allocator and tensors a graph keeps alive outside its
+        pool stay counted. A device that cannot tell the pool's share gets no correction: without it, the
+        pool's freed intermediates would look idle too.
         """
         if self.used is None or before.used is None:
             return None

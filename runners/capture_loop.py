@@ -24,7 +24,7 @@ from hal.graph_per_key import WarmUpError
 from runners.address_watch import AddressWatch
 from runners.bucket_capture import BucketCapture, CapturedStep, breakable_debug, bucket_capture
 from runners.buckets import BucketPolicy
-from runners.capture_memory import CaptureMemory, device_use
+from runners.capture_memory import CaptureMemory, DeviceUse, device_use
 from runners.capture_report import CaptureReport
 from runners.compile_cache import CompileCache
 from runners.config import PhaseConfig
@@ -123,8 +123,9 @@ class CaptureLoop:
                 with contextlib.nullcontext() if same_mode else torch.inference_mode(started.inference_mode), torch.no_grad():
                     rest = started.order[1:]
                     shown = self.config.show_progress and bool(rest)
+                    use = None  # a bucket's memory after is the next one's before: nothing runs between them
                     for bucket in progress(rest, f"graphhal: capturing {self.phase} graphs", shown):
-                        self._capture_bucket(bucket, started)
+                        use = self._capture_bucket(bucket, started, use)
             except BaseException:
                 self.release()
                 raise
@@ -240,10 +241,11 @@ class CaptureLoop:
         downgraded = self.requested_mode == hal.GraphMode.AUTO and self.config.mode != hal.GraphMode.FULL
         logger.log(logging.WARNING if downgraded else logging.INFO, "graphhal %s on %s: %s", self.phase, self.device, choice.reason)
 
-    def _capture_bucket(self, bucket: int, started: CaptureMemory) -> None:
-        """One bucket; across ranks, agree that every rank captured it (or raise on all of them)."""
+    def _capture_bucket(self, bucket: int, started: CaptureMemory, before: DeviceUse | None = None) -> DeviceUse:
+        """One bucket; across ranks, agree that every rank captured it (or raise on all of them). ``before``: the
+        device's memory now, if read already (a pool's bytes cost a memory snapshot). Returns it after."""
         error = None
-        before, began = device_use(self.device, self.pool), time.perf_counter()
+        before, began = before or device_use(self.device, self.pool), time.perf_counter()
         try:
             self.graphs[bucket] = self._capture_one(bucket)
         except RankCaptureError:
@@ -253,6 +255,7 @@ class CaptureLoop:
         self.ranks.agree(f"the capture of bucket {bucket}", error, bucket=bucket, mode=self.config.mode)
         after = device_use(self.device, self.pool)
         started.record(after.pool or 0, before, after, began)  # no pool: no pool bytes
+        return after
 
     def _capture_one(self, bucket: int) -> CapturedStep:
         assert self.strategy is not None

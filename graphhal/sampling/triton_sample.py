@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from graphhal.sampling.triton_random import gumbel, row_keys
+from graphhal.sampling.triton_topk import top_candidates_triton
 
 # Elements of one row a program of the vocabulary pass reads, in one tile: 4,096 bf16 logits are 8 KiB, 16
 # per thread with 8 warps. At 128,256 tokens that is 32 chunks a row (the last one partial).
@@ -200,7 +201,7 @@ def sample_triton(
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     num_candidates = min(max_top_k, vocab)
-    candidates, candidate_ids = torch.topk(logits, num_candidates, dim=-1)
+    candidates, candidate_ids = top_candidates_triton(logits, num_candidates, chunk_size=chunk_size)
     sizes = _launch_sizes(vocab, num_candidates, chunk_size)
     num_chunks = sizes["num_chunks"]
 

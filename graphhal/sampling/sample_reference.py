@@ -48,9 +48,9 @@ from graphhal.sampling.random_numbers import gumbel_noise
 
 # Candidates for top-k and top-p unless a caller says otherwise. Five times transformers' default top_k (50),
 # so the top_k values requests use fit; a nucleus needing more than 256 tokens comes only from a flat step
-# (the 256 most likely tokens then hold less than top_p), whose tail is cut. Larger costs more in torch.topk
-# (it sorts the K it selects) and in the finish kernel, one program per row over K candidates; a power of two
-# wastes no lanes there.
+# (the 256 most likely tokens then hold less than top_p), whose tail is cut. Larger costs more in the candidates'
+# merge (it sorts K per chunk of the row) and in the finish kernel, one program per row over K candidates; a
+# power of two wastes no lanes there.
 DEFAULT_MAX_TOP_K = 256
 
 

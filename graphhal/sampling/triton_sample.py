@@ -1,8 +1,8 @@
-"""The sampler on CUDA: ``torch.topk`` for the candidates, then two Triton kernels. Graph-safe throughout.
+"""The sampler on CUDA: the candidates (``triton_topk``), then two Triton kernels. Graph-safe throughout.
 
-    candidates, ids = torch.topk(logits, K)       # K = min(max_top_k, vocab), a capture-time constant
-    _vocabulary_pass_kernel[(rows, chunks)]       # one read of the logits: everything over the whole vocabulary
-    _finish_kernel[(rows,)]                       # per row: thresholds, the candidates' draw, the final token
+    candidates, ids = top_candidates_triton(logits, K)   # K = min(max_top_k, vocab), a capture-time constant
+    _vocabulary_pass_kernel[(rows, chunks)]              # one read of the logits: everything over the vocabulary
+    _finish_kernel[(rows,)]                              # per row: thresholds, the candidates' draw, the token
 
 The math is ``graphhal.sampling.sample_reference``'s, stage for stage, so that the kernels and the torch
 reference choose the same tokens from the same logits (bit-identical under Triton's interpreter, where both
@@ -18,10 +18,10 @@ hashed in registers: the pass's costliest arithmetic, so only rows whose token t
 neither top-k nor top-p on) do it. Per chunk it writes five numbers; the finish kernel combines them in
 chunk order (ties still go to the lowest index).
 
-Measured on an H100 (torch 2.11, bf16, 128,256 tokens, batch 64, every row hashing): the sampler took 157 us,
-``torch.topk`` 111 us of it (K = 256; 103 us at K = 64: the radix selection over the row costs, not K) and
-the vocabulary pass 42 us (37 to 48 us over chunk sizes 2,048 to 8,192 and 4 to 16 warps: the default
-stays).
+Measured on an H100 (torch 2.11, bf16, 128,256 tokens, batch 64, every row hashing) with ``torch.topk`` for
+the candidates: the sampler took 157 us, ``torch.topk`` 111 us of it (K = 256; 103 us at K = 64: the radix
+selection over the row costs, not K), which is why the candidates have kernels of their own now, and the
+vocabulary pass 42 us (37 to 48 us over chunk sizes 2,048 to 8,192 and 4 to 16 warps: the default stays).
 
 Graph safety: every parameter is loaded from device memory inside the kernels; the host passes only shapes,
 strides and constexprs that a runner's bucket fixes (rows, vocabulary, K, chunk size, the logits' dtype).
@@ -189,7 +189,7 @@ def sample_triton(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sample_reference`` computed by ``torch.topk`` and the two kernels: (tokens [rows] int64, logprobs
+    """``sample_reference`` computed by the candidates' kernels and the two here: (tokens [rows] int64, logprobs
     [rows] float32). ``chunk_size`` (a power of two) is how much of a row one program of the vocabulary pass
     reads; the tests make it small to exercise many chunks on a small vocabulary."""
     rows, vocab = logits.shape

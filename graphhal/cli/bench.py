@@ -199,6 +199,7 @@ def plan_from_arguments(args: argparse.Namespace, rank: int | None = None) -> Be
             min_repeats=args.min_repeats,
             max_repeats=args.max_repeats,
             budget_s=args.time_budget if args.time_budget is not None else defaults.budget_s,
+            min_sample_s=defaults.min_sample_s,
         ),
         cpu_threads=args.threads or 1,
         show_progress=not args.no_progress,

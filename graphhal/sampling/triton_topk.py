@@ -37,12 +37,25 @@ def _packed_keys(x, ids):
 
 
 @triton.jit
+def _largest_by_sort(keys, k: tl.constexpr):
+    """The ``k`` largest of 1-D ``keys``, descending: a whole sort, then its first row of ``k``. For Triton
+    before ``tl.topk`` (3.2, torch 2.6's), which sorts the same way but drops halves as it goes."""
+    n: tl.constexpr = keys.shape[0]
+    rows = tl.reshape(tl.sort(keys, descending=True), (n // k, k))
+    first = tl.arange(0, n // k)[:, None] == 0
+    return tl.sum(tl.where(first, rows, 0), axis=0)  # one nonzero term per column: exact in integers
+
+
+_largest = tl.topk if hasattr(tl, "topk") else _largest_by_sort
+
+
+@triton.jit
 def _chunk_top_kernel(logits_ptr, keys_ptr, vocab, stride_logits_row, stride_keys_row, CHUNK: tl.constexpr, K: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     ids = chunk * CHUNK + tl.arange(0, CHUNK)
     x = tl.load(logits_ptr + row.to(tl.int64) * stride_logits_row + ids, mask=ids < vocab, other=-float("inf"))
-    top = tl.topk(_packed_keys(x.to(tl.float32), ids), K)
+    top = _largest(_packed_keys(x.to(tl.float32), ids), K)
     tl.store(keys_ptr + row.to(tl.int64) * stride_keys_row + chunk * K + tl.arange(0, K), top)
 
 
@@ -53,7 +66,7 @@ def _merge_top_kernel(
     row = tl.program_id(0)
     positions = tl.arange(0, KEYS)
     keys = tl.load(keys_ptr + row.to(tl.int64) * stride_keys_row + positions, mask=positions < num_keys, other=_SMALLEST_KEY)
-    top = tl.topk(keys, K)
+    top = _largest(keys, K)
     ordered = (top >> 32).to(tl.int32)
     bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
     slots = tl.arange(0, K)

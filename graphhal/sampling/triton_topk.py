@@ -25,7 +25,7 @@ import triton.language as tl
 # Logits of one row a program of the first pass reads: 4,096 (8 KiB of bf16), the vocabulary pass's chunk.
 # A 128,256-token row is then 32 chunks, and the merge sorts 32 * 256 = 8,192 keys per row.
 DEFAULT_CHUNK_SIZE = 4096
-_SMALLEST_KEY = -(2**63)  # below every packed logit: fills the merge's padding
+_SMALLEST_KEY = tl.constexpr(-(2**63))  # below every packed logit: fills the merge's padding
 
 
 @triton.jit

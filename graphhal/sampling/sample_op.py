@@ -2,9 +2,8 @@
 
     tokens, logprobs = sample(logits, temperature, top_k, top_p, min_p, seed, counter, max_top_k=256)
 
-Kernels: CUDA runs four Triton kernels, two for the candidates and two for the draw
-(``graphhal.sampling.triton_sample``); every other device (cpu, npu) runs the torch math
-(``graphhal.sampling.sample_reference``), which is also the definition.
+Kernels: CUDA runs ``torch.topk`` and the two Triton kernels (``graphhal.sampling.triton_sample``); every other
+device (cpu, npu) runs the torch math (``graphhal.sampling.sample_reference``), which is also the definition.
 
 Why an op and not plain functions: torch.compile (piecewise graphs, or a forward compiled by Inductor) then
 keeps the sampler as one opaque node, so a compiled forward runs exactly the kernels the eager forward runs

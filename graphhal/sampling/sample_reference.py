@@ -24,14 +24,12 @@ The filters apply in transformers' order (temperature, top-k, top-p, min-p):
   ratio to the most likely token, it is the same before or after top-k and top-p renormalise (they never drop
   the most likely token), so it commutes with them.
 
-Top-k and top-p search among ``K = min(max_top_k, vocab)`` candidates, ``top_candidates(logits, K)``: the K
-largest logits, and of tokens tied with the K-th the lowest ids (``torch.topk`` leaves that choice open; the
-CUDA kernels make the same one). ``max_top_k`` is a capture-time constant (graphs need fixed shapes). A top_k
-above it must be refused when the request arrives (``check_sampling_params``); here it is clamped to K. A
-nucleus that would need more than K tokens is cut at K: with top-p on, at most ``max_top_k`` tokens are ever
-candidates. A row with top-k or top-p on draws among the K candidates only (its allowed set lies within
-them), so tokens tied with the K-th candidate but past K stay out; a row with only min-p (or no filter) draws
-over the whole vocabulary.
+Top-k and top-p search among ``K = min(max_top_k, vocab)`` candidates, ``torch.topk(logits, K)``: ``max_top_k``
+is a capture-time constant (graphs need fixed shapes). A top_k above it must be refused when the request
+arrives (``check_sampling_params``); here it is clamped to K. A nucleus that would need more than K tokens is
+cut at K: with top-p on, at most ``max_top_k`` tokens are ever candidates. A row with top-k or top-p on draws
+among the K candidates only (its allowed set lies within them), so tokens tied with the K-th candidate but
+left out by ``torch.topk`` stay out; a row with only min-p (or no filter) draws over the whole vocabulary.
 
 The log-probability returned is the token's under the model's raw distribution: ``log_softmax(x)[token]``,
 whatever the temperature and filters.
@@ -48,9 +46,9 @@ from graphhal.sampling.random_numbers import gumbel_noise
 
 # Candidates for top-k and top-p unless a caller says otherwise. Five times transformers' default top_k (50),
 # so the top_k values requests use fit; a nucleus needing more than 256 tokens comes only from a flat step
-# (the 256 most likely tokens then hold less than top_p), whose tail is cut. Larger costs more in the candidates'
-# merge (it sorts K per chunk of the row) and in the finish kernel, one program per row over K candidates; a
-# power of two wastes no lanes there.
+# (the 256 most likely tokens then hold less than top_p), whose tail is cut. Larger costs more in torch.topk
+# (it sorts the K it selects) and in the finish kernel, one program per row over K candidates; a power of two
+# wastes no lanes there.
 DEFAULT_MAX_TOP_K = 256
 
 
@@ -69,7 +67,7 @@ def sample_reference(
     (``graphhal.sampling.sampling_slots``); the math is in the module docstring."""
     rows, vocab = logits.shape
     x = logits.float()
-    candidates, candidate_ids = top_candidates(logits, min(max_top_k, vocab))
+    candidates, candidate_ids = torch.topk(logits, min(max_top_k, vocab), dim=-1)  # sorted, descending
     candidates = candidates.float()
     parameters = _RowParameters(candidates[:, 0], temperature, min_p)
 
@@ -93,24 +91,6 @@ def sample_reference(
     token = torch.where(parameters.sampled, sampled_token, greedy_token)
     logprob = x.gather(1, token[:, None])[:, 0] - parameters.row_max - torch.log(raw_sum)
     return token, logprob
-
-
-def top_candidates(logits: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``count`` largest logits of each row of ``logits`` [rows, vocab] and their ids, sorted descending;
-    of the tokens tied with the ``count``-th, the lowest ids.
-
-    ``torch.topk`` alone picks the values; which of the tied tokens it lists is its own choice (on CPU not the
-    lowest ids), so the listed ties' ids are replaced: the j-th tied slot gets the j-th token (in id order)
-    whose logit equals the ``count``-th, found by a binary search in the running count of such tokens. No
-    host read and no data-dependent shape, so it captures like the rest."""
-    values, ids = torch.topk(logits, count, dim=-1)
-    kth = values[:, -1:]
-    listed_ties = values == kth  # the list's last slots (NaN never compares equal: such rows stay as topk left them)
-    first_tie_slot = count - listed_ties.sum(-1, keepdim=True)
-    ties_so_far = (logits == kth).cumsum(-1)  # nondecreasing: where the j-th tie sits is a sorted search
-    wanted = (torch.arange(count, device=logits.device) - first_tie_slot + 1).clamp(min=1)
-    tie_ids = torch.searchsorted(ties_so_far, wanted).clamp(max=logits.shape[1] - 1)
-    return values, torch.where(listed_ties, tie_ids, ids)
 
 
 class _RowParameters:

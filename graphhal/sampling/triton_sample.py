@@ -1,8 +1,8 @@
-"""The sampler on CUDA: the candidates (``triton_topk``), then two Triton kernels. Graph-safe throughout.
+"""The sampler on CUDA: ``torch.topk`` for the candidates, then two Triton kernels. Graph-safe throughout.
 
-    candidates, ids = top_candidates_triton(logits, K)   # K = min(max_top_k, vocab), a capture-time constant
-    _vocabulary_pass_kernel[(rows, chunks)]              # one read of the logits: everything over the vocabulary
-    _finish_kernel[(rows,)]                              # per row: thresholds, the candidates' draw, the token
+    candidates, ids = torch.topk(logits, K)       # K = min(max_top_k, vocab), a capture-time constant
+    _vocabulary_pass_kernel[(rows, chunks)]       # one read of the logits: everything over the whole vocabulary
+    _finish_kernel[(rows,)]                       # per row: thresholds, the candidates' draw, the final token
 
 The math is ``graphhal.sampling.sample_reference``'s, stage for stage, so that the kernels and the torch
 reference choose the same tokens from the same logits (bit-identical under Triton's interpreter, where both
@@ -18,10 +18,10 @@ hashed in registers: the pass's costliest arithmetic, so only rows whose token t
 neither top-k nor top-p on) do it. Per chunk it writes five numbers; the finish kernel combines them in
 chunk order (ties still go to the lowest index).
 
-Measured on an H100 (torch 2.11, bf16, 128,256 tokens, batch 64, every row hashing) with ``torch.topk`` for
-the candidates: the sampler took 157 us, ``torch.topk`` 111 us of it (K = 256; 103 us at K = 64: the radix
-selection over the row costs, not K), which is why the candidates have kernels of their own now, and the
-vocabulary pass 42 us (37 to 48 us over chunk sizes 2,048 to 8,192 and 4 to 16 warps: the default stays).
+Measured on an H100 (torch 2.11, bf16, 128,256 tokens, batch 64, every row hashing): the sampler took 157 us,
+``torch.topk`` 111 us of it (K = 256; 103 us at K = 64: the radix selection over the row costs, not K) and
+the vocabulary pass 42 us (37 to 48 us over chunk sizes 2,048 to 8,192 and 4 to 16 warps: the default
+stays).
 
 Graph safety: every parameter is loaded from device memory inside the kernels; the host passes only shapes,
 strides and constexprs that a runner's bucket fixes (rows, vocabulary, K, chunk size, the logits' dtype).
@@ -40,7 +40,6 @@ import triton
 import triton.language as tl
 
 from graphhal.sampling.triton_random import gumbel, row_keys
-from graphhal.sampling.triton_topk import top_candidates_triton
 
 # Elements of one row a program of the vocabulary pass reads, in one tile: 4,096 bf16 logits are 8 KiB, 16
 # per thread with 8 warps. At 128,256 tokens that is 32 chunks a row (the last one partial).
@@ -189,7 +188,7 @@ def sample_triton(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sample_reference`` computed by the candidates' kernels and the two here: (tokens [rows] int64, logprobs
+    """``sample_reference`` computed by ``torch.topk`` and the two kernels: (tokens [rows] int64, logprobs
     [rows] float32). ``chunk_size`` (a power of two) is how much of a row one program of the vocabulary pass
     reads; the tests make it small to exercise many chunks on a small vocabulary."""
     rows, vocab = logits.shape
@@ -201,7 +200,7 @@ def sample_triton(
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     num_candidates = min(max_top_k, vocab)
-    candidates, candidate_ids = top_candidates_triton(logits, num_candidates, chunk_size=chunk_size)
+    candidates, candidate_ids = torch.topk(logits, num_candidates, dim=-1)
     sizes = _launch_sizes(vocab, num_candidates, chunk_size)
     num_chunks = sizes["num_chunks"]
 

@@ -74,7 +74,7 @@ def plan_then_capture(make, tolerance: float = TOLERANCE, *, first_capture_paid:
         reports = [runner.capture() for runner in real]
     rows = plan.check(reports, tolerance)
     print({phase: (e / hal.MIB, m / hal.MIB) for phase, (e, m) in rows.items()})  # (plan, measured) MiB, kept on failure
-    first_phase, *pool_sharers = [phase for phase in rows if phase != "all"]
+    _, *pool_sharers = [phase for phase in rows if phase != "all"]
     for phase, (estimated, measured) in rows.items():
         # A phase captured into the first one's pool takes only what that pool lacked, a few MiB that depend on
         # where the allocator placed the first phase's blocks (on an H100 the reference model's decode took 0

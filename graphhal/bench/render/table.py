@@ -40,6 +40,7 @@ _PREFILL: list[_Column] = [
     *_SHARED,
 ]
 _STEP_COLUMNS = {DECODE: _DECODE, PREFILL: _PREFILL}
+_STEP_TABLE_PARTS = (STEP_TABLE_HEADER, DECODE, PREFILL, STEP_TABLE_LEGEND)  # in the order they are printed
 
 
 def _table(rows: list[Row], columns: list[_Column]) -> list[str]:
@@ -206,8 +207,7 @@ def render(result: BenchResult) -> str:
 
 def render_step_tables(result: BenchResult) -> str:
     """The header and the decode and prefill step-time tables: the main result, printable before the rest."""
-    parts = (STEP_TABLE_HEADER, DECODE, PREFILL, STEP_TABLE_LEGEND)
-    return "\n".join(text for text in (render_step_table_part(result, part) for part in parts) if text)
+    return "\n".join(text for text in (render_step_table_part(result, part) for part in _STEP_TABLE_PARTS) if text)
 
 
 def render_step_table_part(result: BenchResult, part: str) -> str:
@@ -231,7 +231,7 @@ def render_step_table_part(result: BenchResult, part: str) -> str:
         if header.modes:
             lines += ["", *(f"  {mode}: {detail}" for mode, detail in header.modes.items())]
         return "\n".join(lines)
-    raise ValueError(f"render_step_table_part: no part {part!r}; the parts are {STEP_TABLE_HEADER!r}, {DECODE!r}, {PREFILL!r}, {STEP_TABLE_LEGEND!r}")
+    raise ValueError(f"render_step_table_part: no part {part!r}; the parts are {', '.join(map(repr, _STEP_TABLE_PARTS))}")
 
 
 def render_after_step_tables(result: BenchResult) -> str:

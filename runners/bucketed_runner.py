@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from torch.utils import _pytree as pytree
 
 import hal
 from runners.address_watch import AddressWatch
@@ -31,6 +30,7 @@ from runners.config import PhaseConfig
 from runners.graph_dispatch import Dispatch, GraphDispatcher
 from runners.graph_outputs import GraphOutputs
 from runners.input_slots import InputSlot
+from runners.output_tree import map_tensors
 from runners.rank_group import rank_group
 from runners.step_counters import RunnerStats, StepCounters
 from runners.step_handle import KeptOutputs, StepHandle
@@ -215,7 +215,7 @@ class BucketedRunner(RunnerStats):
         outputs, in_pool = self._step(batch)
         outputs = self._kept.select(outputs, keep)
         if in_pool:
-            outputs = pytree.tree_map_only(torch.Tensor, torch.clone, outputs)
+            outputs = map_tensors(torch.clone, outputs)
         return StepHandle(outputs, self.device)
 
     def _step(self, batch: Mapping[str, torch.Tensor]) -> tuple[Any, bool]:

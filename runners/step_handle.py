@@ -21,9 +21,9 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import torch
-from torch.utils import _pytree as pytree
 
 import hal
+from runners.output_tree import map_tensors
 
 
 class StepHandle:
@@ -53,7 +53,7 @@ class StepHandle:
     def to_host(self) -> "HostCopy":
         """Queue copies of the outputs into host memory (page-locked, so the copy does not wait on the
         device's queue) and an event after them; returns at once."""
-        copies = pytree.tree_map_only(torch.Tensor, _host_copy, self.outputs)
+        copies = map_tensors(_host_copy, self.outputs)
         event = self._device.event()
         event.record()
         return HostCopy(copies, event)

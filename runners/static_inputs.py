@@ -55,11 +55,34 @@ class StaticInputs:
         self._live_groups = [tuple(names) for names in by_dtype.values()]
         self._padding_groups = [(fill, tuple(names)) for (_, fill), names in by_fill.items()]
         self._copies: dict[tuple[int, int], _Copies] = {}
+        # What count_rows checks per slot, read once: name, dtype, dimensions and row shape.
+        self._expected = [(slot.name, slot.dtype, 1 + len(slot.row_shape), torch.Size(slot.row_shape)) for slot in slots]
 
     def count_rows(self, batch: Mapping[str, torch.Tensor], allow_empty: bool = False) -> int:
         """Validate this buffer set's slots of a live batch (their names already checked); return the row
         count, 0 without slots. ValueError names the bad slot. ``allow_empty``: a batch of no rows is valid (an
         idle rank's step)."""
+        rows = self._rows_if_valid(batch)
+        if rows is None or (rows < 1 and not allow_empty):
+            return self._count_rows_naming_the_problem(batch, allow_empty)
+        return rows
+
+    def _rows_if_valid(self, batch: Mapping[str, torch.Tensor]) -> int | None:
+        """The row count when every slot passes ``_count_rows_naming_the_problem``'s checks (None where one
+        fails, or without slots): the same checks in one expression a slot, on the run path of every step."""
+        rows = None
+        for name, dtype, dim, row_shape in self._expected:
+            tensor = batch[name]
+            if not (
+                isinstance(tensor, torch.Tensor) and tensor.dtype == dtype and not tensor.requires_grad
+                and tensor.dim() == dim and tensor.shape[1:] == row_shape and (tensor.is_cpu or tensor.device == self.device)
+                and (rows is None or tensor.shape[0] == rows)
+            ):
+                return None
+            rows = tensor.shape[0]
+        return rows
+
+    def _count_rows_naming_the_problem(self, batch: Mapping[str, torch.Tensor], allow_empty: bool) -> int:
         rows = None
         for slot in self.slots:
             tensor = batch[slot.name]

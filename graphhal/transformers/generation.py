@@ -278,9 +278,12 @@ class GenerationLoop:
         return handle.outputs["tokens"] if completing else None
 
     def _decode(self, prefill_tokens: torch.Tensor | None, result: StepResult) -> None:
-        rows = [request for request in self.requests.running if request.decodable]
-        speculative = [request for request in rows if self.speculation and self.speculation.rides(request)]
-        rows = [request for request in rows if request not in speculative]
+        rows: list[Request] = []
+        speculative: list[Request] = []
+        rides = self.speculation.rides if self.speculation else None
+        for request in self.requests.running:  # one pass: a list-membership test per row was quadratic
+            if request.decodable:
+                (speculative if rides is not None and rides(request) else rows).append(request)
         self._plain_decode(rows, prefill_tokens, result)
         if speculative:  # drafts, one verify step, its tokens read back and handed out
             self.speculation.step(  # type: ignore[union-attr]

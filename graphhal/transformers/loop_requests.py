@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Hashable
 
+import torch
+
 from graphhal.sampling import SamplingParams
 
 
@@ -36,8 +38,9 @@ class Request:
     running: bool = False  # admitted, and neither finished nor failed
     speculative: bool = True  # takes drafts when the loop has a drafter
     # Its row of a batch's block table (``BatchBuilder.block_tables``), with the ``blocks`` list and length it
-    # was made from: blocks are allocated once, at admission, so the row is made once, not once a step.
-    block_row: tuple[list[int], int, list[int]] | None = field(default=None, repr=False)
+    # was made from: blocks are allocated once, at admission, so the row is made once, not once a step. A host
+    # tensor only ever read (stacked into each step's new table), never handed to a runner itself.
+    block_row: tuple[list[int], int, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def prefilling(self) -> bool:

@@ -55,6 +55,7 @@ class GraphDispatcher:
         self.captures_graphs = captures_graphs
         self.eager_fallback = eager_fallback
         self.across_ranks = across_ranks
+        self._graph_dispatches: dict[int, Dispatch] = {}  # one frozen Dispatch per bucket, made once
 
     def decide(self, largest: int, misfits: list[int], misfit_here: str | None, counters: Any = None) -> Dispatch:
         """The step's dispatch from the largest batch across ranks (this rank's own without a group), the ranks
@@ -70,7 +71,10 @@ class GraphDispatcher:
         if not self.captures_graphs:
             return Dispatch(None, largest, EagerReason.DISABLED)
         bucket = self.buckets.bucket_for(max(largest, 1))  # an idle step of every rank still replays the smallest
-        return Dispatch(bucket, bucket)
+        dispatch = self._graph_dispatches.get(bucket)
+        if dispatch is None:
+            dispatch = self._graph_dispatches[bucket] = Dispatch(bucket, bucket)
+        return dispatch
 
     def _refusal(self, misfits: list[int], misfit_here: str | None) -> str:
         if not self.across_ranks:

@@ -46,13 +46,17 @@ class ReplayDrafter:
             at = len(request.tokens)
             row = recording[at : at + num_draft_tokens]
             row += [row[-1] if row else request.tokens[-1]] * (num_draft_tokens - len(row))
-            drafts += row if self.acceptance >= 1.0 else map(self._corrupted, row)
+            drafts += row if self.acceptance >= 1.0 else self._corrupted(row)
         return torch.tensor(drafts, dtype=torch.int64).view(len(requests), num_draft_tokens)
 
-    def _corrupted(self, token: int) -> int:
-        if self._random.random() < self.acceptance:
-            return token
-        return (token + 1 + self._random.randrange(self.vocab_size - 1)) % self.vocab_size
+    def _corrupted(self, row: list[int]) -> list[int]:
+        """Each token kept with probability ``acceptance``, else replaced by another (a draw per token, one more
+        per replaced token), in one loop over the row."""
+        draw, acceptance, vocab_size = self._random.random, self.acceptance, self.vocab_size
+        return [
+            token if draw() < acceptance else (token + 1 + self._random.randrange(vocab_size - 1)) % vocab_size
+            for token in row
+        ]
 
     def release(self, request_id: Hashable) -> None:
         pass  # the recording stays: a bench may run the same requests again

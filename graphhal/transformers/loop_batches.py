@@ -123,7 +123,12 @@ class BatchBuilder:
         """The cache slots of ``count`` positions from ``start``, a block's run at a time (one ``range`` where
         ``slot`` per position cost 0.4 us each: 32 us a verify step at 16 requests and k = 4). A position past
         the request's blocks (a draft it can never keep: it would pass max_new_tokens) writes the null slot."""
-        size, blocks, slots = self.block_size, request.blocks, []
+        size, blocks = self.block_size, request.blocks
+        block, offset = divmod(start, size)
+        if offset + count <= size and block < len(blocks):  # the common case: every position in one block
+            first = blocks[block] * size + offset
+            return list(range(first, first + count))
+        slots: list[int] = []
         position, end = start, start + count
         while position < end:
             block, offset = divmod(position, size)

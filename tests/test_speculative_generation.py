@@ -361,6 +361,27 @@ def test_a_request_with_one_token_left_gets_no_drafts():
     assert asked and min(asked) >= 2  # every request asked for drafts had at least two tokens to generate
 
 
+def test_a_verify_rows_cache_slots_follow_its_blocks_and_go_to_the_null_slot_past_them():
+    """The verify step's slots, built a block's run at a time, are the per-position slots: within a block,
+    across a block boundary, and the null slot for drafts past the request's last block (never kept)."""
+    from graphhal.paged_attention.kv_cache import NULL_SLOT
+    from graphhal.transformers.loop_requests import Request
+
+    server = build_server("cpu", "disabled", ks=(2,))
+    batches = server.loop(2, PromptLookupDrafter()).batches
+    request = Request("r", [5] * 20, 8, SamplingParams.greedy(), blocks=[5, 9])
+    size = batches.block_size
+
+    def one_at_a_time(start, count):
+        return [batches.slot(request, p) if p // size < len(request.blocks) else NULL_SLOT for p in range(start, start + count)]
+
+    for start in range(0, 2 * size + 3):
+        for count in range(1, size + 3):
+            assert batches.slots_or_null(request, start, count) == one_at_a_time(start, count), (start, count)
+    assert batches.slots_or_null(request, size - 2, 4) == [5 * size + size - 2, 5 * size + size - 1, 9 * size, 9 * size + 1]
+    assert batches.slots_or_null(request, 2 * size - 1, 3) == [9 * size + size - 1, NULL_SLOT, NULL_SLOT]
+
+
 def test_every_request_the_target_admits_has_room_in_the_draft_cache():
     """The draft cache, sized like the target's (``like=``), takes what the target takes per request
     (``prompt + max_new_tokens - 1`` tokens: the last is never fed): a request of exactly the longest the cache

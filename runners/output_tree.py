@@ -21,14 +21,8 @@ def map_tensors(fn: Callable[[torch.Tensor], Any], outputs: Any) -> Any:
     dict whose values are tensors (or None)."""
     if isinstance(outputs, torch.Tensor):
         return fn(outputs)
-    if type(outputs) is dict:
-        mapped = {}
-        for name, value in outputs.items():
-            if isinstance(value, torch.Tensor):
-                mapped[name] = fn(value)
-            elif value is None:
-                mapped[name] = None
-            else:  # a nested structure: pytree's walk
-                return pytree.tree_map_only(torch.Tensor, fn, outputs)
-        return mapped
+    if type(outputs) is dict and all(value is None or isinstance(value, torch.Tensor) for value in outputs.values()):
+        # Checked before mapping: a copy made and then dropped on finding a nested value would be device work
+        # (a clone, or a copy to the host) for nothing.
+        return {name: None if value is None else fn(value) for name, value in outputs.items()}
     return pytree.tree_map_only(torch.Tensor, fn, outputs)

@@ -19,7 +19,8 @@ from graphhal.speculative.drafter import DraftRequest, check_draft_count
 
 class ReplayDrafter:
     """recorded:   ``{request_id: prompt + greedy generated tokens}`` of a plain run.
-    acceptance: the probability that a draft token is left as recorded, in [0, 1].
+    acceptance: the probability that a draft token is left as recorded, in [0, 1]; fixed for the drafter's life
+                (at 1 it draws nothing, so the draws a seed gives depend on it).
     vocab_size: corrupted tokens are drawn from ``range(vocab_size)``, never the recorded token.
     seed:       the draws' seed: the same seed, the same drafts."""
 
@@ -52,11 +53,9 @@ class ReplayDrafter:
     def _corrupted(self, row: list[int]) -> list[int]:
         """Each token kept with probability ``acceptance``, else replaced by another (a draw per token, one more
         per replaced token), in one loop over the row."""
-        draw, acceptance, vocab_size = self._random.random, self.acceptance, self.vocab_size
-        return [
-            token if draw() < acceptance else (token + 1 + self._random.randrange(vocab_size - 1)) % vocab_size
-            for token in row
-        ]
+        draw, other = self._random.random, self._random.randrange
+        acceptance, vocab_size = self.acceptance, self.vocab_size
+        return [token if draw() < acceptance else (token + 1 + other(vocab_size - 1)) % vocab_size for token in row]
 
     def release(self, request_id: Hashable) -> None:
         pass  # the recording stays: a bench may run the same requests again

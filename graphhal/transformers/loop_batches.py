@@ -155,5 +155,6 @@ class BatchBuilder:
         made = request.block_row
         if made is None or made[0] is not request.blocks or made[1] != len(request.blocks):
             row = [*request.blocks, *[NULL_BLOCK] * (self.max_blocks_per_seq - len(request.blocks))]
-            made = request.block_row = (request.blocks, len(request.blocks), torch.tensor(row, dtype=self.dtypes["block_tables"]))
+            row_tensor = torch.tensor(row, dtype=self.dtypes["block_tables"])
+            made = request.block_row = (request.blocks, len(request.blocks), row_tensor)
         return made[2]

@@ -9,11 +9,12 @@ so the next step takes it from the device.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Hashable
-
-import torch
+from typing import TYPE_CHECKING, Hashable
 
 from graphhal.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 
 def tokens_cached(prompt_len: int, max_new_tokens: int) -> int:

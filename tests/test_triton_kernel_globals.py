@@ -13,10 +13,12 @@ import ast
 import builtins
 import importlib
 import inspect
+import sys
 import textwrap
 import types
 
 import pytest
+import triton
 import triton.language as tl
 
 KERNEL_MODULES = [
@@ -28,13 +30,17 @@ KERNEL_MODULES = [
 
 
 def jitted_functions(module: types.ModuleType) -> dict[str, types.FunctionType]:
-    """The module's own ``@triton.jit`` functions (compiled or interpreted wrappers both keep ``.fn``)."""
+    """The module's own ``@triton.jit`` functions, through any wrappers around them (``@triton.autotune`` and
+    ``@triton.heuristics`` wrap the JITFunction, which wraps the function; each keeps the next in ``.fn``)."""
     found = {}
     for name, value in vars(module).items():
-        wrapped = getattr(value, "fn", None)
-        if type(value).__module__.startswith("triton.") and inspect.isfunction(wrapped):
-            if wrapped.__module__ == module.__name__:
-                found[name] = wrapped
+        if not type(value).__module__.startswith("triton."):
+            continue
+        wrapped = value
+        while not inspect.isfunction(wrapped) and hasattr(wrapped, "fn"):
+            wrapped = wrapped.fn
+        if inspect.isfunction(wrapped) and wrapped.__module__ == module.__name__:
+            found[name] = wrapped
     return found
 
 
@@ -45,7 +51,9 @@ def read_globals(function: types.FunctionType) -> set[str]:
     arguments = definition.args
     local = {a.arg for a in arguments.posonlyargs + arguments.args + arguments.kwonlyargs}
     loaded = set()
-    for node in ast.walk(definition):
+    # The body only: decorators and argument defaults are evaluated by Python when the module loads, where any
+    # global is allowed, not by Triton's code generator.
+    for node in (inner for statement in definition.body for inner in ast.walk(statement)):
         if isinstance(node, ast.Name):
             (loaded if isinstance(node.ctx, ast.Load) else local).add(node.id)
     return loaded - local
@@ -110,3 +118,18 @@ def _kernel_with_plain_global(ptr):
 
 def test_the_check_names_a_plain_global():
     assert forbidden_globals(_kernel_with_plain_global) == {"_PLAIN_KEY": f"int {-(2**63)}"}
+
+
+_DEFAULT_SCALE = 3  # a plain global in an argument default: Python reads it when the module loads, not Triton
+
+
+@triton.heuristics({})  # a wrapper around the JITFunction, as @triton.autotune is (which needs a driver to build)
+@triton.jit
+def _wrapped_kernel_with_plain_global(ptr, scale=_DEFAULT_SCALE):
+    tl.store(ptr, _PLAIN_KEY + scale)
+
+
+def test_a_wrapped_kernel_is_found_through_its_wrappers_and_its_argument_defaults_are_not_flagged():
+    kernels = jitted_functions(sys.modules[__name__])
+    assert set(kernels) == {"_wrapped_kernel_with_plain_global"}
+    assert forbidden_globals(kernels["_wrapped_kernel_with_plain_global"]) == {"_PLAIN_KEY": f"int {-(2**63)}"}

@@ -43,10 +43,8 @@ class GraphOutputs:
         self._single = isinstance(outputs, torch.Tensor)
         # A plain dict of tensors (what nearly every step returns): its live rows are rebuilt as a dict directly,
         # where pytree's unflatten costs a few microseconds a step on the run path.
-        self._flat_keys = (
-            list(outputs) if type(outputs) is dict and len(leaves) == len(outputs)
-            and all(isinstance(value, torch.Tensor) for value in outputs.values()) else None
-        )
+        flat = type(outputs) is dict and all(isinstance(value, torch.Tensor) for value in outputs.values())
+        self._flat_keys = list(outputs) if flat else None
 
     def same_tensors(self, other: "GraphOutputs") -> bool:
         """Whether both hold the very same tensors, leaf for leaf (same structure, same memory)."""
